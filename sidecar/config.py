@@ -1,0 +1,137 @@
+"""Settings: the only module that reads the environment (CONTRACT.md, "Configuration").
+
+`Settings.from_env(environ)` reads every `SIDECAR_*` variable once and returns a frozen object;
+everything else receives a `Settings` (or the few fields it needs) as an argument.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from pathlib import Path
+
+from sidecar.errors import ConfigError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8787
+DEFAULT_DATABASE_URL = "sqlite:///sidecar-billing.db"
+DEFAULT_CHECKPOINT_S = 5.0
+DEFAULT_LOST_AFTER_S = 60.0
+DEFAULT_KEY_RECHECK_S = 5.0
+DEFAULT_IDLE_TIMEOUT_S = 300.0
+DEFAULT_MAX_SESSION_S = 3600.0
+DEFAULT_DRAIN_GRACE_S = 20.0
+DEFAULT_MAX_SESSIONS_PER_KEY = 20
+DEFAULT_MAX_SESSIONS = 2000
+DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
+DEFAULT_KEY_CACHE_S = 5.0
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+DEFAULT_TRANSCRIPTION_MODEL = "gpt-realtime-whisper"
+DEFAULT_USAGE_STREAM = "realtime:usage"
+DEFAULT_CONTROL_CHANNEL = "realtime:control"
+DEFAULT_ROUNDING = "exact"
+
+
+def _float(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+def _int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from exc
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+def _optional(environ: Mapping[str, str], name: str) -> str | None:
+    value = environ.get(name, "").strip()
+    return value or None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the sidecar. Defaults are the contract's."""
+
+    litellm_config: Path
+    litellm_url: str | None = None
+    redis_url: str | None = None
+    database_url: str = DEFAULT_DATABASE_URL
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    checkpoint_s: float = DEFAULT_CHECKPOINT_S
+    lost_after_s: float = DEFAULT_LOST_AFTER_S
+    key_recheck_s: float = DEFAULT_KEY_RECHECK_S
+    key_cache_s: float = DEFAULT_KEY_CACHE_S
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    max_session_s: float = DEFAULT_MAX_SESSION_S
+    drain_grace_s: float = DEFAULT_DRAIN_GRACE_S
+    max_sessions_per_key: int = DEFAULT_MAX_SESSIONS_PER_KEY
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    spool_dir: Path = field(default_factory=lambda: Path("spool"))
+    default_transcription_model: str = DEFAULT_TRANSCRIPTION_MODEL
+    usage_stream: str = DEFAULT_USAGE_STREAM
+    control_channel: str = DEFAULT_CONTROL_CHANNEL
+    rounding: str = DEFAULT_ROUNDING
+    rounding_increment: Decimal = Decimal("1")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read the `SIDECAR_*` variables. Raises ConfigError for a missing or malformed value."""
+        env = os.environ if environ is None else environ
+        config = _optional(env, "SIDECAR_LITELLM_CONFIG")
+        if config is None:
+            raise ConfigError("SIDECAR_LITELLM_CONFIG must name the LiteLLM proxy's config.yaml")
+        rounding = env.get("SIDECAR_ROUNDING", DEFAULT_ROUNDING) or DEFAULT_ROUNDING
+        if rounding not in ("exact", "up", "nearest"):
+            raise ConfigError(f"SIDECAR_ROUNDING must be exact, up or nearest, got {rounding!r}")
+        try:
+            increment = Decimal(env.get("SIDECAR_ROUNDING_INCREMENT", "1") or "1")
+        except ArithmeticError as exc:
+            raise ConfigError("SIDECAR_ROUNDING_INCREMENT must be a number") from exc
+        return cls(
+            litellm_config=Path(config),
+            litellm_url=_optional(env, "SIDECAR_LITELLM_URL"),
+            redis_url=_optional(env, "SIDECAR_REDIS_URL"),
+            database_url=_optional(env, "SIDECAR_DATABASE_URL") or DEFAULT_DATABASE_URL,
+            host=_optional(env, "SIDECAR_HOST") or DEFAULT_HOST,
+            port=_int(env, "SIDECAR_PORT", DEFAULT_PORT),
+            checkpoint_s=_float(env, "SIDECAR_CHECKPOINT_S", DEFAULT_CHECKPOINT_S),
+            lost_after_s=_float(env, "SIDECAR_LOST_AFTER_S", DEFAULT_LOST_AFTER_S),
+            key_recheck_s=_float(env, "SIDECAR_KEY_RECHECK_S", DEFAULT_KEY_RECHECK_S),
+            key_cache_s=_float(env, "SIDECAR_KEY_CACHE_S", DEFAULT_KEY_CACHE_S),
+            idle_timeout_s=_float(env, "SIDECAR_IDLE_TIMEOUT_S", DEFAULT_IDLE_TIMEOUT_S),
+            max_session_s=_float(env, "SIDECAR_MAX_SESSION_S", DEFAULT_MAX_SESSION_S),
+            drain_grace_s=_float(env, "SIDECAR_DRAIN_GRACE_S", DEFAULT_DRAIN_GRACE_S),
+            max_sessions_per_key=_int(env, "SIDECAR_MAX_SESSIONS_PER_KEY", DEFAULT_MAX_SESSIONS_PER_KEY),
+            max_sessions=_int(env, "SIDECAR_MAX_SESSIONS", DEFAULT_MAX_SESSIONS),
+            max_frame_bytes=_int(env, "SIDECAR_MAX_FRAME_BYTES", DEFAULT_MAX_FRAME_BYTES),
+            connect_timeout_s=_float(env, "SIDECAR_CONNECT_TIMEOUT_S", DEFAULT_CONNECT_TIMEOUT_S),
+            spool_dir=Path(_optional(env, "SIDECAR_SPOOL_DIR") or "spool"),
+            default_transcription_model=_optional(env, "SIDECAR_DEFAULT_TRANSCRIPTION_MODEL")
+            or DEFAULT_TRANSCRIPTION_MODEL,
+            rounding=rounding,
+            rounding_increment=increment,
+        )
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some fields changed (tests and the CLI use it)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
