@@ -10,7 +10,8 @@
     │   ├── ModelNotFound           404 model_not_found
     │   ├── ModelNotRealtime        400 model_not_realtime
     │   ├── ConcurrencyLimit        429 concurrency_limit
-    │   └── UpstreamUnavailable     502 upstream_unavailable
+    │   ├── UpstreamUnavailable     502 upstream_unavailable
+    │   └── ServiceUnavailable      503 service_unavailable (LiteLLM cannot be asked)
     ├── UpstreamError               an upstream connect/handshake failure (one deployment)
     └── KeyCheckError               the LiteLLM proxy could not be asked about a key
 
@@ -103,6 +104,12 @@ class ConcurrencyLimit(Refusal):
 class UpstreamUnavailable(Refusal):
     status = 502
     code = "upstream_unavailable"
+    error_type = "server_error"
+
+
+class ServiceUnavailable(Refusal):
+    status = 503
+    code = "service_unavailable"
     error_type = "server_error"
 
 

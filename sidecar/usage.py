@@ -83,7 +83,10 @@ class UsageEvent:
     @classmethod
     def from_fields(cls, raw: dict[bytes, bytes] | dict[str, str]) -> UsageEvent:
         """Decode a stream entry. Raises UsageDecodeError naming the bad field."""
-        data = {_text(k): _text(v) for k, v in raw.items()}
+        try:
+            data = {_text(k): _text(v) for k, v in raw.items()}
+        except UnicodeDecodeError as exc:
+            raise UsageDecodeError("entry: a field is not UTF-8 text") from exc
         if data.get("schema") != SCHEMA:
             raise UsageDecodeError(f"schema: expected {SCHEMA!r}, got {data.get('schema')!r}")
         values: dict[str, object] = {}

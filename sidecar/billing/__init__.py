@@ -1,0 +1,33 @@
+"""Billing: the usage tables, the idempotent DB writer and the Redis stream consumer.
+
+CONTRACT.md, "Metering and billing": `tables` defines `realtime_usage_event` and `realtime_usage`,
+`writer` stores events idempotently (`BillingWriter`, also used in embedded mode), `consumer` reads the
+`realtime:usage` stream in the `billing` group (`UsageConsumer`, `sidecar consume`).
+"""
+
+from sidecar.billing.consumer import GROUP, BillingStreamError, UsageConsumer
+from sidecar.billing.tables import RealtimeUsage, RealtimeUsageEvent
+from sidecar.billing.writer import (
+    BillingDatabaseError,
+    BillingDataError,
+    BillingError,
+    BillingWriter,
+    check_storable,
+    make_engine,
+    upgrade,
+)
+
+__all__ = [
+    "GROUP",
+    "BillingDataError",
+    "BillingDatabaseError",
+    "BillingError",
+    "BillingStreamError",
+    "BillingWriter",
+    "RealtimeUsage",
+    "RealtimeUsageEvent",
+    "UsageConsumer",
+    "check_storable",
+    "make_engine",
+    "upgrade",
+]

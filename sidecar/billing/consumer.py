@@ -1,0 +1,318 @@
+"""`sidecar consume`: the usage stream's billing consumer group (CONTRACT.md, "Metering and billing").
+
+Delivery is at least once and writes are idempotent: an entry is acknowledged only after the DB
+transaction holding its event commits (or after it was dead-lettered), so a consumer that dies at any
+point leaves its entries pending, and another one reclaims them with XAUTOCLAIM; replaying them changes
+nothing (`BillingWriter.write`). Unparsable entries go to `<stream>:dead` with the reason.
+
+The stream is trimmed with XTRIM MINID below the oldest entry any group on it still needs, never by
+length, so no group loses an entry it has not acknowledged or not yet read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
+from typing import Any, Final, TypeAlias
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+from redis.typing import EncodableT, FieldT
+
+from sidecar.billing.writer import BillingDataError, BillingError, BillingWriter, check_storable
+from sidecar.usage import UsageDecodeError, UsageEvent
+
+GROUP: Final = "billing"
+DEFAULT_STREAM: Final = "realtime:usage"
+SWEEP_EVERY_S: Final = 5.0
+BACKOFF_S: Final = 0.5
+BACKOFF_MAX_S: Final = 30.0
+IDLE_WAIT_S: Final = 0.1
+"""How long `run` pauses between empty polls when `block_ms` is 0 (no server-side blocking)."""
+
+log = logging.getLogger(__name__)
+
+Fields: TypeAlias = Mapping[Any, Any]
+Entry: TypeAlias = tuple[str, Fields | None]
+
+
+class BillingStreamError(BillingError):
+    """Redis failed under the consumer (unreachable, or a command refused); nothing uncommitted was acked."""
+
+
+def utc_now() -> datetime:
+    """The current time, aware UTC."""
+    return datetime.now(UTC)
+
+
+def default_consumer_name() -> str:
+    """`<hostname>-<pid>`: unique per process, so a restarted process never takes over a dead one's name."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class UsageConsumer:
+    """Reads usage events from the stream in a consumer group and writes them through a BillingWriter.
+
+    `block_ms` is how long XREADGROUP waits for new entries; 0 means not at all (unlike Redis's own
+    BLOCK 0, which waits forever). Entries pending longer than `claim_idle_ms` in any consumer of the
+    group are taken over. Sessions with no stored event for `lost_after_s` are closed as lost by
+    `sweep_lost`, which `run` calls every `sweep_every_s` once the backlog is drained.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        writer: BillingWriter,
+        *,
+        stream: str = DEFAULT_STREAM,
+        group: str = GROUP,
+        consumer: str | None = None,
+        batch: int = 500,
+        block_ms: int = 1000,
+        claim_idle_ms: int = 30_000,
+        lost_after_s: float = 60.0,
+        clock: Callable[[], datetime] = utc_now,
+        sweep_every_s: float = SWEEP_EVERY_S,
+        backoff_s: float = BACKOFF_S,
+    ) -> None:
+        self._redis = redis
+        self._writer = writer
+        self._stream = stream
+        self._dead_stream = f"{stream}:dead"
+        self._group = group
+        self._consumer = consumer or default_consumer_name()
+        self._batch = batch
+        self._block_ms = block_ms
+        self._claim_idle_ms = claim_idle_ms
+        self._lost_after_s = lost_after_s
+        self._clock = clock
+        self._sweep_every_s = sweep_every_s
+        self._backoff_s = backoff_s
+        self._claim_cursor = "0-0"
+
+    @property
+    def name(self) -> str:
+        """This consumer's name in the group."""
+        return self._consumer
+
+    async def ensure_group(self) -> None:
+        """Create the group (from the stream's start, creating the stream) unless it exists.
+
+        Raises BillingStreamError if Redis fails.
+        """
+        try:
+            await self._redis.xgroup_create(self._stream, self._group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise BillingStreamError(f"cannot create group {self._group!r}: {exc}") from exc
+        except (RedisError, OSError) as exc:
+            raise BillingStreamError(f"cannot create group {self._group!r}: {_describe(exc)}") from exc
+
+    async def run_once(self) -> int:
+        """Handle one batch and trim the stream; return how many entries were handled (0: none waiting).
+
+        The batch is entries idle for `claim_idle_ms` in the group (a dead consumer's) if there are
+        any, else new entries (waiting up to `block_ms`). Parsed events are written in a worker thread
+        and acknowledged after the commit; unparsable or unstorable ones are dead-lettered and
+        acknowledged. Raises BillingStreamError (Redis) or BillingDatabaseError (DB): the entries not
+        yet acknowledged stay pending and are retried, by this consumer or another, once idle.
+        """
+        entries = await self._claim()
+        if not entries:
+            entries = await self._read()
+        if not entries:
+            return 0
+        await self._handle(entries)
+        await self.trim()
+        return len(entries)
+
+    async def sweep_lost(self) -> int:
+        """Close sessions with no stored event for `lost_after_s` as lost; return how many.
+
+        Raises BillingDatabaseError if the DB fails.
+        """
+        now = self._clock()
+        return await asyncio.to_thread(self._writer.close_lost, now=now, horizon_s=self._lost_after_s)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop` is set: batches, a lost sweep every `sweep_every_s` when caught up.
+
+        A Redis or DB failure is logged and retried after a back-off (doubling up to 30 s, cut short by
+        `stop`); it never acknowledges an uncommitted entry. `stop` is checked between batches, so it
+        takes effect within `block_ms` plus one batch. Other exceptions (bugs) propagate.
+        """
+        loop = asyncio.get_running_loop()
+        backoff = self._backoff_s
+        next_sweep = loop.time()
+        ready = False
+        while not stop.is_set():
+            try:
+                if not ready:
+                    await self.ensure_group()
+                    ready = True
+                handled = await self.run_once()
+                if handled < self._batch and loop.time() >= next_sweep:
+                    if closed := await self.sweep_lost():
+                        log.info("billing: closed %d lost sessions", closed)
+                    next_sweep = loop.time() + self._sweep_every_s
+                backoff = self._backoff_s
+            except BillingError as exc:
+                log.warning("billing consumer %s: %s; retrying in %.1fs", self._consumer, exc, backoff)
+                ready = False  # the stream or group may have been deleted with Redis's data
+                await _wait(stop, backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                continue
+            if handled == 0 and self._block_ms == 0:
+                await _wait(stop, IDLE_WAIT_S)
+
+    async def trim(self) -> int:
+        """XTRIM MINID to the oldest entry any group on the stream still needs; return how many went.
+
+        Needed: each group's oldest pending (unacknowledged) entry, and everything after its
+        last-delivered id. Entries below the smallest of these are acknowledged by every group.
+        Raises BillingStreamError if Redis fails.
+        """
+        with _redis_errors("trim"):
+            floor: tuple[int, int] | None = None
+            for group in await self._redis.xinfo_groups(self._stream):
+                needed = await self._oldest_needed(group)
+                floor = needed if floor is None else min(floor, needed)
+            if floor is None:
+                return 0
+            removed: int = await self._redis.xtrim(self._stream, minid=f"{floor[0]}-{floor[1]}", approximate=False)
+            return removed
+
+    async def _oldest_needed(self, group: Mapping[str, Any]) -> tuple[int, int]:
+        ms, seq = _parse_id(group["last-delivered-id"])
+        after_last = (ms, seq + 1) if seq < 2**64 - 1 else (ms + 1, 0)
+        if not group["pending"]:
+            return after_last
+        summary = await self._redis.xpending(self._stream, group["name"])
+        oldest = summary["min"]  # None if acknowledged meanwhile
+        return after_last if oldest is None else min(_parse_id(oldest), after_last)
+
+    async def _claim(self) -> list[Entry]:
+        with _redis_errors("XAUTOCLAIM"):
+            reply = await self._redis.xautoclaim(
+                self._stream,
+                self._group,
+                self._consumer,
+                min_idle_time=self._claim_idle_ms,
+                start_id=self._claim_cursor,
+                count=self._batch,
+            )
+        self._claim_cursor = _text(reply[0])
+        return [(_text(entry_id), fields) for entry_id, fields in reply[1]]
+
+    async def _read(self) -> list[Entry]:
+        with _redis_errors("XREADGROUP"):
+            reply = await self._redis.xreadgroup(
+                self._group,
+                self._consumer,
+                {self._stream: ">"},
+                count=self._batch,
+                block=self._block_ms or None,
+            )
+        return [(_text(entry_id), fields) for entry_id, fields in _stream_entries(reply)]
+
+    async def _handle(self, entries: Sequence[Entry]) -> None:
+        events: list[tuple[str, Fields, UsageEvent]] = []
+        dead: list[tuple[str, Fields, str]] = []
+        gone: list[str] = []
+        for entry_id, fields in entries:
+            if not fields:  # deleted while pending (Redis < 7 still lists it): nothing to bill
+                gone.append(entry_id)
+                continue
+            try:
+                event = UsageEvent.from_fields(dict(fields))
+                check_storable(event)
+            except (UsageDecodeError, BillingDataError) as exc:
+                dead.append((entry_id, fields, str(exc)))
+            else:
+                events.append((entry_id, fields, event))
+        if dead or gone:
+            await self._bury(dead, gone)
+        if events:
+            await self._write(events)
+
+    async def _write(self, events: Sequence[tuple[str, Fields, UsageEvent]]) -> None:
+        now = self._clock()
+        try:
+            await asyncio.to_thread(self._writer.write, [event for _, _, event in events], now=now)
+        except BillingDataError:
+            # The DB refused a value check_storable let through: find it, write the rest.
+            await self._write_one_by_one(events, now)
+            return
+        await self._ack([entry_id for entry_id, _, _ in events])
+
+    async def _write_one_by_one(self, events: Sequence[tuple[str, Fields, UsageEvent]], now: datetime) -> None:
+        for entry_id, fields, event in events:
+            try:
+                await asyncio.to_thread(self._writer.write, [event], now=now)
+            except BillingDataError as exc:
+                await self._bury([(entry_id, fields, str(exc))], [])
+            else:
+                await self._ack([entry_id])
+
+    async def _bury(self, dead: Sequence[tuple[str, Fields, str]], gone: Sequence[str]) -> None:
+        """Dead-letter entries with their reason and acknowledge them, atomically (MULTI/EXEC)."""
+        for entry_id, _, reason in dead:
+            log.warning("billing: dead-lettering %s from %s: %s", entry_id, self._stream, reason)
+        with _redis_errors("dead-letter"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for entry_id, fields, reason in dead:
+                    letter: dict[FieldT, EncodableT] = {_key(k): v for k, v in fields.items()}
+                    letter.update({"reason": reason, "original_id": entry_id})
+                    pipe.xadd(self._dead_stream, letter)
+                pipe.xack(self._stream, self._group, *(entry_id for entry_id, _, _ in dead), *gone)
+                await pipe.execute()
+
+    async def _ack(self, entry_ids: Sequence[str]) -> None:
+        with _redis_errors("XACK"):
+            await self._redis.xack(self._stream, self._group, *entry_ids)
+
+
+def _stream_entries(reply: Any) -> list[tuple[Any, Fields | None]]:
+    """The entries of a one-stream XREADGROUP reply, RESP2 (list) or RESP3 (dict)."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        (batches,) = reply.values()
+        return [entry for batch in batches for entry in batch]
+    entries: list[tuple[Any, Fields | None]] = reply[0][1]
+    return entries
+
+
+def _parse_id(entry_id: bytes | str) -> tuple[int, int]:
+    ms, _, seq = _text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _key(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+@contextmanager
+def _redis_errors(action: str) -> Iterator[None]:
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise BillingStreamError(f"{action} failed: {_describe(exc)}") from exc
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

@@ -1,0 +1,455 @@
+"""The model catalog: LiteLLM's config.yaml + LiteLLM's price map -> realtime models (CONTRACT.md,
+"Configuration").
+
+`build_catalog` is pure: it takes the parsed config, the price map and the environment mapping. Only
+`load_price_map` and `load_catalog` read files. The price map is the JSON file shipped inside the
+installed `litellm` package; it is located with `importlib.util.find_spec`, which does not execute the
+package, so `litellm` is never imported.
+
+Per `model_list` entry:
+    lookup key   = model_info.base_model, else litellm_params.model; tried as given, then without an
+                   `openai/` prefix, and for Azure entries also as `azure/<bare>` and `<bare>`.
+    effective    = price-map entry overridden key by key by model_info (an explicit null clears a field).
+    realtime     = model_info.realtime is not false and (it is true, or "/v1/realtime" is in the
+                   effective supported_endpoints).
+    kind         = realtime-transcription when the effective mode is audio_transcription, else
+                   realtime-conversation.
+Entries sharing a model_name are deployments of one model, in config order; the first realtime entry
+fixes the model's kind and price.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final, Literal
+
+import orjson
+import yaml
+
+from sidecar.errors import ConfigError, ModelNotFound, ModelNotRealtime
+from sidecar.pricing import Kind, Price, Unit, to_decimal
+
+ProviderName = Literal["openai", "azure"]
+
+PRICE_MAP_FILE: Final = "model_prices_and_context_window_backup.json"
+DEFAULT_TRANSCRIPTION_MODEL: Final = "gpt-realtime-whisper"
+REALTIME_ENDPOINT: Final = "/v1/realtime"
+ENV_PREFIX: Final = "os.environ/"
+
+# Price fields: Price attribute -> price-map / model_info / describe() name.
+_TOKEN_FIELDS: Final[tuple[tuple[str, str], ...]] = (
+    ("input_token", "input_cost_per_token"),
+    ("output_token", "output_cost_per_token"),
+    ("input_audio_token", "input_cost_per_audio_token"),
+    ("output_audio_token", "output_cost_per_audio_token"),
+    ("cached_input_token", "cache_read_input_token_cost"),
+)
+_TIME_FIELDS: Final[dict[str, str]] = {"second": "input_cost_per_second", "minute": "input_cost_per_minute"}
+_OTHER_TIME_UNIT: Final[dict[str, str]] = {
+    "input_cost_per_minute": "input_cost_per_second",
+    "input_cost_per_second": "input_cost_per_minute",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """One upstream that serves a public model. `api_key` never appears in repr or describe()."""
+
+    provider: ProviderName
+    model: str
+    api_base: str | None
+    api_key: str | None = field(default=None, repr=False)
+    api_version: str | None = None
+    realtime_protocol: str | None = None
+    deployment_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeModel:
+    """A public realtime model: its kind, its price and its deployments in failover order."""
+
+    name: str
+    kind: Kind
+    price: Price
+    price_key: str
+    deployments: tuple[Deployment, ...]
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Every realtime model by public name, plus every public name the config knows."""
+
+    models: Mapping[str, RealtimeModel]
+    known: frozenset[str]
+    master_key: str | None = field(repr=False)
+    default_transcription_model: str = DEFAULT_TRANSCRIPTION_MODEL
+
+    def resolve(self, name: str) -> RealtimeModel:
+        """The realtime model `name`.
+
+        Raises ModelNotFound when the config has no such model_name, ModelNotRealtime when it has one
+        that is not realtime (or is blocked, or has no deployment the sidecar can reach).
+        """
+        model = self.models.get(name)
+        if model is not None:
+            return model
+        if name in self.known:
+            raise ModelNotRealtime(f"The model `{name}` is not available for realtime sessions.")
+        raise ModelNotFound(f"The model `{name}` does not exist or you do not have access to it.")
+
+    def transcription_default(self) -> RealtimeModel:
+        """The default transcription model; raises as `resolve` does."""
+        return self.resolve(self.default_transcription_model)
+
+
+# --- loading (the only I/O) -------------------------------------------------------------------------
+
+
+def price_map_path() -> Path:
+    """Where the installed litellm keeps its price map. Raises ConfigError when litellm is not installed.
+
+    Uses find_spec, which locates the package without executing it.
+    """
+    spec = importlib.util.find_spec("litellm")
+    locations = None if spec is None else spec.submodule_search_locations
+    if not locations:
+        raise ConfigError("the litellm package (needed for its price map) is not installed")
+    return Path(next(iter(locations))) / PRICE_MAP_FILE
+
+
+def load_price_map(path: Path | None = None) -> dict[str, dict[str, Any]]:
+    """LiteLLM's price map (model key -> info) from `path` or the installed litellm.
+
+    Raises ConfigError when the file is missing, unreadable or not a JSON object. Entries that are not
+    objects are dropped.
+    """
+    source = price_map_path() if path is None else path
+    try:
+        data = orjson.loads(source.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read the price map {source}: {type(exc).__name__}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"the price map {source} is not a JSON object")
+    return {key: info for key, info in data.items() if isinstance(info, dict)}
+
+
+def load_catalog(
+    path: Path,
+    *,
+    environ: Mapping[str, str],
+    price_map: Mapping[str, Mapping[str, Any]] | None = None,
+    default_transcription_model: str = DEFAULT_TRANSCRIPTION_MODEL,
+) -> Catalog:
+    """Read the LiteLLM config.yaml at `path` and build its catalog (price map: the installed one).
+
+    Raises ConfigError when the file cannot be read or parsed, or as `build_catalog` does.
+    """
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read the LiteLLM config {path}: {type(exc).__name__}") from exc
+    if config is None:
+        config = {}
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"the LiteLLM config {path} is not a mapping")
+    return build_catalog(
+        config,
+        price_map=load_price_map() if price_map is None else price_map,
+        environ=environ,
+        default_transcription_model=default_transcription_model,
+    )
+
+
+# --- building (pure) --------------------------------------------------------------------------------
+
+
+def build_catalog(
+    config: Mapping[str, Any],
+    *,
+    price_map: Mapping[str, Mapping[str, Any]],
+    environ: Mapping[str, str],
+    default_transcription_model: str = DEFAULT_TRANSCRIPTION_MODEL,
+) -> Catalog:
+    """The catalog of a parsed LiteLLM config. Pure.
+
+    `os.environ/NAME` string values resolve from `environ` (a missing variable becomes None). Raises
+    ConfigError for a malformed config; the message names the offending entry and field.
+    """
+    resolved = _resolve_env(config, environ)
+    entries = _list(resolved.get("model_list"), "model_list")
+    builders: dict[str, _ModelBuilder] = {}
+    for index, raw in enumerate(entries):
+        entry = _Entry.parse(raw, where=f"model_list[{index}]")
+        builder = builders.setdefault(entry.name, _ModelBuilder(entry.name))
+        builder.add(entry, price_map)
+    models = {name: model for name, b in builders.items() if (model := b.build()) is not None}
+    return Catalog(
+        models=MappingProxyType(models),
+        known=frozenset(builders),
+        master_key=_master_key(resolved.get("general_settings")),
+        default_transcription_model=default_transcription_model,
+    )
+
+
+def _resolve_env(value: Any, environ: Mapping[str, str]) -> Any:
+    """`value` with every `os.environ/NAME` string replaced by environ[NAME] (None when unset)."""
+    if isinstance(value, str):
+        return environ.get(value[len(ENV_PREFIX) :]) if value.startswith(ENV_PREFIX) else value
+    if isinstance(value, Mapping):
+        return {key: _resolve_env(item, environ) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_resolve_env(item, environ) for item in value]
+    return value
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be a list")
+    return value
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a mapping")
+    return value
+
+
+def _text(value: Any, where: str) -> str | None:
+    """An optional string setting; empty means unset. YAML dates (api_version: 2024-10-21) are allowed."""
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string")
+    return value or None
+
+
+def _master_key(settings: Any) -> str | None:
+    return _text(_mapping(settings, "general_settings").get("master_key"), "general_settings.master_key")
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One validated model_list entry."""
+
+    where: str
+    name: str
+    provider: ProviderName | None  # None: a provider the sidecar cannot relay to (e.g. gemini/...)
+    model: str
+    params: Mapping[str, Any]
+    info: Mapping[str, Any]
+
+    @classmethod
+    def parse(cls, raw: Any, *, where: str) -> _Entry:
+        """Validate one entry. Raises ConfigError naming `where` and the field."""
+        entry = _mapping(raw, where)
+        name = _text(entry.get("model_name"), f"{where}.model_name")
+        params = _mapping(entry.get("litellm_params"), f"{where}.litellm_params")
+        target = _text(params.get("model"), f"{where}.litellm_params.model")
+        if name is None or target is None:
+            raise ConfigError(f"{where} needs model_name and litellm_params.model")
+        provider, model = _split_provider(target)
+        info = _mapping(entry.get("model_info"), f"{where}.model_info")
+        return cls(where=where, name=name, provider=provider, model=model, params=params, info=info)
+
+    def lookup_keys(self) -> list[str]:
+        """Price-map keys to try, in order (CONTRACT.md, "Configuration")."""
+        key = _text(self.info.get("base_model"), f"{self.where}.model_info.base_model")
+        key = key or str(self.params["model"])
+        bare = key.split("/", 1)[1] if key.startswith(("openai/", "azure/")) else key
+        keys = [key, key.removeprefix("openai/")]
+        if self.provider == "azure":
+            keys += [f"azure/{bare}", bare]
+        return list(dict.fromkeys(keys))
+
+    def deployment(self, index: int) -> Deployment:
+        """This entry as a deployment; `index` is its position among its model_name's entries."""
+        assert self.provider is not None  # only called for relayable entries
+        params, where = self.params, f"{self.where}.litellm_params"
+        api_base = _text(params.get("api_base"), f"{where}.api_base")
+        ident = _text(self.info.get("id"), f"{self.where}.model_info.id")
+        return Deployment(
+            provider=self.provider,
+            model=self.model,
+            api_base=(api_base or "").rstrip("/") or None,
+            api_key=_text(params.get("api_key"), f"{where}.api_key"),
+            api_version=_text(params.get("api_version"), f"{where}.api_version"),
+            realtime_protocol=_text(params.get("realtime_protocol"), f"{where}.realtime_protocol"),
+            deployment_id=ident or f"{self.name}#{index}",
+        )
+
+
+def _split_provider(target: str) -> tuple[ProviderName | None, str]:
+    """`openai/x` -> openai, `azure/x` -> azure, a bare name -> openai, any other prefix -> None."""
+    prefix, sep, rest = target.partition("/")
+    if not sep:
+        return "openai", target
+    if prefix == "openai":
+        return "openai", rest
+    if prefix == "azure":
+        return "azure", rest
+    return None, target
+
+
+class _ModelBuilder:
+    """Collects the entries of one model_name; the first realtime entry fixes kind and price."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.count = 0
+        self.head: tuple[Kind, Price, str] | None = None
+        self.deployments: list[Deployment] = []
+
+    def add(self, entry: _Entry, price_map: Mapping[str, Mapping[str, Any]]) -> None:
+        index, self.count = self.count, self.count + 1
+        price_key, info = _effective_info(entry, price_map)
+        if entry.provider is None or not _is_realtime(info, entry.info, entry.where):
+            return
+        if self.head is None:
+            kind = _kind(info)
+            self.head = (kind, _price(kind, info, entry.where), price_key)
+        self.deployments.append(entry.deployment(index))
+
+    def build(self) -> RealtimeModel | None:
+        if self.head is None:
+            return None
+        kind, price, price_key = self.head
+        return RealtimeModel(self.name, kind, price, price_key, tuple(self.deployments))
+
+
+def _effective_info(entry: _Entry, price_map: Mapping[str, Mapping[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """(price-map key or "", the price-map entry overridden by model_info)."""
+    price_key = next((key for key in entry.lookup_keys() if key in price_map), "")
+    info = dict(price_map[price_key]) if price_key else {}
+    # An explicit audio-time price in one unit replaces the price map's price in the other unit, so
+    # model_info {input_cost_per_minute: ...} alone switches the model to per-minute billing.
+    for unit_field, other in _OTHER_TIME_UNIT.items():
+        if entry.info.get(unit_field) is not None and other not in entry.info:
+            info.pop(other, None)
+    info.update(entry.info)
+    return price_key, info
+
+
+def _is_realtime(info: Mapping[str, Any], model_info: Mapping[str, Any], where: str) -> bool:
+    """CONTRACT.md: realtime = not blocked and (forced or /v1/realtime in supported_endpoints)."""
+    flag = model_info.get("realtime")
+    if flag is not None and not isinstance(flag, bool):
+        raise ConfigError(f"{where}.model_info.realtime must be true or false")
+    if flag is not None:
+        return flag
+    endpoints = info.get("supported_endpoints") or []
+    if not isinstance(endpoints, list):
+        raise ConfigError(f"{where}: supported_endpoints must be a list")
+    return REALTIME_ENDPOINT in endpoints
+
+
+def _kind(info: Mapping[str, Any]) -> Kind:
+    """CONTRACT.md: transcription when the effective mode is audio_transcription, else conversation."""
+    return "realtime-transcription" if info.get("mode") == "audio_transcription" else "realtime-conversation"
+
+
+def _price(kind: Kind, info: Mapping[str, Any], where: str) -> Price:
+    """The model's price from its effective info. Raises ConfigError for a non-numeric price."""
+    if kind == "realtime-conversation":
+        tokens = {attr: _decimal(info, name, where) for attr, name in _TOKEN_FIELDS}
+        return Price(unit="token", **tokens)
+    per_minute = _decimal(info, _TIME_FIELDS["minute"], where)
+    per_second = _decimal(info, _TIME_FIELDS["second"], where)
+    if per_minute is not None and per_second is None:
+        return Price(unit="minute", per_unit=per_minute)
+    return Price(unit="second", per_unit=per_second)
+
+
+def _decimal(info: Mapping[str, Any], name: str, where: str) -> Decimal | None:
+    try:
+        return to_decimal(info.get(name))
+    except (ValueError, ArithmeticError) as exc:
+        raise ConfigError(f"{where}: {name} must be a number") from exc
+
+
+# --- presenting -------------------------------------------------------------------------------------
+
+
+def _price_fields(price: Price) -> dict[str, Decimal | None]:
+    """describe()'s pricing names -> the Decimal (None when unpriced)."""
+    if price.unit == "token":
+        return {name: getattr(price, attr) for attr, name in _TOKEN_FIELDS}
+    return {_TIME_FIELDS[price.unit]: price.per_unit}
+
+
+def _plain(value: Decimal) -> str:
+    """A Decimal as a plain decimal string (never scientific notation)."""
+    return format(value, "f")
+
+
+def describe(catalog: Catalog) -> list[dict[str, Any]]:
+    """Public rows for GET /v1/realtime/models and `sidecar models --json`, in config order.
+
+    Carries no api_base, api_key or upstream deployment name.
+    """
+    return [_describe_model(model) for model in catalog.models.values()]
+
+
+def _describe_model(model: RealtimeModel) -> dict[str, Any]:
+    fields = _price_fields(model.price)
+    return {
+        "id": model.name,
+        "object": "model",
+        "kind": model.kind,
+        "unit": model.price.unit,
+        "pricing": {name: _plain(value) for name, value in fields.items() if value is not None},
+        "deployments": len(model.deployments),
+        "providers": sorted({d.provider for d in model.deployments}),
+    }
+
+
+_SHORT_NAMES: Final[dict[str, str]] = {
+    "input_cost_per_second": "per second",
+    "input_cost_per_minute": "per minute",
+    "input_cost_per_token": "in",
+    "output_cost_per_token": "out",
+    "input_cost_per_audio_token": "audio in",
+    "output_cost_per_audio_token": "audio out",
+    "cache_read_input_token_cost": "cached in",
+}
+_PER_MILLION: Final = Decimal(1_000_000)
+
+
+def _price_text(unit: Unit, pricing: Mapping[str, str]) -> str:
+    """`$0.000283333333333 per second`, or token prices per 1M tokens; `-` when unpriced."""
+    if not pricing:
+        return "-"
+    if unit != "token":
+        return "; ".join(f"${value} {_SHORT_NAMES.get(name, name)}" for name, value in pricing.items())
+    parts = [f"{_SHORT_NAMES.get(n, n)} ${_plain((Decimal(v) * _PER_MILLION).normalize())}" for n, v in pricing.items()]
+    return ", ".join(parts) + " per 1M tokens"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of describe() rows for `sidecar models`."""
+    header = ("MODEL", "KIND", "UNIT", "DEPLOYMENTS", "PROVIDERS", "PRICE")
+    lines = [header] + [
+        (
+            str(row["id"]),
+            str(row["kind"]),
+            str(row["unit"]),
+            str(row["deployments"]),
+            ",".join(row["providers"]),
+            _price_text(row["unit"], row["pricing"]),
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[col]) for line in lines) for col in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join([*(cell.ljust(width) for cell, width in zip(line, widths, strict=False)), line[-1]]).rstrip()
+        for line in lines
+    )

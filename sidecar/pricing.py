@@ -1,0 +1,41 @@
+"""Price data for one realtime model, as the catalog derives it from LiteLLM's price map.
+
+Pure data: the catalog builds it, metering computes with it. All prices are exact Decimals made from
+the price map's JSON numbers via their shortest repr (`Decimal(repr(x))`), so no float drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Literal
+
+Kind = Literal["realtime-transcription", "realtime-conversation"]
+Unit = Literal["second", "minute", "token"]
+
+
+def to_decimal(value: object) -> Decimal | None:
+    """A price-map number as an exact Decimal (None stays None). Raises ValueError on non-numbers."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
+        raise ValueError(f"not a price: {value!r}")
+    return Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """How one model is billed.
+
+    Transcription models bill audio time: `unit` is "second" (price `per_unit` = input_cost_per_second)
+    or "minute" (price `per_unit` = input_cost_per_minute). Conversation models bill tokens (`unit`
+    "token") at the text/audio/cached token prices.
+    """
+
+    unit: Unit
+    per_unit: Decimal | None = None
+    input_token: Decimal | None = None
+    output_token: Decimal | None = None
+    input_audio_token: Decimal | None = None
+    output_audio_token: Decimal | None = None
+    cached_input_token: Decimal | None = None

@@ -1,0 +1,194 @@
+"""The asyncio driver of one session: two pumps, a ticker, and one way out.
+
+    client WebSocket --pump_client--> Session.on_client_text --> upstream
+    client WebSocket <--pump_upstream-- Session.on_upstream_text <-- upstream
+    ticker: checkpoints every `checkpoint_s`, idle and length limits
+
+Back-pressure: each pump awaits its send before reading the next frame, so a slow reader on either side
+stops the other side's reads (websockets' `max_queue` then TCP flow control), never an unbounded buffer.
+Whatever ends the session (either side closing or failing, a limit, an `end()` from control), every task
+is cancelled, both sockets are closed, and exactly one `final` usage event is submitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Final
+
+from starlette.websockets import WebSocket, WebSocketState
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from sidecar import protocol
+from sidecar.errors import Ending, ending
+from sidecar.publisher import UsagePublisher
+from sidecar.session import Session
+
+log = logging.getLogger("sidecar.relay")
+
+# Close codes a peer may send on the wire (RFC 6455 7.4: 1005, 1006 and 1015 are never sent).
+_UNSENDABLE: Final = frozenset({1005, 1006, 1015})
+
+
+def sendable(code: int | None, *, default: int = 1000) -> int:
+    """A close code that can go on the wire."""
+    if code is None or code in _UNSENDABLE or not (1000 <= code <= 4999):
+        return default
+    return code
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Relay:
+    """Relays one accepted client WebSocket to one open upstream connection."""
+
+    def __init__(
+        self,
+        *,
+        client: WebSocket,
+        upstream: ClientConnection,
+        session: Session,
+        publisher: UsagePublisher,
+        checkpoint_s: float,
+        idle_timeout_s: float,
+        max_session_s: float,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.session = session
+        self.publisher = publisher
+        self.checkpoint_s = checkpoint_s
+        self.idle_timeout_s = idle_timeout_s
+        self.max_session_s = max_session_s
+        self.clock = clock
+        self.close_reason = ""
+        self._ended: asyncio.Future[Ending] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._last_client = self._loop.time()
+        self._started = self._loop.time()
+
+    # ---- control --------------------------------------------------------------------------------
+
+    def end(self, code: str) -> None:
+        """Ask the session to end with the contract's ending for `code` (idempotent, any task)."""
+        if not self._ended.done():
+            self._ended.set_result(ending(code))
+
+    @property
+    def running_cost(self) -> object:
+        """The session's cost so far (Decimal)."""
+        return self.session.meter.cost()
+
+    # ---- the session ------------------------------------------------------------------------------
+
+    async def run(self) -> str:
+        """Relay until something ends the session; returns the close reason. Bills exactly once."""
+        tasks: set[asyncio.Future[object]] = {
+            asyncio.create_task(self._pump_client(), name="pump_client"),
+            asyncio.create_task(self._pump_upstream(), name="pump_upstream"),
+            asyncio.create_task(self._tick(), name="tick"),
+        }
+        try:
+            waiting: list[asyncio.Future[object]] = [*tasks, self._ended]  # type: ignore[list-item]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if self._ended.done() and not self.close_reason:
+                await self._finish(self._ended.result())
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._close_quietly()
+            if not self.close_reason:
+                self.close_reason = "server_shutdown"
+            self.publisher.submit(self.session.usage_event("final", now=self.clock(), close_reason=self.close_reason))
+        return self.close_reason
+
+    async def _pump_client(self) -> None:
+        receive = self.client.receive
+        on_text = self.session.on_client_text
+        send_up = self.upstream.send
+        loop = self._loop
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                code = message.get("code", 1000)
+                self.close_reason = "client_abort" if code == 1006 else "client_close"
+                with contextlib.suppress(Exception):
+                    await self.upstream.close(sendable(code))
+                return
+            self._last_client = loop.time()
+            text = message.get("text")
+            if text is not None:
+                reply = on_text(text)
+                if reply.client is not None:
+                    await self.client.send_text(reply.client)
+                if reply.upstream is not None:
+                    await send_up(reply.upstream)
+            else:
+                data = message.get("bytes")
+                if data is not None:
+                    await send_up(data)
+
+    async def _pump_upstream(self) -> None:
+        recv = self.upstream.recv
+        on_text = self.session.on_upstream_text
+        send_text = self.client.send_text
+        try:
+            while True:
+                frame = await recv()
+                if isinstance(frame, str):
+                    await send_text(on_text(frame))
+                else:
+                    await self.client.send_bytes(self.session.scrub_bytes(frame))
+        except ConnectionClosed as exc:
+            if self.close_reason:
+                return
+            received = exc.rcvd
+            if received is not None:
+                self.close_reason = "upstream_close"
+                await self._close_client(sendable(received.code), received.reason[:120])
+            else:
+                await self._finish(ending("upstream_error"))
+
+    async def _tick(self) -> None:
+        loop = self._loop
+        period = min(self.checkpoint_s, 1.0)
+        next_checkpoint = loop.time() + self.checkpoint_s
+        while True:
+            await asyncio.sleep(period)
+            now = loop.time()
+            if now - self._last_client >= self.idle_timeout_s:
+                self.end("idle_timeout")
+            elif now - self._started >= self.max_session_s:
+                self.end("max_duration")
+            if now >= next_checkpoint:
+                next_checkpoint = now + self.checkpoint_s
+                self.publisher.submit(self.session.usage_event("checkpoint", now=self.clock()))
+
+    # ---- endings ----------------------------------------------------------------------------------
+
+    async def _finish(self, how: Ending) -> None:
+        """Send the error event, then close the client with the ending's code."""
+        self.close_reason = how.close_reason
+        with contextlib.suppress(Exception):
+            await self.client.send_text(protocol.error_event(how.code, how.message, error_type=how.error_type))
+        await self._close_client(how.close_code, how.code)
+
+    async def _close_client(self, code: int, reason: str) -> None:
+        if self.client.client_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await self.client.close(code=code, reason=reason)
+
+    async def _close_quietly(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.upstream.close()
+        if self.client.client_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await self.client.close(code=1001 if not self.close_reason else 1000)

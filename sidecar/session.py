@@ -1,0 +1,236 @@
+"""One relayed session as a pure state machine (no I/O, no clock: time is passed in).
+
+Inputs: client text frames, upstream text frames. Outputs: what to send upstream, what to send the
+client, and usage events. The relay (relay.py) moves the bytes; this module decides.
+
+Per frame (the hot path) the session parses a client frame once with orjson and, for upstream frames,
+parses only the few events it must read (errors, session events, usage-bearing events); every other
+upstream frame is passed on as the same string after a substring check for secrets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+from sidecar import protocol
+from sidecar.auth import Principal
+from sidecar.catalog import Deployment, RealtimeModel
+from sidecar.metering import SessionMeter, bytes_per_second, input_format
+from sidecar.usage import EventType, UsageEvent
+
+REDACTED: Final = "[redacted]"
+# Substrings that mark an upstream frame the session must parse (cheap `in` checks on the raw text).
+_MARKERS: Final = ('"error"', "session.", "response.done", "transcription.completed")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The outcome of one client frame: text for the upstream and/or for the client (either may be None)."""
+
+    upstream: str | None
+    client: str | None
+
+
+def secrets_of(deployment: Deployment) -> tuple[str, ...]:
+    """Text that must never reach a client: the api key and the api_base host (with and without port)."""
+    from urllib.parse import urlsplit
+
+    found: list[str] = []
+    if deployment.api_key:
+        found.append(deployment.api_key)
+    if deployment.api_base:
+        parts = urlsplit(deployment.api_base)
+        if parts.netloc:
+            found.append(parts.netloc)
+        if parts.hostname and parts.hostname not in found:
+            found.append(parts.hostname)
+    # Longest first, so a host:port is replaced before its bare host.
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+class Session:
+    """The sidecar's view of one relayed session."""
+
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        model: RealtimeModel,
+        deployment: Deployment,
+        principal: Principal,
+        meter: SessionMeter,
+        started_at: datetime,
+        transcription: bool,
+    ) -> None:
+        self.session_id = session_id
+        self.model = model
+        self.deployment = deployment
+        self.principal = principal
+        self.meter = meter
+        self.started_at = started_at
+        self.transcription = transcription or model.kind == "realtime-transcription"
+        self.seq = 0
+        self._public = model.name
+        self._upstream_model = deployment.model
+        self._secrets = secrets_of(deployment)
+        self._hide_model = deployment.model != model.name
+
+    # ---- client -> upstream -------------------------------------------------------------------
+
+    def on_client_text(self, text: str) -> Reply:
+        """Decide what one client text frame becomes. Never raises on bad input."""
+        try:
+            event = protocol.loads(text)
+        except protocol.JSONDecodeError:
+            return Reply(None, protocol.error_event("invalid_json", "The event is not valid JSON."))
+        if not isinstance(event, dict):
+            return Reply(None, protocol.error_event("invalid_event", "An event must be a JSON object."))
+        kind = event.get("type")
+        if kind == protocol.APPEND:
+            audio = event.get("audio")
+            if isinstance(audio, str) and self.meter.on_append(audio):
+                return Reply(text, None)
+            return Reply(
+                None,
+                protocol.error_event(
+                    "invalid_base64",
+                    "input_audio_buffer.append audio is not valid base64.",
+                    ref=event.get("event_id"),
+                ),
+            )
+        if kind in protocol.SESSION_UPDATES:
+            return self._on_session_update(event)
+        return Reply(text, None)
+
+    def _on_session_update(self, event: dict[str, Any]) -> Reply:
+        session = event.get("session")
+        if not isinstance(session, dict):
+            return Reply(protocol.dumps(event), None)
+        named = [m for m in self._named_models(session) if m is not None]
+        if any(m != self._public for m in named):
+            return Reply(
+                None,
+                protocol.error_event(
+                    "model_mismatch",
+                    f"This session is for model {self._public}; a session.update may not name another model.",
+                    ref=event.get("event_id"),
+                ),
+            )
+        fmt = input_format(session)
+        if fmt is not None:
+            rate = bytes_per_second(fmt)
+            if rate is not None:
+                self.meter.set_format(rate)
+        self._rewrite_models(session)
+        return Reply(protocol.dumps(event), None)
+
+    def _named_models(self, session: dict[str, Any]) -> list[Any]:
+        names = [session.get("model")]
+        if self.transcription:
+            names.append(protocol.dig(session, "audio", "input", "transcription", "model"))
+            names.append(protocol.dig(session, "input_audio_transcription", "model"))
+        return names
+
+    def _rewrite_models(self, session: dict[str, Any]) -> None:
+        if "model" in session:
+            session["model"] = self._upstream_model
+        if not self.transcription:
+            return
+        nested = protocol.dig(session, "audio", "input", "transcription")
+        if isinstance(nested, dict):
+            nested["model"] = self._upstream_model
+        beta = session.get("input_audio_transcription")
+        if isinstance(beta, dict):
+            beta["model"] = self._upstream_model
+
+    def model_injection(self) -> str:
+        """The session.update that puts the transcription model into the session configuration.
+
+        Sent first when the upstream URL carries no model (OpenAI refuses `?model=` on transcription
+        sessions; Azure GA transcription sessions likewise take it from the session).
+        """
+        return protocol.dumps(
+            {
+                "type": protocol.SESSION_UPDATE,
+                "event_id": protocol.event_id(),
+                "session": {
+                    "type": "transcription",
+                    "audio": {"input": {"transcription": {"model": self._upstream_model}}},
+                },
+            }
+        )
+
+    # ---- upstream -> client -------------------------------------------------------------------
+
+    def on_upstream_text(self, text: str) -> str:
+        """The text to relay for one upstream frame: metered, identifiers scrubbed. Never raises."""
+        if not any(marker in text for marker in _MARKERS):
+            return self._scrub(text) if self._secrets else text
+        try:
+            event = protocol.loads(text)
+        except protocol.JSONDecodeError:
+            return self._scrub(text)
+        kind = event.get("type") if isinstance(event, dict) else None
+        if kind == "error":
+            return self._scrub(text, hide_model=True)
+        if kind == protocol.RESPONSE_DONE:
+            usage = protocol.dig(event, "response", "usage")
+            if isinstance(usage, dict):
+                self.meter.on_response_done(usage)
+        elif kind == protocol.TRANSCRIPTION_COMPLETED:
+            usage = event.get("usage")
+            if isinstance(usage, dict):
+                self.meter.on_upstream_usage(usage)
+        elif kind in protocol.SERVER_SESSION_EVENTS and self._hide_model:
+            text = text.replace(f'"{self._upstream_model}"', f'"{self._public}"')
+        return self._scrub(text)
+
+    def _scrub(self, text: str, *, hide_model: bool = False) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        if hide_model and self._hide_model and self._upstream_model in text:
+            text = text.replace(self._upstream_model, self._public)
+        return text
+
+    def scrub_bytes(self, data: bytes) -> bytes:
+        """Scrub a binary upstream frame the same way (rare: providers send text)."""
+        for secret in self._secrets:
+            raw = secret.encode()
+            if raw in data:
+                data = data.replace(raw, REDACTED.encode())
+        return data
+
+    # ---- usage ----------------------------------------------------------------------------------
+
+    def usage_event(self, kind: EventType, *, now: datetime, close_reason: str = "") -> UsageEvent:
+        """The next cumulative usage event (seq 1, 2, ...). A final carries ended_at and close_reason."""
+        self.seq += 1
+        figures = self.meter.snapshot()
+        final = kind == "final"
+        return UsageEvent(
+            event_id=UsageEvent.new_id(),
+            type=kind,
+            session_id=self.session_id,
+            seq=self.seq,
+            key_hash=self.principal.key_hash,
+            key_alias=self.principal.key_alias,
+            user_id=self.principal.user_id,
+            team_id=self.principal.team_id,
+            model=self._public,
+            provider_model=f"{self.deployment.provider}/{self._upstream_model}",
+            kind=self.model.kind,
+            unit=figures.unit,
+            quantity=figures.quantity,
+            audio_seconds=figures.audio_seconds,
+            audio_bytes=figures.audio_bytes,
+            input_tokens=figures.input_tokens,
+            output_tokens=figures.output_tokens,
+            cost_usd=figures.cost_usd,
+            started_at=self.started_at,
+            ended_at=now if final else None,
+            close_reason=close_reason if final else "",
+            upstream_usage=figures.upstream_usage,
+        )

@@ -1,0 +1,252 @@
+"""A durable local spool for usage events that could not be published yet (CONTRACT.md, "Metering and
+billing": every session produces exactly one billing record, so no usage event may be lost).
+
+Pure file I/O with a synchronous API; the publisher calls it from a worker thread. Not thread-safe:
+one caller at a time.
+
+Layout: each process owns two files in the directory, named `<name>.<pid>.<token>.*` (the random token
+keeps names unique across PID namespaces and PID reuse):
+
+- `.jsonl`: one event per line, `orjson` of `UsageEvent.to_fields()`, appended with flush + fsync;
+- `.lock`:  held with `flock(LOCK_EX)` for the life of the `Spool`. The kernel releases it when the
+  process dies, so "its lock can be taken" means "its owner is dead". The lock file is created under a
+  temporary name, locked, then renamed into place, so nobody can ever see it unlocked while its owner
+  lives.
+
+On opening, a `Spool` adopts every file whose owner is dead: holding that owner's lock, it copies the
+readable events into its own file (fsync), then deletes the dead files. Two live processes cannot
+adopt the same file, as only one can hold the lock. A crash between the copy and the delete replays
+those events twice, which the consumer's idempotency on `event_id` absorbs. Adopted files are taken
+oldest (by modification time) first. The directory must be on a local filesystem (flock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import secrets
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import orjson
+
+from sidecar.usage import UsageDecodeError, UsageEvent
+
+log = logging.getLogger(__name__)
+
+DATA_SUFFIX = ".jsonl"
+LOCK_SUFFIX = ".lock"
+TMP_SUFFIX = ".tmp"
+
+
+class Spool:
+    """Usage events waiting for publication, oldest first, durable across crashes and restarts."""
+
+    def __init__(self, directory: Path, *, name: str = "usage") -> None:
+        """Create `directory` if needed, take this process's lock and adopt dead processes' files.
+
+        Raises OSError when the directory or the files cannot be created.
+        """
+        self._dir = directory
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._pattern = re.compile(rf"^({re.escape(name)}\.\d+\.[0-9a-f]+)({DATA_SUFFIX}|{LOCK_SUFFIX})$")
+        self._stem = f"{name}.{os.getpid()}.{secrets.token_hex(6)}"
+        self._path = self._dir / f"{self._stem}{DATA_SUFFIX}"
+        self._count = 0
+        self._lock_fd: int | None = self._take_own_lock()
+        try:
+            self._adopt()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def path(self) -> Path:
+        """This process's spool file (it exists once something was appended)."""
+        return self._path
+
+    def __len__(self) -> int:
+        """The number of events waiting."""
+        return self._count
+
+    def append(self, events: Sequence[UsageEvent]) -> None:
+        """Append `events` after everything already spooled, durably (fsync) or not at all.
+
+        Raises OSError (nothing is appended then) or ValueError when the spool is closed.
+        """
+        if events:
+            self._write(b"".join(orjson.dumps(event.to_fields()) + b"\n" for event in events), len(events))
+
+    def pending(self, limit: int | None = None) -> list[UsageEvent]:
+        """The oldest `limit` (default all) events, oldest first. Unreadable lines (a torn last line
+        left by a crash mid-write) are skipped."""
+        events: list[UsageEvent] = []
+        if limit is not None and limit <= 0:
+            return events
+        for _, event in _records(self._path):
+            events.append(event)
+            if len(events) == limit:
+                return events
+        self._count = len(events)  # read to the end: the exact depth
+        return events
+
+    def drop_first(self, n: int) -> None:
+        """Remove the `n` oldest events (an atomic rewrite: a temporary file, fsync, os.replace).
+
+        Raises OSError (nothing is removed then) or ValueError when the spool is closed.
+        """
+        self._check_open()
+        if n <= 0 or not self._path.exists():
+            return
+        tmp = self._path.with_name(self._path.name + TMP_SUFFIX)
+        kept = 0
+        with open(tmp, "wb") as out:
+            for index, (line, _) in enumerate(_records(self._path)):
+                if index >= n:
+                    out.write(line + b"\n")
+                    kept += 1
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self._path)
+        _fsync_dir(self._dir)
+        self._count = kept
+
+    def close(self) -> None:
+        """Release this process's lock. An empty spool removes its files; a non-empty one leaves them
+        for the next process to adopt."""
+        if self._lock_fd is None:
+            return
+        if self._count == 0:
+            for suffix in (DATA_SUFFIX, DATA_SUFFIX + TMP_SUFFIX, LOCK_SUFFIX):
+                (self._dir / f"{self._stem}{suffix}").unlink(missing_ok=True)
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _take_own_lock(self) -> int:
+        # Locked before it becomes visible under its real name: see the module docstring.
+        staging = self._dir / f".{self._stem}.locking"
+        fd = os.open(staging, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(staging, self._dir / f"{self._stem}{LOCK_SUFFIX}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _adopt(self) -> None:
+        stems = {m.group(1) for p in self._dir.iterdir() if (m := self._pattern.match(p.name))}
+        stems.discard(self._stem)
+        for stem in sorted(stems, key=self._age):
+            fd = _try_lock(self._dir / f"{stem}{LOCK_SUFFIX}")
+            if fd is None:
+                continue  # its owner is alive
+            try:
+                self._take_over(stem)
+            finally:
+                os.close(fd)
+
+    def _take_over(self, stem: str) -> None:
+        data = self._dir / f"{stem}{DATA_SUFFIX}"
+        lines = [line + b"\n" for line, _ in _records(data)]
+        if lines:
+            self._write(b"".join(lines), len(lines))
+            log.info("adopted %d spooled usage events from %s", len(lines), data.name)
+        # Data before lock: a data file never outlives its lock file while it is being adopted.
+        for suffix in (DATA_SUFFIX, DATA_SUFFIX + TMP_SUFFIX, LOCK_SUFFIX):
+            (self._dir / f"{stem}{suffix}").unlink(missing_ok=True)
+
+    def _age(self, stem: str) -> float:
+        try:
+            return (self._dir / f"{stem}{DATA_SUFFIX}").stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    def _write(self, data: bytes, count: int) -> None:
+        self._check_open()
+        created = not self._path.exists()
+        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)  # leave no torn line for the next append to join
+                raise
+        finally:
+            os.close(fd)
+        if created:
+            _fsync_dir(self._dir)
+        self._count += count
+
+    def _check_open(self) -> None:
+        if self._lock_fd is None:
+            raise ValueError("the spool is closed")
+
+
+def _records(path: Path) -> Iterator[tuple[bytes, UsageEvent]]:
+    """(line without its newline, event) for each readable line of `path`; none if it does not exist."""
+    if not path.exists():  # only our own file or a locked dead one: nobody else deletes it meanwhile
+        return
+    with open(path, "rb") as file:
+        for raw in file:
+            line = raw.rstrip(b"\n")
+            if not line:
+                continue
+            event = _parse(line)
+            if event is None:
+                log.warning("skipped an unreadable line in the usage spool %s", path.name)
+                continue
+            yield line, event
+
+
+def _parse(line: bytes) -> UsageEvent | None:
+    try:
+        data = orjson.loads(line)
+        if not isinstance(data, dict):
+            return None
+        return UsageEvent.from_fields(data)
+    except (ValueError, TypeError, AttributeError, UsageDecodeError):
+        return None  # ValueError covers orjson.JSONDecodeError; the others are well-formed JSON of a wrong shape
+
+
+def _try_lock(path: Path) -> int | None:
+    """A descriptor holding `path`'s exclusive lock, or None when another process holds it."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

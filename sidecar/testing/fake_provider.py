@@ -1,0 +1,687 @@
+"""A fake realtime provider: a real WebSocket server speaking enough of the OpenAI Realtime API.
+
+It listens on 127.0.0.1 (port 0 by default) and accepts the three upstream forms the sidecar dials:
+
+    OpenAI          /v1/realtime?model=..&intent=..             Authorization: Bearer <key>
+    Azure GA        /openai/v1/realtime?model=..&intent=..      api-key: <key>
+    Azure preview   /openai/realtime?api-version=..&deployment=..   api-key: <key>
+
+Refusals happen before the upgrade, as HTTP responses with an OpenAI-shaped JSON body
+`{"error": {"message", "type", "code", "param"}}`: 404 unknown path, 401 `invalid_api_key`,
+400 `missing_required_parameter` (Azure preview without `api-version`/`deployment`), 400 `invalid_model`
+(OpenAI path with `intent=transcription` and `model=`, as OpenAI itself refuses), or any status injected
+with `Faults.refuse_status`.
+
+After the upgrade the protocol logic lives in `_Conversation`, a sans-I/O state machine (client text in,
+server events and a drop/close action out); `FakeProvider` only moves frames and applies `Faults`.
+Every server event carries a unique `event_id`. Nothing here ever crashes a connection on bad input:
+malformed JSON, binary frames, unknown event types and invalid base64 are answered with `error` events.
+
+The empty-commit `error` DELIBERATELY leaks the provider's api key, host:port and model/deployment
+name in its message, so that tests can prove the sidecar scrubs them (CONTRACT.md, "After the upgrade").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import http
+import signal
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Self
+from urllib.parse import parse_qsl, urlsplit
+
+import orjson
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+
+Event = dict[str, Any]
+
+DEFAULT_API_KEY: Final = "sk-fake-provider-key-0123456789"
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_TRANSCRIPT: Final = (
+    "The quick brown fox jumps over the lazy dog. Realtime transcription is billed by the second."
+)
+#: Incoming frames may be large (a whole recording in one append); 16 MiB like the sidecar's own limit.
+MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
+#: Words per `conversation.item.input_audio_transcription.delta`; the deltas concatenate to the transcript.
+WORDS_PER_DELTA: Final = 3
+#: `audio/pcm` (`pcm16`) 24 kHz 16-bit mono; G.711 (`audio/pcmu`, `audio/pcma`) is 8000 bytes/s.
+PCM16_BYTES_PER_SECOND: Final = 48_000
+G711_BYTES_PER_SECOND: Final = 8_000
+_G711_FORMATS: Final = frozenset({"audio/pcmu", "audio/pcma", "g711_ulaw", "g711_alaw"})
+
+#: Fixed `response.done` usage (OpenAI Realtime `response.done.response.usage` shape).
+RESPONSE_INPUT_TOKENS: Final = 120
+RESPONSE_OUTPUT_TOKENS: Final = 40
+RESPONSE_INPUT_TEXT_TOKENS: Final = 20
+RESPONSE_INPUT_AUDIO_TOKENS: Final = 100
+RESPONSE_CACHED_TOKENS: Final = 10
+RESPONSE_CACHED_TEXT_TOKENS: Final = 10
+RESPONSE_CACHED_AUDIO_TOKENS: Final = 0
+RESPONSE_OUTPUT_TEXT_TOKENS: Final = 10
+RESPONSE_OUTPUT_AUDIO_TOKENS: Final = 30
+RESPONSE_TOTAL_TOKENS: Final = RESPONSE_INPUT_TOKENS + RESPONSE_OUTPUT_TOKENS
+
+_OPENAI_PATH: Final = "/v1/realtime"
+_AZURE_GA_PATH: Final = "/openai/v1/realtime"
+_AZURE_PREVIEW_PATH: Final = "/openai/realtime"
+
+
+def response_usage() -> dict[str, Any]:
+    """The usage object every `response.done` carries (a fresh dict built from the constants above)."""
+    return {
+        "total_tokens": RESPONSE_TOTAL_TOKENS,
+        "input_tokens": RESPONSE_INPUT_TOKENS,
+        "output_tokens": RESPONSE_OUTPUT_TOKENS,
+        "input_token_details": {
+            "text_tokens": RESPONSE_INPUT_TEXT_TOKENS,
+            "audio_tokens": RESPONSE_INPUT_AUDIO_TOKENS,
+            "cached_tokens": RESPONSE_CACHED_TOKENS,
+            "cached_tokens_details": {
+                "text_tokens": RESPONSE_CACHED_TEXT_TOKENS,
+                "audio_tokens": RESPONSE_CACHED_AUDIO_TOKENS,
+            },
+        },
+        "output_token_details": {
+            "text_tokens": RESPONSE_OUTPUT_TEXT_TOKENS,
+            "audio_tokens": RESPONSE_OUTPUT_AUDIO_TOKENS,
+        },
+    }
+
+
+@dataclass
+class Faults:
+    """Injected failures. Mutable at runtime: read on each connection (handshake) and each client event.
+
+    `refuse_status` wins over `stall_handshake`. Append counts are per connection and include appends
+    whose base64 is invalid.
+    """
+
+    #: Refuse the handshake with this HTTP status and an OpenAI JSON error body.
+    refuse_status: int | None = None
+    #: Accept TCP but never answer the HTTP upgrade; released (HTTP 503) only when the provider closes.
+    stall_handshake: bool = False
+    #: Abort the TCP connection (no close frame) right after the Nth append.
+    drop_after_appends: int | None = None
+    #: `(n, code, reason)`: close cleanly with that code and reason right after the Nth append.
+    close_after_appends: tuple[int, int, str] | None = None
+    #: Slow reader: sleep this long before each receive.
+    read_delay_s: float = 0.0
+    #: Benchmark mode: answer every append with a transcription delta whose `delta` is the append's
+    #: `event_id` (or, when it has none, its 0-based append index as a string).
+    reply_each_append: bool = False
+    #: Behave like OpenAI itself: refuse `?model=` on an `intent=transcription` session (400 invalid_model).
+    #: Off by default, since an OpenAI-compatible server (which this fake stands for) keeps `?model=`.
+    reject_model_on_transcription: bool = False
+    #: Keep every client event in `FakeSession.events` (benchmarks turn it off to keep memory flat).
+    record_events: bool = True
+
+
+@dataclass
+class Handshake:
+    """One opening handshake as received, recorded before any check. Header names are lower-cased."""
+
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+
+
+@dataclass
+class FakeSession:
+    """What the provider saw on one upgraded connection."""
+
+    handshake: Handshake
+    #: Every client event received, parsed (JSON objects only; malformed frames are not recorded).
+    events: list[Event] = field(default_factory=list)
+    #: Decoded bytes of all valid `input_audio_buffer.append` events.
+    audio_bytes: int = 0
+    #: The current session config (after every `session.update` / `transcription_session.update`).
+    session: dict[str, Any] = field(default_factory=dict)
+    #: Set when the connection has ended, after `close_code` is final.
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The close code in the close frame the client sent (its echo when the provider closed first);
+    #: None when no close frame arrived (abort, drop).
+    close_code: int | None = None
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """An HTTP refusal of the upgrade with an OpenAI-shaped error body."""
+
+    status: int
+    code: str
+    message: str
+    type: str = "invalid_request_error"
+
+    def to_response(self) -> Response:
+        """The HTTP response carrying `{"error": {...}}` as JSON."""
+        body = orjson.dumps({"error": {"message": self.message, "type": self.type, "code": self.code, "param": None}})
+        try:
+            phrase = http.HTTPStatus(self.status).phrase
+        except ValueError:
+            phrase = "Error"
+        headers = Headers(
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(body))),
+                ("Connection", "close"),
+            ]
+        )
+        return Response(self.status, phrase, headers, body)
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """What one client frame produces: events to send, then at most one action."""
+
+    events: list[Event]
+    drop: bool = False
+    close: tuple[int, str] | None = None
+
+
+def _new_id(prefix: str) -> str:
+    """A unique id in OpenAI's style, e.g. `event_3f2a...`."""
+    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+def _event(type_: str, **fields: Any) -> Event:
+    """A server event with a fresh unique `event_id`."""
+    return {"type": type_, "event_id": _new_id("event"), **fields}
+
+
+def _error(code: str, message: str, *, client_event_id: Any = None) -> Event:
+    """An `error` server event, type `invalid_request_error`."""
+    detail = {"type": "invalid_request_error", "code": code, "message": message, "param": None}
+    return _event("error", error={**detail, "event_id": client_event_id})
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> None:
+    """Merge `update` into `base` in place: dicts merge recursively, anything else replaces."""
+    for key, value in update.items():
+        current = base.get(key)
+        if isinstance(value, dict) and isinstance(current, dict):
+            _deep_merge(current, value)
+        else:
+            base[key] = value
+
+
+def _mask_key(key: str) -> str:
+    """How OpenAI echoes a wrong key: its first 3 and last 4 characters."""
+    return f"{key[:3]}{'*' * 8}{key[-4:]}" if len(key) > 8 else "*" * len(key)
+
+
+def _parse_handshake(request: Request) -> Handshake:
+    """The path, query (last value wins) and lower-cased headers of an upgrade request."""
+    url = urlsplit(request.path)
+    headers = {name.lower(): value for name, value in request.headers.raw_items()}
+    return Handshake(path=url.path, query=dict(parse_qsl(url.query, keep_blank_values=True)), headers=headers)
+
+
+def _check_key(handshake: Handshake, *, header: str, api_key: str) -> _Refusal | None:
+    """401 `invalid_api_key` unless `header` carries the key (`Authorization` in its Bearer form)."""
+    sent = handshake.headers.get(header, "")
+    if header == "authorization":
+        scheme, _, sent = sent.partition(" ")
+        sent = sent.strip() if scheme.lower() == "bearer" else ""
+    if sent == api_key:
+        return None
+    return _Refusal(401, "invalid_api_key", f"Incorrect API key provided: {_mask_key(sent)}.")
+
+
+def _refusal(handshake: Handshake, *, api_key: str, faults: Faults) -> _Refusal | None:
+    """Why this handshake is refused (404, 401, 400 or an injected status), or None to accept it."""
+    if faults.refuse_status is not None:
+        kind = "server_error" if faults.refuse_status >= 500 else "invalid_request_error"
+        message = f"Refused by fault injection (HTTP {faults.refuse_status})."
+        return _Refusal(faults.refuse_status, "fault_injected", message, kind)
+    query = handshake.query
+    if handshake.path == _OPENAI_PATH:
+        refusal = _check_key(handshake, header="authorization", api_key=api_key)
+        if (
+            refusal is None
+            and faults.reject_model_on_transcription
+            and query.get("intent") == "transcription"
+            and "model" in query
+        ):
+            message = "Model is not supported on transcription sessions; set it in the session config."
+            return _Refusal(400, "invalid_model", message)
+        return refusal
+    if handshake.path == _AZURE_GA_PATH:
+        return _check_key(handshake, header="api-key", api_key=api_key)
+    if handshake.path == _AZURE_PREVIEW_PATH:
+        refusal = _check_key(handshake, header="api-key", api_key=api_key)
+        missing = [name for name in ("api-version", "deployment") if not query.get(name)]
+        if refusal is None and missing:
+            return _Refusal(400, "missing_required_parameter", f"Missing required query parameter: {missing[0]}.")
+        return refusal
+    return _Refusal(404, "not_found", f"Invalid URL (GET {handshake.path})")
+
+
+def _upstream_model(handshake: Handshake) -> str | None:
+    """The model (OpenAI, Azure GA) or deployment (Azure preview) the handshake names, if any."""
+    if handshake.path == _AZURE_PREVIEW_PATH:
+        return handshake.query.get("deployment")
+    return handshake.query.get("model")
+
+
+def _initial_session(handshake: Handshake) -> dict[str, Any]:
+    """The GA session object announced by `session.created`."""
+    model = _upstream_model(handshake)
+    transcription_only = handshake.query.get("intent") == "transcription"
+    return {
+        "id": _new_id("sess"),
+        "object": "realtime.session",
+        "type": "transcription" if transcription_only else "realtime",
+        "model": model,
+        "audio": {
+            "input": {
+                "format": {"type": "audio/pcm", "rate": 24000},
+                "transcription": {"model": model} if transcription_only and model else None,
+            }
+        },
+    }
+
+
+def _bytes_per_second(session: dict[str, Any]) -> int:
+    """The input format's byte rate: the beta `input_audio_format` if set, else GA `audio.input.format`."""
+    beta = session.get("input_audio_format")
+    audio = session.get("audio")
+    ga = audio.get("input", {}).get("format", {}) if isinstance(audio, dict) else {}
+    name = beta if isinstance(beta, str) else ga.get("type") if isinstance(ga, dict) else None
+    return G711_BYTES_PER_SECOND if name in _G711_FORMATS else PCM16_BYTES_PER_SECOND
+
+
+def _word_chunks(text: str, *, size: int = WORDS_PER_DELTA) -> list[str]:
+    """`text` in chunks of `size` words; the chunks concatenate back to `text` exactly."""
+    words = text.split(" ")
+    chunks = [" ".join(words[i : i + size]) for i in range(0, len(words), size)]
+    return [chunk + " " for chunk in chunks[:-1]] + chunks[-1:]
+
+
+class _Conversation:
+    """Sans-I/O protocol state of one connection: client frames in, server events and actions out.
+
+    Records into its `FakeSession`; reads no clock and does no I/O.
+    """
+
+    def __init__(self, record: FakeSession, *, api_key: str, host_port: str, transcript: str) -> None:
+        self.record = record
+        self._api_key = api_key
+        self._host_port = host_port
+        self._transcript = transcript
+        self._buffer = 0  # uncommitted decoded bytes
+        self._appends = 0
+        self._item_id = _new_id("item")
+        self._handlers: dict[str, Callable[[Event, Faults], _Reply]] = {
+            "session.update": self._update,
+            "transcription_session.update": self._update,
+            "input_audio_buffer.append": self._append,
+            "input_audio_buffer.commit": self._commit,
+            "input_audio_buffer.clear": self._clear,
+            "conversation.item.create": self._create_item,
+            "response.create": self._create_response,
+        }
+
+    def opening(self) -> list[Event]:
+        """The events sent as soon as the connection is upgraded."""
+        return [_event("session.created", session=self.record.session)]
+
+    def receive(self, message: str | bytes, faults: Faults) -> _Reply:
+        """Handle one client frame; never raises on bad input (it becomes an `error` event)."""
+        if isinstance(message, bytes):
+            return _Reply([_error("binary_not_supported", "Binary frames are not supported; send JSON text.")])
+        try:
+            event = orjson.loads(message)
+        except orjson.JSONDecodeError:
+            return _Reply([_error("invalid_json", "The event is not valid JSON.")])
+        if not isinstance(event, dict):
+            return _Reply([_error("invalid_json", "The event must be a JSON object.")])
+        self.record.events.append(event)
+        handler = self._handlers.get(str(event.get("type")))
+        if handler is None:
+            message = f"Unknown event type: {event.get('type')!r}."
+            return _Reply([_error("unknown_event", message, client_event_id=event.get("event_id"))])
+        return handler(event, faults)
+
+    def _update(self, event: Event, faults: Faults) -> _Reply:
+        """`session.update` -> `session.updated`; beta `transcription_session.update` likewise."""
+        update = event.get("session")
+        if not isinstance(update, dict):
+            error = _error("invalid_value", "`session` must be an object.", client_event_id=event.get("event_id"))
+            return _Reply([error])
+        _deep_merge(self.record.session, update)
+        reply_type = event["type"].replace(".update", ".updated")
+        return _Reply([_event(reply_type, session=self.record.session)])
+
+    def _append(self, event: Event, faults: Faults) -> _Reply:
+        """Count decoded audio (invalid base64 is answered with an error and not counted), then faults."""
+        index = self._appends
+        self._appends += 1
+        audio = event.get("audio")
+        try:
+            if not isinstance(audio, str):
+                raise ValueError("audio must be a base64 string")
+            size = len(base64.b64decode(audio, validate=True))
+        except (binascii.Error, ValueError):
+            message = "Invalid 'audio': not valid base64."
+            events = [_error("invalid_base64", message, client_event_id=event.get("event_id"))]
+        else:
+            self.record.audio_bytes += size
+            self._buffer += size
+            events = [self._delta(str(event.get("event_id", index)))] if faults.reply_each_append else []
+        return self._apply_append_faults(events, faults)
+
+    def _apply_append_faults(self, events: list[Event], faults: Faults) -> _Reply:
+        """Drop or close when this append reaches the configured count."""
+        if faults.drop_after_appends is not None and self._appends >= faults.drop_after_appends:
+            return _Reply(events, drop=True)
+        if faults.close_after_appends is not None and self._appends >= faults.close_after_appends[0]:
+            _, code, reason = faults.close_after_appends
+            return _Reply(events, close=(code, reason))
+        return _Reply(events)
+
+    def _commit(self, event: Event, faults: Faults) -> _Reply:
+        """Empty buffer -> the leaky error; else committed, deltas, completed with duration usage."""
+        if self._buffer == 0:
+            return _Reply([self._empty_commit_error(event.get("event_id"))])
+        seconds = self._buffer / _bytes_per_second(self.record.session)
+        item_id, self._item_id, self._buffer = self._item_id, _new_id("item"), 0
+        events = [_event("input_audio_buffer.committed", previous_item_id=None, item_id=item_id)]
+        events += [self._delta(chunk, item_id=item_id) for chunk in _word_chunks(self._transcript)]
+        usage = {"type": "duration", "seconds": seconds}
+        completed = _event(
+            "conversation.item.input_audio_transcription.completed",
+            item_id=item_id,
+            content_index=0,
+            transcript=self._transcript,
+            usage=usage,
+        )
+        return _Reply([*events, completed])
+
+    def _empty_commit_error(self, client_event_id: Any) -> Event:
+        """The commit-empty error, DELIBERATELY naming the key, host:port and deployment (scrub bait)."""
+        message = (
+            "Error committing input audio buffer: buffer too small. Expected at least 100ms of audio, "
+            f"but buffer only has 0.00ms of audio. (key {self._api_key}, deployment {self._model_name()} "
+            f"at {self._host_port})"
+        )
+        return _error("input_audio_buffer_commit_empty", message, client_event_id=client_event_id)
+
+    def _model_name(self) -> str:
+        """The handshake's model/deployment, else the session's (transcription) model."""
+        named = _upstream_model(self.record.handshake)
+        if named:
+            return named
+        transcription = self.record.session.get("audio", {}).get("input", {}).get("transcription")
+        if isinstance(transcription, dict) and transcription.get("model"):
+            return str(transcription["model"])
+        return str(self.record.session.get("model") or "default")
+
+    def _clear(self, event: Event, faults: Faults) -> _Reply:
+        """`input_audio_buffer.clear` -> `input_audio_buffer.cleared`; the uncommitted audio is gone."""
+        self._buffer = 0
+        return _Reply([_event("input_audio_buffer.cleared")])
+
+    def _create_item(self, event: Event, faults: Faults) -> _Reply:
+        """`conversation.item.create` -> GA `conversation.item.added` then `conversation.item.done`."""
+        raw_item = event.get("item")
+        item = {"id": _new_id("item"), **raw_item} if isinstance(raw_item, dict) else {"id": _new_id("item")}
+        previous = event.get("previous_item_id")
+        return _Reply(
+            [
+                _event("conversation.item.added", previous_item_id=previous, item=item),
+                _event("conversation.item.done", previous_item_id=previous, item=item),
+            ]
+        )
+
+    def _create_response(self, event: Event, faults: Faults) -> _Reply:
+        """`response.create` -> `response.created`, then `response.done` with the fixed usage."""
+        response: dict[str, Any] = {"id": _new_id("resp"), "object": "realtime.response", "output": []}
+        created = _event("response.created", response={**response, "status": "in_progress", "usage": None})
+        done = _event("response.done", response={**response, "status": "completed", "usage": response_usage()})
+        return _Reply([created, done])
+
+    def _delta(self, text: str, *, item_id: str | None = None) -> Event:
+        """A transcription delta for the current (or given) item."""
+        return _event(
+            "conversation.item.input_audio_transcription.delta",
+            item_id=item_id or self._item_id,
+            content_index=0,
+            delta=text,
+        )
+
+
+def _tracking_connection_class(registry: set[ServerConnection]) -> type[ServerConnection]:
+    """A `ServerConnection` that keeps itself in `registry` while its TCP connection lives.
+
+    This lets `aclose` abort connections that never sent an HTTP request (the server runs without an
+    open timeout so that `Faults.stall_handshake` can stall for as long as the test wants).
+    """
+
+    class _TrackedConnection(ServerConnection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            registry.add(self)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            registry.discard(self)
+            super().connection_lost(exc)
+
+    return _TrackedConnection
+
+
+class FakeProvider:
+    """The fake provider server. Use `async with FakeProvider() as provider:` or `start()`/`aclose()`."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str = DEFAULT_API_KEY,
+        host: str = DEFAULT_HOST,
+        port: int = 0,
+        transcript: str = DEFAULT_TRANSCRIPT,
+        faults: Faults | None = None,
+    ) -> None:
+        self.api_key = api_key
+        self.faults = faults if faults is not None else Faults()
+        self.handshakes: list[Handshake] = []
+        self.sessions: list[FakeSession] = []
+        self._host = host
+        self._port = port
+        self._transcript = transcript
+        self._server: Server | None = None
+        self._connections: set[ServerConnection] = set()
+        self._live: dict[ServerConnection, FakeSession] = {}
+        self._accepted: dict[ServerConnection, Handshake] = {}  # upgraded, not yet handled
+        self._changed = asyncio.Condition()
+        self._stopping = asyncio.Event()
+
+    @property
+    def host_port(self) -> str:
+        """`host:port` actually listened on. Raises RuntimeError before `start()`."""
+        if self._server is None:
+            raise RuntimeError("FakeProvider is not started")
+        host, port = next(iter(self._server.sockets)).getsockname()[:2]
+        return f"{host}:{port}"
+
+    @property
+    def url(self) -> str:
+        """`ws://host:port` (no path). Raises RuntimeError before `start()`."""
+        return f"ws://{self.host_port}"
+
+    async def start(self) -> None:
+        """Listen. Raises OSError if the address is taken, RuntimeError if already started."""
+        if self._server is not None:
+            raise RuntimeError("FakeProvider is already started")
+        self._server = await serve(
+            self._handle,
+            self._host,
+            self._port,
+            process_request=self._process_request,
+            compression=None,
+            open_timeout=None,
+            max_size=MAX_FRAME_BYTES,
+            create_connection=_tracking_connection_class(self._connections),
+        )
+
+    async def aclose(self) -> None:
+        """Release stalled handshakes (HTTP 503), close live sessions with 1001 and stop. Idempotent."""
+        if self._server is None:
+            return
+        self._stopping.set()
+        for connection in list(self._connections):
+            # Never sent its HTTP request, so nothing else would end it (websockets < 17 logs this abort).
+            if connection.request is None:
+                connection.transport.abort()
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def wait_for_session(self, index: int = 0) -> FakeSession:
+        """Wait until session number `index` (0-based) has been upgraded, and return it."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: len(self.sessions) > index)
+        return self.sessions[index]
+
+    async def wait_for_handshake(self, index: int = 0) -> Handshake:
+        """Wait until handshake number `index` (0-based) has been received (accepted or not)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: len(self.handshakes) > index)
+        return self.handshakes[index]
+
+    async def send_all(self, event: Event) -> None:
+        """Send `event` to every live session (an `event_id` is added when missing)."""
+        text = orjson.dumps({"event_id": _new_id("event"), **event}).decode()
+        for connection in list(self._live):
+            with contextlib.suppress(ConnectionClosed):
+                await connection.send(text)
+
+    async def drop_all(self) -> None:
+        """Abort every live connection's TCP transport: the peers see no close frame."""
+        connections = list(self._live)
+        for connection in connections:
+            connection.transport.abort()
+        for connection in connections:
+            await connection.wait_closed()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Record the handshake, then stall, refuse (HTTP + JSON body) or accept (None)."""
+        handshake = _parse_handshake(request)
+        self.handshakes.append(handshake)
+        await self._notify()
+        refusal = _refusal(handshake, api_key=self.api_key, faults=self.faults)
+        if refusal is None and self.faults.stall_handshake:
+            await self._stall(connection)
+            refusal = _Refusal(503, "server_shutting_down", "The server is shutting down.", "server_error")
+        if refusal is not None:
+            return refusal.to_response()
+        self._accepted[connection] = handshake
+        return None
+
+    async def _stall(self, connection: ServerConnection) -> None:
+        """Wait until the provider closes (then return) or the peer goes away (then abandon the handshake).
+
+        Raises CancelledError when the peer has gone: websockets then aborts the transport quietly,
+        where returning any response would make it log a failed send on a dead connection.
+        """
+        peer_gone = asyncio.ensure_future(connection.wait_closed())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait([peer_gone, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            peer_gone.cancel()
+            stopping.cancel()
+        if connection.protocol.state is State.CLOSED:
+            raise asyncio.CancelledError
+
+    async def _handle(self, connection: ServerConnection) -> None:
+        """Serve one upgraded connection until it ends; never raises on client misbehaviour."""
+        handshake = self._accepted.pop(connection)
+        record = FakeSession(handshake=handshake, session=_initial_session(handshake))
+        conversation = _Conversation(
+            record, api_key=self.api_key, host_port=self.host_port, transcript=self._transcript
+        )
+        self._live[connection] = record
+        self.sessions.append(record)
+        await self._notify()
+        try:
+            await self._send(connection, conversation.opening())
+            await self._serve(connection, conversation)
+        except ConnectionClosed:
+            pass
+        finally:
+            del self._live[connection]
+            rcvd = connection.protocol.close_rcvd
+            record.close_code = rcvd.code if rcvd is not None else None
+            record.closed.set()
+
+    async def _serve(self, connection: ServerConnection, conversation: _Conversation) -> None:
+        """Receive, reply and apply fault actions until the connection closes."""
+        while True:
+            if self.faults.read_delay_s > 0:
+                await asyncio.sleep(self.faults.read_delay_s)
+            reply = conversation.receive(await connection.recv(), self.faults)
+            await self._send(connection, reply.events)
+            if reply.drop:
+                connection.transport.abort()
+                await connection.wait_closed()
+                return
+            if reply.close is not None:
+                await connection.close(*reply.close)
+                return
+
+    @staticmethod
+    async def _send(connection: ServerConnection, events: Sequence[Event]) -> None:
+        for event in events:
+            await connection.send(orjson.dumps(event).decode())
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m sidecar.testing.fake_provider", description="Run the fake realtime provider."
+    )
+    parser.add_argument("--host", default=DEFAULT_HOST)
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on start)")
+    parser.add_argument("--api-key", default=DEFAULT_API_KEY)
+    return parser.parse_args(argv)
+
+
+async def _run(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with FakeProvider(api_key=args.api_key, host=args.host, port=args.port) as provider:
+        print(provider.url, flush=True)
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the fake provider until SIGINT/SIGTERM, printing its `ws://host:port` URL on stdout first."""
+    asyncio.run(_run(_parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Provider connectors: URL and header forms, and failover across deployments.
+
+URL forms follow LiteLLM's own realtime handlers (litellm/llms/openai/realtime/handler.py and
+litellm/llms/azure/realtime/handler.py) and the provider docs:
+
+- OpenAI and OpenAI-compatible: `<api_base>/v1/realtime?model=<model>`, `Authorization: Bearer <key>`.
+  OpenAI itself reads `?model=` as a conversation session and refuses it on `intent=transcription`, so
+  for a transcription session on an OpenAI host the model is left out of the URL and put in the session
+  configuration instead (`Target.inject_model`). Other hosts keep `?model=`: a gateway may route on it.
+- Azure OpenAI GA (`realtime_protocol: GA`/`v1`, or no `api_version`): `<api_base>/openai/v1/realtime?model=
+  <deployment>` (no `model` on a transcription session, which gets it in its session configuration).
+- Azure OpenAI preview (an `api_version` and no GA protocol): `<api_base>/openai/realtime?api-version=
+  <v>&deployment=<deployment>`. Both Azure forms send `api-key: <key>` and pass `intent` on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+from urllib.parse import urlencode, urlsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus, WebSocketException
+
+from sidecar.catalog import Deployment
+from sidecar.errors import UpstreamError, UpstreamUnavailable
+
+log = logging.getLogger("sidecar.upstream")
+
+OPENAI_API_BASE: Final = "https://api.openai.com"
+OPENAI_HOSTS: Final = ("api.openai.com",)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where and how to open one upstream session. `headers` hold the credential: never log them."""
+
+    url: str
+    headers: tuple[tuple[str, str], ...] = field(repr=False)
+    inject_model: bool
+    deployment: Deployment
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without its host (for logs and errors the client may see)."""
+        parts = urlsplit(self.url)
+        return f"{parts.path}?{parts.query}" if parts.query else parts.path
+
+
+def _ws_base(api_base: str) -> str:
+    base = api_base.rstrip("/")
+    if base.startswith("https://"):
+        return "wss://" + base[len("https://") :]
+    if base.startswith("http://"):
+        return "ws://" + base[len("http://") :]
+    return base
+
+
+def is_openai_host(api_base: str | None, *, openai_hosts: Sequence[str] = OPENAI_HOSTS) -> bool:
+    """True when the base points at OpenAI itself (or no base: OpenAI's default)."""
+    if api_base is None:
+        return True
+    host = urlsplit(_ws_base(api_base)).hostname or ""
+    return any(host == h or host.endswith("." + h) for h in openai_hosts)
+
+
+def target(deployment: Deployment, *, transcription: bool, openai_hosts: Sequence[str] = OPENAI_HOSTS) -> Target:
+    """The URL and headers for one deployment. Pure."""
+    intent = {"intent": "transcription"} if transcription else {}
+    if deployment.provider == "azure":
+        return _azure_target(deployment, intent)
+    base = _ws_base(deployment.api_base or OPENAI_API_BASE)
+    path = base if base.endswith("/v1") else base + "/v1"
+    drop_model = transcription and is_openai_host(deployment.api_base, openai_hosts=openai_hosts)
+    query = {**({} if drop_model else {"model": deployment.model}), **intent}
+    headers = (("Authorization", f"Bearer {deployment.api_key}"),) if deployment.api_key else ()
+    return Target(f"{path}/realtime?{urlencode(query)}", headers, drop_model, deployment)
+
+
+def _azure_target(deployment: Deployment, intent: dict[str, str]) -> Target:
+    base = _ws_base(deployment.api_base or "")
+    protocol = (deployment.realtime_protocol or "").upper()
+    ga = protocol in ("GA", "V1") or (not protocol and deployment.api_version is None)
+    headers = (("api-key", deployment.api_key),) if deployment.api_key else ()
+    if ga:
+        query = {**({} if intent else {"model": deployment.model}), **intent}
+        url = f"{base}/openai/v1/realtime" + (f"?{urlencode(query)}" if query else "")
+        return Target(url, headers, bool(intent), deployment)
+    query = {"api-version": deployment.api_version or "", "deployment": deployment.model, **intent}
+    return Target(f"{base}/openai/realtime?{urlencode(query)}", headers, False, deployment)
+
+
+class Upstream(Protocol):
+    """The slice of a websockets ClientConnection the relay uses."""
+
+    async def send(self, message: str | bytes) -> None: ...
+    async def recv(self) -> str | bytes: ...
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+Dialer = Callable[[Target], Awaitable[ClientConnection]]
+
+
+def websocket_dialer(*, max_frame_bytes: int, connect_timeout_s: float) -> Dialer:
+    """A dialer over websockets' asyncio client. Translates failures into UpstreamError (no secrets)."""
+
+    async def dial(tgt: Target) -> ClientConnection:
+        try:
+            return await connect(
+                tgt.url,
+                additional_headers=list(tgt.headers),
+                max_size=max_frame_bytes,
+                open_timeout=connect_timeout_s,
+                # The client's pings keep its own leg alive; ours keeps the upstream leg alive.
+                ping_interval=20,
+                ping_timeout=20,
+                max_queue=16,
+                compression=None,
+                user_agent_header="realtime-sidecar",
+            )
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            raise UpstreamError(f"upstream refused the handshake with HTTP {status}", status=status) from exc
+        except (InvalidHandshake, WebSocketException) as exc:
+            raise UpstreamError(f"upstream handshake failed ({type(exc).__name__})") from exc
+        except TimeoutError as exc:
+            raise UpstreamError("upstream connect timed out") from exc
+        except OSError as exc:
+            raise UpstreamError(f"upstream unreachable ({type(exc).__name__})") from exc
+
+    return dial
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """An open upstream session and the target that answered."""
+
+    connection: ClientConnection
+    target: Target
+    attempts: int
+
+
+async def connect_any(
+    deployments: Sequence[Deployment],
+    dial: Dialer,
+    *,
+    transcription: bool,
+    openai_hosts: Sequence[str] = OPENAI_HOSTS,
+    on_failure: Callable[[Deployment, UpstreamError], None] | None = None,
+) -> Connected:
+    """Open the first deployment that answers, in order. Raises UpstreamUnavailable when all fail."""
+    for attempt, deployment in enumerate(deployments, start=1):
+        tgt = target(deployment, transcription=transcription, openai_hosts=openai_hosts)
+        try:
+            return Connected(await dial(tgt), tgt, attempt)
+        except UpstreamError as exc:
+            log.warning(
+                "upstream connect failed",
+                extra={"deployment_id": deployment.deployment_id, "reason": str(exc)},
+            )
+            if on_failure is not None:
+                on_failure(deployment, exc)
+        except asyncio.CancelledError:
+            raise
+    raise UpstreamUnavailable("Every deployment of the model failed to connect.")

@@ -1,0 +1,84 @@
+"""Test support: run the sidecar app under uvicorn on a real loopback socket in the test's loop."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from openai import AsyncOpenAI
+from starlette.applications import Starlette
+
+CHUNK_BYTES = 4800  # 100 ms of 24 kHz PCM16
+
+
+def bound_socket() -> socket.socket:
+    """A listening socket on 127.0.0.1 with a free port: connections queue until the server serves."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(512)
+    return sock
+
+
+@dataclass
+class Running:
+    """A sidecar served on a loopback port."""
+
+    app: Starlette
+    port: int
+    server: uvicorn.Server
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def openai(self, key: str) -> AsyncOpenAI:
+        """An official OpenAI SDK client pointed at this sidecar."""
+        return AsyncOpenAI(base_url=f"{self.http}/v1", api_key=key, max_retries=0)
+
+
+@contextlib.asynccontextmanager
+async def serve(app: Starlette, *, max_frame_bytes: int = 4 * 1024 * 1024) -> AsyncIterator[Running]:
+    """Serve `app` until the block exits; the lifespan runs first, shutdown waits for sessions."""
+    sock = bound_socket()
+    config = uvicorn.Config(
+        app,
+        ws="websockets-sansio",
+        ws_max_size=max_frame_bytes,
+        ws_per_message_deflate=False,
+        lifespan="on",
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        yield Running(app, sock.getsockname()[1], server)
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+def chunks(audio: bytes, size: int = CHUNK_BYTES) -> Iterator[str]:
+    """Base64 chunks of `audio`, 100 ms each by default."""
+    for start in range(0, len(audio), size):
+        yield base64.b64encode(audio[start : start + size]).decode()
+
+
+async def next_of(connection: Any, kind: str) -> Any:
+    """The next server event of type `kind` from an SDK connection (others are skipped)."""
+    async for event in connection:
+        if event.type == kind:
+            return event
+    raise AssertionError(f"connection ended before {kind}")

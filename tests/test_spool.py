@@ -1,0 +1,182 @@
+"""The durable usage spool: JSON lines, torn lines, atomic drops, adoption of dead processes' files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import orjson
+import pytest
+
+from sidecar.spool import Spool
+from sidecar.usage import UsageEvent
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTED = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+
+
+def event(seq: int, *, session_id: str = "sess_1", final: bool = False) -> UsageEvent:
+    """A usage event with every field set (a final one also ends and has upstream usage)."""
+    return UsageEvent(
+        event_id=UsageEvent.new_id(),
+        type="final" if final else "checkpoint",
+        session_id=session_id,
+        seq=seq,
+        key_hash="ab" * 32,
+        key_alias="alias",
+        user_id="user",
+        team_id="team",
+        model="gpt-realtime-whisper",
+        provider_model="azure/whisper",
+        kind="realtime-transcription",
+        unit="second",
+        quantity=Decimal("5.000125"),
+        audio_seconds=Decimal("5.000125"),
+        audio_bytes=240006,
+        input_tokens=0,
+        output_tokens=0,
+        cost_usd=Decimal("0.000500012500"),
+        started_at=STARTED,
+        ended_at=STARTED if final else None,
+        close_reason="client_close" if final else "",
+        upstream_usage='{"seconds": 5}' if final else "",
+    )
+
+
+def spool_files(directory: Path) -> list[str]:
+    """The data and lock files in a spool directory."""
+    return sorted(p.name for p in directory.iterdir() if p.suffix in (".jsonl", ".lock"))
+
+
+def test_append_then_pending_round_trips_events(tmp_path: Path) -> None:
+    """Appended events come back equal and oldest first; the depth counts them."""
+    events = [event(1), event(2), event(3, final=True)]
+    with Spool(tmp_path / "spool") as spool:
+        spool.append(events[:2])
+        spool.append(events[2:])
+        assert spool.pending() == events
+        assert len(spool) == 3
+
+
+def test_pending_limit_returns_the_oldest(tmp_path: Path) -> None:
+    """pending(limit) returns only the oldest `limit` events."""
+    events = [event(seq) for seq in range(1, 6)]
+    with Spool(tmp_path) as spool:
+        spool.append(events)
+        assert spool.pending(2) == events[:2]
+        assert len(spool) == 5
+
+
+def test_lines_are_json_of_the_stream_fields(tmp_path: Path) -> None:
+    """Each line is the JSON object of the event's stream fields."""
+    one = event(1, final=True)
+    with Spool(tmp_path) as spool:
+        spool.append([one])
+        line = spool.path.read_bytes()
+    assert line.endswith(b"\n")
+    assert orjson.loads(line) == one.to_fields()
+
+
+def test_torn_last_line_is_ignored(tmp_path: Path) -> None:
+    """A last line cut short by a crash mid-write is skipped, now and after reopening."""
+    events = [event(1), event(2)]
+    with Spool(tmp_path) as spool:
+        spool.append(events)
+        with open(spool.path, "ab") as file:
+            file.write(b'{"event_id": "torn", "schema": "realt')
+        assert spool.pending() == events
+    with Spool(tmp_path) as reopened:
+        assert reopened.pending() == events
+        assert len(reopened) == 2
+
+
+def test_drop_first_removes_the_oldest(tmp_path: Path) -> None:
+    """drop_first(n) removes exactly the n oldest events and leaves no temporary file."""
+    events = [event(seq) for seq in range(1, 6)]
+    with Spool(tmp_path) as spool:
+        spool.append(events)
+        spool.drop_first(2)
+        assert spool.pending() == events[2:]
+        assert len(spool) == 3
+        spool.append([events[0]])
+        assert spool.pending() == [*events[2:], events[0]]
+        spool.drop_first(10)
+        assert spool.pending() == []
+        assert len(spool) == 0
+        assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_reopening_sees_old_events(tmp_path: Path) -> None:
+    """A new Spool on the same directory sees the events a closed one left behind."""
+    events = [event(1), event(2)]
+    with Spool(tmp_path) as first:
+        first.append(events)
+    with Spool(tmp_path) as second:
+        assert second.pending() == events
+        assert len(second) == 2
+        assert spool_files(tmp_path) == [second.path.name, second.path.name.replace(".jsonl", ".lock")]
+
+
+def test_empty_spool_removes_its_files_on_close(tmp_path: Path) -> None:
+    """Closing an empty spool leaves nothing behind."""
+    with Spool(tmp_path) as spool:
+        spool.append([event(1)])
+        spool.drop_first(1)
+    assert spool_files(tmp_path) == []
+
+
+def test_closed_spool_refuses_appends(tmp_path: Path) -> None:
+    """Appending after close raises instead of writing a file another process may adopt."""
+    spool = Spool(tmp_path)
+    spool.close()
+    with pytest.raises(ValueError, match="closed"):
+        spool.append([event(1)])
+
+
+def test_adopts_the_file_of_a_dead_process(tmp_path: Path) -> None:
+    """Events a crashed process spooled are taken over by the next process, and by one only."""
+    events = [event(1), event(2, final=True)]
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "import orjson\n"
+        "from sidecar.spool import Spool\n"
+        "from sidecar.usage import UsageEvent\n"
+        "spool = Spool(Path(sys.argv[1]))\n"
+        "spool.append([UsageEvent.from_fields(orjson.loads(line)) for line in sys.stdin.buffer])\n"
+        "os._exit(0)  # dies without close(): the kernel releases its lock\n"
+    )
+    payload = b"".join(orjson.dumps(e.to_fields()) + b"\n" for e in events)
+    child = subprocess.run([sys.executable, "-c", script, str(tmp_path)], input=payload, cwd=ROOT, check=True)
+    assert child.returncode == 0
+    assert len(spool_files(tmp_path)) == 2  # the dead child's data and lock files
+    with Spool(tmp_path) as adopter, Spool(tmp_path) as latecomer:
+        assert adopter.pending() == events
+        assert latecomer.pending() == []
+        assert len(spool_files(tmp_path)) == 3  # the adopter's two files and the latecomer's lock
+
+
+def test_does_not_adopt_a_live_spool(tmp_path: Path) -> None:
+    """A spool whose owner still holds its lock is left alone."""
+    one = event(1)
+    with Spool(tmp_path) as live:
+        live.append([one])
+        with Spool(tmp_path) as other:
+            assert other.pending() == []
+        assert live.pending() == [one]
+
+
+def test_several_dead_files_are_adopted_oldest_first(tmp_path: Path) -> None:
+    """Files of several dead owners are merged, the least recently written file's events first."""
+    newer, older = [event(1, session_id="b")], [event(1, session_id="a")]
+    with Spool(tmp_path) as first, Spool(tmp_path) as second:
+        first.append(newer)
+        second.append(older)
+        os.utime(first.path, (2_000_000_000, 2_000_000_000))
+        os.utime(second.path, (1_000_000_000, 1_000_000_000))
+    with Spool(tmp_path) as adopter:
+        assert adopter.pending() == [*older, *newer]
