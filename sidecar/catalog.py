@@ -49,6 +49,7 @@ _TOKEN_FIELDS: Final[tuple[tuple[str, str], ...]] = (
     ("input_audio_token", "input_cost_per_audio_token"),
     ("output_audio_token", "output_cost_per_audio_token"),
     ("cached_input_token", "cache_read_input_token_cost"),
+    ("cached_input_audio_token", "cache_read_input_audio_token_cost"),
 )
 _TIME_FIELDS: Final[dict[str, str]] = {"second": "input_cost_per_second", "minute": "input_cost_per_minute"}
 _OTHER_TIME_UNIT: Final[dict[str, str]] = {
@@ -420,6 +421,7 @@ _SHORT_NAMES: Final[dict[str, str]] = {
     "input_cost_per_audio_token": "audio in",
     "output_cost_per_audio_token": "audio out",
     "cache_read_input_token_cost": "cached in",
+    "cache_read_input_audio_token_cost": "cached audio in",
 }
 _PER_MILLION: Final = Decimal(1_000_000)
 

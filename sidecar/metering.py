@@ -334,9 +334,11 @@ class SessionMeter:
             audio_in = price.input_audio_token if price.input_audio_token is not None else text_in
             text_out = price.output_token or _ZERO
             audio_out = price.output_audio_token if price.output_audio_token is not None else text_out
+            cached_audio = price.cached_input_audio_token if price.cached_input_audio_token is not None else cached
             terms = (
                 (self._text_in - self._cached_text, text_in),
-                (self._cached_text + self._cached_audio, cached),
+                (self._cached_text, cached),
+                (self._cached_audio, cached_audio),
                 (self._audio_in - self._cached_audio, audio_in),
                 (self._text_out, text_out),
                 (self._audio_out, audio_out),

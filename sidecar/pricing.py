@@ -39,3 +39,4 @@ class Price:
     input_audio_token: Decimal | None = None
     output_audio_token: Decimal | None = None
     cached_input_token: Decimal | None = None
+    cached_input_audio_token: Decimal | None = None

@@ -89,7 +89,12 @@ class Relay:
     # ---- the session ------------------------------------------------------------------------------
 
     async def run(self) -> str:
-        """Relay until something ends the session; returns the close reason. Bills exactly once."""
+        """Relay until something ends the session; returns the close reason. Bills exactly once.
+
+        A first checkpoint (seq 1) is published at once, so a session whose process dies before its first
+        interval still leaves a record for the consumer to close as `lost`.
+        """
+        self.publisher.submit(self.session.usage_event("checkpoint", now=self.clock()))
         tasks: set[asyncio.Future[object]] = {
             asyncio.create_task(self._pump_client(), name="pump_client"),
             asyncio.create_task(self._pump_upstream(), name="pump_upstream"),

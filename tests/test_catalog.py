@@ -375,6 +375,7 @@ def test_describe_row_shape(price_map: PriceMap) -> None:
         "input_cost_per_audio_token",
         "output_cost_per_audio_token",
         "cache_read_input_token_cost",
+        "cache_read_input_audio_token_cost",
     }
 
 

@@ -466,3 +466,29 @@ def test_upstream_usage_empty_until_reported() -> None:
     assert meter.snapshot().upstream_usage == ""
     meter.on_upstream_usage({"type": "duration", "seconds": 3})
     assert meter.snapshot().upstream_usage == '{"duration_seconds":3,"events":1}'
+
+
+def test_cached_audio_tokens_use_their_own_price() -> None:
+    """Cached audio tokens are billed at cache_read_input_audio_token_cost when the price map has one."""
+    price = Price(
+        unit="token",
+        input_token=Decimal("6E-7"),
+        input_audio_token=Decimal("1E-5"),
+        cached_input_token=Decimal("6E-8"),
+        cached_input_audio_token=Decimal("3E-7"),
+    )
+    meter = SessionMeter(price)
+    meter.on_response_done(
+        {
+            "input_tokens": 1000,
+            "output_tokens": 0,
+            "input_token_details": {
+                "text_tokens": 200,
+                "audio_tokens": 800,
+                "cached_tokens": 500,
+                "cached_tokens_details": {"text_tokens": 100, "audio_tokens": 400},
+            },
+        }
+    )
+    # 100 text * 6e-7 + 100 cached text * 6e-8 + 400 cached audio * 3e-7 + 400 audio * 1e-5
+    assert meter.cost() == Decimal("0.00006") + Decimal("0.000006") + Decimal("0.00012") + Decimal("0.004")

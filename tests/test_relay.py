@@ -300,3 +300,57 @@ async def test_slow_client_holds_the_upstream_back(tmp_path: Path) -> None:
 async def _push(provider: FakeProvider, event: dict[str, Any], count: int) -> None:
     for _ in range(count):
         await provider.send_all(event)
+
+
+async def test_models_endpoint_lists_realtime_models(tmp_path: Path) -> None:
+    """GET /v1/realtime/models lists the realtime models with kind, unit and price, never upstream details."""
+    import httpx
+
+    async with stack(tmp_path) as s, httpx.AsyncClient(base_url=s.sidecar.http) as http:
+        body = (await http.get("/v1/realtime/models")).json()
+        ids = [row["id"] for row in body["data"]]
+        assert ids == ["gpt-realtime-whisper", "gpt-realtime"]
+        assert body["data"][0]["unit"] == "second"
+        assert s.provider.api_key not in str(body) and s.provider.host_port not in str(body)
+        assert (await http.get("/healthz")).status_code == 200
+        assert (await http.get("/readyz")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("params", "path", "query"),
+    [
+        (
+            {"api_version": "2025-04-01-preview"},
+            "/openai/realtime",
+            {"api-version": "2025-04-01-preview", "deployment": "my-whisper", "intent": "transcription"},
+        ),
+        ({"realtime_protocol": "GA"}, "/openai/v1/realtime", {"intent": "transcription"}),
+    ],
+)
+async def test_azure_forms_reach_the_provider_exactly(
+    tmp_path: Path, params: dict[str, str], path: str, query: dict[str, str]
+) -> None:
+    """Azure preview and GA sessions use their exact path, query and api-key header; GA gets the model in-session."""
+    async with FakeProvider() as provider:
+        entries = [
+            entry(
+                "captions",
+                "azure/my-whisper",
+                provider.url,
+                provider.api_key,
+                model_info={"base_model": "azure/gpt-realtime-whisper"},
+                **params,
+            )
+        ]
+        async with stack(tmp_path, entries=entries, provider=provider) as s:
+            client = s.sidecar.openai(USER_KEY)
+            async with client.realtime.connect(model="captions", extra_query=TRANSCRIBE) as conn:
+                created = await next_of(conn, "session.created")
+                assert "my-whisper" not in created.model_dump_json()
+            handshake = provider.handshakes[0]
+            assert (handshake.path, handshake.query) == (path, query)
+            assert handshake.headers["api-key"] == provider.api_key
+            assert "authorization" not in handshake.headers
+            if path == "/openai/v1/realtime":
+                first = provider.sessions[0].events[0]
+                assert first["session"]["audio"]["input"]["transcription"]["model"] == "my-whisper"
