@@ -1,31 +1,38 @@
 """create_app(settings, ...) -> Starlette. The lifespan owns every resource and closes it.
 
 Only this module and cli.py choose concrete implementations; tests pass their own (a key client on a
-fake LiteLLM, a dialer, a publisher) through `create_app`'s keyword arguments.
+fake LiteLLM, a dialer, a publisher, a Redis client) through `create_app`'s keyword arguments.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import socket
+import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from sidecar.auth import KeyChecker, authorize, credentials
-from sidecar.catalog import Catalog, RealtimeModel, describe, load_catalog
+from sidecar import admin
+from sidecar.auth import KeyChecker, Principal, authorize, credentials
+from sidecar.catalog import Catalog, Deployment, RealtimeModel, describe, load_catalog
 from sidecar.config import Settings
-from sidecar.errors import InvalidApiKey, KeyCheckError, ModelNotFound, Refusal, ServiceUnavailable
+from sidecar.control import ControlStore, MemoryStore, RedisStore, Supervisor
+from sidecar.errors import InvalidApiKey, KeyCheckError, ModelNotFound, Refusal, ServiceUnavailable, UpstreamError
 from sidecar.metering import SessionMeter
+from sidecar.metrics import CONTENT_TYPE_LATEST, Metrics
 from sidecar.publisher import UsagePublisher
 from sidecar.relay import Relay
 from sidecar.session import Session
@@ -44,11 +51,9 @@ class Services:
     publisher: UsagePublisher
     dialer: Dialer
     openai_hosts: Sequence[str]
-    live: dict[str, Relay] = field(default_factory=dict)
-
-
-def _refuse_response(refusal: Refusal) -> JSONResponse:
-    return JSONResponse(refusal.body(), status_code=refusal.status)
+    supervisor: Supervisor
+    store: ControlStore
+    metrics: Metrics
 
 
 def create_app(
@@ -58,11 +63,12 @@ def create_app(
     key_client: httpx.AsyncClient | None = None,
     publisher: UsagePublisher | None = None,
     dialer: Dialer | None = None,
+    redis: aioredis.Redis | None = None,
     openai_hosts: Sequence[str] = OPENAI_HOSTS,
-    environ: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    replica: str | None = None,
 ) -> Starlette:
     """The sidecar's ASGI app. Anything not passed in is built from `settings` in the lifespan."""
-    import os
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -75,26 +81,58 @@ def create_app(
             client = key_client
             if client is None and settings.litellm_url:
                 client = await stack.enter_async_context(httpx.AsyncClient(base_url=settings.litellm_url, timeout=5.0))
+            shared = redis
+            if shared is None and settings.redis_url:
+                shared = aioredis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+                stack.push_async_callback(shared.aclose)
             pub: UsagePublisher = (
-                publisher if publisher is not None else await stack.enter_async_context(_default_publisher(settings))
+                publisher
+                if publisher is not None
+                else await stack.enter_async_context(_default_publisher(settings, shared))
             )
-            services = Services(
+            store: ControlStore = (
+                RedisStore(shared, channel=settings.control_channel, prefix=settings.control_prefix)
+                if shared is not None
+                else MemoryStore()
+            )
+            checker = KeyChecker(master_key=cat.master_key, client=client, cache_s=settings.key_cache_s)
+            metrics = Metrics()
+            supervisor = Supervisor(
+                store=store,
+                checker=checker,
+                metrics=metrics,
+                replica=replica or f"{socket.gethostname()}-{os.getpid()}",
+                key_recheck_s=settings.key_recheck_s,
+                max_sessions=settings.max_sessions,
+                max_sessions_per_key=settings.max_sessions_per_key,
+            )
+            metrics.watch(
+                live=lambda: len(supervisor.live),
+                failures=lambda: pub.publish_failures,
+                spool=lambda: pub.spool_depth,
+            )
+            app.state.services = Services(
                 settings=settings,
                 catalog=cat,
-                checker=KeyChecker(master_key=cat.master_key, client=client, cache_s=settings.key_cache_s),
+                checker=checker,
                 publisher=pub,
                 dialer=dialer
                 or websocket_dialer(
                     max_frame_bytes=settings.max_frame_bytes, connect_timeout_s=settings.connect_timeout_s
                 ),
                 openai_hosts=openai_hosts,
+                supervisor=supervisor,
+                store=store,
+                metrics=metrics,
             )
-            app.state.services = services
+            watcher = asyncio.create_task(supervisor.run(), name="supervisor")
             try:
                 yield
             finally:
-                for relay in list(services.live.values()):
-                    relay.end("server_shutdown")
+                # Sessions still open here (a forced shutdown) end now and are billed before the publisher closes.
+                await supervisor.drain(0)
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
 
     routes = [
         WebSocketRoute("/v1/realtime", realtime_endpoint),
@@ -102,22 +140,21 @@ def create_app(
         Route("/v1/realtime/models", models_endpoint),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
+        *admin.routes(),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
 
 
 @asynccontextmanager
-async def _default_publisher(settings: Settings) -> AsyncIterator[UsagePublisher]:
+async def _default_publisher(settings: Settings, redis: aioredis.Redis | None) -> AsyncIterator[UsagePublisher]:
     """Redis when SIDECAR_REDIS_URL is set, else the embedded writer straight into the billing DB."""
     from sidecar.publisher import EmbeddedPublisher, RedisPublisher
     from sidecar.spool import Spool
 
     spool = Spool(settings.spool_dir)
     pub: UsagePublisher
-    if settings.redis_url:
-        import redis.asyncio as aioredis
-
-        redis = aioredis.Redis.from_url(settings.redis_url)
+    if redis is not None:
         pub = RedisPublisher(redis, stream=settings.usage_stream, spool=spool)
     else:
         from sidecar.billing.writer import BillingWriter, make_engine, upgrade
@@ -132,8 +169,6 @@ async def _default_publisher(settings: Settings) -> AsyncIterator[UsagePublisher
     finally:
         await pub.aclose()
         spool.close()
-        if settings.redis_url:
-            await redis.aclose()
 
 
 async def models_endpoint(request: Request) -> Response:
@@ -148,11 +183,21 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Readiness: the catalog is loaded."""
+    """Readiness: config loaded, the shared store (Redis) answers, and the replica is not draining."""
     services: Services | None = getattr(request.app.state, "services", None)
     if services is None:
         return JSONResponse({"status": "starting"}, status_code=503)
+    if services.supervisor.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    if not await services.store.ping():
+        return JSONResponse({"status": "redis unreachable"}, status_code=503)
     return JSONResponse({"status": "ready", "models": len(services.catalog.models)})
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """Prometheus exposition."""
+    services: Services = request.app.state.services
+    return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 def _model_name(websocket: WebSocket, catalog: Catalog) -> tuple[str, bool]:
@@ -167,17 +212,19 @@ def _model_name(websocket: WebSocket, catalog: Catalog) -> tuple[str, bool]:
 
 
 async def realtime_endpoint(websocket: WebSocket) -> None:
-    """/v1/realtime: authenticate, resolve, connect upstream, then relay (CONTRACT.md, endpoint)."""
+    """/v1/realtime: authenticate, resolve, admit, connect upstream, then relay (CONTRACT.md, endpoint)."""
     services: Services = websocket.app.state.services
     try:
-        opened = await _open(websocket, services)
+        relay, subprotocol, injection = await _open(websocket, services)
     except Refusal as refusal:
-        await websocket.send_denial_response(_refuse_response(refusal))
+        services.metrics.refusals.labels(refusal.code).inc()
+        await websocket.send_denial_response(JSONResponse(refusal.body(), status_code=refusal.status))
         return
-    relay, subprotocol, injection = opened
-    await websocket.accept(subprotocol=subprotocol)
-    services.live[relay.session.session_id] = relay
+    supervisor = services.supervisor
+    supervisor.attach(relay)
     try:
+        await supervisor.register(relay)
+        await websocket.accept(subprotocol=subprotocol)
         if injection is not None:
             await relay.upstream.send(injection)
         reason = await relay.run()
@@ -190,7 +237,14 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
             },
         )
     finally:
-        services.live.pop(relay.session.session_id, None)
+        if not relay.done.done():  # the upgrade itself failed: still bill and release
+            await relay.upstream.close()
+            relay.publisher.submit(
+                relay.session.usage_event("final", now=datetime.now(UTC), close_reason="client_abort")
+            )
+            relay.close_reason = "client_abort"
+            relay.done.set_result("client_abort")
+        await supervisor.detach(relay)
 
 
 async def _open(websocket: WebSocket, services: Services) -> tuple[Relay, str | None, str | None]:
@@ -206,14 +260,49 @@ async def _open(websocket: WebSocket, services: Services) -> tuple[Relay, str | 
     name, transcription = _model_name(websocket, services.catalog)
     model = services.catalog.resolve(name)
     authorize(principal, model.name, now=datetime.now(UTC))
+    session_id = "rs_" + uuid.uuid4().hex
+    await services.supervisor.admit(principal, session_id)
+    try:
+        return await _connect(websocket, services, model, principal, session_id, transcription, creds.subprotocol)
+    except BaseException:
+        await services.supervisor.release(principal, session_id)
+        raise
+
+
+async def _connect(
+    websocket: WebSocket,
+    services: Services,
+    model: RealtimeModel,
+    principal: Principal,
+    session_id: str,
+    transcription: bool,
+    subprotocol: str | None,
+) -> tuple[Relay, str | None, str | None]:
     settings = services.settings
+    metrics = services.metrics
+
+    def failed(deployment: Deployment, error: UpstreamError) -> None:
+        metrics.connect_failures.inc()
+
+    started = time.perf_counter()
     connected = await connect_any(
         model.deployments,
         services.dialer,
         transcription=transcription or model.kind == "realtime-transcription",
         openai_hosts=services.openai_hosts,
+        on_failure=failed,
     )
-    session = _new_session(model, connected.target.deployment, principal, settings, transcription)
+    metrics.connect_seconds.observe(time.perf_counter() - started)
+    meter = SessionMeter(model.price, rounding=settings.rounding, increment=settings.rounding_increment)  # type: ignore[arg-type]
+    session = Session(
+        session_id=session_id,
+        model=model,
+        deployment=connected.target.deployment,
+        principal=principal,
+        meter=meter,
+        started_at=datetime.now(UTC),
+        transcription=transcription,
+    )
     relay = Relay(
         client=websocket,
         upstream=connected.connection,
@@ -224,23 +313,4 @@ async def _open(websocket: WebSocket, services: Services) -> tuple[Relay, str | 
         max_session_s=settings.max_session_s,
     )
     injection = session.model_injection() if connected.target.inject_model else None
-    return relay, creds.subprotocol, injection
-
-
-def _new_session(
-    model: RealtimeModel, deployment: Any, principal: Any, settings: Settings, transcription: bool
-) -> Session:
-    meter = SessionMeter(
-        model.price,
-        rounding=settings.rounding,  # type: ignore[arg-type]
-        increment=settings.rounding_increment,
-    )
-    return Session(
-        session_id="rs_" + uuid.uuid4().hex,
-        model=model,
-        deployment=deployment,
-        principal=principal,
-        meter=meter,
-        started_at=datetime.now(UTC),
-        transcription=transcription,
-    )
+    return relay, subprotocol, injection

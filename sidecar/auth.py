@@ -84,6 +84,8 @@ class Principal:
     team_blocked: bool = False
     expires: datetime | None = None
     status: str = "active"
+    budget_reset_at: str = ""
+    team_budget_reset_at: str = ""
     is_master: bool = False
 
 
@@ -151,6 +153,7 @@ def principal_from_key_info(key_hash: str, info: Mapping[str, Any]) -> Principal
         blocked=bool(info.get("blocked")),
         expires=_moment(info.get("expires")),
         status=str(info.get("status") or "active"),
+        budget_reset_at=str(info.get("budget_reset_at") or ""),
     )
 
 
@@ -162,6 +165,7 @@ def with_team_info(principal: Principal, info: Mapping[str, Any]) -> Principal:
         team_max_budget=_decimal(info.get("max_budget")),
         team_spend=_decimal(info.get("spend")) or Decimal(0),
         team_blocked=bool(info.get("blocked")),
+        team_budget_reset_at=str(info.get("budget_reset_at") or ""),
     )
 
 

@@ -19,26 +19,18 @@ def _settings() -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the relay under uvicorn."""
-    import uvicorn
-
+    """Run the relay under uvicorn; the first SIGTERM drains (sessions get their grace, then 1001)."""
     from sidecar.app import create_app
     from sidecar.logs import configure_logging
+    from sidecar.server import DrainingServer, config_for
 
     settings = _settings()
     configure_logging()
-    uvicorn.run(
-        create_app(settings),
-        host=args.host or settings.host,
-        port=args.port or settings.port,
-        ws="websockets-sansio",
-        ws_max_size=settings.max_frame_bytes,
-        ws_per_message_deflate=False,
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.drain_grace_s) + 5,
+    app = create_app(settings)
+    config = config_for(
+        app, host=args.host or settings.host, port=args.port or settings.port, max_frame_bytes=settings.max_frame_bytes
     )
+    asyncio.run(DrainingServer(config, app=app, grace_s=settings.drain_grace_s).serve())
     return 0
 
 

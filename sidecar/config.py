@@ -90,6 +90,7 @@ class Settings:
     default_transcription_model: str = DEFAULT_TRANSCRIPTION_MODEL
     usage_stream: str = DEFAULT_USAGE_STREAM
     control_channel: str = DEFAULT_CONTROL_CHANNEL
+    control_prefix: str = "realtime"
     rounding: str = DEFAULT_ROUNDING
     rounding_increment: Decimal = Decimal("1")
 

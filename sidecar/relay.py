@@ -2,7 +2,7 @@
 
     client WebSocket --pump_client--> Session.on_client_text --> upstream
     client WebSocket <--pump_upstream-- Session.on_upstream_text <-- upstream
-    ticker: checkpoints every `checkpoint_s`, idle and length limits
+    Supervisor (control.py, one task for all sessions) --poll()--> checkpoints, idle and length limits
 
 Back-pressure: each pump awaits its send before reading the next frame, so a slow reader on either side
 stops the other side's reads (websockets' `max_queue` then TCP flow control), never an unbounded buffer.
@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final
 
 from starlette.websockets import WebSocket, WebSocketState
 from websockets.asyncio.client import ClientConnection
@@ -39,6 +39,16 @@ def sendable(code: int | None, *, default: int = 1000) -> int:
     if code is None or code in _UNSENDABLE or not (1000 <= code <= 4999):
         return default
     return code
+
+
+def _aborted(message: Mapping[str, Any]) -> bool:
+    """True when the client vanished without a close frame.
+
+    uvicorn reports a lost connection as 1006 (before the handshake completed) or 1005 without a `reason`
+    key; a received close frame always carries its `reason` (1005 only when the frame had no code).
+    """
+    code = message.get("code", 1000)
+    return code == 1006 or (code == 1005 and "reason" not in message)
 
 
 def utcnow() -> datetime:
@@ -70,9 +80,14 @@ class Relay:
         self.clock = clock
         self.close_reason = ""
         self._ended: asyncio.Future[Ending] = asyncio.get_running_loop().create_future()
+        #: Resolves with the close reason once the session is over and billed.
+        self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._loop = asyncio.get_running_loop()
         self._last_client = self._loop.time()
         self._started = self._loop.time()
+        self._next_checkpoint = self._started + checkpoint_s
+        # Per-session counters, folded into the Prometheus counters by the supervisor (not per frame).
+        self.frames_in = self.frames_out = self.bytes_in = self.bytes_out = 0
 
     # ---- control --------------------------------------------------------------------------------
 
@@ -82,9 +97,19 @@ class Relay:
             self._ended.set_result(ending(code))
 
     @property
-    def running_cost(self) -> object:
-        """The session's cost so far (Decimal)."""
-        return self.session.meter.cost()
+    def ended(self) -> bool:
+        """True once an ending was asked for or the session closed."""
+        return self._ended.done() or bool(self.close_reason)
+
+    def poll(self, now: float) -> None:
+        """Called by the supervisor a few times a second (loop time `now`): limits and checkpoints."""
+        if now - self._last_client >= self.idle_timeout_s:
+            self.end("idle_timeout")
+        elif now - self._started >= self.max_session_s:
+            self.end("max_duration")
+        if now >= self._next_checkpoint and not self.close_reason:
+            self._next_checkpoint = now + self.checkpoint_s
+            self.publisher.submit(self.session.usage_event("checkpoint", now=self.clock()))
 
     # ---- the session ------------------------------------------------------------------------------
 
@@ -98,7 +123,6 @@ class Relay:
         tasks: set[asyncio.Future[object]] = {
             asyncio.create_task(self._pump_client(), name="pump_client"),
             asyncio.create_task(self._pump_upstream(), name="pump_upstream"),
-            asyncio.create_task(self._tick(), name="tick"),
         }
         try:
             waiting: list[asyncio.Future[object]] = [*tasks, self._ended]  # type: ignore[list-item]
@@ -113,6 +137,8 @@ class Relay:
             if not self.close_reason:
                 self.close_reason = "server_shutdown"
             self.publisher.submit(self.session.usage_event("final", now=self.clock(), close_reason=self.close_reason))
+            if not self.done.done():
+                self.done.set_result(self.close_reason)
         return self.close_reason
 
     async def _pump_client(self) -> None:
@@ -124,13 +150,17 @@ class Relay:
             message = await receive()
             if message["type"] == "websocket.disconnect":
                 code = message.get("code", 1000)
-                self.close_reason = "client_abort" if code == 1006 else "client_close"
+                if self.close_reason:  # the sidecar or the upstream ended it; this is the echo
+                    return
+                self.close_reason = "client_abort" if _aborted(message) else "client_close"
                 with contextlib.suppress(Exception):
                     await self.upstream.close(sendable(code))
                 return
             self._last_client = loop.time()
+            self.frames_in += 1
             text = message.get("text")
             if text is not None:
+                self.bytes_in += len(text)
                 reply = on_text(text)
                 if reply.client is not None:
                     await self.client.send_text(reply.client)
@@ -139,6 +169,7 @@ class Relay:
             else:
                 data = message.get("bytes")
                 if data is not None:
+                    self.bytes_in += len(data)
                     await send_up(data)
 
     async def _pump_upstream(self) -> None:
@@ -148,6 +179,8 @@ class Relay:
         try:
             while True:
                 frame = await recv()
+                self.frames_out += 1
+                self.bytes_out += len(frame)
                 if isinstance(frame, str):
                     await send_text(on_text(frame))
                 else:
@@ -161,21 +194,6 @@ class Relay:
                 await self._close_client(sendable(received.code), received.reason[:120])
             else:
                 await self._finish(ending("upstream_error"))
-
-    async def _tick(self) -> None:
-        loop = self._loop
-        period = min(self.checkpoint_s, 1.0)
-        next_checkpoint = loop.time() + self.checkpoint_s
-        while True:
-            await asyncio.sleep(period)
-            now = loop.time()
-            if now - self._last_client >= self.idle_timeout_s:
-                self.end("idle_timeout")
-            elif now - self._started >= self.max_session_s:
-                self.end("max_duration")
-            if now >= next_checkpoint:
-                next_checkpoint = now + self.checkpoint_s
-                self.publisher.submit(self.session.usage_event("checkpoint", now=self.clock()))
 
     # ---- endings ----------------------------------------------------------------------------------
 

@@ -69,6 +69,10 @@ async def stack(
     provider: FakeProvider | None = None,
     openai_hosts: Sequence[str] = ("api.openai.com",),
     publisher: UsagePublisher | None = None,
+    litellm: FakeLiteLLM | None = None,
+    redis: Any = None,
+    replica: str | None = None,
+    ws_ping_interval: float | None = 20.0,
     **settings: Any,
 ) -> AsyncIterator[Stack]:
     """Start a fake provider (unless given), a fake LiteLLM with USER_KEY, and the sidecar."""
@@ -81,13 +85,15 @@ async def stack(
                 entry("gpt-realtime", "openai/gpt-realtime", provider.url, provider.api_key),
                 entry("whisper-1", "openai/whisper-1", provider.url, provider.api_key),
             ]
-        litellm = FakeLiteLLM(master_key=MASTER_KEY)
-        litellm.add_key(USER_KEY, key_alias="alice-key", user_id="alice", team_id="")
+        if litellm is None:
+            litellm = FakeLiteLLM(master_key=MASTER_KEY)
+            litellm.add_key(USER_KEY, key_alias="alice-key", user_id="alice", team_id="")
         engine = make_engine(f"sqlite:///{tmp_path / 'billing.db'}")
         upgrade(engine)
         writer = BillingWriter(engine)
         spool = exits.enter_context(Spool(tmp_path / "spool"))
         pub = publisher or EmbeddedPublisher(lambda events: writer.write(events, now=datetime.now(UTC)), spool=spool)
+        settings.setdefault("drain_grace_s", 1.0)
         config = Settings(litellm_config=tmp_path / "unused.yaml", spool_dir=tmp_path / "spool").replace(**settings)
         app = create_app(
             config,
@@ -95,9 +101,18 @@ async def stack(
             key_client=litellm.client(),
             publisher=pub,
             openai_hosts=openai_hosts,
+            redis=redis,
+            replica=replica,
         )
         if publisher is None:
             await pub.start()
             exits.push_async_callback(pub.aclose)
-        running = await exits.enter_async_context(serve(app, max_frame_bytes=config.max_frame_bytes))
+        running = await exits.enter_async_context(
+            serve(
+                app,
+                max_frame_bytes=config.max_frame_bytes,
+                grace_s=config.drain_grace_s,
+                ws_ping_interval=ws_ping_interval,
+            )
+        )
         yield Stack(running, provider, litellm, writer)

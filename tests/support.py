@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import uvicorn
 from openai import AsyncOpenAI
 from starlette.applications import Starlette
+
+from sidecar.server import DrainingServer, config_for
 
 CHUNK_BYTES = 4800  # 100 ms of 24 kHz PCM16
 
@@ -32,7 +33,7 @@ class Running:
 
     app: Starlette
     port: int
-    server: uvicorn.Server
+    server: DrainingServer
 
     @property
     def http(self) -> str:
@@ -48,24 +49,29 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def serve(app: Starlette, *, max_frame_bytes: int = 4 * 1024 * 1024) -> AsyncIterator[Running]:
-    """Serve `app` until the block exits; the lifespan runs first, shutdown waits for sessions."""
+async def serve(
+    app: Starlette,
+    *,
+    max_frame_bytes: int = 4 * 1024 * 1024,
+    grace_s: float = 5.0,
+    ws_ping_interval: float | None = 20.0,
+) -> AsyncIterator[Running]:
+    """Serve `app` until the block exits; the lifespan runs first; leaving the block drains like SIGTERM."""
     sock = bound_socket()
-    config = uvicorn.Config(
+    config = config_for(
         app,
-        ws="websockets-sansio",
-        ws_max_size=max_frame_bytes,
-        ws_per_message_deflate=False,
-        lifespan="on",
+        host="127.0.0.1",
+        port=0,
+        max_frame_bytes=max_frame_bytes,
         log_level="warning",
-        timeout_graceful_shutdown=5,
+        ws_ping_interval=ws_ping_interval,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app=app, grace_s=grace_s)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         yield Running(app, sock.getsockname()[1], server)
     finally:
-        server.should_exit = True
+        server.begin_drain()
         await task
         sock.close()
 

@@ -167,6 +167,11 @@ class BillingWriter:
         self._insert = postgresql.insert if is_pg else sqlite.insert
         self._unnest = _pg_insert_events() if is_pg else None
 
+    @property
+    def engine(self) -> Engine:
+        """The billing database engine."""
+        return self._engine
+
     def write(self, events: Sequence[UsageEvent], *, now: datetime) -> int:
         """Store the events not stored yet and update their sessions' usage rows; return how many were new.
 

@@ -1,0 +1,597 @@
+"""In-flight control: live sessions across replicas, concurrency leases, re-checks, budgets, revocation, drain.
+
+    Supervisor (one task per replica)
+      every 0.25 s  poll each relay: idle/length limits, checkpoints; budgets of budgeted keys and teams
+      every 1 s     heartbeat: this replica's sessions (and their running costs) into the shared store
+      every key_recheck_s  re-check each live key once against LiteLLM (by hash, with the master key)
+      always        control messages (revocations, terminations) from every replica
+
+The shared state lives behind `ControlStore`: `RedisStore` (replicas share one Redis: a registry hash with
+expiry, a lease sorted set per key, running costs per budget scope, billed-spend counters per budget window,
+pub/sub on `realtime:control`) or `MemoryStore` (embedded mode: one process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Final, Protocol
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from sidecar.auth import KeyChecker, Principal, authorize
+from sidecar.errors import (
+    BudgetExceeded,
+    ConcurrencyLimit,
+    InvalidApiKey,
+    KeyBlocked,
+    KeyCheckError,
+    ModelNotAllowed,
+    ServiceUnavailable,
+    SidecarError,
+)
+from sidecar.metrics import Metrics
+from sidecar.relay import Relay
+
+log = logging.getLogger("sidecar.control")
+
+POLL_S: Final = 0.25
+HEARTBEAT_S: Final = 1.0
+LEASE_TTL_S: Final = 5.0  # a dead replica's sessions disappear from the registry after this long
+BILLED_TTL_S: Final = 40 * 86400  # billed-spend counters without a budget window expire after 40 days
+
+
+class ControlError(SidecarError):
+    """The shared control store failed (Redis unreachable)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """One live session as `GET /admin/sessions` lists it (no secrets)."""
+
+    session_id: str
+    replica: str
+    key_hash: str
+    key_alias: str
+    user_id: str
+    team_id: str
+    model: str
+    started_at: str
+    audio_seconds: str
+    cost_usd: str
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+
+def scopes_of(principal: Principal) -> list[tuple[str, Decimal]]:
+    """The budget scopes of a principal with a max budget: ("key:<hash>", max) and ("team:<id>", max)."""
+    found: list[tuple[str, Decimal]] = []
+    if principal.max_budget is not None:
+        found.append((f"key:{principal.key_hash}", principal.max_budget))
+    if principal.team_id and principal.team_max_budget is not None:
+        found.append((f"team:{principal.team_id}", principal.team_max_budget))
+    return found
+
+
+def window_of(principal: Principal, scope: str) -> str:
+    """The budget window a billed-spend counter belongs to (LiteLLM resets spend at budget_reset_at)."""
+    reset = principal.budget_reset_at if scope.startswith("key:") else principal.team_budget_reset_at
+    return reset or "all"
+
+
+class ControlStore(Protocol):
+    """Shared state across replicas."""
+
+    async def acquire(self, key_hash: str, session_id: str, *, limit: int, now: float) -> bool: ...
+    async def release(self, key_hash: str, session_id: str) -> None: ...
+    async def heartbeat(
+        self, infos: Sequence[SessionInfo], costs: Mapping[str, Mapping[str, Decimal]], *, now: float
+    ) -> None: ...
+    async def sessions(self, *, now: float) -> list[SessionInfo]: ...
+    async def live_costs(self, scope: str, *, now: float) -> dict[str, Decimal]: ...
+    async def add_billed(self, scope: str, window: str, amount: Decimal) -> None: ...
+    async def billed(self, scope: str, window: str) -> Decimal: ...
+    async def publish(self, message: dict[str, str]) -> None: ...
+    def messages(self) -> AsyncIterator[dict[str, str]]: ...
+    async def ping(self) -> bool: ...
+
+
+class MemoryStore:
+    """ControlStore for one process (embedded mode)."""
+
+    def __init__(self) -> None:
+        self._leases: dict[str, dict[str, float]] = defaultdict(dict)
+        self._sessions: dict[str, tuple[float, SessionInfo]] = {}
+        self._costs: dict[str, dict[str, tuple[float, Decimal]]] = defaultdict(dict)
+        self._billed: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+        self._queue: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+
+    async def acquire(self, key_hash: str, session_id: str, *, limit: int, now: float) -> bool:
+        leases = self._leases[key_hash]
+        for sid, expires in list(leases.items()):
+            if expires <= now:
+                del leases[sid]
+        if len(leases) >= limit:
+            return False
+        leases[session_id] = now + LEASE_TTL_S
+        return True
+
+    async def release(self, key_hash: str, session_id: str) -> None:
+        self._leases[key_hash].pop(session_id, None)
+        self._sessions.pop(session_id, None)
+        for costs in self._costs.values():
+            costs.pop(session_id, None)
+
+    async def heartbeat(
+        self, infos: Sequence[SessionInfo], costs: Mapping[str, Mapping[str, Decimal]], *, now: float
+    ) -> None:
+        expires = now + LEASE_TTL_S
+        for info in infos:
+            self._sessions[info.session_id] = (expires, info)
+            if info.session_id in self._leases[info.key_hash]:
+                self._leases[info.key_hash][info.session_id] = expires
+        for scope, by_session in costs.items():
+            for sid, cost in by_session.items():
+                self._costs[scope][sid] = (expires, cost)
+
+    async def sessions(self, *, now: float) -> list[SessionInfo]:
+        return [info for expires, info in self._sessions.values() if expires > now]
+
+    async def live_costs(self, scope: str, *, now: float) -> dict[str, Decimal]:
+        return {sid: cost for sid, (expires, cost) in self._costs[scope].items() if expires > now}
+
+    async def add_billed(self, scope: str, window: str, amount: Decimal) -> None:
+        self._billed[(scope, window)] += amount
+
+    async def billed(self, scope: str, window: str) -> Decimal:
+        return self._billed[(scope, window)]
+
+    async def publish(self, message: dict[str, str]) -> None:
+        self._queue.put_nowait(message)
+
+    async def messages(self) -> AsyncIterator[dict[str, str]]:
+        while True:
+            yield await self._queue.get()
+
+    async def ping(self) -> bool:
+        return True
+
+
+# Acquire a lease if the key holds fewer than ARGV[1] live ones: drop expired leases, count, add.
+_ACQUIRE: Final = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
+redis.call('EXPIRE', KEYS[1], 3600)
+return 1
+"""
+
+
+class RedisStore:
+    """ControlStore over one Redis shared by every replica. Times are wall-clock seconds (`now`)."""
+
+    def __init__(self, redis: aioredis.Redis, *, channel: str = "realtime:control", prefix: str = "realtime") -> None:
+        self._redis = redis
+        self._channel = channel
+        self._prefix = prefix
+        self._acquire = redis.register_script(_ACQUIRE)
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self._prefix, *parts))
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except (RedisError, OSError) as exc:
+            raise ControlError(f"control store unreachable ({type(exc).__name__})") from exc
+
+    async def acquire(self, key_hash: str, session_id: str, *, limit: int, now: float) -> bool:
+        result = await self._call(
+            self._acquire(keys=[self._k("leases", key_hash)], args=[limit, now + LEASE_TTL_S, now, session_id])
+        )
+        return bool(result)
+
+    async def release(self, key_hash: str, session_id: str) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zrem(self._k("leases", key_hash), session_id)
+        pipe.hdel(self._k("sessions"), session_id)
+        await self._call(pipe.execute())
+
+    async def heartbeat(
+        self, infos: Sequence[SessionInfo], costs: Mapping[str, Mapping[str, Decimal]], *, now: float
+    ) -> None:
+        if not infos:
+            return
+        expires = now + LEASE_TTL_S
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hset(
+            self._k("sessions"),
+            mapping={i.session_id: f"{expires} ".encode() + i.to_json() for i in infos},
+        )
+        for info in infos:
+            pipe.zadd(self._k("leases", info.key_hash), {info.session_id: expires}, xx=True)
+        for scope, by_session in costs.items():
+            key = self._k("cost", scope)
+            pipe.hset(key, mapping={sid: f"{expires} {cost}" for sid, cost in by_session.items()})
+            pipe.expire(key, 3600)
+        await self._call(pipe.execute())
+
+    async def sessions(self, *, now: float) -> list[SessionInfo]:
+        raw: dict[bytes, bytes] = await self._call(self._redis.hgetall(self._k("sessions")))
+        live: list[SessionInfo] = []
+        stale: list[bytes] = []
+        for sid, value in raw.items():
+            expires, _, body = value.partition(b" ")
+            if float(expires) > now:
+                live.append(SessionInfo(**orjson.loads(body)))
+            else:
+                stale.append(sid)
+        if stale:
+            await self._call(self._redis.hdel(self._k("sessions"), *stale))
+        return live
+
+    async def live_costs(self, scope: str, *, now: float) -> dict[str, Decimal]:
+        raw: dict[bytes, bytes] = await self._call(self._redis.hgetall(self._k("cost", scope)))
+        out: dict[str, Decimal] = {}
+        for sid, value in raw.items():
+            expires, _, cost = value.decode().partition(" ")
+            if float(expires) > now:
+                out[sid.decode()] = Decimal(cost)
+        return out
+
+    async def add_billed(self, scope: str, window: str, amount: Decimal) -> None:
+        key = self._k("billed", scope, window)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.incrbyfloat(key, float(amount))
+        pipe.expire(key, BILLED_TTL_S)
+        await self._call(pipe.execute())
+
+    async def billed(self, scope: str, window: str) -> Decimal:
+        raw = await self._call(self._redis.get(self._k("billed", scope, window)))
+        return Decimal(raw.decode()) if raw else Decimal(0)
+
+    async def publish(self, message: dict[str, str]) -> None:
+        await self._call(self._redis.publish(self._channel, orjson.dumps(message)))
+
+    async def messages(self) -> AsyncIterator[dict[str, str]]:
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(self._channel)
+        try:
+            async for item in pubsub.listen():
+                if item.get("type") != "message":
+                    continue
+                with contextlib.suppress(orjson.JSONDecodeError, TypeError):
+                    message = orjson.loads(item["data"])
+                    if isinstance(message, dict):
+                        yield {str(k): str(v) for k, v in message.items()}
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except (RedisError, OSError):
+            return False
+
+
+@dataclass
+class _Live:
+    relay: Relay
+    folded: Any
+    cost: Decimal = Decimal(0)
+
+
+class Supervisor:
+    """Watches every live session of this replica and applies control from every replica."""
+
+    def __init__(
+        self,
+        *,
+        store: ControlStore,
+        checker: KeyChecker,
+        metrics: Metrics,
+        replica: str,
+        key_recheck_s: float,
+        max_sessions: int,
+        max_sessions_per_key: int,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.checker = checker
+        self.metrics = metrics
+        self.replica = replica
+        self.key_recheck_s = key_recheck_s
+        self.max_sessions = max_sessions
+        self.max_sessions_per_key = max_sessions_per_key
+        self.wall = wall
+        self.live: dict[str, _Live] = {}
+        self.principals: dict[str, Principal] = {}
+        self.draining = False
+        self._static: dict[str, Decimal] = {}  # scope -> LiteLLM spend + realtime billed in window
+        self._remote: dict[str, Decimal] = {}  # scope -> running cost of this scope's sessions elsewhere
+        self._polled = asyncio.Event()
+        self._changed = asyncio.Event()  # set whenever a session is detached
+
+    # ---- admission ------------------------------------------------------------------------------
+
+    async def admit(self, principal: Principal, session_id: str) -> None:
+        """Take a concurrency lease and check budgets. Raises ConcurrencyLimit or BudgetExceeded."""
+        if self.draining:
+            raise ServiceUnavailable("The server is draining; reconnect to another replica.")
+        if len(self.live) >= self.max_sessions:
+            raise ConcurrencyLimit("This replica holds its maximum of live sessions.")
+        if principal.is_master:
+            return
+        limit = principal.max_parallel_requests or self.max_sessions_per_key
+        try:
+            if not await self.store.acquire(principal.key_hash, session_id, limit=limit, now=self.wall()):
+                raise ConcurrencyLimit(f"The API key already holds its maximum of {limit} live sessions.")
+            for scope, max_budget in scopes_of(principal):
+                spent = await self._scope_total(principal, scope)
+                if spent >= max_budget:
+                    await self.store.release(principal.key_hash, session_id)
+                    raise BudgetExceeded("The API key's budget is exceeded.")
+        except ControlError as exc:
+            log.warning("control store unavailable at admission; admitting", extra={"reason": str(exc)})
+
+    async def release(self, principal: Principal, session_id: str) -> None:
+        """Give back a lease taken by `admit` for a session that never started."""
+        if principal.is_master:
+            return
+        try:
+            await self.store.release(principal.key_hash, session_id)
+        except ControlError as exc:
+            log.warning("control store unavailable at release", extra={"reason": str(exc)})
+
+    async def _scope_total(self, principal: Principal, scope: str) -> Decimal:
+        spend = principal.spend if scope.startswith("key:") else principal.team_spend
+        billed = await self.store.billed(scope, window_of(principal, scope))
+        self._static[scope] = spend + billed
+        live = await self.store.live_costs(scope, now=self.wall())
+        return spend + billed + sum(live.values(), Decimal(0))
+
+    def attach(self, relay: Relay) -> None:
+        """Start watching a relay (after the upgrade)."""
+        principal = relay.session.principal
+        self.principals.setdefault(principal.key_hash, principal)
+        self.live[relay.session.session_id] = _Live(relay, self.metrics.new_fold())
+
+    async def detach(self, relay: Relay) -> None:
+        """Stop watching a finished relay: release its lease, count its spend in its budget windows."""
+        entry = self.live.pop(relay.session.session_id, None)
+        self._changed.set()
+        if entry is not None:
+            self.metrics.fold(relay, entry.folded)
+        principal = relay.session.principal
+        self.metrics.sessions.labels(relay.close_reason or "unknown").inc()
+        figures = relay.session.meter.snapshot()
+        self.metrics.audio_seconds.inc(float(figures.audio_seconds))
+        if principal.is_master:
+            return
+        try:
+            await self.store.release(principal.key_hash, relay.session.session_id)
+            fresh = self.principals.get(principal.key_hash, principal)
+            for scope, _ in scopes_of(fresh):
+                if figures.cost_usd:
+                    await self.store.add_billed(scope, window_of(fresh, scope), figures.cost_usd)
+        except ControlError as exc:
+            log.warning("control store unavailable at session end", extra={"reason": str(exc)})
+        if not any(e.relay.session.principal.key_hash == principal.key_hash for e in self.live.values()):
+            self.principals.pop(principal.key_hash, None)
+
+    # ---- control messages -----------------------------------------------------------------------
+
+    async def revoke(self, **match: str) -> None:
+        """Publish a revocation ({key_hash | team_id | user_id}) to every replica."""
+        await self.store.publish({"action": "revoke", **match})
+
+    async def terminate(self, session_id: str) -> None:
+        """Publish a termination of one session to every replica."""
+        await self.store.publish({"action": "terminate", "session_id": session_id})
+
+    def apply(self, message: Mapping[str, str]) -> int:
+        """Apply one control message to this replica's sessions; returns how many were ended."""
+        action = message.get("action")
+        if action == "terminate":
+            entry = self.live.get(message.get("session_id", ""))
+            if entry is None:
+                return 0
+            entry.relay.end("session_terminated")
+            self.metrics.revocations.labels("session_terminated").inc()
+            return 1
+        if action != "revoke":
+            return 0
+        ended = 0
+        for entry in list(self.live.values()):
+            p = entry.relay.session.principal
+            if any(message.get(f) and message.get(f) == getattr(p, f) for f in ("key_hash", "team_id", "user_id")):
+                entry.relay.end("key_revoked")
+                ended += 1
+        if message.get("key_hash"):
+            self.checker.forget(message["key_hash"])
+        self.metrics.revocations.labels("key_revoked").inc(ended)
+        return ended
+
+    # ---- the loops --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Poll, heartbeat, re-check and listen until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._poll_loop())
+            group.create_task(self._listen_loop())
+            group.create_task(self._periodic(HEARTBEAT_S, self.heartbeat))
+            group.create_task(self._periodic(self.key_recheck_s, self.recheck))
+
+    async def next_poll(self) -> None:
+        """Wait until the next poll cycle has run (tests use it instead of sleeping)."""
+        self._polled.clear()
+        await self._polled.wait()
+
+    async def _poll_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(POLL_S)
+            self.poll(loop.time())
+
+    def poll(self, now: float) -> None:
+        """Limits, checkpoints and in-flight budgets for every local session."""
+        by_scope: dict[str, list[_Live]] = defaultdict(list)
+        for entry in self.live.values():
+            relay = entry.relay
+            relay.poll(now)
+            p = self.principals.get(relay.session.principal.key_hash, relay.session.principal)
+            scopes = scopes_of(p) if not p.is_master else []
+            if scopes:
+                entry.cost = relay.session.meter.cost()
+                for scope, _ in scopes:
+                    by_scope[scope].append(entry)
+        for scope, entries in by_scope.items():
+            self._enforce(scope, entries)
+        self._polled.set()
+
+    def _enforce(self, scope: str, entries: list[_Live]) -> None:
+        principal = self.principals.get(entries[0].relay.session.principal.key_hash)
+        if principal is None:
+            return
+        max_budget = dict(scopes_of(principal)).get(scope)
+        if max_budget is None:
+            return
+        total = self._static.get(scope, Decimal(0)) + self._remote.get(scope, Decimal(0))
+        total += sum((e.cost for e in entries), Decimal(0))
+        if total >= max_budget:
+            for entry in entries:
+                if not entry.relay.ended:
+                    entry.relay.end("budget_exceeded")
+                    self.metrics.revocations.labels("budget_exceeded").inc()
+
+    async def _listen_loop(self) -> None:
+        while True:
+            try:
+                async for message in self.store.messages():
+                    self.apply(message)
+            except ControlError as exc:
+                log.warning("control channel lost; resubscribing", extra={"reason": str(exc)})
+            except (RedisError, OSError) as exc:
+                log.warning("control channel lost; resubscribing", extra={"reason": type(exc).__name__})
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def _periodic(self, period: float, step: Callable[[], Any]) -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await step()
+            except ControlError as exc:
+                log.warning("control store unavailable", extra={"reason": str(exc)})
+
+    def _info(self, session_id: str, relay: Relay) -> SessionInfo:
+        figures = relay.session.meter.snapshot()
+        p = relay.session.principal
+        return SessionInfo(
+            session_id=session_id,
+            replica=self.replica,
+            key_hash=p.key_hash,
+            key_alias=p.key_alias,
+            user_id=p.user_id,
+            team_id=p.team_id,
+            model=relay.session.model.name,
+            started_at=relay.session.started_at.isoformat(),
+            audio_seconds=str(figures.audio_seconds),
+            cost_usd=str(figures.cost_usd),
+        )
+
+    async def register(self, relay: Relay) -> None:
+        """Put a new session in the shared registry at once (not only at the next heartbeat)."""
+        try:
+            await self.store.heartbeat([self._info(relay.session.session_id, relay)], {}, now=self.wall())
+        except ControlError as exc:
+            log.warning("control store unavailable at registration", extra={"reason": str(exc)})
+
+    async def heartbeat(self) -> None:
+        """Publish this replica's sessions and running costs; read other replicas' costs per budget scope."""
+        now = self.wall()
+        infos: list[SessionInfo] = []
+        costs: dict[str, dict[str, Decimal]] = defaultdict(dict)
+        for sid, entry in self.live.items():
+            relay = entry.relay
+            self.metrics.fold(relay, entry.folded)
+            info = self._info(sid, relay)
+            infos.append(info)
+            p = relay.session.principal
+            for scope, _ in scopes_of(self.principals.get(p.key_hash, p)) if not p.is_master else []:
+                costs[scope][sid] = Decimal(info.cost_usd)
+        await self.store.heartbeat(infos, costs, now=now)
+        for scope in costs:
+            remote = await self.store.live_costs(scope, now=now)
+            self._remote[scope] = sum((c for sid, c in remote.items() if sid not in self.live), Decimal(0))
+
+    async def recheck(self) -> None:
+        """Re-check each live key once against LiteLLM; end the sessions of keys that lost access."""
+        now = datetime.now(UTC)
+        for key_hash in {e.relay.session.principal.key_hash for e in self.live.values()}:
+            sample = next(e.relay for e in self.live.values() if e.relay.session.principal.key_hash == key_hash)
+            if sample.session.principal.is_master:
+                continue
+            try:
+                principal = await self.checker.lookup(key_hash, fresh=True)
+                authorize(principal, sample.session.model.name, now=now)
+            except KeyCheckError:
+                self.metrics.key_check_failures.inc()
+                continue
+            except (InvalidApiKey, KeyBlocked, ModelNotAllowed):
+                self._end_key(key_hash, "key_revoked")
+                continue
+            except BudgetExceeded:
+                self._end_key(key_hash, "budget_exceeded")
+                continue
+            self.principals[key_hash] = principal
+            for scope, _ in scopes_of(principal):
+                billed = await self.store.billed(scope, window_of(principal, scope))
+                spend = principal.spend if scope.startswith("key:") else principal.team_spend
+                self._static[scope] = spend + billed
+
+    def _end_key(self, key_hash: str, code: str) -> None:
+        for entry in self.live.values():
+            if entry.relay.session.principal.key_hash == key_hash and not entry.relay.ended:
+                entry.relay.end(code)
+                self.metrics.revocations.labels(code).inc()
+
+    # ---- drain ------------------------------------------------------------------------------------
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new sessions, give live ones `grace_s` to finish, then end them (1001) and wait for them."""
+        self.draining = True
+        self.metrics.draining.set(1)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self.live and loop.time() < deadline:
+            await self._next_change(deadline - loop.time())
+        for entry in list(self.live.values()):
+            entry.relay.end("server_shutdown")
+        await self.live_empty()
+
+    async def live_empty(self) -> None:
+        """Wait until no session is live on this replica (each one billed and detached)."""
+        while self.live:
+            await self._next_change(None)
+
+    async def _next_change(self, timeout_s: float | None) -> None:
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._changed.wait()
+
+
+def matching(infos: Iterable[SessionInfo], **match: str) -> list[SessionInfo]:
+    """The sessions whose fields equal every given value."""
+    return [i for i in infos if all(getattr(i, k) == v for k, v in match.items())]

@@ -1,0 +1,68 @@
+"""The uvicorn server with a graceful drain (CONTRACT.md: close 1001 `server_shutdown`).
+
+The first SIGTERM (or SIGINT) does not stop the server at once: readiness fails and new sessions are
+refused, live sessions get `drain_grace_s` to finish, then the rest are ended with 1001 and billed, and
+only then does uvicorn shut down. A second signal shuts down at once (sessions are still billed: each
+relay submits its final usage event on its way out, and the lifespan flushes the publisher).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from types import FrameType
+
+import uvicorn
+from starlette.applications import Starlette
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first exit signal drains the sidecar's sessions first."""
+
+    def __init__(self, config: uvicorn.Config, *, app: Starlette, grace_s: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._grace_s = grace_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_task is None and not self.should_exit and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.begin_drain)
+            return
+        super().handle_exit(sig, frame)
+
+    def begin_drain(self) -> None:
+        """Start draining (idempotent); the server exits when the drain is over."""
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self.drain())
+
+    async def drain(self) -> None:
+        """Drain the app's sessions, then let uvicorn shut down."""
+        services = getattr(self._app.state, "services", None)
+        try:
+            if services is not None:
+                await services.supervisor.drain(self._grace_s)
+        finally:
+            self.should_exit = True
+
+
+def config_for(app: Starlette, *, host: str, port: int, max_frame_bytes: int, **options: object) -> uvicorn.Config:
+    """The uvicorn settings the sidecar runs with (measured choices: see docs/performance.md)."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        ws="websockets-sansio",
+        ws_max_size=max_frame_bytes,
+        ws_per_message_deflate=False,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        **options,  # type: ignore[arg-type]
+    )
