@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint typecheck unit run bench clean
+.PHONY: venv test lint typecheck unit run bench chart clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,9 @@ test: lint typecheck unit
 # Starts the fake provider and the sidecar on examples/config.yaml (no provider account needed).
 run: venv
 	$(BIN)/python -m sidecar.testing.devstack
+
+chart: venv
+	scripts/ensure-helm.sh >/dev/null && $(BIN)/pytest -q tests/test_chart.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -304,3 +304,46 @@ async def test_sessions_run_concurrently_on_both_replicas(tmp_path: Path, redis_
 
         results = await asyncio.gather(*(one(s) for s in (pair.a, pair.b) for _ in range(4)))
         assert len(results) == 8 and all(results)
+
+
+async def test_readyz_fails_when_redis_is_unreachable(tmp_path: Path) -> None:
+    """/readyz answers 503 when the shared Redis cannot be reached; /healthz still answers 200."""
+    dead = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+    async with stack(tmp_path, redis=dead) as s, httpx.AsyncClient(base_url=s.sidecar.http) as http:
+        ready = await http.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "redis unreachable"
+        assert (await http.get("/healthz")).status_code == 200
+    await dead.aclose()
+
+
+async def test_logs_are_json_with_session_and_key_hash_never_the_key(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The session's log line carries session_id and key_hash; no record contains the raw key."""
+    import logging
+
+    from sidecar.logs import JsonFormatter
+
+    caplog.set_level(logging.INFO)
+    async with stack(tmp_path) as s:
+        ws = await open_ws(s)
+        await ws.close()
+        await s.sidecar.app.state.services.supervisor.live_empty()
+    lines = [JsonFormatter().format(r) for r in caplog.records]
+    ended = [orjson.loads(line) for line in lines if "session ended" in line]
+    assert ended and ended[0]["key_hash"] == hash_key(USER_KEY) and ended[0]["session_id"].startswith("rs_")
+    assert all(USER_KEY not in line for line in lines)
+
+
+async def test_team_budget_ends_the_teams_sessions(
+    tmp_path: Path, redis_url: str, unique: str, speech_pcm16: bytes
+) -> None:
+    """A team whose budget is spent by a member's live session ends it with 4002 (budget_exceeded)."""
+    async with replicas(tmp_path, redis_url, unique) as pair:
+        pair.litellm.add_key("sk-member", team_id="team-9")
+        pair.litellm.teams["team-9"] = {"max_budget": float(PRICE), "spend": 0.0, "models": []}
+        ws = await open_ws(pair.b, "sk-member")
+        for part in list(chunks(speech_pcm16))[:20]:
+            await ws.send(orjson.dumps({"type": "input_audio_buffer.append", "audio": part}).decode())
+        last, code = await ending_of(ws)
+        assert (last["error"]["code"], code) == ("budget_exceeded", 4002)

