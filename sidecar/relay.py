@@ -152,7 +152,9 @@ class Relay:
                 code = message.get("code", 1000)
                 if self.close_reason:  # the sidecar or the upstream ended it; this is the echo
                     return
-                self.close_reason = "client_abort" if _aborted(message) else "client_close"
+                self.close_reason = (
+                    "client_abort" if _aborted(message) else "frame_too_large" if code == 1009 else "client_close"
+                )
                 with contextlib.suppress(Exception):
                     await self.upstream.close(sendable(code))
                 return

@@ -75,10 +75,8 @@ class UsageEvent:
 
     def to_fields(self) -> dict[str, str]:
         """The stream entry: a flat map of strings, in the contract's field order."""
-        out: dict[str, str] = {}
-        for name, value in asdict(self).items():
-            out[name] = _encode(value)
-        return out
+        values = asdict(self)
+        return {name: _encode(values[name]) for name in FIELD_ORDER}
 
     @classmethod
     def from_fields(cls, raw: dict[bytes, bytes] | dict[str, str]) -> UsageEvent:
@@ -105,6 +103,12 @@ class UsageEvent:
         return cls(**values)  # type: ignore[arg-type]
 
 
+# CONTRACT.md's field order for a stream entry.
+FIELD_ORDER: Final = (
+    "event_id", "schema", "type", "session_id", "seq", "key_hash", "key_alias", "user_id", "team_id", "model",
+    "provider_model", "kind", "unit", "quantity", "audio_seconds", "audio_bytes", "input_tokens", "output_tokens",
+    "cost_usd", "started_at", "ended_at", "close_reason", "upstream_usage",
+)  # fmt: skip
 _OPTIONAL: Final = frozenset({"ended_at", "close_reason", "upstream_usage"})
 _INTS: Final = frozenset({"seq", "audio_bytes", "input_tokens", "output_tokens"})
 _DECIMALS: Final = frozenset({"quantity", "audio_seconds", "cost_usd"})

@@ -225,6 +225,9 @@ async def test_frame_over_the_limit_closes_with_1009(tmp_path: Path) -> None:
                     await ws.recv()
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
         await s.provider.sessions[0].closed.wait()
+        await s.sidecar.app.state.services.supervisor.live_empty()
+        await s.sidecar.app.state.services.publisher.settled()
+        assert [(r.status, r.close_reason) for r in s.rows()] == [("final", "frame_too_large")]
 
 
 async def test_upstream_drop_closes_client_with_1011(tmp_path: Path, speech_pcm16: bytes) -> None:
