@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import socket
 import time
 import uuid
@@ -25,14 +26,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from sidecar import admin
+from sidecar import admin, captions, client_secrets
 from sidecar.auth import KeyChecker, Principal, authorize, credentials
+from sidecar.billing.writer import BillingWriter
 from sidecar.catalog import Catalog, Deployment, RealtimeModel, describe, load_catalog
+from sidecar.client_secrets import ClientSecrets, Grant, MemoryClaims, RedisClaims, Signer, is_client_secret
 from sidecar.config import Settings
 from sidecar.control import ControlStore, MemoryStore, RedisStore, Supervisor
 from sidecar.errors import InvalidApiKey, KeyCheckError, ModelNotFound, Refusal, ServiceUnavailable, UpstreamError
 from sidecar.metering import SessionMeter
 from sidecar.metrics import CONTENT_TYPE_LATEST, Metrics
+from sidecar.pinning import Pin
 from sidecar.publisher import UsagePublisher
 from sidecar.relay import Relay
 from sidecar.session import Session
@@ -54,6 +58,7 @@ class Services:
     supervisor: Supervisor
     store: ControlStore
     metrics: Metrics
+    client_secrets: ClientSecrets
 
 
 def create_app(
@@ -124,6 +129,7 @@ def create_app(
                 supervisor=supervisor,
                 store=store,
                 metrics=metrics,
+                client_secrets=_client_secrets(settings, shared),
             )
             watcher = asyncio.create_task(supervisor.run(), name="supervisor")
             try:
@@ -142,13 +148,28 @@ def create_app(
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
         *admin.routes(),
+        *client_secrets.routes(),
+        *captions.routes(settings),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _client_secrets(settings: Settings, redis: aioredis.Redis | None) -> ClientSecrets:
+    """Claims in Redis when replicas share one, else in memory. Without SIDECAR_CLIENT_SECRET_KEY, embedded mode
+    (one process) signs with a random key and Redis mode (several replicas) refuses to mint."""
+    key = settings.client_secret_key
+    if key is None and redis is None:
+        key = secrets.token_urlsafe(32)
+    return ClientSecrets(
+        signer=Signer(key) if key is not None else None,
+        claims=RedisClaims(redis, prefix=settings.control_prefix) if redis is not None else MemoryClaims(),
+    )
 
 
 @asynccontextmanager
 async def _default_publisher(settings: Settings, redis: aioredis.Redis | None) -> AsyncIterator[UsagePublisher]:
     """Redis when SIDECAR_REDIS_URL is set, else the embedded writer straight into the billing DB."""
+    from sidecar.billing.writer import make_engine, upgrade
     from sidecar.publisher import EmbeddedPublisher, RedisPublisher
     from sidecar.spool import Spool
 
@@ -157,18 +178,33 @@ async def _default_publisher(settings: Settings, redis: aioredis.Redis | None) -
     if redis is not None:
         pub = RedisPublisher(redis, stream=settings.usage_stream, spool=spool)
     else:
-        from sidecar.billing.writer import BillingWriter, make_engine, upgrade
-
         engine = make_engine(settings.database_url)
         upgrade(engine)
         writer = BillingWriter(engine)
         pub = EmbeddedPublisher(lambda events: writer.write(events, now=datetime.now(UTC)), spool=spool)
     await pub.start()
+    # Embedded mode has no `sidecar consume`: this process closes crashed sessions as `lost` itself.
+    sweeper = None if redis is not None else asyncio.create_task(_sweep_lost(writer, settings.lost_after_s))
     try:
         yield pub
     finally:
+        if sweeper is not None:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
         await pub.aclose()
         spool.close()
+
+
+async def _sweep_lost(writer: BillingWriter, horizon_s: float, *, every_s: float = 5.0) -> None:
+    """Close sessions whose last checkpoint is older than the horizon (a crashed sidecar's), forever."""
+    from sidecar.errors import SidecarError
+
+    while True:
+        try:
+            await asyncio.to_thread(writer.close_lost, now=datetime.now(UTC), horizon_s=horizon_s)
+        except SidecarError as exc:
+            log.warning("lost-session sweep failed", extra={"reason": type(exc).__name__})
+        await asyncio.sleep(every_s)
 
 
 async def models_endpoint(request: Request) -> Response:
@@ -253,17 +289,30 @@ async def _open(websocket: WebSocket, services: Services) -> tuple[Relay, str | 
     creds = credentials(websocket.headers, subprotocols)
     if creds is None:
         raise InvalidApiKey("You didn't provide an API key.")
+    # A client secret (client_secrets.py) stands for the key that minted it, re-checked fresh by hash.
+    grant = services.client_secrets.verify(creds.key) if is_client_secret(creds.key) else None
     try:
-        principal = await services.checker.principal(creds.key)
+        if grant is not None:
+            principal = await services.checker.lookup(grant.key_hash, fresh=True)
+        else:
+            principal = await services.checker.principal(creds.key)
     except KeyCheckError as exc:
         raise ServiceUnavailable("The key service is unavailable; try again.") from exc
-    name, transcription = _model_name(websocket, services.catalog)
+    if grant is not None:
+        name = client_secrets.bound_model(grant, websocket.query_params.get("model"))
+        transcription = grant.transcription
+    else:
+        name, transcription = _model_name(websocket, services.catalog)
     model = services.catalog.resolve(name)
     authorize(principal, model.name, now=datetime.now(UTC))
+    if grant is not None:
+        await services.client_secrets.claim(grant)
     session_id = "rs_" + uuid.uuid4().hex
     await services.supervisor.admit(principal, session_id)
     try:
-        return await _connect(websocket, services, model, principal, session_id, transcription, creds.subprotocol)
+        return await _connect(
+            websocket, services, model, principal, session_id, transcription, creds.subprotocol, grant=grant
+        )
     except BaseException:
         await services.supervisor.release(principal, session_id)
         raise
@@ -277,6 +326,8 @@ async def _connect(
     session_id: str,
     transcription: bool,
     subprotocol: str | None,
+    *,
+    grant: Grant | None = None,
 ) -> tuple[Relay, str | None, str | None]:
     settings = services.settings
     metrics = services.metrics
@@ -302,6 +353,7 @@ async def _connect(
         meter=meter,
         started_at=datetime.now(UTC),
         transcription=transcription,
+        pinned=Pin(grant.session) if grant is not None else None,
     )
     relay = Relay(
         client=websocket,
@@ -313,4 +365,6 @@ async def _connect(
         max_session_s=settings.max_session_s,
     )
     injection = session.model_injection() if connected.target.inject_model else None
+    if grant is not None:  # the bound settings go upstream first (they name the model where one is needed)
+        injection = session.on_client_text(client_secrets.session_update(grant)).upstream
     return relay, subprotocol, injection

@@ -14,8 +14,8 @@ from sidecar.config import Settings
 from sidecar.errors import SidecarError
 
 
-def _settings() -> Settings:
-    return Settings.from_env(os.environ)
+def _settings(*, require_config: bool = True) -> Settings:
+    return Settings.from_env(os.environ, require_config=require_config)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -53,7 +53,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Create the billing tables if they are missing."""
     from sidecar.billing.writer import make_engine, upgrade
 
-    engine = make_engine(_settings().database_url)
+    engine = make_engine(_settings(require_config=False).database_url)
     upgrade(engine)
     print("billing tables ready")
     return 0
@@ -67,7 +67,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
     from sidecar.billing.writer import BillingWriter, make_engine, upgrade
     from sidecar.logs import configure_logging
 
-    settings = _settings()
+    settings = _settings(require_config=False)
     configure_logging()
     if not settings.redis_url:
         print("sidecar consume needs SIDECAR_REDIS_URL (embedded mode bills in-process)", file=sys.stderr)

@@ -32,6 +32,11 @@ DEFAULT_TRANSCRIPTION_MODEL = "gpt-realtime-whisper"
 DEFAULT_USAGE_STREAM = "realtime:usage"
 DEFAULT_CONTROL_CHANNEL = "realtime:control"
 DEFAULT_ROUNDING = "exact"
+DEFAULT_CAPTIONS_PAGE = False
+#: SIDECAR_CLIENT_SECRET_KEY signs client secrets; shorter keys are refused (HMAC-SHA256 wants >= 32 bytes).
+MIN_CLIENT_SECRET_KEY_CHARS = 32
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
 
 
 def _float(environ: Mapping[str, str], name: str, default: float) -> float:
@@ -58,6 +63,16 @@ def _int(environ: Mapping[str, str], name: str, default: int) -> int:
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {raw!r}")
     return value
+
+
+def _bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value not in _TRUE | _FALSE:
+        raise ConfigError(f"{name} must be 1/0, true/false, yes/no or on/off, got {raw!r}")
+    return value in _TRUE
 
 
 def _optional(environ: Mapping[str, str], name: str) -> str | None:
@@ -93,13 +108,23 @@ class Settings:
     control_prefix: str = "realtime"
     rounding: str = DEFAULT_ROUNDING
     rounding_increment: Decimal = Decimal("1")
+    #: Signs client secrets (POST /v1/realtime/client_secrets); every replica needs the same value. Unset:
+    #: embedded mode signs with a random per-process key, Redis mode (several replicas) refuses to mint.
+    client_secret_key: str | None = field(default=None, repr=False)
+    #: Serve the live-captions page and its token endpoint under /captions/ (docs/browser.md).
+    captions_page: bool = DEFAULT_CAPTIONS_PAGE
+    #: The LiteLLM key /captions/token mints client secrets with (required when the page is on).
+    captions_key: str | None = field(default=None, repr=False)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read the `SIDECAR_*` variables. Raises ConfigError for a missing or malformed value."""
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, require_config: bool = True) -> Settings:
+        """Read the `SIDECAR_*` variables. Raises ConfigError for a missing or malformed value.
+
+        `require_config=False` is for the commands that never read the LiteLLM config (consume, db upgrade).
+        """
         env = os.environ if environ is None else environ
         config = _optional(env, "SIDECAR_LITELLM_CONFIG")
-        if config is None:
+        if config is None and require_config:
             raise ConfigError("SIDECAR_LITELLM_CONFIG must name the LiteLLM proxy's config.yaml")
         rounding = env.get("SIDECAR_ROUNDING", DEFAULT_ROUNDING) or DEFAULT_ROUNDING
         if rounding not in ("exact", "up", "nearest"):
@@ -108,8 +133,15 @@ class Settings:
             increment = Decimal(env.get("SIDECAR_ROUNDING_INCREMENT", "1") or "1")
         except ArithmeticError as exc:
             raise ConfigError("SIDECAR_ROUNDING_INCREMENT must be a number") from exc
+        secret_key = _optional(env, "SIDECAR_CLIENT_SECRET_KEY")
+        if secret_key is not None and len(secret_key) < MIN_CLIENT_SECRET_KEY_CHARS:
+            raise ConfigError(f"SIDECAR_CLIENT_SECRET_KEY must be at least {MIN_CLIENT_SECRET_KEY_CHARS} characters")
+        captions_page = _bool(env, "SIDECAR_CAPTIONS_PAGE", DEFAULT_CAPTIONS_PAGE)
+        captions_key = _optional(env, "SIDECAR_CAPTIONS_KEY")
+        if captions_page and captions_key is None:
+            raise ConfigError("SIDECAR_CAPTIONS_PAGE needs SIDECAR_CAPTIONS_KEY (the LiteLLM key captions bill to)")
         return cls(
-            litellm_config=Path(config),
+            litellm_config=Path(config or ""),
             litellm_url=_optional(env, "SIDECAR_LITELLM_URL"),
             redis_url=_optional(env, "SIDECAR_REDIS_URL"),
             database_url=_optional(env, "SIDECAR_DATABASE_URL") or DEFAULT_DATABASE_URL,
@@ -131,6 +163,9 @@ class Settings:
             or DEFAULT_TRANSCRIPTION_MODEL,
             rounding=rounding,
             rounding_increment=increment,
+            client_secret_key=secret_key,
+            captions_page=captions_page,
+            captions_key=captions_key,
         )
 
     def replace(self, **changes: object) -> Settings:

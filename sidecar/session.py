@@ -18,6 +18,7 @@ from sidecar import protocol
 from sidecar.auth import Principal
 from sidecar.catalog import Deployment, RealtimeModel
 from sidecar.metering import SessionMeter, bytes_per_second, input_format
+from sidecar.pinning import Pin
 from sidecar.usage import EventType, UsageEvent
 
 REDACTED: Final = "[redacted]"
@@ -63,6 +64,7 @@ class Session:
         meter: SessionMeter,
         started_at: datetime,
         transcription: bool,
+        pinned: Pin | None = None,
     ) -> None:
         self.session_id = session_id
         self.model = model
@@ -76,6 +78,8 @@ class Session:
         self._upstream_model = deployment.model
         self._secrets = secrets_of(deployment)
         self._hide_model = deployment.model != model.name
+        #: Settings bound by a client secret (pinning.py): session updates may not change them.
+        self.pinned = pinned
 
     # ---- client -> upstream -------------------------------------------------------------------
 
@@ -115,6 +119,16 @@ class Session:
                 protocol.error_event(
                     "model_mismatch",
                     f"This session is for model {self._public}; a session.update may not name another model.",
+                    ref=event.get("event_id"),
+                ),
+            )
+        changed = self.pinned.conflict(session) if self.pinned is not None else None
+        if changed is not None:
+            return Reply(
+                None,
+                protocol.error_event(
+                    "session_pinned",
+                    f"This session's {changed} is fixed by its client secret.",
                     ref=event.get("event_id"),
                 ),
             )
