@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from sidecar.config import Settings
 from sidecar.errors import SidecarError
@@ -19,19 +20,27 @@ def _settings(*, require_config: bool = True) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the relay under uvicorn; the first SIGTERM drains (sessions get their grace, then 1001)."""
-    from sidecar.app import create_app
-    from sidecar.logs import configure_logging
-    from sidecar.server import DrainingServer, config_for
+    """Run the relay under uvicorn (on uvloop); the first SIGTERM drains (sessions get their grace, then 1001)."""
+    from sidecar.server import serve_workers
 
     settings = _settings()
-    configure_logging()
-    app = create_app(settings)
-    config = config_for(
-        app, host=args.host or settings.host, port=args.port or settings.port, max_frame_bytes=settings.max_frame_bytes
-    )
-    asyncio.run(DrainingServer(config, app=app, grace_s=settings.drain_grace_s).serve())
-    return 0
+    host, port = args.host or settings.host, args.port or settings.port
+    workers = args.workers or settings.workers
+
+    def build() -> tuple[Any, Any, float]:
+        from sidecar.app import create_app
+        from sidecar.logs import configure_logging
+        from sidecar.server import config_for
+
+        configure_logging()
+        app = create_app(settings)
+        return (
+            app,
+            config_for(app, host=host, port=port, max_frame_bytes=settings.max_frame_bytes),
+            settings.drain_grace_s,
+        )
+
+    return serve_workers(build, host=host, port=port, workers=workers)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -108,6 +117,7 @@ def parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the relay")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, help="worker processes sharing the port (default SIDECAR_WORKERS, 1)")
     serve.set_defaults(func=cmd_serve)
     consume = sub.add_parser("consume", help="write the usage stream to the billing DB")
     consume.set_defaults(func=cmd_consume)

@@ -90,6 +90,7 @@ class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
+    workers: int = 1
     checkpoint_s: float = DEFAULT_CHECKPOINT_S
     lost_after_s: float = DEFAULT_LOST_AFTER_S
     key_recheck_s: float = DEFAULT_KEY_RECHECK_S
@@ -147,6 +148,7 @@ class Settings:
             database_url=_optional(env, "SIDECAR_DATABASE_URL") or DEFAULT_DATABASE_URL,
             host=_optional(env, "SIDECAR_HOST") or DEFAULT_HOST,
             port=_int(env, "SIDECAR_PORT", DEFAULT_PORT),
+            workers=_int(env, "SIDECAR_WORKERS", 1),
             checkpoint_s=_float(env, "SIDECAR_CHECKPOINT_S", DEFAULT_CHECKPOINT_S),
             lost_after_s=_float(env, "SIDECAR_LOST_AFTER_S", DEFAULT_LOST_AFTER_S),
             key_recheck_s=_float(env, "SIDECAR_KEY_RECHECK_S", DEFAULT_KEY_RECHECK_S),

@@ -9,11 +9,29 @@ relay submits its final usage event on its way out, and the lifespan flushes the
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
+import signal
 import socket
+from collections.abc import Callable, Coroutine
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+
+try:  # uvloop (a uvicorn[standard] dependency) measured faster: see docs/performance.md
+    import uvloop
+
+    def run_loop(main: Coroutine[Any, Any, None]) -> None:
+        """Run `main` on uvloop."""
+        uvloop.run(main)
+
+except ImportError:  # pragma: no cover - uvloop is a dependency; this keeps other platforms working
+
+    def run_loop(main: Coroutine[Any, Any, None]) -> None:
+        """Run `main` on asyncio's default loop."""
+        asyncio.run(main)
 
 
 class DrainingServer(uvicorn.Server):
@@ -66,3 +84,50 @@ def config_for(app: Starlette, *, host: str, port: int, max_frame_bytes: int, **
         timeout_graceful_shutdown=5,
         **options,  # type: ignore[arg-type]
     )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before any worker starts (workers share it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _serve_one(build: Callable[[], tuple[Starlette, uvicorn.Config, float]], sock: socket.socket) -> None:
+    app, config, grace_s = build()
+    run_loop(DrainingServer(config, app=app, grace_s=grace_s).serve(sockets=[sock]))
+
+
+def serve_workers(
+    build: Callable[[], tuple[Starlette, uvicorn.Config, float]], *, host: str, port: int, workers: int
+) -> int:
+    """Serve with `workers` processes sharing one listening socket; returns the exit code.
+
+    `build` runs in each worker (after the fork) and returns the app, its uvicorn config and the drain
+    grace. SIGTERM/SIGINT to this process are passed to every worker, each of which drains its own
+    sessions; this process exits when they all have.
+    """
+    sock = bind(host, port)
+    if workers <= 1:
+        _serve_one(build, sock)
+        return 0
+    context = multiprocessing.get_context("fork")
+    children = [context.Process(target=_serve_one, args=(build, sock), daemon=False) for _ in range(workers)]
+    for child in children:
+        child.start()
+
+    def forward(sig: int, frame: FrameType | None) -> None:
+        for child in children:
+            if child.pid is not None and child.is_alive():
+                os.kill(child.pid, sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for child in children:
+        child.join()
+    sock.close()
+    return max((child.exitcode or 0) for child in children)

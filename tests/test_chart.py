@@ -63,6 +63,21 @@ EMBEDDED: dict[str, Any] = {
 CONSUMER_PROBE: dict[str, Any] = {
     "consumer": {"livenessProbe": {"exec": {"command": ["sidecar", "--help"]}, "periodSeconds": 60}},
 }
+# Over the production values: the captions page on, with its key's Secret and an Ingress behind oauth2-proxy.
+AUTH_ANNOTATIONS = {
+    "nginx.ingress.kubernetes.io/auth-url": "https://oauth2-proxy.example.com/oauth2/auth",
+    "nginx.ingress.kubernetes.io/auth-signin": "https://oauth2-proxy.example.com/oauth2/start?rd=$escaped_request_uri",
+}
+CAPTIONS: dict[str, Any] = {
+    "captions": {
+        "enabled": True,
+        "existingSecret": "realtime-captions-key",
+        "existingSecretKey": "litellm-key",
+        "ingress": {"enabled": True, "annotations": AUTH_ANNOTATIONS},
+    },
+}
+# The variables that carry a secret: never a literal `value`, only a secretKeyRef.
+SECRET_SETTINGS = ("SIDECAR_REDIS_URL", "SIDECAR_DATABASE_URL", "SIDECAR_CLIENT_SECRET_KEY", "SIDECAR_CAPTIONS_KEY")
 
 
 # --- Helm ---------------------------------------------------------------------------------------------
@@ -168,6 +183,12 @@ def production_values() -> dict[str, Any]:
     return values
 
 
+@pytest.fixture(scope="session")
+def captions(helm: Helm, tmp_path_factory: pytest.TempPathFactory) -> Manifests:
+    """The chart rendered with the production values and the captions page on (CAPTIONS)."""
+    return helm.template("-f", str(PRODUCTION), "-f", values_file(tmp_path_factory.mktemp("captions"), CAPTIONS))
+
+
 @pytest.fixture(params=["default", "production"])
 def rendered(request: pytest.FixtureRequest) -> Manifests:
     """Each of the two main renderings in turn."""
@@ -185,15 +206,20 @@ def test_ensure_helm_is_idempotent_and_pinned(helm: Helm) -> None:
     assert helm.run("version", "--template", "{{ .Version }}").stdout.strip() == HELM_VERSION
 
 
-@pytest.mark.parametrize("values", [[], ["-f", str(PRODUCTION)]], ids=["default", "production"])
-def test_helm_lint_strict_passes(helm: Helm, values: list[str]) -> None:
-    """`helm lint --strict` accepts the chart with the default and the production values."""
+@pytest.mark.parametrize("variant", ["default", "production", "captions"])
+def test_helm_lint_strict_passes(helm: Helm, tmp_path: Path, variant: str) -> None:
+    """`helm lint --strict` accepts the chart with the default and the production values (captions on or off)."""
+    values = {
+        "default": [],
+        "production": ["-f", str(PRODUCTION)],
+        "captions": ["-f", str(PRODUCTION), "-f", values_file(tmp_path, CAPTIONS)],
+    }[variant]
     done = helm.run("lint", "--strict", str(CHART), *values)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "0 chart(s) failed" in done.stdout
 
 
-@pytest.mark.parametrize("variant", ["default", "production", "embedded", "consumer-probe"])
+@pytest.mark.parametrize("variant", ["default", "production", "embedded", "consumer-probe", "captions"])
 def test_rendered_objects_match_kubernetes_schemas(helm: Helm, tmp_path: Path, variant: str) -> None:
     """Every object rendered is valid for Kubernetes 1.30 (strict: no unknown or mistyped field)."""
     args = {
@@ -201,6 +227,7 @@ def test_rendered_objects_match_kubernetes_schemas(helm: Helm, tmp_path: Path, v
         "production": ["-f", str(PRODUCTION)],
         "embedded": ["-f", values_file(tmp_path, EMBEDDED)],
         "consumer-probe": ["-f", str(PRODUCTION), "-f", values_file(tmp_path, CONSUMER_PROBE)],
+        "captions": ["-f", str(PRODUCTION), "-f", values_file(tmp_path, CAPTIONS)],
     }[variant]
     manifests = helm.template(*args)
     assert manifests.docs
@@ -290,6 +317,145 @@ def test_ingress_annotations_from_values_win(helm: Helm) -> None:
     assert annotations["nginx.ingress.kubernetes.io/proxy-send-timeout"] == "7200"
     assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "on"
     assert annotations["example.com/team"] == "voice"
+
+
+# --- Browsers: client secrets and the captions page ---------------------------------------------------
+
+
+def route_of(manifests: Manifests, host: str, path: str) -> tuple[str, Any] | None:
+    """(service, port) an Ingress controller sends `path` on `host` to: Kubernetes' rules, longest match wins.
+
+    Prefix matches whole path elements (/v1/realtime matches /v1/realtime/x, not /v1/realtimex); Exact
+    matches only itself and wins over a Prefix of the same length.
+    """
+    elements = [e for e in path.split("/") if e]
+    best: tuple[int, int, str, Any] | None = None
+    for ingress in manifests.all("Ingress"):
+        for rule_host, rule_path, path_type, service, port in ingress_routes(ingress):
+            if rule_host not in (None, host):
+                continue
+            prefix = [e for e in rule_path.split("/") if e]
+            if path_type == "Exact":
+                matched = rule_path == path
+            else:
+                assert path_type == "Prefix", path_type
+                matched = elements[: len(prefix)] == prefix
+            if matched:
+                candidate = (len(rule_path.rstrip("/")), int(path_type == "Exact"), service, port)
+                best = candidate if best is None or candidate[:2] > best[:2] else best
+    return None if best is None else (best[2], best[3])
+
+
+def test_client_secrets_are_routed_by_the_realtime_prefix(production: Manifests) -> None:
+    """POST /v1/realtime/client_secrets reaches the sidecar through the /v1/realtime Prefix path."""
+    assert route_of(production, "api.example.com", "/v1/realtime/client_secrets") == (SIDECAR, "http")
+    assert route_of(production, "api.example.com", "/v1/realtime") == (SIDECAR, "http")
+    assert route_of(production, "api.example.com", "/v1/realtimex") == ("litellm", 4000)
+
+
+def test_client_secret_key_is_a_secret_ref_on_the_sidecar_only(production: Manifests) -> None:
+    """clientSecrets.existingSecret becomes SIDECAR_CLIENT_SECRET_KEY from a secretKeyRef; the consumer has none."""
+    env = env_of(production.one("Deployment", SIDECAR))
+    assert env["SIDECAR_CLIENT_SECRET_KEY"] == {
+        "name": "SIDECAR_CLIENT_SECRET_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "realtime-client-secrets", "key": "key"}},
+    }
+    consumer = env_of(production.one("Deployment", CONSUMER))
+    assert not {"SIDECAR_CLIENT_SECRET_KEY", "SIDECAR_CAPTIONS_PAGE", "SIDECAR_CAPTIONS_KEY"} & set(consumer)
+
+
+def test_captions_are_off_by_default(default: Manifests, production: Manifests) -> None:
+    """SIDECAR_CAPTIONS_PAGE is always rendered, "false" by default, with no key, no signing key, no route."""
+    for manifests in (default, production):
+        env = env_of(manifests.one("Deployment", SIDECAR))
+        assert env["SIDECAR_CAPTIONS_PAGE"] == {"name": "SIDECAR_CAPTIONS_PAGE", "value": "false"}
+        assert "SIDECAR_CAPTIONS_KEY" not in env
+        assert f"{SIDECAR}-captions" not in [i["metadata"]["name"] for i in manifests.all("Ingress")]
+    assert "SIDECAR_CLIENT_SECRET_KEY" not in env_of(default.one("Deployment", SIDECAR))
+    assert route_of(production, "api.example.com", "/captions/token") == ("litellm", 4000)
+
+
+def test_captions_key_is_a_secret_ref_on_the_sidecar_only(captions: Manifests) -> None:
+    """captions.enabled: SIDECAR_CAPTIONS_PAGE "true", SIDECAR_CAPTIONS_KEY from a secretKeyRef, never a value."""
+    env = env_of(captions.one("Deployment", SIDECAR))
+    assert env["SIDECAR_CAPTIONS_PAGE"] == {"name": "SIDECAR_CAPTIONS_PAGE", "value": "true"}
+    for name in ("SIDECAR_CAPTIONS_KEY", "SIDECAR_CLIENT_SECRET_KEY"):
+        assert set(env[name]) == {"name", "valueFrom"}
+        assert set(env[name]["valueFrom"]) == {"secretKeyRef"}
+    assert env["SIDECAR_CAPTIONS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "realtime-captions-key",
+        "key": "litellm-key",
+    }
+    consumer = env_of(captions.one("Deployment", CONSUMER))
+    assert not {"SIDECAR_CLIENT_SECRET_KEY", "SIDECAR_CAPTIONS_PAGE", "SIDECAR_CAPTIONS_KEY"} & set(consumer)
+
+
+def test_captions_ingress_carries_the_operators_auth(captions: Manifests) -> None:
+    """/captions (Prefix) goes to the sidecar in an Ingress of its own, with only the auth annotations given."""
+    ingress = captions.one("Ingress", f"{SIDECAR}-captions")
+    assert ingress_routes(ingress) == [("api.example.com", "/captions", "Prefix", SIDECAR, "http")]
+    assert ingress["metadata"]["annotations"] == AUTH_ANNOTATIONS
+    assert ingress["spec"]["tls"] == [{"secretName": "api-example-com-tls", "hosts": ["api.example.com"]}]
+    for path in ("/captions", "/captions/", "/captions/token", "/captions/captions.js"):
+        assert route_of(captions, "api.example.com", path) == (SIDECAR, "http"), path
+    assert route_of(captions, "api.example.com", "/captionsx") == ("litellm", 4000)
+    realtime = captions.one("Ingress", SIDECAR)["metadata"]["annotations"]
+    assert not set(AUTH_ANNOTATIONS) & set(realtime)
+
+
+def test_captions_ingress_needs_the_page_and_may_skip_the_auth_check(helm: Helm) -> None:
+    """No captions Ingress while the page is off; allowWithoutAuth renders one with no annotations."""
+    off = helm.template("-f", str(PRODUCTION), "--set", "captions.ingress.enabled=true")
+    assert f"{SIDECAR}-captions" not in [i["metadata"]["name"] for i in off.all("Ingress")]
+    trusted = helm.template(
+        "-f",
+        str(PRODUCTION),
+        "--set",
+        "captions.enabled=true",
+        "--set",
+        "captions.existingSecret=realtime-captions-key",
+        "--set",
+        "captions.ingress.enabled=true",
+        "--set",
+        "captions.ingress.allowWithoutAuth=true",
+    )
+    assert "annotations" not in trusted.one("Ingress", f"{SIDECAR}-captions")["metadata"]
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (["--set", "captions.enabled=true"], "captions.enabled needs captions.existingSecret"),
+        (
+            [
+                "--set",
+                "captions.enabled=true",
+                "--set",
+                "captions.existingSecret=k",
+                "--set",
+                "captions.ingress.enabled=true",
+            ],
+            "captions.ingress: the sidecar does not check who calls /captions/token",
+        ),
+        (
+            [
+                "--set",
+                "captions.enabled=true",
+                "--set",
+                "captions.existingSecret=k",
+                "--set",
+                "captions.ingress.enabled=true",
+                "--set-string",
+                "captions.ingress.annotations.nginx\\.ingress\\.kubernetes\\.io/auth-signin=https://sso.example.com",
+            ],
+            "captions.ingress: the sidecar does not check who calls /captions/token",
+        ),
+    ],
+    ids=["page-without-key-secret", "ingress-without-auth", "ingress-signin-only"],
+)
+def test_unprotected_or_keyless_captions_are_refused(helm: Helm, args: list[str], reason: str) -> None:
+    """The captions page without its key's Secret, or its Ingress without an auth annotation, fails to render."""
+    assert reason in helm.refusal(*args)
 
 
 # --- The sidecar Deployment ---------------------------------------------------------------------------
@@ -391,14 +557,24 @@ def test_every_sidecar_setting_is_settable_from_values(helm: Helm, tmp_path: Pat
         "defaultTranscriptionModel": "my-whisper",
         "rounding": "up",
         "roundingIncrement": "0.1",
+        "workers": 2,
     }
-    manifests = helm.template("-f", str(PRODUCTION), "-f", values_file(tmp_path, {"config": config}))
+    values = {
+        "config": config,
+        "clientSecrets": {"existingSecret": "signing", "existingSecretKey": "hmac"},
+        "captions": {"enabled": True, "existingSecret": "captions", "existingSecretKey": "litellm-key"},
+    }
+    manifests = helm.template("-f", str(PRODUCTION), "-f", values_file(tmp_path, values))
     env = env_of(manifests.one("Deployment", SIDECAR))
     assert read <= set(env)
+    assert env["SIDECAR_CLIENT_SECRET_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "signing", "key": "hmac"}}
+    assert env["SIDECAR_CAPTIONS_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "captions", "key": "litellm-key"}}
+    assert env["SIDECAR_CAPTIONS_PAGE"]["value"] == "true"
     assert env["SIDECAR_MAX_FRAME_BYTES"]["value"] == "8388608"
     assert env["SIDECAR_MAX_SESSION_S"]["value"] == "7200"
     assert env["SIDECAR_CHECKPOINT_S"]["value"] == "2.5"
     assert env["SIDECAR_ROUNDING"]["value"] == "up"
+    assert env["SIDECAR_WORKERS"]["value"] == "2"
 
 
 def test_unset_settings_leave_the_sidecar_defaults(default: Manifests) -> None:
@@ -515,14 +691,15 @@ def test_writable_paths_are_empty_dirs(rendered: Manifests) -> None:
 
 
 def test_no_secret_value_is_rendered(production: Manifests) -> None:
-    """Provider keys, the master key and the Redis/database URLs are references; no key-shaped text is rendered."""
+    """Provider keys, the master key, Redis/database URLs, the signing key are references; no key-shaped text."""
     text = yaml.safe_dump_all(production.docs)
     assert not re.search(r"\bsk-[A-Za-z0-9_-]{6,}", text)
     assert not re.search(r"[a-z][a-z0-9+.-]*://[^/@\s]*:[^/@\s]*@", text)
-    plain_settings = re.compile(r"SIDECAR_(?!REDIS_URL$|DATABASE_URL$)")
     for name in (SIDECAR, CONSUMER):
         secret_bearing = [
-            e for e in env_of(production.one("Deployment", name)).values() if not plain_settings.match(e["name"])
+            e
+            for e in env_of(production.one("Deployment", name)).values()
+            if not e["name"].startswith("SIDECAR_") or e["name"] in SECRET_SETTINGS
         ]
         assert secret_bearing
         for entry in secret_bearing:
@@ -602,8 +779,21 @@ def test_embedded_mode_has_no_consumer(helm: Helm, tmp_path: Path) -> None:
         (["--set", "config.rounding=sometimes"], "config.rounding must be one of"),
         (["--set", "config.maxSessions=many"], "config.maxSessions: Invalid type"),
         (["--set", "ingress.paths[0]=v1/realtime"], "ingress.paths.0: Does not match pattern"),
+        (["--set", "clientSecrets.existingSecretKey="], "clientSecrets.existingSecretKey: String length must be"),
+        (["--set", "captions.enabled=yes"], "captions.enabled: Invalid type"),
     ],
-    ids=["consumer-without-redis", "no-database", "no-config", "typo", "zero", "enum", "type", "path"],
+    ids=[
+        "consumer-without-redis",
+        "no-database",
+        "no-config",
+        "typo",
+        "zero",
+        "enum",
+        "type",
+        "path",
+        "empty-secret-key",
+        "captions-not-bool",
+    ],
 )
 def test_inconsistent_values_are_refused(helm: Helm, args: list[str], reason: str) -> None:
     """values.schema.json and the chart's own checks refuse values that could not work, saying why."""

@@ -130,6 +130,7 @@ connectTimeoutS: SIDECAR_CONNECT_TIMEOUT_S
 defaultTranscriptionModel: SIDECAR_DEFAULT_TRANSCRIPTION_MODEL
 rounding: SIDECAR_ROUNDING
 roundingIncrement: SIDECAR_ROUNDING_INCREMENT
+workers: SIDECAR_WORKERS
 {{- end }}
 
 {{/* The environment both Deployments share: the config path, Redis, database, LiteLLM URL, settings. */}}
@@ -165,6 +166,28 @@ roundingIncrement: SIDECAR_ROUNDING_INCREMENT
       {{- if .optional }}
       optional: true
       {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* One env entry from an existing Secret: (dict "name" NAME "secret" SECRET "key" KEY). */}}
+{{- define "realtime-sidecar.secretRefEnv" -}}
+- name: {{ .name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .secret }}
+      key: {{ .key }}
+{{- end }}
+
+{{/* The browser settings, sidecar only (the consumer serves no HTTP): the client-secret signing key, the
+     captions page switch (always rendered) and, with the page on, its LiteLLM key. Keys only as references. */}}
+{{- define "realtime-sidecar.browserEnv" -}}
+{{- with .Values.clientSecrets.existingSecret }}
+{{ include "realtime-sidecar.secretRefEnv" (dict "name" "SIDECAR_CLIENT_SECRET_KEY" "secret" . "key" $.Values.clientSecrets.existingSecretKey) }}
+{{- end }}
+- name: SIDECAR_CAPTIONS_PAGE
+  value: {{ ternary "true" "false" .Values.captions.enabled | quote }}
+{{- if .Values.captions.enabled }}
+{{ include "realtime-sidecar.secretRefEnv" (dict "name" "SIDECAR_CAPTIONS_KEY" "secret" .Values.captions.existingSecret "key" .Values.captions.existingSecretKey) }}
 {{- end }}
 {{- end }}
 
@@ -220,6 +243,13 @@ roundingIncrement: SIDECAR_ROUNDING_INCREMENT
 {{- end }}
 {{- end }}
 
+{{/* "true" when an annotation map sets ingress-nginx authentication (auth-url, auth-type, auth-tls-secret). */}}
+{{- define "realtime-sidecar.hasAuthAnnotation" -}}
+{{- range $key, $value := . }}
+{{- if and $value (regexMatch "/auth-(url|type|tls-secret)$" $key) }}true{{ end }}
+{{- end }}
+{{- end }}
+
 {{/* Checks the schema cannot express. Included once, from the sidecar Deployment. */}}
 {{- define "realtime-sidecar.validate" -}}
 {{- if and (not .Values.litellmConfig.existingConfigMap) (empty .Values.litellmConfig.inline) }}
@@ -234,6 +264,14 @@ roundingIncrement: SIDECAR_ROUNDING_INCREMENT
 {{- range $name, $spec := dict "redis" .Values.redis "database" .Values.database }}
 {{- if and $spec.url (regexMatch "^[a-zA-Z][a-zA-Z0-9+.-]*://[^/@]*:[^/@]*@" $spec.url) }}
 {{- fail (printf "%s.url carries a password: put the URL in a Secret and set %s.existingSecret" $name $name) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.captions.enabled (not .Values.captions.existingSecret) }}
+{{- fail "captions.enabled needs captions.existingSecret (and existingSecretKey): a Secret holding the LiteLLM key the captions page mints client secrets with (SIDECAR_CAPTIONS_KEY); the sidecar refuses to start without it" }}
+{{- end }}
+{{- with .Values.captions.ingress }}
+{{- if and $.Values.captions.enabled $.Values.ingress.enabled .enabled (not .allowWithoutAuth) (not (include "realtime-sidecar.hasAuthAnnotation" .annotations)) }}
+{{- fail "captions.ingress: the sidecar does not check who calls /captions/token (it mints secrets billed to the captions key): set your ingress auth in captions.ingress.annotations (e.g. nginx.ingress.kubernetes.io/auth-url), or captions.ingress.allowWithoutAuth=true if auth is enforced in front of the ingress" }}
 {{- end }}
 {{- end }}
 {{- with .Values.litellmConfig.inline }}
