@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import httpx
 import redis.asyncio as aioredis
@@ -28,7 +29,6 @@ from starlette.websockets import WebSocket
 
 from sidecar import admin, captions, client_secrets
 from sidecar.auth import KeyChecker, Principal, authorize, credentials
-from sidecar.billing.writer import BillingWriter
 from sidecar.catalog import Catalog, Deployment, RealtimeModel, describe, load_catalog
 from sidecar.client_secrets import ClientSecrets, Grant, MemoryClaims, RedisClaims, Signer, is_client_secret
 from sidecar.config import Settings
@@ -41,6 +41,9 @@ from sidecar.publisher import UsagePublisher
 from sidecar.relay import Relay
 from sidecar.session import Session
 from sidecar.upstream import OPENAI_HOSTS, Dialer, connect_any, websocket_dialer
+
+if TYPE_CHECKING:  # the billing DB stack (SQLAlchemy, ~25 MB) is imported only in embedded mode
+    from sidecar.billing.writer import BillingWriter
 
 log = logging.getLogger("sidecar.app")
 
@@ -169,7 +172,6 @@ def _client_secrets(settings: Settings, redis: aioredis.Redis | None) -> ClientS
 @asynccontextmanager
 async def _default_publisher(settings: Settings, redis: aioredis.Redis | None) -> AsyncIterator[UsagePublisher]:
     """Redis when SIDECAR_REDIS_URL is set, else the embedded writer straight into the billing DB."""
-    from sidecar.billing.writer import make_engine, upgrade
     from sidecar.publisher import EmbeddedPublisher, RedisPublisher
     from sidecar.spool import Spool
 
@@ -178,6 +180,8 @@ async def _default_publisher(settings: Settings, redis: aioredis.Redis | None) -
     if redis is not None:
         pub = RedisPublisher(redis, stream=settings.usage_stream, spool=spool)
     else:
+        from sidecar.billing.writer import BillingWriter, make_engine, upgrade
+
         engine = make_engine(settings.database_url)
         upgrade(engine)
         writer = BillingWriter(engine)

@@ -28,6 +28,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from sidecar import tuning
 from sidecar.auth import KeyChecker, Principal, authorize
 from sidecar.errors import (
     BudgetExceeded,
@@ -371,6 +372,8 @@ class Supervisor:
         """Stop watching a finished relay: release its lease, count its spend in its budget windows."""
         entry = self.live.pop(relay.session.session_id, None)
         self._changed.set()
+        if not self.live:
+            tuning.release_memory()  # the last session of a burst: hand freed pages back
         if entry is not None:
             self.metrics.fold(relay, entry.folded)
         principal = relay.session.principal

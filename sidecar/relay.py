@@ -20,13 +20,13 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from starlette.websockets import WebSocket, WebSocketState
-from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from sidecar import protocol
 from sidecar.errors import Ending, ending
 from sidecar.publisher import UsagePublisher
 from sidecar.session import Session
+from sidecar.upstream import Upstream
 
 log = logging.getLogger("sidecar.relay")
 
@@ -62,7 +62,7 @@ class Relay:
         self,
         *,
         client: WebSocket,
-        upstream: ClientConnection,
+        upstream: Upstream,
         session: Session,
         publisher: UsagePublisher,
         checkpoint_s: float,

@@ -20,6 +20,8 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
+from sidecar import tuning
+
 try:  # uvloop (a uvicorn[standard] dependency) measured faster: see docs/performance.md
     import uvloop
 
@@ -37,8 +39,9 @@ except ImportError:  # pragma: no cover - uvloop is a dependency; this keeps oth
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose first exit signal drains the sidecar's sessions first."""
 
-    def __init__(self, config: uvicorn.Config, *, app: Starlette, grace_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, *, app: Starlette, grace_s: float, tune: bool = False) -> None:
         super().__init__(config)
+        self._tune = tune
         self._app = app
         self._grace_s = grace_s
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -47,6 +50,12 @@ class DrainingServer(uvicorn.Server):
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self._tune:
+            tuning.pool_mask_randomness()
+            tuning.settle_gc()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain_task is None and not self.should_exit and self._loop is not None:
@@ -99,7 +108,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def _serve_one(build: Callable[[], tuple[Starlette, uvicorn.Config, float]], sock: socket.socket) -> None:
     app, config, grace_s = build()
-    run_loop(DrainingServer(config, app=app, grace_s=grace_s).serve(sockets=[sock]))
+    run_loop(DrainingServer(config, app=app, grace_s=grace_s, tune=True).serve(sockets=[sock]))
 
 
 def serve_workers(

@@ -22,11 +22,9 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 from urllib.parse import urlencode, urlsplit
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidHandshake, InvalidStatus, WebSocketException
-
 from sidecar.catalog import Deployment
 from sidecar.errors import UpstreamError, UpstreamUnavailable
+from sidecar.upstream_conn import open_upstream
 
 log = logging.getLogger("sidecar.upstream")
 
@@ -94,42 +92,23 @@ def _azure_target(deployment: Deployment, intent: dict[str, str]) -> Target:
 
 
 class Upstream(Protocol):
-    """The slice of a websockets ClientConnection the relay uses."""
+    """What the relay needs of an upstream connection (sidecar.upstream_conn.UpstreamConnection)."""
 
     async def send(self, message: str | bytes) -> None: ...
     async def recv(self) -> str | bytes: ...
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
 
 
-Dialer = Callable[[Target], Awaitable[ClientConnection]]
+Dialer = Callable[[Target], Awaitable[Upstream]]
 
 
 def websocket_dialer(*, max_frame_bytes: int, connect_timeout_s: float) -> Dialer:
-    """A dialer over websockets' asyncio client. Translates failures into UpstreamError (no secrets)."""
+    """A dialer over the lean sans-I/O client (upstream_conn.py). Failures are UpstreamError (no secrets)."""
 
-    async def dial(tgt: Target) -> ClientConnection:
-        try:
-            return await connect(
-                tgt.url,
-                additional_headers=list(tgt.headers),
-                max_size=max_frame_bytes,
-                open_timeout=connect_timeout_s,
-                # The client's pings keep its own leg alive; ours keeps the upstream leg alive.
-                ping_interval=20,
-                ping_timeout=20,
-                max_queue=16,
-                compression=None,
-                user_agent_header="realtime-sidecar",
-            )
-        except InvalidStatus as exc:
-            status = exc.response.status_code
-            raise UpstreamError(f"upstream refused the handshake with HTTP {status}", status=status) from exc
-        except (InvalidHandshake, WebSocketException) as exc:
-            raise UpstreamError(f"upstream handshake failed ({type(exc).__name__})") from exc
-        except TimeoutError as exc:
-            raise UpstreamError("upstream connect timed out") from exc
-        except OSError as exc:
-            raise UpstreamError(f"upstream unreachable ({type(exc).__name__})") from exc
+    async def dial(tgt: Target) -> Upstream:
+        return await open_upstream(
+            tgt.url, tgt.headers, max_frame_bytes=max_frame_bytes, open_timeout_s=connect_timeout_s
+        )
 
     return dial
 
@@ -138,7 +117,7 @@ def websocket_dialer(*, max_frame_bytes: int, connect_timeout_s: float) -> Diale
 class Connected:
     """An open upstream session and the target that answered."""
 
-    connection: ClientConnection
+    connection: Upstream
     target: Target
     attempts: int
 

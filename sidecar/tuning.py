@@ -1,0 +1,72 @@
+"""Process-level tuning for the relay's hot path, each measured with `make bench` (docs/performance.md).
+
+- Garbage collection: every relayed frame allocates a few short-lived dicts (ASGI messages, parsed
+  events), so the default generation-0 threshold (700 allocations) runs a collection every few frames.
+  The relay's objects do not form cycles on that path; a higher threshold keeps collections rare, and
+  `gc.freeze()` moves everything alive after startup (modules, the catalog) out of the collector's way.
+- Masking keys: a WebSocket client masks every frame with 4 random bytes (RFC 6455 section 5.3), which
+  websockets takes from `secrets.token_bytes(4)`: one getrandom system call per frame. A pool of bytes
+  from the same `os.urandom`, refilled every 16,384 frames (and after a fork), keeps them cryptographically
+  random with far fewer system calls.
+- Memory: after the last session of a burst ends, `malloc_trim` hands freed heap pages back to the OS.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import os
+from typing import Final
+
+GC_THRESHOLD: Final = (50_000, 20, 20)
+_POOL_BYTES: Final = 65536
+
+
+class PooledSecrets:
+    """The `token_bytes` of the `secrets` module, served from a pool of `os.urandom` bytes."""
+
+    def __init__(self, size: int = _POOL_BYTES) -> None:
+        self._size = size
+        self._pool = b""
+        self._pos = 0
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        """Forget the pool (a forked child must not reuse its parent's bytes)."""
+        self._pool, self._pos = b"", 0
+
+    def token_bytes(self, nbytes: int) -> bytes:
+        """`nbytes` cryptographically random bytes."""
+        end = self._pos + nbytes
+        if end > len(self._pool):
+            self._pool, self._pos, end = os.urandom(max(self._size, nbytes)), 0, nbytes
+        out = self._pool[self._pos : end]
+        self._pos = end
+        return out
+
+
+def pool_mask_randomness() -> None:
+    """Make websockets draw its client masking keys from a PooledSecrets (idempotent)."""
+    import websockets.frames
+
+    frames = websockets.frames
+    if not isinstance(getattr(frames, "secrets", None), PooledSecrets):
+        setattr(frames, "secrets", PooledSecrets())  # noqa: B010 (websockets does not export the name)
+
+
+def settle_gc() -> None:
+    """After startup: collect once, freeze what is alive, and raise the generation-0 threshold."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
+_LIBC = ctypes.util.find_library("c")
+_malloc_trim = getattr(ctypes.CDLL(_LIBC), "malloc_trim", None) if _LIBC else None
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the OS (glibc); a no-op elsewhere."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
