@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: venv
-	$(BIN)/ruff format --check sidecar tests examples
-	$(BIN)/ruff check sidecar tests examples
+	$(BIN)/ruff format --check sidecar tests examples bench
+	$(BIN)/ruff check sidecar tests examples bench
 
 typecheck: venv
 	$(BIN)/mypy
@@ -29,6 +29,10 @@ test: lint typecheck unit
 # Starts the fake provider and the sidecar on examples/config.yaml (no provider account needed).
 run: venv
 	$(BIN)/python -m sidecar.testing.devstack
+
+# The relay under load against the floor and LiteLLM's own relay (about 10 minutes; see docs/performance.md).
+bench: venv
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 chart: venv
 	scripts/ensure-helm.sh >/dev/null && $(BIN)/pytest -q tests/test_chart.py

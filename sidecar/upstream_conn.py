@@ -57,6 +57,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self._ping_interval_s = ping_interval_s
         self._ping_timer: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
         self._awaiting_pong = False
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------
@@ -74,8 +75,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self._on_frame(event)
             elif not self.handshake.done():
                 self._on_response(event)
-        if protocol.close_expected() and self.transport is not None:
-            self._loop.call_later(CLOSE_TIMEOUT_S, self._abort)
+        if protocol.close_expected() and self.transport is not None and self._close_timer is None:
+            self._close_timer = self._loop.call_later(CLOSE_TIMEOUT_S, self._abort)
 
     def eof_received(self) -> bool | None:
         self.protocol.receive_eof()
@@ -83,8 +84,11 @@ class UpstreamConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._ping_timer is not None:
-            self._ping_timer.cancel()
+        # Timers hold this object: cancel them so nothing of the session outlives its connection.
+        for timer in (self._ping_timer, self._close_timer):
+            if timer is not None:
+                timer.cancel()
+        self._ping_timer = self._close_timer = None
         if not self.handshake.done():
             self.handshake.set_exception(UpstreamError("upstream closed the connection during the handshake"))
         if not self.closed.done():

@@ -347,3 +347,25 @@ async def test_team_budget_ends_the_teams_sessions(
             await ws.send(orjson.dumps({"type": "input_audio_buffer.append", "audio": part}).decode())
         last, code = await ending_of(ws)
         assert (last["error"]["code"], code) == ("budget_exceeded", 4002)
+
+
+async def test_nothing_of_a_session_is_kept_after_it_ends(tmp_path: Path) -> None:
+    """After sessions end, no relay, session or upstream connection object of theirs is still alive."""
+    import gc
+    import weakref
+
+    async with stack(tmp_path) as s:
+        clients = [await open_ws(s) for _ in range(20)]
+        supervisor = s.sidecar.app.state.services.supervisor
+        refs = []
+        for entry in supervisor.live.values():
+            relay = entry.relay
+            refs += [weakref.ref(relay), weakref.ref(relay.session), weakref.ref(relay.upstream)]
+        del entry, relay
+        assert len(refs) == 60
+        for ws in clients:
+            await ws.close()
+        await supervisor.live_empty()
+        gc.collect()
+        assert [r for r in refs if r() is not None] == []
+        assert supervisor.principals == {}

@@ -1,0 +1,341 @@
+"""The load generator: N realtime sessions, each streaming 100 ms PCM16 chunks in real time.
+
+    python -m bench.loadgen --url ws://127.0.0.1:8787/v1/realtime?intent=transcription \
+        --sessions 1000 --connect-at T --rate 200 --window W0 W1 --deadline TD --rtt-out rtt.bin
+
+Headers to send (the key) come from the environment variable `BENCH_HEADERS` (a JSON object), so no key
+shows in a process listing. All times are `time.monotonic()` seconds, which every process on the machine
+shares (CLOCK_MONOTONIC), so the orchestrator can place the measurement window for every process at once.
+
+Per session (one task, plus the reader task it starts): connect at `connect_at + i / rate`, wait for
+`session.created` (the setup time), then send one `input_audio_buffer.append` every 100 ms until the
+window ends, each with `event_id` `e<n>`. The fake provider answers every append with a transcription
+delta whose `delta` is that event_id, so a reply is matched to its append by index; the round trip is
+from the send to the reply's arrival. Round trips are recorded for appends sent inside the window
+`[W0, W1]`; appends and replies are counted inside it too. Sessions stay open until the window ends,
+then wait (at most `--drain` s) for their outstanding replies, close with 1000 and record the close code.
+
+One process on one core has to drive ~1000 sessions (20,000 frames a second) and leave room for the fake
+provider, so the per-frame path is lean: the append frame is encoded once, as bytes around the event_id,
+and sent as a text frame without re-encoding; replies are received undecoded and parsed with orjson;
+frame masks come from a PRNG (`use_cheap_masks`); garbage is collected rarely (`quiet_gc`); uvloop when
+installed. What remains is mostly the kernel's loopback TCP work (write/read system calls): a version
+on websockets' sans-I/O protocol with timer callbacks instead of tasks measured the same CPU at 800
+sessions, so this simpler one stays.
+
+Output: one JSON line on stdout (`Report.to_json`), the round trips as float64 seconds in `--rtt-out`.
+Everything stops by `--deadline` at the latest: unfinished sessions are then counted as failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import sys
+import time
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+
+from bench.procs import quiet_gc, raise_fd_limit
+
+CHUNK_BYTES: Final = 4800  # 100 ms of 24 kHz 16-bit mono PCM
+CHUNK_S: Final = 0.1
+DELTA_TYPE: Final = "conversation.item.input_audio_transcription.delta"
+CREATED_TYPE: Final = "session.created"
+SETUP_TIMEOUT_S: Final = 15.0
+CLOSE_TIMEOUT_S: Final = 3.0
+
+
+def append_frame_parts(*, chunk_bytes: int = CHUNK_BYTES) -> tuple[bytes, bytes]:
+    """The append event's JSON as bytes before and after its event_id (the audio is a low-level tone)."""
+    samples = bytes((n * 7) & 0x0F for n in range(chunk_bytes))
+    audio = base64.b64encode(samples).decode()
+    placeholder = "\x00EVENT_ID\x00"
+    text = orjson.dumps({"type": "input_audio_buffer.append", "event_id": placeholder, "audio": audio}).decode()
+    before, after = text.split(orjson.dumps(placeholder).decode()[1:-1])
+    return before.encode(), after.encode()
+
+
+@dataclass
+class Plan:
+    """What to run: where, how many, and when (monotonic seconds)."""
+
+    url: str
+    headers: dict[str, str]
+    sessions: list[int]  # global session indexes this process runs
+    connect_at: float
+    rate: float  # sessions connected per second (across all load generator processes)
+    window: tuple[float, float]
+    drain_s: float
+    deadline: float
+
+
+@dataclass
+class Report:
+    """What this process saw. Counters are over all its sessions."""
+
+    sessions: int = 0
+    connected: int = 0
+    completed: int = 0  # streamed to the end of the window and closed cleanly by us
+    setup_s: list[float] = field(default_factory=list)
+    connect_failures: Counter[str] = field(default_factory=Counter)
+    ended_early: Counter[str] = field(default_factory=Counter)  # server closed before the window ended
+    close_codes: Counter[str] = field(default_factory=Counter)
+    error_events: int = 0
+    unmatched_replies: int = 0
+    appends_sent: int = 0
+    replies_received: int = 0
+    appends_in_window: int = 0
+    replies_in_window: int = 0
+    missing_replies: int = 0  # appends never answered by the time the session closed
+    max_send_lag_s: float = 0.0  # how far behind schedule a send went (the generator's own saturation)
+    unfinished: int = 0  # still running at the deadline
+    rtt_s: array[float] = field(default_factory=lambda: array("d"))
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything but the round trips, JSON-ready."""
+        out = {k: v for k, v in self.__dict__.items() if k != "rtt_s"}
+        out["rtt_count"] = len(self.rtt_s)
+        return out
+
+
+class _Stream:
+    """One session's counters and its in-flight appends' send times, indexed by append number."""
+
+    __slots__ = ("outstanding", "quiet", "sent_at")
+
+    def __init__(self) -> None:
+        self.sent_at: array[float] = array("d")
+        self.outstanding = 0
+        self.quiet = asyncio.Event()  # set when no append waits for its reply
+
+
+async def _sleep_until(moment: float) -> None:
+    delay = moment - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+async def _open(plan: Plan, report: Report) -> ClientConnection | None:
+    """Connect and wait for `session.created`; None (counted) on failure."""
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(SETUP_TIMEOUT_S):
+            ws = await connect(
+                plan.url,
+                additional_headers=plan.headers,
+                compression=None,
+                ping_interval=None,
+                max_size=2**24,
+                close_timeout=CLOSE_TIMEOUT_S,
+                user_agent_header=None,
+            )
+            first = orjson.loads(await ws.recv(decode=False))
+    except InvalidStatus as exc:
+        report.connect_failures[f"http_{exc.response.status_code}"] += 1
+        return None
+    except ConnectionClosed as exc:
+        report.connect_failures[f"closed_{exc.rcvd.code if exc.rcvd else 1006}"] += 1
+        return None
+    except TimeoutError:
+        report.connect_failures["timeout"] += 1
+        return None
+    except (OSError, WebSocketException) as exc:
+        report.connect_failures[type(exc).__name__] += 1
+        return None
+    if not isinstance(first, dict) or first.get("type") != CREATED_TYPE:
+        report.connect_failures["no_session_created"] += 1
+        await ws.close()
+        return None
+    report.setup_s.append(time.monotonic() - started)
+    report.connected += 1
+    return ws
+
+
+async def _read(ws: ClientConnection, stream: _Stream, plan: Plan, report: Report) -> None:
+    """Match replies to appends until the connection closes."""
+    w0, w1 = plan.window
+    rtts = report.rtt_s
+    sent_at = stream.sent_at
+    loads = orjson.loads
+    monotonic = time.monotonic
+    recv = ws.recv
+    while True:
+        try:
+            frame = await recv(decode=False)
+        except ConnectionClosed:
+            return
+        now = monotonic()
+        event = loads(frame)
+        kind = event.get("type")
+        if kind == DELTA_TYPE:
+            delta = event.get("delta", "")
+            try:
+                n = int(delta[1:])
+                sent = sent_at[n]
+            except (ValueError, IndexError, TypeError):
+                report.unmatched_replies += 1
+                continue
+            report.replies_received += 1
+            if w0 <= now <= w1:
+                report.replies_in_window += 1
+            if w0 <= sent <= w1:
+                rtts.append(now - sent)
+            stream.outstanding -= 1
+            if stream.outstanding == 0:
+                stream.quiet.set()
+        elif kind == "error":
+            report.error_events += 1
+
+
+async def _stream(
+    ws: ClientConnection, stream: _Stream, plan: Plan, report: Report, parts: tuple[bytes, bytes]
+) -> bool:
+    """Send an append every 100 ms until the window ends; False if the connection ended first."""
+    before, after = parts
+    w0, w1 = plan.window
+    monotonic = time.monotonic
+    send = ws.send
+    sent_at = stream.sent_at
+    start = monotonic()
+    n = 0
+    while True:
+        due = start + n * CHUNK_S
+        if due > w1:
+            return True
+        delay = due - monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        now = monotonic()
+        report.max_send_lag_s = max(report.max_send_lag_s, now - due)
+        sent_at.append(now)
+        stream.outstanding += 1
+        stream.quiet.clear()
+        try:
+            await send(b"".join((before, b"e%d" % n, after)), text=True)
+        except ConnectionClosed:
+            return False
+        report.appends_sent += 1
+        if w0 <= now <= w1:
+            report.appends_in_window += 1
+        n += 1
+
+
+async def _session(index: int, plan: Plan, report: Report, parts: tuple[bytes, bytes]) -> None:
+    await _sleep_until(plan.connect_at + index / plan.rate)
+    ws = await _open(plan, report)
+    if ws is None:
+        return
+    stream = _Stream()
+    stream.quiet.set()
+    reader = asyncio.create_task(_read(ws, stream, plan, report))
+    try:
+        if await _stream(ws, stream, plan, report, parts):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(plan.drain_s):
+                    await stream.quiet.wait()
+            report.missing_replies += stream.outstanding
+            await _sleep_until(plan.window[1])  # every session stays open for the whole window
+            await ws.close(1000)
+            report.completed += 1
+        else:
+            report.ended_early[_close_code(ws)] += 1
+            report.missing_replies += stream.outstanding
+        await reader
+    finally:
+        reader.cancel()
+        report.close_codes[_close_code(ws)] += 1
+
+
+def _close_code(ws: ClientConnection) -> str:
+    """The close code the server sent (its echo of ours when we closed first); 1006 if none came."""
+    rcvd = ws.protocol.close_rcvd
+    return str(rcvd.code) if rcvd is not None else "1006"
+
+
+async def run(plan: Plan) -> Report:
+    """Run every session of `plan`, stopping at its deadline; return the report."""
+    report = Report(sessions=len(plan.sessions))
+    parts = append_frame_parts()
+    tasks = [asyncio.create_task(_session(i, plan, report, parts)) for i in plan.sessions]
+    done, pending = await asyncio.wait(tasks, timeout=max(0.0, plan.deadline - time.monotonic()))
+    report.unfinished = len(pending)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            report.connect_failures[f"crash:{type(task.exception()).__name__}"] += 1
+    return report
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.split("\n")[0])
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--sessions", type=int, required=True, help="sessions across all shards")
+    parser.add_argument("--shard", type=int, default=0, help="this process runs sessions shard, shard+shards, ...")
+    parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--connect-at", type=float, required=True, help="monotonic time of the first connect")
+    parser.add_argument("--rate", type=float, default=200.0, help="sessions connected per second")
+    parser.add_argument("--window", type=float, nargs=2, required=True, metavar=("W0", "W1"))
+    parser.add_argument("--drain", type=float, default=2.0, help="seconds to wait for outstanding replies")
+    parser.add_argument("--deadline", type=float, required=True, help="monotonic time to stop by, whatever happens")
+    parser.add_argument("--rtt-out", required=True, help="file for the round trips (float64 seconds)")
+    return parser.parse_args(argv)
+
+
+def use_cheap_masks() -> None:
+    """Draw client frame masks from a PRNG instead of os.urandom.
+
+    websockets masks every client frame with `secrets.token_bytes(4)`: one getrandom syscall per frame,
+    about a tenth of this process's CPU at 1000 sessions. A mask only guards HTTP intermediaries against
+    cache poisoning (RFC 6455 10.3); on loopback, between our own processes, it needs no secrecy.
+    """
+    import random
+    import types
+
+    import websockets.frames
+
+    websockets.frames.secrets = types.SimpleNamespace(token_bytes=random.Random().randbytes)  # type: ignore[assignment,attr-defined]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one load generator process (see the module docstring)."""
+    args = _parse_args(argv)
+    raise_fd_limit()
+    use_cheap_masks()
+    quiet_gc()
+    headers = json.loads(os.environ.get("BENCH_HEADERS", "{}"))
+    plan = Plan(
+        url=args.url,
+        headers=headers,
+        sessions=list(range(args.shard, args.sessions, args.shards)),
+        connect_at=args.connect_at,
+        rate=args.rate,
+        window=(args.window[0], args.window[1]),
+        drain_s=args.drain,
+        deadline=args.deadline,
+    )
+    try:
+        import uvloop
+
+        report = uvloop.run(run(plan))
+    except ImportError:
+        report = asyncio.run(run(plan))
+    with open(args.rtt_out, "wb") as out:
+        report.rtt_s.tofile(out)
+    sys.stdout.write(json.dumps(report.to_json()) + "\n")
+
+
+if __name__ == "__main__":
+    main()
