@@ -19,8 +19,7 @@ import json
 import sys
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import psycopg
@@ -29,6 +28,7 @@ from sqlalchemy import text
 
 from sidecar.billing.consumer import UsageConsumer
 from sidecar.billing.writer import BillingWriter, make_engine, upgrade
+from sidecar.testing.factories import usage_event
 from sidecar.usage import UsageEvent
 
 PG_ADMIN_DSN: Final = "postgresql://postgres@127.0.0.1:5432/test"
@@ -45,32 +45,7 @@ def usage_events(count: int, *, per_session: int, started: datetime) -> list[Usa
         if seq == 1:
             session = "rs_" + uuid.uuid4().hex
         final = seq == per_session or index == count - 1
-        seconds = Decimal(5 * seq)
-        events.append(
-            UsageEvent(
-                event_id=UsageEvent.new_id(),
-                type="final" if final else "checkpoint",
-                session_id=session,
-                seq=seq,
-                key_hash="0" * 64,
-                key_alias="bench-key",
-                user_id="bench-user",
-                team_id="bench-team",
-                model="gpt-realtime-whisper",
-                provider_model="openai/gpt-realtime-whisper",
-                kind="realtime-transcription",
-                unit="second",
-                quantity=seconds,
-                audio_seconds=seconds,
-                audio_bytes=int(seconds) * 48_000,
-                input_tokens=0,
-                output_tokens=0,
-                cost_usd=seconds * Decimal("0.0001"),
-                started_at=started,
-                ended_at=started + timedelta(seconds=int(seconds)) if final else None,
-                close_reason="client_close" if final else "",
-            )
-        )
+        events.append(usage_event(session, seq, final=final, started_at=started))
     return events
 
 

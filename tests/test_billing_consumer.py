@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -27,38 +27,10 @@ from sidecar.billing import (
     make_engine,
     upgrade,
 )
+from sidecar.testing.factories import T0, usage_event
 from sidecar.usage import UsageEvent
 
-T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 WAIT_S = 30  # a safety net for waits on events that must happen, never a synchronisation
-
-
-def usage_event(session_id: str, seq: int, *, final: bool = False) -> UsageEvent:
-    """A transcription session's cumulative usage after `seq` checkpoints of 5 s each."""
-    seconds = Decimal(5 * seq)
-    return UsageEvent(
-        event_id=UsageEvent.new_id(),
-        type="final" if final else "checkpoint",
-        session_id=session_id,
-        seq=seq,
-        key_hash="ab" * 32,
-        key_alias="team-a-key",
-        user_id="user-1",
-        team_id="team-a",
-        model="gpt-realtime-whisper",
-        provider_model="openai/gpt-realtime-whisper",
-        kind="realtime-transcription",
-        unit="second",
-        quantity=seconds,
-        audio_seconds=seconds,
-        audio_bytes=48_000 * 5 * seq,
-        input_tokens=0,
-        output_tokens=0,
-        cost_usd=seconds * Decimal("0.0001"),
-        started_at=T0,
-        ended_at=T0 + timedelta(seconds=5 * seq) if final else None,
-        close_reason="client_close" if final else "",
-    )
 
 
 class FakeClock:
