@@ -10,7 +10,6 @@ import subprocess
 import threading
 from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import cast
 
@@ -21,6 +20,7 @@ from redis.backoff import NoBackoff
 
 from sidecar.publisher import EmbeddedPublisher, RedisPublisher, UsagePublisher
 from sidecar.spool import Spool
+from sidecar.testing.factories import usage_event
 from sidecar.usage import UsageEvent
 
 # A hang guard, never a pass/fail threshold: a test that waits this long has already failed.
@@ -36,29 +36,8 @@ CONTRACT_FIELDS = {
 
 def event(seq: int, *, session_id: str = "sess_1", final: bool = False) -> UsageEvent:
     """A usage event with every field set (a final one also ends and has upstream usage)."""
-    return UsageEvent(
-        event_id=UsageEvent.new_id(),
-        type="final" if final else "checkpoint",
-        session_id=session_id,
-        seq=seq,
-        key_hash="cd" * 32,
-        key_alias="alias",
-        user_id="user",
-        team_id="team",
-        model="gpt-realtime",
-        provider_model="openai/gpt-realtime",
-        kind="realtime-conversation",
-        unit="token",
-        quantity=Decimal(120 * seq),
-        audio_seconds=Decimal("5.25") * seq,
-        audio_bytes=252000 * seq,
-        input_tokens=100 * seq,
-        output_tokens=20 * seq,
-        cost_usd=Decimal("0.0042") * seq,
-        started_at=STARTED,
-        ended_at=STARTED if final else None,
-        close_reason="client_close" if final else "",
-        upstream_usage='{"total_tokens": 120}' if final else "",
+    return usage_event(
+        session_id, seq, final=final, started_at=STARTED, upstream_usage='{"total_tokens": 120}' if final else ""
     )
 
 

@@ -6,13 +6,13 @@ import os
 import subprocess
 import sys
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 
 import orjson
 import pytest
 
 from sidecar.spool import Spool
+from sidecar.testing.factories import usage_event
 from sidecar.usage import UsageEvent
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,29 +21,8 @@ STARTED = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
 def event(seq: int, *, session_id: str = "sess_1", final: bool = False) -> UsageEvent:
     """A usage event with every field set (a final one also ends and has upstream usage)."""
-    return UsageEvent(
-        event_id=UsageEvent.new_id(),
-        type="final" if final else "checkpoint",
-        session_id=session_id,
-        seq=seq,
-        key_hash="ab" * 32,
-        key_alias="alias",
-        user_id="user",
-        team_id="team",
-        model="gpt-realtime-whisper",
-        provider_model="azure/whisper",
-        kind="realtime-transcription",
-        unit="second",
-        quantity=Decimal("5.000125"),
-        audio_seconds=Decimal("5.000125"),
-        audio_bytes=240006,
-        input_tokens=0,
-        output_tokens=0,
-        cost_usd=Decimal("0.000500012500"),
-        started_at=STARTED,
-        ended_at=STARTED if final else None,
-        close_reason="client_close" if final else "",
-        upstream_usage='{"seconds": 5}' if final else "",
+    return usage_event(
+        session_id, seq, final=final, started_at=STARTED, upstream_usage='{"seconds": 5}' if final else ""
     )
 
 

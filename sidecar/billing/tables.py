@@ -79,17 +79,9 @@ def quantize(value: Decimal) -> Decimal:
     return value.quantize(SCALE, rounding=ROUND_HALF_UP, context=_CONTEXT)
 
 
-class RealtimeUsageEvent(SQLModel, table=True):
-    """Every usage event once, as it came from the stream (unique `event_id`), and when it was stored."""
+class UsageFigures(SQLModel):
+    """The contract's per-event figures, shared by both tables (not a table itself)."""
 
-    __tablename__ = "realtime_usage_event"
-
-    id: int | None = Field(default=None, primary_key=True, sa_type=_INT64)
-    event_id: str = Field(unique=True)
-    session_id: str = Field(index=True)
-    seq: int = Field(sa_type=BigInteger)
-    type: str
-    key_hash: str
     key_alias: str
     user_id: str
     team_id: str
@@ -107,10 +99,23 @@ class RealtimeUsageEvent(SQLModel, table=True):
     ended_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     close_reason: str = ""
     upstream_usage: str = Field(default="", sa_type=Text)
+
+
+class RealtimeUsageEvent(UsageFigures, table=True):
+    """Every usage event once, as it came from the stream (unique `event_id`), and when it was stored."""
+
+    __tablename__ = "realtime_usage_event"
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=_INT64)
+    event_id: str = Field(unique=True)
+    session_id: str = Field(index=True)
+    seq: int = Field(sa_type=BigInteger)
+    type: str
+    key_hash: str
     received_at: datetime = Field(sa_type=UTCDateTime)
 
 
-class RealtimeUsage(SQLModel, table=True):
+class RealtimeUsage(UsageFigures, table=True):
     """One billing record per session: the figures of its highest `seq` (`last_seq`, `last_event_id`).
 
     `status` is `open` (checkpoints only), `final` (its final event arrived) or `lost` (no event for the
@@ -128,23 +133,6 @@ class RealtimeUsage(SQLModel, table=True):
     last_event_id: str
     status: str
     key_hash: str = Field(index=True)
-    key_alias: str
-    user_id: str
-    team_id: str
-    model: str
-    provider_model: str
-    kind: str
-    unit: str
-    quantity: Decimal = Field(sa_type=Amount)
-    audio_seconds: Decimal = Field(sa_type=Amount)
-    audio_bytes: int = Field(sa_type=BigInteger)
-    input_tokens: int = Field(sa_type=BigInteger)
-    output_tokens: int = Field(sa_type=BigInteger)
-    cost_usd: Decimal = Field(sa_type=Amount)
-    started_at: datetime = Field(sa_type=UTCDateTime)
-    ended_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
-    close_reason: str = ""
-    upstream_usage: str = Field(default="", sa_type=Text)
     last_event_at: datetime = Field(sa_type=UTCDateTime)
     updated_at: datetime = Field(sa_type=UTCDateTime)
 
