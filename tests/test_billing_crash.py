@@ -102,18 +102,22 @@ def litellm_config(path: Path, provider: FakeProvider) -> Path:
     return path
 
 
+def serve_env(tmp_path: Path, provider: FakeProvider, **settings: str) -> dict[str, str]:
+    """The environment of a `sidecar serve` on `provider`: SIDECAR_<NAME> for each `name=value` given."""
+    env = {
+        "SIDECAR_LITELLM_CONFIG": str(litellm_config(tmp_path / "litellm.yaml", provider)),
+        "SIDECAR_SPOOL_DIR": str(tmp_path / "spool-serve"),
+        "SIDECAR_DATABASE_URL": f"sqlite:///{tmp_path / 'unused.db'}",
+    }
+    return env | {f"SIDECAR_{name.upper()}": value for name, value in settings.items()}
+
+
 async def test_sigkilled_sidecar_is_billed_lost_at_its_last_checkpoint(
     tmp_path: Path, speech_pcm16: bytes, redis_server: RedisServer, redis: aioredis.Redis, pg_url: str
 ) -> None:
     """`sidecar serve` SIGKILLed mid-stream: one `lost` record with its last checkpoint's figures, < 1 s lost."""
     async with FakeProvider() as provider:
-        env = {
-            "SIDECAR_LITELLM_CONFIG": str(litellm_config(tmp_path / "litellm.yaml", provider)),
-            "SIDECAR_REDIS_URL": redis_server.url,
-            "SIDECAR_CHECKPOINT_S": "1",
-            "SIDECAR_SPOOL_DIR": str(tmp_path / "spool-serve"),
-            "SIDECAR_DATABASE_URL": f"sqlite:///{tmp_path / 'unused.db'}",
-        }
+        env = serve_env(tmp_path, provider, redis_url=redis_server.url, checkpoint_s="1")
         sidecar = SidecarProcess(env, workdir=tmp_path / "serve")
         await sidecar.start()
         try:
@@ -159,13 +163,7 @@ async def test_sigterm_drains_and_bills_the_live_session_before_exit(
 ) -> None:
     """`sidecar serve` SIGTERMed mid-session: server_shutdown error, 1001, final published, exit 0."""
     async with FakeProvider() as provider:
-        env = {
-            "SIDECAR_LITELLM_CONFIG": str(litellm_config(tmp_path / "litellm.yaml", provider)),
-            "SIDECAR_REDIS_URL": redis_server.url,
-            "SIDECAR_DRAIN_GRACE_S": "0.5",
-            "SIDECAR_SPOOL_DIR": str(tmp_path / "spool-serve"),
-            "SIDECAR_DATABASE_URL": f"sqlite:///{tmp_path / 'unused.db'}",
-        }
+        env = serve_env(tmp_path, provider, redis_url=redis_server.url, drain_grace_s="0.5")
         sidecar = SidecarProcess(env, workdir=tmp_path / "serve")
         await sidecar.start()
         try:
@@ -206,13 +204,7 @@ async def test_sigkill_during_redis_outage_next_sidecar_publishes_the_spool(
     """Killed while Redis is down: the next `sidecar serve` on the spool publishes it; lost at the last checkpoint."""
     spool_dir = tmp_path / "spool-serve"
     async with FakeProvider() as provider:
-        env = {
-            "SIDECAR_LITELLM_CONFIG": str(litellm_config(tmp_path / "litellm.yaml", provider)),
-            "SIDECAR_REDIS_URL": redis_server.url,
-            "SIDECAR_CHECKPOINT_S": "1",
-            "SIDECAR_SPOOL_DIR": str(spool_dir),
-            "SIDECAR_DATABASE_URL": f"sqlite:///{tmp_path / 'unused.db'}",
-        }
+        env = serve_env(tmp_path, provider, redis_url=redis_server.url, checkpoint_s="1", spool_dir=str(spool_dir))
         first = SidecarProcess(env, workdir=tmp_path / "first")
         await first.start()
         try:
@@ -272,13 +264,7 @@ async def test_embedded_sigkill_is_closed_lost_by_the_next_sidecar(tmp_path: Pat
     database = tmp_path / "billing.db"
     engine = make_engine(f"sqlite:///{database}")
     async with FakeProvider() as provider:
-        env = {
-            "SIDECAR_LITELLM_CONFIG": str(litellm_config(tmp_path / "litellm.yaml", provider)),
-            "SIDECAR_DATABASE_URL": f"sqlite:///{database}",
-            "SIDECAR_CHECKPOINT_S": "1",
-            "SIDECAR_LOST_AFTER_S": "1",
-            "SIDECAR_SPOOL_DIR": str(tmp_path / "spool-serve"),
-        }
+        env = serve_env(tmp_path, provider, database_url=f"sqlite:///{database}", checkpoint_s="1", lost_after_s="1")
         first = SidecarProcess(env, workdir=tmp_path / "first")
         await first.start()
         try:
