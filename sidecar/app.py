@@ -277,13 +277,7 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
             },
         )
     finally:
-        if not relay.done.done():  # the upgrade itself failed: still bill and release
-            await relay.upstream.close()
-            relay.publisher.submit(
-                relay.session.usage_event("final", now=datetime.now(UTC), close_reason="client_abort")
-            )
-            relay.close_reason = "client_abort"
-            relay.done.set_result("client_abort")
+        await relay.abandon("client_abort")  # no-op unless the upgrade itself failed
         await supervisor.detach(relay)
 
 

@@ -134,12 +134,20 @@ class Relay:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._close_quietly()
-            if not self.close_reason:
-                self.close_reason = "server_shutdown"
-            self.publisher.submit(self.session.usage_event("final", now=self.clock(), close_reason=self.close_reason))
-            if not self.done.done():
-                self.done.set_result(self.close_reason)
+            self._bill(self.close_reason or "server_shutdown")
         return self.close_reason
+
+    async def abandon(self, reason: str) -> None:
+        """End a relay that never ran (its client upgrade failed): close the upstream and bill it once."""
+        if not self.done.done():
+            await self._close_quietly()
+            self._bill(reason)
+
+    def _bill(self, reason: str) -> None:
+        """The one final usage event of this session."""
+        self.close_reason = reason
+        self.publisher.submit(self.session.usage_event("final", now=self.clock(), close_reason=reason))
+        self.done.set_result(reason)
 
     async def _pump_client(self) -> None:
         receive = self.client.receive
