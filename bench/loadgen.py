@@ -43,8 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from picows import WSCloseCode, WSError, WSFrame, WSHandshakeError, WSListener, WSMsgType, WSTransport, ws_connect
 
 from bench.procs import quiet_gc, raise_fd_limit
 
@@ -109,15 +108,110 @@ class Report:
         return out
 
 
-class _Stream:
-    """One session's counters and its in-flight appends' send times, indexed by append number."""
+class Session(WSListener):
+    """One session's connection: its opening event, its paced appends, and the replies matched to them.
 
-    __slots__ = ("outstanding", "quiet", "sent_at")
+    Everything per frame runs in picows callbacks (`on_ws_frame`) and loop timers (`_send`), no task.
+    """
 
-    def __init__(self) -> None:
+    def __init__(self, plan: Plan, report: Report, parts: tuple[bytes, bytes]) -> None:
+        loop = asyncio.get_running_loop()
+        self.plan, self.report = plan, report
+        self.before, self.after = parts
+        self.transport: WSTransport | None = None
+        self.created: asyncio.Future[bool] = loop.create_future()  # session.created (True) or closed (False)
+        self.streamed: asyncio.Future[bool] = loop.create_future()  # the window ended (True) or closed (False)
+        self.quiet = asyncio.Event()  # set when no append waits for its reply
+        self.quiet.set()
+        self.gone = asyncio.Event()  # the connection is closed
         self.sent_at: array[float] = array("d")
         self.outstanding = 0
-        self.quiet = asyncio.Event()  # set when no append waits for its reply
+        self.start = 0.0
+        self._loop = loop
+
+    # ---- picows callbacks -----------------------------------------------------------------------
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if kind is not WSMsgType.TEXT:
+            if kind is WSMsgType.CLOSE:
+                transport.send_close(frame.get_close_code(), frame.get_close_message())
+                transport.disconnect()
+            return
+        now = time.monotonic()
+        event = orjson.loads(frame.get_payload_as_bytes())
+        kind_ = event.get("type") if isinstance(event, dict) else None
+        if kind_ == DELTA_TYPE:
+            self._reply(event.get("delta", ""), now)
+        elif kind_ == CREATED_TYPE:
+            if not self.created.done():
+                self.created.set_result(True)
+        elif kind_ == "error":
+            self.report.error_events += 1
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        for future in (self.created, self.streamed):
+            if not future.done():
+                future.set_result(False)
+        self.gone.set()
+
+    # ---- the stream -----------------------------------------------------------------------------
+
+    def _reply(self, delta: Any, now: float) -> None:
+        report = self.report
+        try:
+            sent = self.sent_at[int(delta[1:])]
+        except (ValueError, IndexError, TypeError):
+            report.unmatched_replies += 1
+            return
+        report.replies_received += 1
+        w0, w1 = self.plan.window
+        if w0 <= now <= w1:
+            report.replies_in_window += 1
+        if w0 <= sent <= w1:
+            report.rtt_s.append(now - sent)
+        self.outstanding -= 1
+        if self.outstanding == 0:
+            self.quiet.set()
+
+    def begin(self) -> None:
+        """Start sending an append every 100 ms, the first now."""
+        self.start = time.monotonic()
+        self._send()
+
+    def _send(self) -> None:
+        transport = self.transport
+        if self.streamed.done() or transport is None:
+            return
+        n = len(self.sent_at)
+        due = self.start + n * CHUNK_S
+        w0, w1 = self.plan.window
+        if due > w1:
+            self.streamed.set_result(True)
+            return
+        now = time.monotonic()
+        report = self.report
+        if now - due > report.max_send_lag_s:
+            report.max_send_lag_s = now - due
+        self.sent_at.append(now)
+        self.outstanding += 1
+        self.quiet.clear()
+        transport.send(WSMsgType.TEXT, b"".join((self.before, b"e%d" % n, self.after)))
+        report.appends_sent += 1
+        if w0 <= now <= w1:
+            report.appends_in_window += 1
+        self._loop.call_later(due + CHUNK_S - time.monotonic(), self._send)
+
+    def close_code(self) -> str:
+        """The close code the server sent (its echo of ours when we closed first); 1006 if none came."""
+        received = self.transport.close_handshake.recv if self.transport is not None else None
+        if received is None:
+            return "1006"
+        code = received.code
+        return str(code.value if isinstance(code, WSCloseCode) else code)
 
 
 async def _sleep_until(moment: float) -> None:
@@ -126,141 +220,73 @@ async def _sleep_until(moment: float) -> None:
         await asyncio.sleep(delay)
 
 
-async def _open(plan: Plan, report: Report) -> ClientConnection | None:
+async def _open(plan: Plan, report: Report, parts: tuple[bytes, bytes]) -> Session | None:
     """Connect and wait for `session.created`; None (counted) on failure."""
     started = time.monotonic()
+    made: list[Session] = []
+
+    def factory() -> Session:
+        made.append(Session(plan, report, parts))
+        return made[-1]
+
     try:
         async with asyncio.timeout(SETUP_TIMEOUT_S):
-            ws = await connect(
+            await ws_connect(
+                factory,
                 plan.url,
-                additional_headers=plan.headers,
-                compression=None,
-                ping_interval=None,
-                max_size=2**24,
-                close_timeout=CLOSE_TIMEOUT_S,
-                user_agent_header=None,
+                extra_headers=plan.headers,
+                websocket_handshake_timeout=SETUP_TIMEOUT_S,
+                max_frame_size=2**24,
             )
-            first = orjson.loads(await ws.recv(decode=False))
-    except InvalidStatus as exc:
-        report.connect_failures[f"http_{exc.response.status_code}"] += 1
-        return None
-    except ConnectionClosed as exc:
-        report.connect_failures[f"closed_{exc.rcvd.code if exc.rcvd else 1006}"] += 1
+            created = await made[0].created
+    except WSHandshakeError as exc:
+        status = exc.response.status if exc.response is not None else None
+        report.connect_failures[f"http_{int(status)}" if status is not None else type(exc).__name__] += 1
         return None
     except TimeoutError:
         report.connect_failures["timeout"] += 1
+        if made and made[0].transport is not None:
+            made[0].transport.disconnect(graceful=False)
         return None
-    except (OSError, WebSocketException) as exc:
+    except (OSError, WSError) as exc:
         report.connect_failures[type(exc).__name__] += 1
         return None
-    if not isinstance(first, dict) or first.get("type") != CREATED_TYPE:
-        report.connect_failures["no_session_created"] += 1
-        await ws.close()
+    session = made[0]
+    if not created:
+        report.connect_failures[f"closed_{session.close_code()}"] += 1
         return None
     report.setup_s.append(time.monotonic() - started)
     report.connected += 1
-    return ws
-
-
-async def _read(ws: ClientConnection, stream: _Stream, plan: Plan, report: Report) -> None:
-    """Match replies to appends until the connection closes."""
-    w0, w1 = plan.window
-    rtts = report.rtt_s
-    sent_at = stream.sent_at
-    loads = orjson.loads
-    monotonic = time.monotonic
-    recv = ws.recv
-    while True:
-        try:
-            frame = await recv(decode=False)
-        except ConnectionClosed:
-            return
-        now = monotonic()
-        event = loads(frame)
-        kind = event.get("type")
-        if kind == DELTA_TYPE:
-            delta = event.get("delta", "")
-            try:
-                n = int(delta[1:])
-                sent = sent_at[n]
-            except (ValueError, IndexError, TypeError):
-                report.unmatched_replies += 1
-                continue
-            report.replies_received += 1
-            if w0 <= now <= w1:
-                report.replies_in_window += 1
-            if w0 <= sent <= w1:
-                rtts.append(now - sent)
-            stream.outstanding -= 1
-            if stream.outstanding == 0:
-                stream.quiet.set()
-        elif kind == "error":
-            report.error_events += 1
-
-
-async def _stream(
-    ws: ClientConnection, stream: _Stream, plan: Plan, report: Report, parts: tuple[bytes, bytes]
-) -> bool:
-    """Send an append every 100 ms until the window ends; False if the connection ended first."""
-    before, after = parts
-    w0, w1 = plan.window
-    monotonic = time.monotonic
-    send = ws.send
-    sent_at = stream.sent_at
-    start = monotonic()
-    n = 0
-    while True:
-        due = start + n * CHUNK_S
-        if due > w1:
-            return True
-        delay = due - monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        now = monotonic()
-        report.max_send_lag_s = max(report.max_send_lag_s, now - due)
-        sent_at.append(now)
-        stream.outstanding += 1
-        stream.quiet.clear()
-        try:
-            await send(b"".join((before, b"e%d" % n, after)), text=True)
-        except ConnectionClosed:
-            return False
-        report.appends_sent += 1
-        if w0 <= now <= w1:
-            report.appends_in_window += 1
-        n += 1
+    return session
 
 
 async def _session(index: int, plan: Plan, report: Report, parts: tuple[bytes, bytes]) -> None:
     await _sleep_until(plan.connect_at + index / plan.rate)
-    ws = await _open(plan, report)
-    if ws is None:
+    session = await _open(plan, report, parts)
+    if session is None:
         return
-    stream = _Stream()
-    stream.quiet.set()
-    reader = asyncio.create_task(_read(ws, stream, plan, report))
+    transport = session.transport
+    assert transport is not None
     try:
-        if await _stream(ws, stream, plan, report, parts):
+        session.begin()
+        if await session.streamed:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(plan.drain_s):
-                    await stream.quiet.wait()
-            report.missing_replies += stream.outstanding
+                    await session.quiet.wait()
+            report.missing_replies += session.outstanding
             await _sleep_until(plan.window[1])  # every session stays open for the whole window
-            await ws.close(1000)
+            transport.send_close(WSCloseCode.OK)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await session.gone.wait()
             report.completed += 1
         else:
-            report.ended_early[_close_code(ws)] += 1
-            report.missing_replies += stream.outstanding
-        await reader
+            report.ended_early[session.close_code()] += 1
+            report.missing_replies += session.outstanding
     finally:
-        reader.cancel()
-        report.close_codes[_close_code(ws)] += 1
-
-
-def _close_code(ws: ClientConnection) -> str:
-    """The close code the server sent (its echo of ours when we closed first); 1006 if none came."""
-    rcvd = ws.protocol.close_rcvd
-    return str(rcvd.code) if rcvd is not None else "1006"
+        if not session.gone.is_set():
+            transport.disconnect(graceful=False)
+        report.close_codes[session.close_code()] += 1
 
 
 async def run(plan: Plan) -> Report:
@@ -294,26 +320,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def use_cheap_masks() -> None:
-    """Draw client frame masks from a PRNG instead of os.urandom.
-
-    websockets masks every client frame with `secrets.token_bytes(4)`: one getrandom syscall per frame,
-    about a tenth of this process's CPU at 1000 sessions. A mask only guards HTTP intermediaries against
-    cache poisoning (RFC 6455 10.3); on loopback, between our own processes, it needs no secrecy.
-    """
-    import random
-    import types
-
-    import websockets.frames
-
-    websockets.frames.secrets = types.SimpleNamespace(token_bytes=random.Random().randbytes)  # type: ignore[assignment,attr-defined]
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run one load generator process (see the module docstring)."""
     args = _parse_args(argv)
     raise_fd_limit()
-    use_cheap_masks()
     quiet_gc()
     headers = json.loads(os.environ.get("BENCH_HEADERS", "{}"))
     plan = Plan(
@@ -326,12 +336,9 @@ def main(argv: list[str] | None = None) -> None:
         drain_s=args.drain,
         deadline=args.deadline,
     )
-    try:
-        import uvloop
+    import uvloop
 
-        report = uvloop.run(run(plan))
-    except ImportError:
-        report = asyncio.run(run(plan))
+    report = uvloop.run(run(plan))
     with open(args.rtt_out, "wb") as out:
         report.rtt_s.tofile(out)
     sys.stdout.write(json.dumps(report.to_json()) + "\n")

@@ -209,6 +209,7 @@ def goals(document: dict[str, Any]) -> list[dict[str, Any]]:
         relay, n = largest["relay"], largest["sessions"]
         cpu = relay["cpu_us_per_chunk_reply"]
         out.append(_goal(_RELAY_GOALS[0], f"{cpu} µs at {n} sessions", cpu is not None and cpu <= GOAL_CPU_US))
+        out.append(_goal_vs_nginx(document, n, cpu))
         start = max(r["relay"]["rss_start_mb"] for r in rows)
         out.append(_goal(_RELAY_GOALS[1], f"{start} MB (largest idle RSS of any level)", start < GOAL_RSS_START_MB))
         kb = relay["kb_per_session"]
@@ -231,6 +232,19 @@ _RELAY_GOALS: Final = (
 
 def _goal(goal: str, measured: str, met: bool | None) -> dict[str, Any]:
     return {"goal": goal, "measured": measured, "met": met}
+
+
+def _goal_vs_nginx(document: dict[str, Any], sessions: int, cpu: float | None) -> dict[str, Any]:
+    """The same CPU goal as the issue words it relative to nginx, measured in this run at the same level."""
+    goal = "relay CPU per chunk+reply under 2x nginx's (same run, same level)"
+    nginx = next(
+        (r for r in document.get("results", []) if r["target"] == "nginx" and r["sessions"] == sessions and r["relay"]),
+        None,
+    )
+    theirs = nginx["relay"]["cpu_us_per_chunk_reply"] if nginx else None
+    if cpu is None or not theirs:
+        return _goal(goal, f"not measured (no nginx level of {sessions} sessions)", None)
+    return _goal(goal, f"{cpu} µs vs nginx {theirs} µs: {cpu / theirs:.2f}x at {sessions} sessions", cpu < 2 * theirs)
 
 
 def _goal_sessions(r: dict[str, Any] | None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ and after; every subprocess is stopped at the end of the level, even on error.
 Targets:
   sidecar     `sidecar serve` (one uvicorn worker) in Redis mode on the local Redis (checkpoints published)
   direct      the load generator straight to the fake provider: the floor
+  nginx       nginx (one worker) as a pure WebSocket proxy to the provider: what relaying alone costs
   litellm     LiteLLM proxy 1.109.1's own /v1/realtime relay (installed by bench/litellm_env.sh into
               bench/.litellm-venv; when that fails the run goes on and says so)
   sidecar-2w  `sidecar serve --workers 2` (for revisions without it: `uvicorn --factory
@@ -81,7 +82,7 @@ LITELLM_VENV: Final = BENCH / ".litellm-venv"
 MODEL: Final = "gpt-realtime-whisper"
 PROVIDER_KEY: Final = "sk-bench-provider-key-0000"
 LAUNCH: Final = (sys.executable, "-m", "bench.launch")  # runs a module, `sidecar` from --rev's tree if any
-RELAY_TARGETS: Final = ("sidecar", "direct", "litellm", "sidecar-2w")
+RELAY_TARGETS: Final = ("sidecar", "direct", "nginx", "litellm", "sidecar-2w")
 ALL_TARGETS: Final = (*RELAY_TARGETS, "consumer")
 
 READY_TIMEOUT_S: Final = 30.0
@@ -242,6 +243,14 @@ async def start_stack(target: str, procs: Procs, where: Placement, opts: Options
             else "uvicorn --factory bench.sidecar_app:app --workers 2"
         )
         return Stack(url, headers, relay, provider, lambda: _workers(relay.pid), port, provider_port, key_hash, shown)
+    if target == "nginx":
+        conf = procs.cwd / "nginx.conf"
+        conf.write_text(nginx_conf(port=port, provider_port=provider_port, work=procs.cwd))
+        command = [nginx_binary() or "nginx", "-p", str(procs.cwd), "-c", str(conf), "-g", "daemon off;"]
+        relay = await procs.start("nginx", pinned(command, where.relay))
+        await _wait_ready(relay, f"http://127.0.0.1:{port}/readyz", timeout_s=READY_TIMEOUT_S)
+        provider_headers = {"Authorization": f"Bearer {PROVIDER_KEY}"}
+        return Stack(url, provider_headers, relay, provider, lambda: descendants(relay.pid), port, provider_port)
     if target == "litellm":
         command = [str(LITELLM_VENV / "bin" / "litellm"), "--config", str(CONFIG), "--host", "127.0.0.1"]
         command += ["--port", str(port), "--num_workers", "1"]
@@ -250,6 +259,44 @@ async def start_stack(target: str, procs: Procs, where: Placement, opts: Options
         await _wait_ready(relay, f"http://127.0.0.1:{port}/health/liveliness", timeout_s=LITELLM_READY_TIMEOUT_S)
         return Stack(url, headers, relay, provider, lambda: descendants(relay.pid), port, provider_port)
     raise ValueError(f"unknown target {target!r}")
+
+
+def nginx_binary() -> str | None:
+    """Debian's nginx (scripts/ensure-nginx.sh installs it), or one on PATH; None when there is none."""
+    for candidate in ("/usr/sbin/nginx", shutil.which("nginx")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def nginx_conf(*, port: int, provider_port: int, work: Path) -> str:
+    """nginx as a pure WebSocket proxy (one worker, no buffering, no logs per request), everything in `work`."""
+    temp = " ".join(f"{kind}_temp_path {work / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return f"""
+worker_processes 1;
+worker_rlimit_nofile 65536;
+pid {work / "nginx.pid"};
+error_log {work / "nginx-error.log"} warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    {temp}
+    map $http_upgrade $connection_upgrade {{ default upgrade; "" close; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = /readyz {{ return 200 "ok"; }}
+        location / {{
+            proxy_pass http://127.0.0.1:{provider_port};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_buffering off;
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+        }}
+    }}
+}}
+"""
 
 
 def _two_workers(port: int, *, env: dict[str, str], cwd: Path) -> list[str]:
@@ -624,7 +671,10 @@ async def measure(opts: Options, stamp: str, log_dir: Path, notes: list[str]) ->
     """Every relay target at every level (then the two-worker level); one result row each."""
     where = placement(pin=opts.pin)
     rows: list[dict[str, Any]] = []
-    targets = [t for t in opts.targets if t in ("sidecar", "direct", "litellm")]
+    targets = [t for t in opts.targets if t in ("sidecar", "direct", "nginx", "litellm")]
+    if "nginx" in targets and nginx_binary() is None:
+        notes.append("nginx not measured: no nginx binary (scripts/ensure-nginx.sh installs Debian's).")
+        targets.remove("nginx")
     if "litellm" in targets:
         reason = await asyncio.to_thread(install_litellm, log_dir / "litellm-install.log")
         if reason is not None:

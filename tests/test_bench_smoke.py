@@ -1,7 +1,8 @@
 """`make bench` in miniature: the benchmark runs end to end and its JSON says the relay relayed.
 
-Runs `python -m bench.run --levels 1 --duration 3 --targets sidecar,direct` as a subprocess (it starts
-the fake provider, `sidecar serve` in Redis mode on the local Redis, and the load generator) into a
+Runs `python -m bench.run --levels 1 --duration 3 --targets sidecar,direct,nginx` as a subprocess (it
+starts the benchmark provider, `sidecar serve` in Redis mode on the local Redis, a real nginx (installed by
+`.ci/run`) and the load generator) into a
 temporary output directory. No timing is asserted: only that both targets produced round trips and no
 errors, and that the outputs exist.
 """
@@ -25,7 +26,7 @@ TIMEOUT_S = 240
 def _run_bench(out: Path) -> subprocess.CompletedProcess[str]:
     """The smoke run, stopped with SIGTERM (which makes it stop its own subprocesses) if it overruns."""
     command = [sys.executable, "-m", "bench.run", "--levels", "1", "--duration", "3"]
-    command += ["--targets", "sidecar,direct", "--out", str(out)]
+    command += ["--targets", "sidecar,direct,nginx", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -59,7 +60,7 @@ def test_smoke_run_exits_zero(smoke: tuple[subprocess.CompletedProcess[str], Pat
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("target", ["sidecar", "direct"])
+@pytest.mark.parametrize("target", ["sidecar", "direct", "nginx"])
 def test_target_relayed_round_trips_without_errors(
     smoke: tuple[subprocess.CompletedProcess[str], Path], target: str
 ) -> None:
