@@ -19,7 +19,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final, Protocol
@@ -71,7 +71,7 @@ class SessionInfo:
     cost_usd: str
 
     def to_json(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        return orjson.dumps(self)  # orjson serialises dataclasses natively (asdict deep-copies: 10x slower)
 
 
 def scopes_of(principal: Principal) -> list[tuple[str, Decimal]]:

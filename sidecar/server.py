@@ -21,6 +21,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from sidecar import tuning
+from sidecar.wsserver import RelayWebSocketProtocol
 
 try:  # uvloop (a uvicorn[standard] dependency) measured faster: see docs/performance.md
     import uvloop
@@ -84,7 +85,7 @@ def config_for(app: Starlette, *, host: str, port: int, max_frame_bytes: int, **
         app,
         host=host,
         port=port,
-        ws="websockets-sansio",
+        ws=RelayWebSocketProtocol,
         ws_max_size=max_frame_bytes,
         ws_per_message_deflate=False,
         lifespan="on",

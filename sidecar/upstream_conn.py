@@ -3,6 +3,8 @@
 websockets' own asyncio client costs, per frame, a lock, an async context manager and several futures, and
 keeps the handshake's request and response and a keepalive task per connection. The relay needs less:
 
+- once the handshake response is parsed, data frames are split and built by `sidecar.wsframes` (websockets'
+  protocol still handles every other frame, the closing handshake and errors);
 - `send` writes one frame straight to the transport (no await unless the transport is paused: back-pressure);
 - received messages wait in a deque; beyond `max_queue` the transport stops reading (TCP back-pressure);
 - `recv` awaits only when the deque is empty;
@@ -34,8 +36,12 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from sidecar.errors import UpstreamError
+from sidecar.tuning import PooledSecrets
+from sidecar.wsframes import BINARY, TEXT, FrameSplitter, frame
 
 CLOSE_TIMEOUT_S: Final = 5.0
+MAX_HEAD_BYTES: Final = 65536  # a handshake response longer than this is left to websockets (which refuses it)
+_MASKS: Final = PooledSecrets()  # client frame masks: os.urandom bytes, pooled (see sidecar.tuning)
 OK_CODES: Final = frozenset({1000, 1001})
 
 
@@ -59,6 +65,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._ping_timer: asyncio.TimerHandle | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._awaiting_pong = False
+        self._head = b""  # the handshake response, until it is complete
+        self._splitter: FrameSplitter | None = None  # the data path, once the handshake succeeded
+        self._parser_only = False  # no data path: everything goes to websockets
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -67,6 +76,38 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        splitter = self._splitter
+        if splitter is not None:
+            for kind, payload in splitter.feed(data):
+                if kind in (TEXT, BINARY) and self.protocol.state is State.OPEN:
+                    self._deliver(payload, text=kind == TEXT)
+                else:
+                    self._receive(payload)
+            return
+        if self._parser_only:  # a refused or failed handshake: websockets has the rest (a body, say)
+            self._receive(data)
+            return
+        head = self._head + data
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(head) > MAX_HEAD_BYTES:
+                self._head, self._parser_only = b"", True
+                self._receive(head)
+            else:
+                self._head = head
+            return
+        # Exactly the response to websockets (its parser then waits at a frame boundary), the rest split here.
+        self._head = b""
+        self._receive(head[: end + 4])
+        if self.handshake.done() and self.protocol.state is State.OPEN:
+            self._splitter = FrameSplitter(masked=False, max_size=self.protocol.max_size)
+        else:
+            self._parser_only = True
+        if len(head) > end + 4:
+            self.data_received(head[end + 4 :])
+
+    def _receive(self, data: bytes) -> None:
+        """Bytes for websockets' protocol: the handshake, control frames, fragments, errors."""
         protocol = self.protocol
         protocol.receive_data(data)
         self._flush()
@@ -215,16 +256,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     async def send(self, message: str | bytes) -> None:
         """Send one message (a text frame for str). Waits only while the transport is paused."""
-        if self.protocol.state is not State.OPEN:
+        transport = self.transport
+        if self.protocol.state is not State.OPEN or transport is None or self.closed.done():
             raise self._closed_error()
-        try:
-            if isinstance(message, str):
-                self.protocol.send_text(message.encode())
-            else:
-                self.protocol.send_binary(message)
-        except WebSocketException as exc:  # InvalidState: the connection is closing
-            raise self._closed_error() from exc
-        self._flush()
+        if isinstance(message, str):
+            transport.write(frame(message.encode(), text=True, mask=_MASKS.token_bytes(4)))
+        else:
+            transport.write(frame(message, text=False, mask=_MASKS.token_bytes(4)))
         if self._writable is not None:
             await self._writable
 

@@ -7,7 +7,7 @@ the event with the highest `seq` wins. `event_id` is the idempotency key.
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Final, Literal
@@ -75,8 +75,7 @@ class UsageEvent:
 
     def to_fields(self) -> dict[str, str]:
         """The stream entry: a flat map of strings, in the contract's field order."""
-        values = asdict(self)
-        return {name: _encode(values[name]) for name in FIELD_ORDER}
+        return {name: _encode(getattr(self, name)) for name in FIELD_ORDER}  # no asdict: it deep-copies
 
     @classmethod
     def from_fields(cls, raw: dict[bytes, bytes] | dict[str, str]) -> UsageEvent:
