@@ -25,6 +25,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from sidecar import admin, captions, client_secrets
@@ -144,8 +145,8 @@ def create_app(
                 await asyncio.gather(watcher, return_exceptions=True)
 
     routes = [
-        WebSocketRoute("/v1/realtime", realtime_endpoint),
-        WebSocketRoute("/realtime", realtime_endpoint),
+        WebSocketRoute("/v1/realtime", RealtimeEndpoint()),
+        WebSocketRoute("/realtime", RealtimeEndpoint()),
         Route("/v1/realtime/models", models_endpoint),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
@@ -251,11 +252,20 @@ def _model_name(websocket: WebSocket, catalog: Catalog) -> tuple[str, bool]:
     return name, transcription
 
 
-async def realtime_endpoint(websocket: WebSocket) -> None:
+class RealtimeEndpoint:
+    """/v1/realtime as a plain ASGI app (Starlette routes a class instance to it as is): the handshake and
+    closing go through Starlette's WebSocket, the relayed frames through the ASGI receive and send
+    themselves, without Starlette's per-message state checks (docs/performance.md)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await realtime_endpoint(WebSocket(scope, receive=receive, send=send), receive, send)
+
+
+async def realtime_endpoint(websocket: WebSocket, receive: Receive, send: Send) -> None:
     """/v1/realtime: authenticate, resolve, admit, connect upstream, then relay (CONTRACT.md, endpoint)."""
     services: Services = websocket.app.state.services
     try:
-        relay, subprotocol, injection = await _open(websocket, services)
+        relay, subprotocol, injection = await _open(websocket, services, receive, send)
     except Refusal as refusal:
         services.metrics.refusals.labels(refusal.code).inc()
         await websocket.send_denial_response(JSONResponse(refusal.body(), status_code=refusal.status))
@@ -281,7 +291,9 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
         await supervisor.detach(relay)
 
 
-async def _open(websocket: WebSocket, services: Services) -> tuple[Relay, str | None, str | None]:
+async def _open(
+    websocket: WebSocket, services: Services, receive: Receive, send: Send
+) -> tuple[Relay, str | None, str | None]:
     """Everything before the upgrade. Raises a Refusal for each row of the contract's table."""
     subprotocols = websocket.scope.get("subprotocols") or []
     creds = credentials(websocket.headers, subprotocols)
@@ -309,7 +321,14 @@ async def _open(websocket: WebSocket, services: Services) -> tuple[Relay, str | 
     await services.supervisor.admit(principal, session_id)
     try:
         return await _connect(
-            websocket, services, model, principal, session_id, transcription, creds.subprotocol, grant=grant
+            (websocket, receive, send),
+            services,
+            model,
+            principal,
+            session_id,
+            transcription,
+            creds.subprotocol,
+            grant=grant,
         )
     except BaseException:
         await services.supervisor.release(principal, session_id)
@@ -317,7 +336,7 @@ async def _open(websocket: WebSocket, services: Services) -> tuple[Relay, str | 
 
 
 async def _connect(
-    websocket: WebSocket,
+    client: tuple[WebSocket, Receive, Send],
     services: Services,
     model: RealtimeModel,
     principal: Principal,
@@ -353,8 +372,11 @@ async def _connect(
         transcription=transcription,
         pinned=Pin(grant.session) if grant is not None else None,
     )
+    websocket, receive, send = client
     relay = Relay(
         client=websocket,
+        receive=receive,
+        send=send,
         upstream=connected.connection,
         session=session,
         publisher=services.publisher,

@@ -219,8 +219,11 @@ class RedisStore:
             self._k("sessions"),
             mapping={i.session_id: f"{expires} ".encode() + i.to_json() for i in infos},
         )
+        leases: dict[str, dict[str, float]] = defaultdict(dict)  # one ZADD per key, not per session
         for info in infos:
-            pipe.zadd(self._k("leases", info.key_hash), {info.session_id: expires}, xx=True)
+            leases[info.key_hash][info.session_id] = expires
+        for key_hash, members in leases.items():
+            pipe.zadd(self._k("leases", key_hash), members, xx=True)
         for scope, by_session in costs.items():
             key = self._k("cost", scope)
             pipe.hset(key, mapping={sid: f"{expires} {cost}" for sid, cost in by_session.items()})

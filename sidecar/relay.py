@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from starlette.types import Receive, Send
 from starlette.websockets import WebSocket, WebSocketState
 from websockets.exceptions import ConnectionClosed
 
@@ -62,6 +63,8 @@ class Relay:
         self,
         *,
         client: WebSocket,
+        receive: Receive,
+        send: Send,
         upstream: Upstream,
         session: Session,
         publisher: UsagePublisher,
@@ -71,6 +74,9 @@ class Relay:
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.client = client
+        # The relayed frames use the ASGI channel itself; `client` (Starlette) does the handshake and closing.
+        self._receive = receive
+        self._send = send
         self.upstream = upstream
         self.session = session
         self.publisher = publisher
@@ -149,14 +155,19 @@ class Relay:
         self.publisher.submit(self.session.usage_event("final", now=self.clock(), close_reason=reason))
         self.done.set_result(reason)
 
+    async def _send_text(self, text: str) -> None:
+        await self._send({"type": "websocket.send", "text": text})
+
     async def _pump_client(self) -> None:
-        receive = self.client.receive
+        receive = self._receive
+        send_client = self._send_text
         on_text = self.session.on_client_text
         send_up = self.upstream.send
         loop = self._loop
         while True:
             message = await receive()
             if message["type"] == "websocket.disconnect":
+                self.client.client_state = WebSocketState.DISCONNECTED  # as Starlette's receive would record
                 code = message.get("code", 1000)
                 if self.close_reason:  # the sidecar or the upstream ended it; this is the echo
                     return
@@ -173,7 +184,7 @@ class Relay:
                 self.bytes_in += len(text)
                 reply = on_text(text)
                 if reply.client is not None:
-                    await self.client.send_text(reply.client)
+                    await send_client(reply.client)
                 if reply.upstream is not None:
                     await send_up(reply.upstream)
             else:
@@ -185,16 +196,16 @@ class Relay:
     async def _pump_upstream(self) -> None:
         recv = self.upstream.recv
         on_text = self.session.on_upstream_text
-        send_text = self.client.send_text
+        send = self._send
         try:
             while True:
                 frame = await recv()
                 self.frames_out += 1
                 self.bytes_out += len(frame)
                 if isinstance(frame, str):
-                    await send_text(on_text(frame))
+                    await send({"type": "websocket.send", "text": on_text(frame)})
                 else:
-                    await self.client.send_bytes(self.session.scrub_bytes(frame))
+                    await send({"type": "websocket.send", "bytes": self.session.scrub_bytes(frame)})
         except ConnectionClosed as exc:
             if self.close_reason:
                 return
@@ -211,7 +222,7 @@ class Relay:
         """Send the error event, then close the client with the ending's code."""
         self.close_reason = how.close_reason
         with contextlib.suppress(Exception):
-            await self.client.send_text(protocol.error_event(how.code, how.message, error_type=how.error_type))
+            await self._send_text(protocol.error_event(how.code, how.message, error_type=how.error_type))
         await self._close_client(how.close_code, how.code)
 
     async def _close_client(self, code: int, reason: str) -> None:
