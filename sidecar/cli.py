@@ -22,7 +22,9 @@ def _settings(*, require_config: bool = True) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the relay under uvicorn (on uvloop); the first SIGTERM drains (sessions get their grace, then 1001)."""
     from sidecar.server import serve_workers
+    from sidecar.tuning import use_system_malloc
 
+    use_system_malloc()  # no-op when PYTHONMALLOC is set (the re-executed process has it)
     settings = _settings()
     host, port = args.host or settings.host, args.port or settings.port
     workers = args.workers or settings.workers

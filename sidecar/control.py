@@ -47,6 +47,7 @@ log = logging.getLogger("sidecar.control")
 
 POLL_S: Final = 0.25
 HEARTBEAT_S: Final = 1.0
+RELEASE_AFTER_S: Final = 0.5  # after the last session ends: collect garbage, malloc_trim
 LEASE_TTL_S: Final = 5.0  # a dead replica's sessions disappear from the registry after this long
 BILLED_TTL_S: Final = 40 * 86400  # billed-spend counters without a budget window expire after 40 days
 
@@ -326,6 +327,7 @@ class Supervisor:
         self._remote: dict[str, Decimal] = {}  # scope -> running cost of this scope's sessions elsewhere
         self._polled = asyncio.Event()
         self._changed = asyncio.Event()  # set whenever a session is detached
+        self._release: asyncio.TimerHandle | None = None  # the memory release after a burst, when due
 
     # ---- admission ------------------------------------------------------------------------------
 
@@ -365,6 +367,11 @@ class Supervisor:
         live = await self.store.live_costs(scope, now=self.wall())
         return spend + billed + sum(live.values(), Decimal(0))
 
+    def _release_memory(self) -> None:
+        self._release = None
+        if not self.live:
+            tuning.release_memory()
+
     def attach(self, relay: Relay) -> None:
         """Start watching a relay (after the upgrade)."""
         principal = relay.session.principal
@@ -375,8 +382,9 @@ class Supervisor:
         """Stop watching a finished relay: release its lease, count its spend in its budget windows."""
         entry = self.live.pop(relay.session.session_id, None)
         self._changed.set()
-        if not self.live:
-            tuning.release_memory()  # the last session of a burst: hand freed pages back
+        if not self.live and self._release is None:
+            # The last session of a burst: once its objects are gone too, collect and hand freed pages back.
+            self._release = asyncio.get_running_loop().call_later(RELEASE_AFTER_S, self._release_memory)
         if entry is not None:
             self.metrics.fold(relay, entry.folded)
         principal = relay.session.principal

@@ -441,6 +441,11 @@ class SidecarProcess:
     def http(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
     async def start(self) -> None:
         """Start it and wait until GET /readyz answers 200."""
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
-"""Hot-path tuning: pooled masking randomness stays random and fork-safe; websockets uses it."""
+"""Hot-path tuning: pooled masking randomness stays random and fork-safe; websockets uses it; the allocator."""
 
 from __future__ import annotations
 
 import os
+import sys
 
 import websockets.frames
 
@@ -37,3 +38,12 @@ def test_websockets_masks_with_the_pool() -> None:
     assert isinstance(websockets.frames.secrets, tuning.PooledSecrets)  # type: ignore[attr-defined]
     frame = websockets.frames.Frame(websockets.frames.OP_TEXT, b"hello")
     assert len(frame.serialize(mask=True, extensions=[])) == 2 + 4 + 5
+
+
+def test_serve_reexecutes_on_the_c_allocator_unless_one_is_chosen() -> None:
+    """Unset PYTHONMALLOC: the same command line again (under this interpreter); set: left alone."""
+    argv = ["/usr/bin/python3", "-m", "sidecar.cli", "serve", "--port", "9"]
+    command = tuning.system_malloc_command({}, argv)
+    assert command == [sys.executable, "-m", "sidecar.cli", "serve", "--port", "9"]
+    assert tuning.system_malloc_command({"PYTHONMALLOC": "pymalloc"}, argv) is None
+    assert tuning.system_malloc_command({}, []) is None

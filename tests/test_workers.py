@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
@@ -41,6 +42,9 @@ async def test_two_workers_share_sessions_registry_and_drain(tmp_path: Path) -> 
         sidecar = SidecarProcess(env, workdir=tmp_path / "run")
         await sidecar.start()
         try:
+            # `sidecar serve` re-executed itself (same pid) on the C allocator (sidecar/tuning.py).
+            environ = (await asyncio.to_thread(Path(f"/proc/{sidecar.pid}/environ").read_bytes)).split(b"\0")
+            assert b"PYTHONMALLOC=malloc" in environ
             url = f"ws://127.0.0.1:{sidecar.port}/v1/realtime?intent=transcription"
             headers = {"Authorization": f"Bearer {MASTER}"}
             sessions: list[ClientConnection] = []
