@@ -212,6 +212,31 @@ async def test_bad_input_gets_errors_and_the_session_lives_on(tmp_path: Path) ->
         ]
 
 
+async def test_fragments_and_pings_go_through_websockets_around_the_fast_path(tmp_path: Path) -> None:
+    """A fragmented message and a ping from the client (frames sidecar/wsserver.py leaves to websockets)
+    arrive whole and answered between plain frames; invalid UTF-8 in a text frame closes with 1007."""
+    async with stack(tmp_path) as s:
+        url = f"{s.sidecar.ws}/v1/realtime?model=gpt-realtime-whisper&intent=transcription"
+        async with connect(url, additional_headers={"Authorization": f"Bearer {USER_KEY}"}) as ws:
+            assert orjson.loads(await ws.recv())["type"] == "session.created"
+            await ws.send(orjson.dumps({"type": "input_audio_buffer.append", "audio": "AAAA"}).decode())
+            text = orjson.dumps({"type": "input_audio_buffer.append", "audio": "AAAAAAAA"}).decode()
+            await ws.send([text[:10], text[10:20], text[20:]])  # one message in three frames
+            pong = await ws.ping(b"are you there")
+            await ws.send(orjson.dumps({"type": "input_audio_buffer.commit"}).decode())
+            await asyncio.wait_for(pong, 10)
+            assert orjson.loads(await ws.recv())["type"] == "input_audio_buffer.committed"
+            await ws.send(b"\xff\xfe not utf-8", text=True)
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1007
+        upstream = s.provider.sessions[0]
+        appends = [e["audio"] for e in upstream.events if e.get("type") == "input_audio_buffer.append"]
+        assert appends == ["AAAA", "AAAAAAAA"]
+        assert upstream.audio_bytes == 9
+
+
 async def test_frame_over_the_limit_closes_with_1009(tmp_path: Path) -> None:
     """A client frame larger than the configured limit ends the session with 1009, billed once."""
     async with stack(tmp_path, max_frame_bytes=64 * 1024) as s:
