@@ -28,7 +28,7 @@ import orjson
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
 
 from bench.procs import quiet_gc, raise_fd_limit
-from sidecar.testing.fake_provider import DEFAULT_API_KEY
+from sidecar.testing.fake_provider import DEFAULT_API_KEY, ga_session
 
 APPEND: Final = "input_audio_buffer.append"
 DELTA_HEAD: Final = b'{"type":"conversation.item.input_audio_transcription.delta","event_id":"event_'
@@ -37,18 +37,7 @@ _ids = itertools.count(1)
 
 def created_event(*, model: str, transcription: bool) -> bytes:
     """The `session.created` a connection opens with (the GA shape, PCM16 at 24 kHz)."""
-    session = {
-        "id": f"sess_{next(_ids)}",
-        "object": "realtime.session",
-        "type": "transcription" if transcription else "realtime",
-        "model": model,
-        "audio": {
-            "input": {
-                "format": {"type": "audio/pcm", "rate": 24000},
-                "transcription": {"model": model} if transcription and model else None,
-            }
-        },
-    }
+    session = ga_session(model, transcription=transcription)
     return orjson.dumps({"type": "session.created", "event_id": f"event_{next(_ids)}", "session": session})
 
 

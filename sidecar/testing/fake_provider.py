@@ -282,22 +282,25 @@ def _upstream_model(handshake: Handshake) -> str | None:
     return handshake.query.get("model")
 
 
-def _initial_session(handshake: Handshake) -> dict[str, Any]:
-    """The GA session object announced by `session.created`."""
-    model = _upstream_model(handshake)
-    transcription_only = handshake.query.get("intent") == "transcription"
+def ga_session(model: str | None, *, transcription: bool) -> dict[str, Any]:
+    """The GA session object `session.created` announces (PCM16 at 24 kHz; bench/provider.py uses it too)."""
     return {
         "id": _new_id("sess"),
         "object": "realtime.session",
-        "type": "transcription" if transcription_only else "realtime",
+        "type": "transcription" if transcription else "realtime",
         "model": model,
         "audio": {
             "input": {
                 "format": {"type": "audio/pcm", "rate": 24000},
-                "transcription": {"model": model} if transcription_only and model else None,
+                "transcription": {"model": model} if transcription and model else None,
             }
         },
     }
+
+
+def _initial_session(handshake: Handshake) -> dict[str, Any]:
+    """The session announced to this handshake: its model, and transcription-only for `intent=transcription`."""
+    return ga_session(_upstream_model(handshake), transcription=handshake.query.get("intent") == "transcription")
 
 
 def _bytes_per_second(session: dict[str, Any]) -> int:
