@@ -11,9 +11,9 @@
 - Memory: `sidecar serve` runs on the C library's allocator (PYTHONMALLOC=malloc, re-executing itself once
   when the variable is unset). CPython's own allocator keeps a 1 MiB arena as long as one object in it
   lives, so a burst of sessions left ~27 MB of 42 MB behind; with malloc and `malloc_trim`, ~9 MB, at the
-  same CPU per frame. An explicit PYTHONMALLOC (e.g. `pymalloc`) is left alone.
-- Memory: shortly after the last session of a burst ends, a full collection frees what cycles the high
-  threshold left behind, and `malloc_trim` hands freed heap pages back to the OS.
+  same CPU per frame. An explicit PYTHONMALLOC (e.g. `pymalloc`) is left alone. Shortly after the last
+  session of a burst ends, a full collection frees what cycles the high threshold left behind, and
+  `malloc_trim` hands freed heap pages back to the OS.
 """
 
 from __future__ import annotations

@@ -42,10 +42,9 @@ from sidecar.publisher import EmbeddedPublisher, RedisPublisher, SpoolingPublish
 from sidecar.spool import Spool
 from sidecar.usage import UsageEvent
 from tests.relay_stack import catalog_for, entry
-from tests.support import chunks
+from tests.support import COMPLETED, chunks
 
 MODEL = "gpt-realtime-whisper"
-TRANSCRIBE = {"intent": "transcription"}
 PCM16_BYTES_PER_SECOND = 48_000  # CONTRACT.md: audio/pcm 24 kHz 16-bit mono
 CHUNK_BYTES = 4_800  # 100 ms of audio, as tests.support.chunks cuts it
 
@@ -287,7 +286,7 @@ async def stream_speech(conn: Any, audio: bytes) -> None:
     for piece in chunks(audio):
         await conn.input_audio_buffer.append(audio=piece)
     await conn.input_audio_buffer.commit()
-    await next_event(conn, "conversation.item.input_audio_transcription.completed")
+    await next_event(conn, COMPLETED)
 
 
 async def next_event(conn: Any, kind: str) -> Any:

@@ -16,6 +16,8 @@ from starlette.applications import Starlette
 from sidecar.server import DrainingServer, config_for
 
 CHUNK_BYTES = 4800  # 100 ms of 24 kHz PCM16
+TRANSCRIBE = {"intent": "transcription"}  # the `extra_query` of an SDK transcription session
+COMPLETED = "conversation.item.input_audio_transcription.completed"
 
 
 def bound_socket() -> socket.socket:
@@ -28,12 +30,10 @@ def bound_socket() -> socket.socket:
 
 
 @dataclass
-class Running:
-    """A sidecar served on a loopback port."""
+class Loopback:
+    """Something serving HTTP and WebSocket on a loopback port (the sidecar, nginx in front of it)."""
 
-    app: Starlette
     port: int
-    server: DrainingServer
 
     @property
     def http(self) -> str:
@@ -44,8 +44,16 @@ class Running:
         return f"ws://127.0.0.1:{self.port}"
 
     def openai(self, key: str) -> AsyncOpenAI:
-        """An official OpenAI SDK client pointed at this sidecar."""
+        """An official OpenAI SDK client whose base URL is this endpoint."""
         return AsyncOpenAI(base_url=f"{self.http}/v1", api_key=key, max_retries=0)
+
+
+@dataclass
+class Running(Loopback):
+    """A sidecar served on a loopback port."""
+
+    app: Starlette
+    server: DrainingServer
 
 
 @contextlib.asynccontextmanager
@@ -69,7 +77,7 @@ async def serve(
     server = DrainingServer(config, app=app, grace_s=grace_s)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        yield Running(app, sock.getsockname()[1], server)
+        yield Running(port=sock.getsockname()[1], app=app, server=server)
     finally:
         server.begin_drain()
         await task
@@ -88,3 +96,17 @@ async def next_of(connection: Any, kind: str) -> Any:
         if event.type == kind:
             return event
     raise AssertionError(f"connection ended before {kind}")
+
+
+async def sdk_transcript(client: AsyncOpenAI, speech_pcm16: bytes, *, model: str = "gpt-realtime-whisper") -> str:
+    """With the openai SDK: open a transcription session, stream the speech in 100 ms chunks, commit, and
+    return the transcript (the session must be announced as a transcription session)."""
+    async with client.realtime.connect(model=model, extra_query=TRANSCRIBE) as conn:
+        created = await next_of(conn, "session.created")
+        assert created.session.type == "transcription"
+        for audio in chunks(speech_pcm16):
+            await conn.input_audio_buffer.append(audio=audio)
+        await conn.input_audio_buffer.commit()
+        done = await next_of(conn, COMPLETED)
+    transcript: str = done.transcript
+    return transcript

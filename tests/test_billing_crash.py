@@ -30,7 +30,6 @@ from tests.billing_support import (
     DEADLINE_S,
     MODEL,
     PCM16_BYTES_PER_SECOND,
-    TRANSCRIBE,
     FakeClock,
     PacedStreamer,
     RedisServer,
@@ -47,7 +46,7 @@ from tests.billing_support import (
     until_closed,
 )
 from tests.relay_stack import MASTER_KEY, USER_KEY, entry, stack
-from tests.support import chunks
+from tests.support import TRANSCRIBE, chunks
 
 STREAM = "realtime:usage"  # fixed for `sidecar serve`; each test has its own redis-server
 SPEECH_BYTES = 320_022

@@ -21,7 +21,6 @@ from sidecar.testing.fake_provider import FakeProvider, Faults
 from tests.billing_support import (
     CHUNK_BYTES,
     MODEL,
-    TRANSCRIBE,
     Sink,
     assert_billed_once,
     embedded_sink,
@@ -31,7 +30,7 @@ from tests.billing_support import (
     until_closed,
 )
 from tests.relay_stack import USER_KEY, stack
-from tests.support import chunks
+from tests.support import TRANSCRIBE, chunks
 
 SPEECH_BYTES = 320_022  # 6.667125 s of 24 kHz PCM16
 

@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from openai import AsyncOpenAI
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -32,12 +31,10 @@ from websockets.exceptions import InvalidStatus
 
 from sidecar.testing.fake_provider import DEFAULT_TRANSCRIPT, PCM16_BYTES_PER_SECOND
 from tests.relay_stack import USER_KEY, Stack, stack
-from tests.support import Running, chunks, next_of, serve
+from tests.support import COMPLETED, TRANSCRIBE, Loopback, Running, chunks, next_of, sdk_transcript, serve
 
 NGINX = Path("/usr/sbin/nginx")
 SITE = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "realtime.conf"
-TRANSCRIBE = {"intent": "transcription"}
-COMPLETED = "conversation.item.input_audio_transcription.completed"
 #: The issue's long session: 90 s streamed through nginx, longer than its default 60 s proxy timeouts.
 STREAMED_S = 20  # seconds of audio, half before and half after the quiet period
 QUIET_S = 70  # longer than nginx's default 60 s proxy_read_timeout
@@ -86,23 +83,10 @@ def free_port() -> int:
 
 
 @dataclass
-class Nginx:
+class Nginx(Loopback):
     """A running nginx serving the site file on a loopback port."""
 
-    port: int
     prefix: Path
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    def openai(self, key: str) -> AsyncOpenAI:
-        """An official OpenAI SDK client whose base URL is nginx."""
-        return AsyncOpenAI(base_url=f"{self.http}/v1", api_key=key, max_retries=0)
 
 
 async def accepts(port: int) -> bool:
@@ -164,7 +148,7 @@ async def run_nginx(
     )
     try:
         await wait_listening(process, port, prefix)
-        yield Nginx(port, prefix)
+        yield Nginx(port=port, prefix=prefix)
     finally:
         if process.returncode is None:
             process.terminate()
@@ -263,15 +247,7 @@ async def test_plain_http_is_split_between_litellm_and_the_sidecar(tmp_path: Pat
 async def test_sdk_transcribes_speech_through_nginx(tmp_path: Path, speech_pcm16: bytes) -> None:
     """The openai SDK, based at nginx, streams the speech in 100 ms chunks, commits and gets the transcript."""
     async with front(tmp_path) as f:
-        client = f.nginx.openai(USER_KEY)
-        async with client.realtime.connect(model="gpt-realtime-whisper", extra_query=TRANSCRIBE) as conn:
-            created = await next_of(conn, "session.created")
-            assert created.session.type == "transcription"
-            for audio in chunks(speech_pcm16):
-                await conn.input_audio_buffer.append(audio=audio)
-            await conn.input_audio_buffer.commit()
-            done = await next_of(conn, COMPLETED)
-        assert done.transcript == DEFAULT_TRANSCRIPT
+        assert await sdk_transcript(f.nginx.openai(USER_KEY), speech_pcm16) == DEFAULT_TRANSCRIPT
         assert f.sidecar.provider.sessions[0].audio_bytes == len(speech_pcm16)
 
 

@@ -14,9 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from sidecar.testing.fake_provider import DEFAULT_TRANSCRIPT, FakeProvider, Faults
 from tests.relay_stack import MASTER_KEY, USER_KEY, entry, stack
-from tests.support import chunks, next_of
-
-TRANSCRIBE = {"intent": "transcription"}
+from tests.support import TRANSCRIBE, chunks, next_of, sdk_transcript
 
 
 async def refusal(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
@@ -31,15 +29,7 @@ async def refusal(url: str, headers: dict[str, str] | None = None) -> tuple[int,
 async def test_sdk_streams_speech_and_receives_transcript(tmp_path: Path, speech_pcm16: bytes) -> None:
     """The openai SDK streams the test speech in 100 ms chunks, commits, and gets the transcript."""
     async with stack(tmp_path) as s:
-        client = s.sidecar.openai(USER_KEY)
-        async with client.realtime.connect(model="gpt-realtime-whisper", extra_query=TRANSCRIBE) as conn:
-            created = await next_of(conn, "session.created")
-            assert created.session.type == "transcription"
-            for audio in chunks(speech_pcm16):
-                await conn.input_audio_buffer.append(audio=audio)
-            await conn.input_audio_buffer.commit()
-            done = await next_of(conn, "conversation.item.input_audio_transcription.completed")
-        assert done.transcript == DEFAULT_TRANSCRIPT
+        assert await sdk_transcript(s.sidecar.openai(USER_KEY), speech_pcm16) == DEFAULT_TRANSCRIPT
         upstream = s.provider.sessions[0]
         assert upstream.audio_bytes == len(speech_pcm16) == 320022
 
