@@ -1,8 +1,14 @@
-"""The asyncio driver of one session: two pumps, a ticker, and one way out.
+"""The asyncio driver of one session: a direct path, two pumps, a ticker, and one way out.
 
-    client WebSocket --pump_client--> Session.on_client_text --> upstream
-    client WebSocket <--pump_upstream-- Session.on_upstream_text <-- upstream
+    client WebSocket --direct or pump_client--> Session.on_client_text --> upstream
+    client WebSocket <--direct or pump_upstream-- Session.on_upstream_text <-- upstream
     Supervisor (control.py, one task for all sessions) --poll()--> checkpoints, idle and length limits
+
+Direct path: when both connections offer it (sidecar.wsserver's protocol, sidecar.upstream_conn's
+connection), a data frame is relayed inside the read callback that received it, with no task switch, as
+long as the receiving side's pump is idle with nothing queued and the sending side's transport is
+writable. Otherwise the frame is queued for the pump, so frames keep their order and a paused transport
+always goes through the pumps' back-pressure.
 
 Back-pressure: each pump awaits its send before reading the next frame, so a slow reader on either side
 stops the other side's reads (websockets' `max_queue` then TCP flow control), never an unbounded buffer.
@@ -28,6 +34,8 @@ from sidecar.errors import Ending, ending
 from sidecar.publisher import UsagePublisher
 from sidecar.session import Session
 from sidecar.upstream import Upstream
+from sidecar.upstream_conn import UpstreamConnection
+from sidecar.wsserver import DIRECT, RelayWebSocketProtocol
 
 log = logging.getLogger("sidecar.relay")
 
@@ -94,6 +102,9 @@ class Relay:
         self._next_checkpoint = self._started + checkpoint_s
         # Per-session counters, folded into the Prometheus counters by the supervisor (not per frame).
         self.frames_in = self.frames_out = self.bytes_in = self.bytes_out = 0
+        # A pump holds a frame it has not finished sending: the direct path waits (frame order).
+        self._client_busy = self._upstream_busy = False
+        self._direct: tuple[RelayWebSocketProtocol, UpstreamConnection] | None = None
 
     # ---- control --------------------------------------------------------------------------------
 
@@ -126,6 +137,7 @@ class Relay:
         interval still leaves a record for the consumer to close as `lost`.
         """
         self.publisher.submit(self.session.usage_event("checkpoint", now=self.clock()))
+        self._open_direct()
         tasks: set[asyncio.Future[object]] = {
             asyncio.create_task(self._pump_client(), name="pump_client"),
             asyncio.create_task(self._pump_upstream(), name="pump_upstream"),
@@ -136,6 +148,7 @@ class Relay:
             if self._ended.done() and not self.close_reason:
                 await self._finish(self._ended.result())
         finally:
+            self._close_direct()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -155,6 +168,63 @@ class Relay:
         self.publisher.submit(self.session.usage_event("final", now=self.clock(), close_reason=reason))
         self.done.set_result(reason)
 
+    # ---- the direct path ----------------------------------------------------------------------------
+
+    def _open_direct(self) -> None:
+        """Hand both connections a sink, when both offer the direct path (see the module docstring)."""
+        extensions = self.client.scope.get("extensions") or {}
+        client, upstream = extensions.get(DIRECT), self.upstream
+        if not isinstance(client, RelayWebSocketProtocol) or not isinstance(upstream, UpstreamConnection):
+            return
+        self._direct = client, upstream
+        client.sink = self._from_client
+        upstream.sink = self._from_upstream
+
+    def _close_direct(self) -> None:
+        if self._direct is not None:
+            client, upstream = self._direct
+            client.sink = upstream.sink = None
+            self._direct = None
+
+    def _from_client(self, message: str | bytes) -> bool:
+        """A client data frame, in the client's read callback: relayed now, or False to queue it."""
+        direct = self._direct
+        if direct is None or self._client_busy or self.close_reason:
+            return False
+        client, upstream = direct
+        if not (upstream.writable_now and client.writable_now):
+            return False
+        self._last_client = self._loop.time()
+        self.frames_in += 1
+        self.bytes_in += len(message)
+        if isinstance(message, str):
+            reply = self.session.on_client_text(message)
+            if reply.client is not None:
+                client.write_now(reply.client)
+            if reply.upstream is not None:
+                upstream.write_now(reply.upstream)
+        else:
+            upstream.write_now(message)
+        return True
+
+    def _from_upstream(self, message: str | bytes) -> bool:
+        """An upstream data frame, in the upstream's read callback: relayed now, or False to queue it."""
+        direct = self._direct
+        if direct is None or self._upstream_busy or self.close_reason:
+            return False
+        client = direct[0]
+        if not client.writable_now:
+            return False
+        self.frames_out += 1
+        self.bytes_out += len(message)
+        if isinstance(message, str):
+            client.write_now(self.session.on_upstream_text(message))
+        else:
+            client.write_now(self.session.scrub_bytes(message))
+        return True
+
+    # ---- the pumps ----------------------------------------------------------------------------------
+
     async def _send_text(self, text: str) -> None:
         await self._send({"type": "websocket.send", "text": text})
 
@@ -165,7 +235,9 @@ class Relay:
         send_up = self.upstream.send
         loop = self._loop
         while True:
+            self._client_busy = False
             message = await receive()
+            self._client_busy = True
             if message["type"] == "websocket.disconnect":
                 self.client.client_state = WebSocketState.DISCONNECTED  # as Starlette's receive would record
                 code = message.get("code", 1000)
@@ -199,7 +271,9 @@ class Relay:
         send = self._send
         try:
             while True:
+                self._upstream_busy = False
                 frame = await recv()
+                self._upstream_busy = True
                 self.frames_out += 1
                 self.bytes_out += len(frame)
                 if isinstance(frame, str):

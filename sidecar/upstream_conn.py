@@ -8,7 +8,9 @@ keeps the handshake's request and response and a keepalive task per connection. 
 - `send` writes one frame straight to the transport (no await unless the transport is paused: back-pressure);
 - received messages wait in a deque; beyond `max_queue` the transport stops reading (TCP back-pressure);
 - `recv` awaits only when the deque is empty;
-- keepalive pings ride on one `call_later` timer per connection; a missing pong aborts the connection.
+- keepalive pings ride on one `call_later` timer per connection; a missing pong aborts the connection;
+- a direct path for the relay: a `sink` takes each data message in the read callback while the deque is
+  empty (declining leaves it to the deque and `recv`), and `write_now` writes while the transport is writable.
 
 It raises websockets' own `ConnectionClosedOK` / `ConnectionClosedError` (with `rcvd` set only when the peer
 sent a close frame), so the relay treats both clients alike. Measured in docs/performance.md.
@@ -20,6 +22,7 @@ import asyncio
 import collections
 import os
 import ssl
+from collections.abc import Callable
 from typing import Final, cast
 
 from websockets.client import ClientProtocol
@@ -68,6 +71,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._head = b""  # the handshake response, until it is complete
         self._splitter: FrameSplitter | None = None  # the data path, once the handshake succeeded
         self._parser_only = False  # no data path: everything goes to websockets
+        #: Takes a received message in the read callback (True), or declines it (False: it waits for `recv`).
+        self.sink: Callable[[str | bytes], bool] | None = None
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -130,6 +135,7 @@ class UpstreamConnection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self._ping_timer = self._close_timer = None
+        self.sink = None
         if not self.handshake.done():
             self.handshake.set_exception(UpstreamError("upstream closed the connection during the handshake"))
         if not self.closed.done():
@@ -189,6 +195,9 @@ class UpstreamConnection(asyncio.Protocol):
                 return
         else:
             message = data
+        sink = self.sink
+        if sink is not None and not self._messages and sink(message):
+            return
         self._messages.append(message)
         if len(self._messages) >= self._max_queue and not self._reading_paused and self.transport is not None:
             self._reading_paused = True
@@ -253,6 +262,24 @@ class UpstreamConnection(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()
         return message
+
+    @property
+    def writable_now(self) -> bool:
+        """True when `write_now` may be used: open, and the transport is not paused."""
+        return (
+            self._writable is None
+            and self.transport is not None
+            and self.protocol.state is State.OPEN
+            and not self.closed.done()
+        )
+
+    def write_now(self, message: str | bytes) -> None:
+        """Write one message at once (only while `writable_now`)."""
+        transport: asyncio.Transport = self.transport  # type: ignore[assignment]  # writable_now: not None
+        if isinstance(message, str):
+            transport.write(frame(message.encode(), text=True, mask=_MASKS.token_bytes(4)))
+        else:
+            transport.write(frame(message, text=False, mask=_MASKS.token_bytes(4)))
 
     async def send(self, message: str | bytes) -> None:
         """Send one message (a text frame for str). Waits only while the transport is paused."""

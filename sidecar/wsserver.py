@@ -8,7 +8,11 @@ through websockets' frame serializer, and pauses and resumes the socket's readin
   same `websocket.receive` message uvicorn would queue; every other frame (ping, pong, close, fragments,
   bad frames) and anything past the size limit goes to uvicorn's own handling, unchanged;
 - writes `websocket.send` messages as one frame, straight to the transport;
-- pauses reading only when the app has fallen two messages behind (uvicorn's `receive` resumes it).
+- pauses reading only when the app has fallen two messages behind (uvicorn's `receive` resumes it);
+- offers the app a direct path (`scope["extensions"]["sidecar.direct"]` is this protocol): a `sink` set by
+  the app takes each data message in the read callback itself, while nothing is queued, and `write_now`
+  writes a message at once while the transport is writable. The relay uses both to move a frame without an
+  asyncio task switch (sidecar/relay.py); a sink that declines a message leaves it to the queue.
 
 The handshake, closing, keepalive pings, errors and everything else stay uvicorn's. The fast path starts
 only when no byte arrived between the client's request and the handshake's completion (RFC 6455 4.1: a
@@ -18,6 +22,7 @@ Measured in docs/performance.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
 from uvicorn.protocols.utils import ClientDisconnected
@@ -27,6 +32,10 @@ from websockets.protocol import State
 from sidecar.wsframes import BINARY, TEXT, FrameSplitter, frame
 
 BACKLOG: Final = 2  # messages queued for the app before reading pauses
+DIRECT: Final = "sidecar.direct"  # the scope extension naming the protocol, for the direct path
+
+#: Takes one received data message (str for text, bytes for binary) and returns True, or False to queue it.
+Sink = Callable[[str | bytes], bool]
 
 
 class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -36,6 +45,40 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self._splitter: FrameSplitter | None = None
         self._clean = True  # no byte arrived between the request and the handshake's completion
+        self.sink: Sink | None = None
+        self._write_paused = False  # uvicorn's `writable` event, as a flag for the per-frame checks
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        super().pause_writing()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        super().resume_writing()
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope["extensions"][DIRECT] = self
+
+    @property
+    def writable_now(self) -> bool:
+        """True when `write_now` may be used: the fast path is on and the transport is not paused."""
+        return (
+            self._splitter is not None
+            and not self._write_paused
+            and not self.close_sent
+            and not self.disconnected
+            and self.conn.state is State.OPEN
+        )
+
+    def write_now(self, message: str | bytes) -> None:
+        """Write one data message as one frame (only while `writable_now`)."""
+        if isinstance(message, str):
+            self.transport.write(frame(message.encode(), text=True))
+        else:
+            self.transport.write(frame(message, text=False))
 
     def data_received(self, data: bytes) -> None:
         splitter = self._splitter
@@ -58,12 +101,19 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
                 continue
             if kind == TEXT:
                 try:
-                    queue.put_nowait({"type": "websocket.receive", "text": payload.decode()})
+                    text = payload.decode()
                 except UnicodeDecodeError:
                     self.conn.fail(1007, "invalid UTF-8")
                     self.handle_parser_exception()
                     return
+                sink = self.sink
+                if sink is not None and queue.empty() and sink(text):
+                    continue
+                queue.put_nowait({"type": "websocket.receive", "text": text})
             else:
+                sink = self.sink
+                if sink is not None and queue.empty() and sink(payload):
+                    continue
                 queue.put_nowait({"type": "websocket.receive", "bytes": payload})
             if not self.read_paused and queue.qsize() >= BACKLOG:
                 self.read_paused = True
@@ -89,3 +139,7 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
             data = message.get("bytes")
             if data is not None:
                 self.transport.write(frame(data, text=False))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.sink = None  # the app's callback holds its session: let it go with the connection
+        super().connection_lost(exc)

@@ -12,9 +12,10 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from sidecar.protocol import APPEND
 from sidecar.testing.fake_provider import DEFAULT_TRANSCRIPT, FakeProvider, Faults
 from tests.relay_stack import MASTER_KEY, USER_KEY, entry, stack
-from tests.support import TRANSCRIBE, chunks, next_of, sdk_transcript
+from tests.support import COMPLETED, TRANSCRIBE, chunks, next_of, sdk_transcript
 
 
 async def refusal(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
@@ -301,23 +302,67 @@ async def test_slow_client_holds_the_upstream_back(tmp_path: Path) -> None:
         headers = {"Authorization": f"Bearer {USER_KEY}"}
         async with connect(url, additional_headers=headers, max_queue=1, max_size=None) as ws:
             await ws.recv()
+            # A first client frame puts the sidecar's client connection on its fast (and direct) path.
+            await ws.send(orjson.dumps({"type": APPEND, "audio": "AAAA"}).decode())
             big = {"type": "response.output_text.delta", "delta": "x" * 1_000_000}
             count = 64  # 64 MB: far more than the sidecar's bounded queues and socket buffers hold
             push = asyncio.create_task(_push(s.provider, big, count))
             # Negative check: while the client reads nothing, the provider cannot finish pushing.
             done, _ = await asyncio.wait([push], timeout=2)
             assert not done
-            received = 0
-            while received < count:
-                if orjson.loads(await ws.recv())["type"] == "response.output_text.delta":
-                    received += 1
+            received: list[str] = []
+            while len(received) < count:
+                event = orjson.loads(await ws.recv())
+                if event["type"] == "response.output_text.delta":
+                    received.append(event["item_id"])
             await push
-        assert received == count
+            # Back on the direct path once the client reads again: the next frame still comes after them.
+            await s.provider.send_all({**big, "delta": "after", "item_id": "last"})
+            assert (await _next_raw(ws, "response.output_text.delta"))["item_id"] == "last"
+        assert received == [f"item_{n}" for n in range(count)]  # queued and direct frames kept their order
+
+
+async def _next_raw(ws: Any, kind: str) -> dict[str, Any]:
+    """The next event of type `kind` from a websockets connection (others are skipped)."""
+    while True:
+        event: dict[str, Any] = orjson.loads(await ws.recv())
+        if event["type"] == kind:
+            return event
 
 
 async def _push(provider: FakeProvider, event: dict[str, Any], count: int) -> None:
-    for _ in range(count):
-        await provider.send_all(event)
+    for n in range(count):
+        await provider.send_all({**event, "item_id": f"item_{n}"})
+
+
+async def test_stalled_provider_holds_the_client_back(tmp_path: Path) -> None:
+    """A provider that stops reading stalls the client's sends (bounded buffers); then every append arrives,
+    in order, and is metered once."""
+    async with stack(tmp_path) as s:
+        url = f"{s.sidecar.ws}/v1/realtime?model=gpt-realtime-whisper&intent=transcription"
+        headers = {"Authorization": f"Bearer {USER_KEY}"}
+        audio = base64.b64encode(bytes(750_000)).decode()  # 1 MB of base64 per append
+        count = 64
+        async with connect(url, additional_headers=headers, max_size=None) as ws:
+            await ws.recv()
+            upstream = await s.provider.wait_for_session(0)
+            s.provider.hold_reads()
+
+            async def push() -> None:
+                for n in range(count):
+                    await ws.send(orjson.dumps({"type": APPEND, "event_id": f"a{n}", "audio": audio}).decode())
+
+            pushing = asyncio.create_task(push())
+            # Negative check: while the provider reads nothing, the client cannot finish sending.
+            done, _ = await asyncio.wait([pushing], timeout=2)
+            assert not done
+            s.provider.release_reads()
+            await pushing
+            await ws.send(orjson.dumps({"type": "input_audio_buffer.commit"}).decode())
+            await _next_raw(ws, COMPLETED)
+        appends = [e["event_id"] for e in upstream.events if e.get("type") == APPEND]
+        assert appends == [f"a{n}" for n in range(count)]
+        assert upstream.audio_bytes == count * 750_000
 
 
 async def test_models_endpoint_lists_realtime_models(tmp_path: Path) -> None:

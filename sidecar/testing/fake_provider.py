@@ -516,6 +516,8 @@ class FakeProvider:
         self._accepted: dict[ServerConnection, Handshake] = {}  # upgraded, not yet handled
         self._changed = asyncio.Condition()
         self._stopping = asyncio.Event()
+        self._reading = asyncio.Event()  # cleared by hold_reads(): every session stops reading
+        self._reading.set()
 
     @property
     def host_port(self) -> str:
@@ -585,6 +587,14 @@ class FakeProvider:
             with contextlib.suppress(ConnectionClosed):
                 await connection.send(text)
 
+    def hold_reads(self) -> None:
+        """Stop reading client events on every session (a stalled provider) until `release_reads()`."""
+        self._reading.clear()
+
+    def release_reads(self) -> None:
+        """Read client events again after `hold_reads()`."""
+        self._reading.set()
+
     async def drop_all(self) -> None:
         """Abort every live connection's TCP transport: the peers see no close frame."""
         connections = list(self._live)
@@ -651,6 +661,8 @@ class FakeProvider:
     async def _serve(self, connection: ServerConnection, conversation: _Conversation) -> None:
         """Receive, reply and apply fault actions until the connection closes."""
         while True:
+            if not self._reading.is_set():
+                await self._reading.wait()
             if self.faults.read_delay_s > 0:
                 await asyncio.sleep(self.faults.read_delay_s)
             reply = conversation.receive(await connection.recv(), self.faults)
