@@ -23,10 +23,11 @@ from sidecar.usage import EventType, UsageEvent
 
 REDACTED: Final = "[redacted]"
 # Substrings that mark an upstream frame the session must parse (cheap `in` checks on the raw text).
-_MARKERS: Final = ('"error"', "session.", "response.done", "transcription.completed")
+# An upstream frame with none of these is relayed without being parsed (checked unrolled: no generator).
+_ERROR, _SESSION, _DONE, _COMPLETED = '"error"', "session.", "response.done", "transcription.completed"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per client frame, and a frozen __init__ costs twice as much
 class Reply:
     """The outcome of one client frame: text for the upstream and/or for the client (either may be None)."""
 
@@ -180,7 +181,7 @@ class Session:
 
     def on_upstream_text(self, text: str) -> str:
         """The text to relay for one upstream frame: metered, identifiers scrubbed. Never raises."""
-        if not any(marker in text for marker in _MARKERS):
+        if not (_ERROR in text or _SESSION in text or _DONE in text or _COMPLETED in text):
             return self._scrub(text) if self._secrets else text
         try:
             event = protocol.loads(text)

@@ -17,6 +17,7 @@ Pure: no I/O, no clock. Unmasking and masking use websockets' C `apply_mask`.
 
 from __future__ import annotations
 
+import struct
 from typing import Any, Final
 
 from websockets.speedups import apply_mask
@@ -97,17 +98,21 @@ class FrameSplitter:
         return out
 
 
-def _header(first: int, length: int, mask_bit: int) -> bytes:
-    if length < 126:
-        return bytes((first, mask_bit | length))
-    if length < 65536:
-        return bytes((first, mask_bit | 126)) + length.to_bytes(2, "big")
-    return bytes((first, mask_bit | 127)) + length.to_bytes(8, "big")
+_HEAD16: Final = struct.Struct("!BBH").pack
+_HEAD64: Final = struct.Struct("!BBQ").pack
 
 
 def frame(payload: bytes, *, text: bool, mask: bytes | None = None) -> bytes:
     """One final, unfragmented data frame; masked with the 4-byte `mask` when given (a client's frame)."""
     first = _FIN_TEXT if text else _FIN_BINARY
+    length = len(payload)
+    bit = 0 if mask is None else _MASK_BIT
+    if length < 126:
+        head = bytes((first, bit | length))
+    elif length < 65536:
+        head = _HEAD16(first, bit | 126, length)
+    else:
+        head = _HEAD64(first, bit | 127, length)
     if mask is None:
-        return _header(first, len(payload), 0) + payload
-    return b"".join((_header(first, len(payload), _MASK_BIT), mask, apply_mask(payload, mask)))
+        return head + payload
+    return b"".join((head, mask, apply_mask(payload, mask)))
