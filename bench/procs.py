@@ -154,20 +154,22 @@ class Usage:
     cpu_s: float
     rss_kb: int
     fds: int
+    sys_s: float = 0.0  # the part of cpu_s spent in the kernel (stime)
 
 
 def usage(pids: Sequence[int]) -> Usage:
-    """utime+stime, VmRSS and open file descriptors of `pids` (processes that have gone count 0)."""
-    cpu = 0.0
+    """utime+stime (and stime alone), VmRSS and open file descriptors of `pids` (processes that have gone count 0)."""
+    cpu = kernel = 0.0
     rss = 0
     fds = 0
     for pid in pids:
         with contextlib.suppress(OSError, ValueError, IndexError):
             fields = _stat_fields(pid)
             cpu += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+            kernel += int(fields[12]) / CLOCK_TICKS
             rss += _vm_rss_kb(pid)
             fds += len(os.listdir(f"/proc/{pid}/fd"))
-    return Usage(cpu, rss, fds)
+    return Usage(cpu, rss, fds, kernel)
 
 
 def _vm_rss_kb(pid: int) -> int:

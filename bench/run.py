@@ -94,6 +94,7 @@ SETTLE_S: Final = 2.0  # after the last connect, before the window opens
 DRAIN_S: Final = 2.0  # after the window, for outstanding replies
 IDLE_WAIT_S: Final = 15.0  # for the relay to let go of every session after the level
 SAMPLE_EVERY_S: Final = 0.25
+REPEAT_WINDOW_S: Final = 5.0  # the window of each extra burst (--bursts): memory is what is read there
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,8 @@ class Options:
     workers2_level: int
     profile_level: int
     consumer_events: int
+    bursts: int
+    bursts_level: int
     redis_url: str
     pin: bool
     update_docs: bool
@@ -372,6 +375,12 @@ class Samples:
             return None
         return self.at_w1[role].cpu_s - self.at_w0[role].cpu_s
 
+    def window_sys_s(self, role: str) -> float | None:
+        """The kernel's part of `window_cpu_s`."""
+        if self.at_w0 is None or self.at_w1 is None:
+            return None
+        return self.at_w1[role].sys_s - self.at_w0[role].sys_s
+
 
 async def _sample(
     stack: Stack, roles: dict[str, Callable[[], list[int]]], timeline: Timeline, samples: Samples
@@ -458,12 +467,26 @@ class LevelOutcome:
     usage_events: int | None
     profile: dict[str, Any] | None = None
     command: str = ""
+    #: RSS after each burst of the same sessions on the same relay (the first is `after`), when repeated.
+    after_bursts: list[Usage] = field(default_factory=list)
+    burst_errors: int = 0  # failed sessions in the extra bursts
 
 
 async def run_level(
-    target: str, sessions: int, opts: Options, where: Placement, *, log_dir: Path, profile_to: Path | None = None
+    target: str,
+    sessions: int,
+    opts: Options,
+    where: Placement,
+    *,
+    log_dir: Path,
+    profile_to: Path | None = None,
+    bursts: int = 1,
 ) -> LevelOutcome:
-    """One target at one level, on a fresh stack that is torn down at the end whatever happens."""
+    """One target at one level, on a fresh stack that is torn down at the end whatever happens.
+
+    With `bursts` > 1 the same load runs again (windows of REPEAT_WINDOW_S) on the same relay once it has
+    let go of the previous burst, and RSS is read after each: what a later burst adds is what sessions keep.
+    """
     with tempfile.TemporaryDirectory(prefix=f"bench-{target}-{sessions}-") as tmp:
         work = Path(tmp)
         level_logs = log_dir / f"{target}-{sessions}{'-profiled' if profile_to else ''}"
@@ -503,9 +526,46 @@ async def run_level(
             after = usage(stack.relay_pids()) if stack.relay else None
             events = await take_usage_events(opts.redis_url, stack.key_hash) if stack.key_hash else None
             command = stack.command
-        return LevelOutcome(
-            target, sessions, reports, _read_rtts(rtt_files), samples, idle, after, released, events, profile, command
-        )
+            outcome = LevelOutcome(
+                target,
+                sessions,
+                reports,
+                _read_rtts(rtt_files),
+                samples,
+                idle,
+                after,
+                released,
+                events,
+                profile,
+                command,
+            )
+            if after is not None and bursts > 1:
+                outcome.after_bursts = [after]
+                for burst in range(2, bursts + 1):
+                    burst_errors, released_again, after_again = await _burst(
+                        procs, stack, sessions, opts, where, work, burst
+                    )
+                    outcome.burst_errors += burst_errors
+                    outcome.released = outcome.released and released_again
+                    outcome.after_bursts.append(after_again)
+        return outcome
+
+
+async def _burst(
+    procs: Procs, stack: Stack, sessions: int, opts: Options, where: Placement, work: Path, burst: int
+) -> tuple[int, bool, Usage]:
+    """One more burst of `sessions` on the same relay: its failed sessions, whether all were released, RSS."""
+    print(f"bench:   burst {burst} of {sessions} sessions on the same relay ...", file=sys.stderr, flush=True)
+    timeline = Timeline.plan(sessions, rate=opts.rate, duration_s=min(opts.duration_s, REPEAT_WINDOW_S))
+    burst_dir = work / f"burst-{burst}"
+    burst_dir.mkdir()
+    loadgens, _ = await _run_loadgen(procs, stack, sessions, timeline, opts, where, burst_dir)
+    reports = await _collect(loadgens, timeline)
+    got = [r for r in reports if r is not None]
+    errors = report.error_detail(got, len(reports) - len(got), sessions, len(reports))
+    released = await _wait_released(stack)
+    await asyncio.sleep(1.0)
+    return sum(errors.values()), released, usage(stack.relay_pids())
 
 
 def _read_rtts(files: Sequence[Path]) -> array[float]:
@@ -694,8 +754,9 @@ async def measure(opts: Options, stamp: str, log_dir: Path, notes: list[str]) ->
 async def _measured_row(target: str, sessions: int, opts: Options, where: Placement, log_dir: Path) -> dict[str, Any]:
     print(f"bench: {target} x {sessions} sessions ...", file=sys.stderr, flush=True)
     others = foreign_benchmarks()
+    bursts = opts.bursts if target == "sidecar" and sessions == opts.bursts_level else 1
     try:
-        outcome = await run_level(target, sessions, opts, where, log_dir=log_dir)
+        outcome = await run_level(target, sessions, opts, where, log_dir=log_dir, bursts=bursts)
     except StackError as exc:
         return report.failed_row(target, sessions, str(exc))
     row = report.row(outcome, duration_s=opts.duration_s)
@@ -765,6 +826,8 @@ async def run(opts: Options) -> dict[str, Any]:
             "loadgen_procs": opts.loadgen_procs,
             "workers2_level": opts.workers2_level,
             "profile_level": opts.profile_level,
+            "bursts": opts.bursts,
+            "bursts_level": opts.bursts_level,
         },
         "machine": machine(placement(pin=opts.pin)),
         "code": code,
@@ -809,6 +872,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument(
         "--profile-level", type=int, default=500, help="profile the sidecar at this level if it is one (0: never)"
     )
+    parser.add_argument(
+        "--bursts", type=int, default=3, help="run the sidecar's --bursts-level this many times on one process"
+    )
+    parser.add_argument("--bursts-level", type=int, default=1000, help="the level repeated by --bursts (0: never)")
     parser.add_argument("--consumer-events", type=int, default=20_000, help="events for the consumer benchmark")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14", help="the sidecar's Redis (a spare db)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
@@ -831,6 +898,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         workers2_level=args.workers2_level,
         profile_level=args.profile_level,
         consumer_events=args.consumer_events,
+        bursts=max(1, args.bursts),
+        bursts_level=args.bursts_level,
         redis_url=args.redis_url,
         pin=not args.no_pin,
         rev=args.rev,

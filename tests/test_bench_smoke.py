@@ -1,6 +1,7 @@
 """`make bench` in miniature: the benchmark runs end to end and its JSON says the relay relayed.
 
-Runs `python -m bench.run --levels 1 --duration 3 --targets sidecar,direct,nginx` as a subprocess (it
+Runs `python -m bench.run --levels 1 --duration 3 --targets sidecar,direct,nginx --bursts 2 --bursts-level 1`
+as a subprocess (it
 starts the benchmark provider, `sidecar serve` in Redis mode on the local Redis, a real nginx (installed by
 `.ci/run`) and the load generator) into a
 temporary output directory. No timing is asserted: only that both targets produced round trips and no
@@ -26,7 +27,7 @@ TIMEOUT_S = 240
 def _run_bench(out: Path) -> subprocess.CompletedProcess[str]:
     """The smoke run, stopped with SIGTERM (which makes it stop its own subprocesses) if it overruns."""
     command = [sys.executable, "-m", "bench.run", "--levels", "1", "--duration", "3"]
-    command += ["--targets", "sidecar,direct,nginx", "--out", str(out)]
+    command += ["--targets", "sidecar,direct,nginx", "--bursts", "2", "--bursts-level", "1", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -83,7 +84,22 @@ def test_sidecar_row_has_relay_figures(smoke: tuple[subprocess.CompletedProcess[
     assert relay["rss_peak_mb"] >= relay["rss_start_mb"]
     assert relay["released_all_sessions"] is True
     assert _result(out, "sidecar")["usage_events_published"] >= 2  # the first checkpoint and the final
+    assert 0 <= relay["kernel_us_per_chunk_reply"] <= relay["cpu_us_per_chunk_reply"]
     assert _result(out, "direct")["relay"] is None
+
+
+def test_repeated_burst_reads_memory_after_each(smoke: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    """`--bursts 2`: the sidecar level ran twice on one process, RSS read after each, and the goal uses it."""
+    _, out = smoke
+    relay = _result(out, "sidecar")["relay"]
+    assert len(relay["rss_after_bursts_mb"]) == 2
+    assert relay["burst_errors"] == 0
+    assert relay["released_all_sessions"] is True
+    assert "kept_kb_per_session_per_burst" in relay
+    assert "rss_after_bursts_mb" not in _result(out, "nginx")["relay"]  # only the sidecar's level repeats
+    goals = json.loads((out / "latest.json").read_text())["goals"]
+    kept = next(g for g in goals if g["goal"].startswith("nothing kept"))
+    assert "2 bursts of 1 on one process" in kept["measured"]
 
 
 def test_outputs_written(smoke: tuple[subprocess.CompletedProcess[str], Path]) -> None:
