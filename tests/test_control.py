@@ -369,3 +369,55 @@ async def test_nothing_of_a_session_is_kept_after_it_ends(tmp_path: Path) -> Non
         gc.collect()
         assert [r for r in refs if r() is not None] == []
         assert supervisor.principals == {}
+
+
+async def test_heartbeat_in_slices_registers_every_session() -> None:
+    """A heartbeat writes the registry a slice at a time (frames go through between slices) and still
+    registers every live session, with its running cost under its budget scope; one that ends between
+    slices is left out."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from sidecar.auth import KeyChecker
+    from sidecar.control import MemoryStore, Supervisor
+    from sidecar.metrics import Metrics
+    from tests.test_session import append, make
+
+    store = MemoryStore()
+    supervisor = Supervisor(
+        store=store,
+        checker=KeyChecker(master_key=MASTER_KEY, client=None),
+        metrics=Metrics(),
+        replica="r1",
+        key_recheck_s=60.0,
+        max_sessions=100,
+        max_sessions_per_key=100,
+        wall=lambda: 1000.0,
+        heartbeat_slice=2,
+    )
+    relays = []
+    for n in range(5):
+        session = make()
+        session.session_id = f"rs_{n}"
+        session.principal = replace(session.principal, max_budget=Decimal(100))
+        session.on_client_text(append(bytes(48_000)))  # 1 s of audio each
+        relay = SimpleNamespace(session=session, frames_in=1, frames_out=0, bytes_in=1, bytes_out=0)
+        supervisor.attach(relay)  # type: ignore[arg-type]
+        relays.append(relay)
+    original = store.heartbeat
+    slices: list[list[str]] = []
+
+    async def recording(infos: Any, costs: Any, *, now: float) -> None:
+        slices.append([i.session_id for i in infos])
+        if len(slices) == 1:  # rs_3 ends while the first slice is written
+            supervisor.live.pop("rs_3")
+        await original(infos, costs, now=now)
+
+    store.heartbeat = recording  # type: ignore[method-assign]
+    await supervisor.heartbeat()
+    assert slices == [["rs_0", "rs_1"], ["rs_2"], ["rs_4"]]
+    listed = sorted(info.session_id for info in await store.sessions(now=1000.0))
+    assert listed == ["rs_0", "rs_1", "rs_2", "rs_4"]
+    costs = await store.live_costs(f"key:{'h' * 64}", now=1000.0)
+    assert sorted(costs) == ["rs_0", "rs_1", "rs_2", "rs_4"]
+    assert all(cost > 0 for cost in costs.values())
