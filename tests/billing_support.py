@@ -42,7 +42,7 @@ from sidecar.publisher import EmbeddedPublisher, RedisPublisher, SpoolingPublish
 from sidecar.spool import Spool
 from sidecar.usage import UsageEvent
 from tests.relay_stack import catalog_for, entry
-from tests.support import COMPLETED, chunks
+from tests.support import COMPLETED, chunks, next_of
 
 MODEL = "gpt-realtime-whisper"
 PCM16_BYTES_PER_SECOND = 48_000  # CONTRACT.md: audio/pcm 24 kHz 16-bit mono
@@ -292,10 +292,7 @@ async def stream_speech(conn: Any, audio: bytes) -> None:
 async def next_event(conn: Any, kind: str) -> Any:
     """The next server event of type `kind` (others skipped), within the deadline."""
     async with asyncio.timeout(DEADLINE_S):
-        async for event in conn:
-            if event.type == kind:
-                return event
-    raise AssertionError(f"connection ended before {kind}")
+        return await next_of(conn, kind)
 
 
 async def until_closed(conn: Any) -> tuple[list[Any], int | None]:

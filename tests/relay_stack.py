@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
+
 from sidecar.app import create_app
 from sidecar.billing.writer import BillingWriter, make_engine, upgrade
 from sidecar.catalog import Catalog, build_catalog, load_price_map
@@ -59,6 +61,15 @@ class Stack:
 
         with Session(self.writer.engine) as db:
             return list(db.exec(select(RealtimeUsage)).all())
+
+    async def final_row(self) -> Any:
+        """The one billed row, once every session has ended and its final is written."""
+        services = self.sidecar.app.state.services
+        await services.supervisor.live_empty()
+        await services.publisher.settled()
+        rows = self.rows()
+        assert len(rows) == 1 and rows[0].status == "final"
+        return rows[0]
 
 
 @contextlib.asynccontextmanager
@@ -116,3 +127,38 @@ async def stack(
             )
         )
         yield Stack(running, provider, litellm, writer)
+
+
+@dataclass
+class Pair:
+    """Two replicas over one Redis, one fake provider, one fake LiteLLM."""
+
+    a: Stack
+    b: Stack
+    litellm: FakeLiteLLM
+
+
+@contextlib.asynccontextmanager
+async def replicas(tmp_path: Path, redis_url: str, unique: str, **settings: Any) -> AsyncIterator[Pair]:
+    """Start replicas A and B sharing Redis (unique key prefix and channel for this test)."""
+    litellm = FakeLiteLLM(master_key=MASTER_KEY)
+    litellm.add_key(USER_KEY, key_alias="alice-key", user_id="alice", team_id="team-1")
+    shared = {"control_prefix": f"test:{unique}", "control_channel": f"test:{unique}:control", **settings}
+    async with contextlib.AsyncExitStack() as exits:
+        provider = await exits.enter_async_context(FakeProvider())
+        stacks = []
+        for name in ("a", "b"):
+            client = aioredis.Redis.from_url(redis_url)
+            exits.push_async_callback(client.aclose)
+            (tmp_path / name).mkdir()
+            stacks.append(
+                await exits.enter_async_context(
+                    stack(tmp_path / name, provider=provider, litellm=litellm, redis=client, replica=name, **shared)
+                )
+            )
+        yield Pair(stacks[0], stacks[1], litellm)
+        cleanup = aioredis.Redis.from_url(redis_url)
+        keys = [k async for k in cleanup.scan_iter(match=f"test:{unique}*")]
+        if keys:
+            await cleanup.delete(*keys)
+        await cleanup.aclose()

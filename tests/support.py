@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from openai import AsyncOpenAI
 from starlette.applications import Starlette
 
@@ -96,6 +97,14 @@ async def next_of(connection: Any, kind: str) -> Any:
         if event.type == kind:
             return event
     raise AssertionError(f"connection ended before {kind}")
+
+
+async def next_raw(ws: Any, kind: str) -> dict[str, Any]:
+    """The next event of type `kind` from a websockets connection, parsed (others are skipped)."""
+    while True:
+        event: dict[str, Any] = orjson.loads(await ws.recv())
+        if event["type"] == kind:
+            return event
 
 
 async def sdk_transcript(client: AsyncOpenAI, speech_pcm16: bytes, *, model: str = "gpt-realtime-whisper") -> str:

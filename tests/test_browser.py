@@ -13,7 +13,6 @@ import os
 import subprocess
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import httpx
 import orjson
@@ -22,7 +21,7 @@ import pytest
 from sidecar.auth import hash_key
 from sidecar.catalog import describe
 from sidecar.testing.fake_provider import DEFAULT_TRANSCRIPT
-from tests.relay_stack import USER_KEY, Stack, stack
+from tests.relay_stack import USER_KEY, stack
 
 REPO = Path(__file__).resolve().parents[1]
 SPEECH_WAV = REPO.parent / "shared" / "data" / "speech_24k_pcm16.wav"
@@ -43,16 +42,6 @@ def playwright_core() -> Path:
     assert CHROMIUM.exists(), f"{CHROMIUM} is missing: run scripts/ensure-chromium.sh (as root)"
     subprocess.run(["bash", str(REPO / "scripts" / "ensure-playwright.sh")], check=True, capture_output=True)
     return REPO / "tools" / "node_modules" / "playwright-core"
-
-
-async def final_row(s: Stack) -> Any:
-    """The one billed row, once its final is written."""
-    services = s.sidecar.app.state.services
-    await services.supervisor.live_empty()
-    await services.publisher.settled()
-    rows = s.rows()
-    assert len(rows) == 1 and rows[0].status == "final"
-    return rows[0]
 
 
 async def test_captions_routes_are_absent_unless_enabled(tmp_path: Path) -> None:
@@ -116,7 +105,7 @@ async def test_captions_page_streams_the_microphone_and_bills_exactly_what_it_se
         out, err = await asyncio.wait_for(driver.communicate(), timeout=180)
         assert driver.returncode == 0, err.decode()
         page = orjson.loads(out.splitlines()[-1])
-        row = await final_row(s)
+        row = await s.final_row()
         price = s.sidecar.app.state.services.catalog.resolve(WHISPER).price.per_unit
     sent = int(page["bytesSent"])
     assert sent > 0 and sent % 4800 == 0  # whole 100 ms appends of 24 kHz PCM16

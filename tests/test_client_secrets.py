@@ -32,10 +32,9 @@ from sidecar.client_secrets import (
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, InvalidApiKey
 from sidecar.pinning import Pin
-from sidecar.testing.fake_litellm import FakeLiteLLM
-from sidecar.testing.fake_provider import DEFAULT_TRANSCRIPT, FakeProvider
-from tests.relay_stack import MASTER_KEY, USER_KEY, Stack, stack
-from tests.support import chunks, next_of
+from sidecar.testing.fake_provider import DEFAULT_TRANSCRIPT
+from tests.relay_stack import MASTER_KEY, USER_KEY, Stack, replicas, stack
+from tests.support import chunks, next_of, next_raw
 
 SECRET_KEY = "test-client-secret-signing-key-0123456789"
 WHISPER = "gpt-realtime-whisper"
@@ -99,24 +98,6 @@ async def refused(s: Stack, secret: str, query: str = "intent=transcription") ->
             pass
     response = info.value.response
     return response.status_code, orjson.loads(response.body or b"{}")["error"]["code"]
-
-
-async def next_event(ws: ClientConnection, kind: str) -> dict[str, Any]:
-    """The next event of type `kind` (others skipped)."""
-    while True:
-        event: dict[str, Any] = orjson.loads(await ws.recv())
-        if event["type"] == kind:
-            return event
-
-
-async def final_row(s: Stack) -> Any:
-    """The one billed row, once its final is written."""
-    services = s.sidecar.app.state.services
-    await services.supervisor.live_empty()
-    await services.publisher.settled()
-    rows = s.rows()
-    assert len(rows) == 1 and rows[0].status == "final"
-    return rows[0]
 
 
 # ---- pure: secrets, requests, claims, pins -----------------------------------------------------------------
@@ -316,15 +297,15 @@ async def test_browser_form_session_is_pinned_upstream_and_billed_to_the_minting
     async with secrets_stack(tmp_path) as s:
         secret = (await mint(s)).value
         ws = await browser_connect(s, secret)
-        updated = await next_event(ws, "session.updated")
+        updated = await next_raw(ws, "session.updated")
         assert updated["session"]["audio"]["input"]["transcription"]["model"] == WHISPER
         for audio in chunks(speech_pcm16):
             await ws.send(orjson.dumps({"type": "input_audio_buffer.append", "audio": audio}).decode())
         await ws.send(orjson.dumps({"type": "input_audio_buffer.commit"}).decode())
-        done = await next_event(ws, "conversation.item.input_audio_transcription.completed")
+        done = await next_raw(ws, "conversation.item.input_audio_transcription.completed")
         assert done["transcript"] == DEFAULT_TRANSCRIPT
         await ws.close()
-        row = await final_row(s)
+        row = await s.final_row()
         first = s.provider.sessions[0].events[0]
         assert first["type"] == "session.update"
         assert first["session"]["audio"]["input"]["turn_detection"] is None
@@ -356,39 +337,11 @@ async def test_a_secret_opens_one_session_only(tmp_path: Path) -> None:
 
 async def test_single_use_holds_across_replicas(tmp_path: Path, redis_url: str, unique: str) -> None:
     """Minted on replica A, used on replica B; A then refuses it: the claim lives in the shared Redis."""
-    litellm = FakeLiteLLM(master_key=MASTER_KEY)
-    litellm.add_key(USER_KEY, key_alias="alice-key", user_id="alice")
-    shared = {"control_prefix": f"test:{unique}", "control_channel": f"test:{unique}:control"}
-    async with contextlib.AsyncExitStack() as exits:
-        provider = await exits.enter_async_context(FakeProvider())
-        replicas = []
-        for name in ("a", "b"):
-            client = aioredis.Redis.from_url(redis_url)
-            exits.push_async_callback(client.aclose)
-            (tmp_path / name).mkdir()
-            replicas.append(
-                await exits.enter_async_context(
-                    stack(
-                        tmp_path / name,
-                        provider=provider,
-                        litellm=litellm,
-                        redis=client,
-                        replica=name,
-                        client_secret_key=SECRET_KEY,
-                        **shared,
-                    )
-                )
-            )
-        a, b = replicas
-        secret = (await mint(a)).value
-        ws = await browser_connect(b, secret)
-        assert await refused(a, secret) == (401, "invalid_api_key")
+    async with replicas(tmp_path, redis_url, unique, client_secret_key=SECRET_KEY) as pair:
+        secret = (await mint(pair.a)).value
+        ws = await browser_connect(pair.b, secret)
+        assert await refused(pair.a, secret) == (401, "invalid_api_key")
         await ws.close()
-        cleanup = aioredis.Redis.from_url(redis_url)
-        keys = [k async for k in cleanup.scan_iter(match=f"test:{unique}*")]
-        if keys:
-            await cleanup.delete(*keys)
-        await cleanup.aclose()
 
 
 async def test_expired_tampered_and_foreign_secrets_are_refused_at_connect(tmp_path: Path) -> None:
@@ -443,14 +396,14 @@ async def test_a_secret_session_is_revoked_like_any_other(tmp_path: Path) -> Non
                 last = orjson.loads(await ws.recv())
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
         assert last["error"]["code"] == "key_revoked"
-        assert (await final_row(s)).close_reason == "key_revoked"
+        assert (await s.final_row()).close_reason == "key_revoked"
 
 
 async def test_session_updates_may_not_change_bound_settings(tmp_path: Path) -> None:
     """Changing the bound format or type answers session_pinned; another model model_mismatch; open fields pass."""
     async with secrets_stack(tmp_path) as s:
         ws = await browser_connect(s, (await mint(s)).value)
-        await next_event(ws, "session.updated")  # the bound settings, applied first
+        await next_raw(ws, "session.updated")  # the bound settings, applied first
         attempts: list[tuple[dict[str, Any], str]] = [
             ({"type": "transcription", "audio": {"input": {"format": {"type": "audio/pcmu"}}}}, "session_pinned"),
             ({"type": "realtime"}, "session_pinned"),
@@ -465,17 +418,17 @@ async def test_session_updates_may_not_change_bound_settings(tmp_path: Path) -> 
         ]
         for session, code in attempts:
             await ws.send(orjson.dumps({"type": "session.update", "event_id": "e1", "session": session}).decode())
-            error = await next_event(ws, "error")
+            error = await next_raw(ws, "error")
             assert (error["error"]["code"], error["error"]["event_id"]) == (code, "e1")
         await ws.send(
             orjson.dumps(
                 {"type": "transcription_session.update", "session": {"input_audio_format": "g711_alaw"}}
             ).decode()
         )
-        assert (await next_event(ws, "error"))["error"]["code"] == "session_pinned"
+        assert (await next_raw(ws, "error"))["error"]["code"] == "session_pinned"
         allowed = {"type": "transcription", "audio": {"input": {"transcription": {"model": WHISPER, "language": "en"}}}}
         await ws.send(orjson.dumps({"type": "session.update", "session": allowed}).decode())
-        updated = await next_event(ws, "session.updated")
+        updated = await next_raw(ws, "session.updated")
         assert updated["session"]["audio"]["input"]["transcription"]["language"] == "en"
         assert updated["session"]["audio"]["input"]["format"] == PCM
         await ws.close()

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -21,48 +18,11 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from sidecar.auth import hash_key
 from sidecar.control import RedisStore, SessionInfo
-from sidecar.testing.fake_litellm import FakeLiteLLM
-from sidecar.testing.fake_provider import FakeProvider
-from tests.relay_stack import MASTER_KEY, PRICE_MAP, USER_KEY, Stack, stack
+from tests.relay_stack import MASTER_KEY, PRICE_MAP, USER_KEY, Stack, replicas, stack
 from tests.support import chunks
 
 PRICE = Decimal(repr(PRICE_MAP["gpt-realtime-whisper"]["input_cost_per_second"]))
 URL = "/v1/realtime?model=gpt-realtime-whisper&intent=transcription"
-
-
-@dataclass
-class Pair:
-    """Two replicas over one Redis, one fake provider, one fake LiteLLM."""
-
-    a: Stack
-    b: Stack
-    litellm: FakeLiteLLM
-
-
-@contextlib.asynccontextmanager
-async def replicas(tmp_path: Path, redis_url: str, unique: str, **settings: Any) -> AsyncIterator[Pair]:
-    """Start replicas A and B sharing Redis (unique key prefix and channel for this test)."""
-    litellm = FakeLiteLLM(master_key=MASTER_KEY)
-    litellm.add_key(USER_KEY, key_alias="alice-key", user_id="alice", team_id="team-1")
-    shared = {"control_prefix": f"test:{unique}", "control_channel": f"test:{unique}:control", **settings}
-    async with contextlib.AsyncExitStack() as exits:
-        provider = await exits.enter_async_context(FakeProvider())
-        stacks = []
-        for name in ("a", "b"):
-            client = aioredis.Redis.from_url(redis_url)
-            exits.push_async_callback(client.aclose)
-            (tmp_path / name).mkdir()
-            stacks.append(
-                await exits.enter_async_context(
-                    stack(tmp_path / name, provider=provider, litellm=litellm, redis=client, replica=name, **shared)
-                )
-            )
-        yield Pair(stacks[0], stacks[1], litellm)
-        cleanup = aioredis.Redis.from_url(redis_url)
-        keys = [k async for k in cleanup.scan_iter(match=f"test:{unique}*")]
-        if keys:
-            await cleanup.delete(*keys)
-        await cleanup.aclose()
 
 
 async def open_ws(s: Stack, key: str = USER_KEY) -> ClientConnection:
@@ -190,7 +150,7 @@ async def test_budget_cut_fires_when_the_cost_reaches_the_budget(
         await send(audio[10:35])  # 3.5 s in all
         last, code = await ending_of(ws)
         assert (last["error"]["code"], code) == ("budget_exceeded", 4002)
-        row = await _final_row(pair.a)
+        row = await pair.a.final_row()
         assert row.close_reason == "budget_exceeded"
         assert row.audio_seconds >= Decimal(2)
         assert row.cost_usd >= PRICE * 2 - Decimal("1E-10")
@@ -198,16 +158,6 @@ async def test_budget_cut_fires_when_the_cost_reaches_the_budget(
             await open_ws(pair.b, "sk-tight")
         assert refused.value.response.status_code == 403
         assert orjson.loads(refused.value.response.body or b"")["error"]["code"] == "budget_exceeded"
-
-
-async def _final_row(s: Stack) -> Any:
-    """The single billed row of a replica, once its final has been written."""
-    services = s.sidecar.app.state.services
-    await services.supervisor.live_empty()
-    await services.publisher.settled()
-    rows = s.rows()
-    assert len(rows) == 1 and rows[0].status == "final"
-    return rows[0]
 
 
 async def test_concurrency_limit_holds_across_replicas(tmp_path: Path, redis_url: str, unique: str) -> None:
@@ -284,7 +234,7 @@ async def test_invalid_base64_in_budget_session_is_not_billed(tmp_path: Path, re
         good = base64.b64encode(b"\x00" * 4800).decode()
         await ws.send(orjson.dumps({"type": "input_audio_buffer.append", "audio": good}).decode())
         await ws.close()
-        row = await _final_row(pair.a)
+        row = await pair.a.final_row()
         assert row.audio_seconds == Decimal("0.1")
 
 

@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from sidecar.protocol import APPEND
 from sidecar.testing.fake_provider import DEFAULT_TRANSCRIPT, FakeProvider, Faults
 from tests.relay_stack import MASTER_KEY, USER_KEY, entry, stack
-from tests.support import COMPLETED, TRANSCRIBE, chunks, next_of, sdk_transcript
+from tests.support import COMPLETED, TRANSCRIBE, chunks, next_of, next_raw, sdk_transcript
 
 
 async def refusal(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
@@ -318,16 +318,8 @@ async def test_slow_client_holds_the_upstream_back(tmp_path: Path) -> None:
             await push
             # Back on the direct path once the client reads again: the next frame still comes after them.
             await s.provider.send_all({**big, "delta": "after", "item_id": "last"})
-            assert (await _next_raw(ws, "response.output_text.delta"))["item_id"] == "last"
+            assert (await next_raw(ws, "response.output_text.delta"))["item_id"] == "last"
         assert received == [f"item_{n}" for n in range(count)]  # queued and direct frames kept their order
-
-
-async def _next_raw(ws: Any, kind: str) -> dict[str, Any]:
-    """The next event of type `kind` from a websockets connection (others are skipped)."""
-    while True:
-        event: dict[str, Any] = orjson.loads(await ws.recv())
-        if event["type"] == kind:
-            return event
 
 
 async def _push(provider: FakeProvider, event: dict[str, Any], count: int) -> None:
@@ -359,7 +351,7 @@ async def test_stalled_provider_holds_the_client_back(tmp_path: Path) -> None:
             s.provider.release_reads()
             await pushing
             await ws.send(orjson.dumps({"type": "input_audio_buffer.commit"}).decode())
-            await _next_raw(ws, COMPLETED)
+            await next_raw(ws, COMPLETED)
         appends = [e["event_id"] for e in upstream.events if e.get("type") == APPEND]
         assert appends == [f"a{n}" for n in range(count)]
         assert upstream.audio_bytes == count * 750_000
