@@ -194,17 +194,11 @@ class Relay:
         client, upstream = direct
         if not (upstream.writable_now and client.writable_now):
             return False
-        self._last_client = self._loop.time()
-        self.frames_in += 1
-        self.bytes_in += len(message)
-        if isinstance(message, str):
-            reply = self.session.on_client_text(message)
-            if reply.client is not None:
-                client.write_now(reply.client)
-            if reply.upstream is not None:
-                upstream.write_now(reply.upstream)
-        else:
-            upstream.write_now(message)
+        to_client, to_upstream = self._client_frame(message)
+        if to_client is not None:
+            client.write_now(to_client)
+        if to_upstream is not None:
+            upstream.write_now(to_upstream)
         return True
 
     def _from_upstream(self, message: str | bytes) -> bool:
@@ -215,13 +209,28 @@ class Relay:
         client = direct[0]
         if not client.writable_now:
             return False
+        client.write_now(self._upstream_frame(message))
+        return True
+
+    # ---- one frame, either path -----------------------------------------------------------------------
+
+    def _client_frame(self, message: str | bytes) -> tuple[str | None, str | bytes | None]:
+        """Count one client data frame and decide it: (text for the client, message for the upstream)."""
+        self._last_client = self._loop.time()
+        self.frames_in += 1
+        self.bytes_in += len(message)
+        if isinstance(message, str):
+            reply = self.session.on_client_text(message)
+            return reply.client, reply.upstream
+        return None, message
+
+    def _upstream_frame(self, message: str | bytes) -> str | bytes:
+        """Count one upstream data frame and return what the client gets (metered, scrubbed)."""
         self.frames_out += 1
         self.bytes_out += len(message)
         if isinstance(message, str):
-            client.write_now(self.session.on_upstream_text(message))
-        else:
-            client.write_now(self.session.scrub_bytes(message))
-        return True
+            return self.session.on_upstream_text(message)
+        return self.session.scrub_bytes(message)
 
     # ---- the pumps ----------------------------------------------------------------------------------
 
@@ -231,9 +240,7 @@ class Relay:
     async def _pump_client(self) -> None:
         receive = self._receive
         send_client = self._send_text
-        on_text = self.session.on_client_text
         send_up = self.upstream.send
-        loop = self._loop
         while True:
             self._client_busy = False
             message = await receive()
@@ -249,37 +256,30 @@ class Relay:
                 with contextlib.suppress(Exception):
                     await self.upstream.close(sendable(code))
                 return
-            self._last_client = loop.time()
-            self.frames_in += 1
-            text = message.get("text")
-            if text is not None:
-                self.bytes_in += len(text)
-                reply = on_text(text)
-                if reply.client is not None:
-                    await send_client(reply.client)
-                if reply.upstream is not None:
-                    await send_up(reply.upstream)
-            else:
+            data = message.get("text")
+            if data is None:
                 data = message.get("bytes")
-                if data is not None:
-                    self.bytes_in += len(data)
-                    await send_up(data)
+                if data is None:
+                    continue
+            to_client, to_upstream = self._client_frame(data)
+            if to_client is not None:
+                await send_client(to_client)
+            if to_upstream is not None:
+                await send_up(to_upstream)
 
     async def _pump_upstream(self) -> None:
         recv = self.upstream.recv
-        on_text = self.session.on_upstream_text
         send = self._send
         try:
             while True:
                 self._upstream_busy = False
                 frame = await recv()
                 self._upstream_busy = True
-                self.frames_out += 1
-                self.bytes_out += len(frame)
-                if isinstance(frame, str):
-                    await send({"type": "websocket.send", "text": on_text(frame)})
+                out = self._upstream_frame(frame)
+                if isinstance(out, str):
+                    await send({"type": "websocket.send", "text": out})
                 else:
-                    await send({"type": "websocket.send", "bytes": self.session.scrub_bytes(frame)})
+                    await send({"type": "websocket.send", "bytes": out})
         except ConnectionClosed as exc:
             if self.close_reason:
                 return

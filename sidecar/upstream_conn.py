@@ -283,13 +283,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     async def send(self, message: str | bytes) -> None:
         """Send one message (a text frame for str). Waits only while the transport is paused."""
-        transport = self.transport
-        if self.protocol.state is not State.OPEN or transport is None or self.closed.done():
+        if self.protocol.state is not State.OPEN or self.transport is None or self.closed.done():
             raise self._closed_error()
-        if isinstance(message, str):
-            transport.write(frame(message.encode(), text=True, mask=_MASKS.token_bytes(4)))
-        else:
-            transport.write(frame(message, text=False, mask=_MASKS.token_bytes(4)))
+        self.write_now(message)
         if self._writable is not None:
             await self._writable
 

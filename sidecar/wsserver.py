@@ -46,15 +46,6 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         self._splitter: FrameSplitter | None = None
         self._clean = True  # no byte arrived between the request and the handshake's completion
         self.sink: Sink | None = None
-        self._write_paused = False  # uvicorn's `writable` event, as a flag for the per-frame checks
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-        super().pause_writing()
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        super().resume_writing()
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -67,7 +58,7 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         """True when `write_now` may be used: the fast path is on and the transport is not paused."""
         return (
             self._splitter is not None
-            and not self._write_paused
+            and self.writable.is_set()
             and not self.close_sent
             and not self.disconnected
             and self.conn.state is State.OPEN
@@ -99,22 +90,21 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
                 continue
             if self.close_sent:  # past `websocket.close`: discarded, as uvicorn does
                 continue
+            message: str | bytes = payload
             if kind == TEXT:
                 try:
-                    text = payload.decode()
+                    message = payload.decode()
                 except UnicodeDecodeError:
                     self.conn.fail(1007, "invalid UTF-8")
                     self.handle_parser_exception()
                     return
-                sink = self.sink
-                if sink is not None and queue.empty() and sink(text):
-                    continue
-                queue.put_nowait({"type": "websocket.receive", "text": text})
+            sink = self.sink
+            if sink is not None and queue.empty() and sink(message):
+                continue
+            if isinstance(message, str):
+                queue.put_nowait({"type": "websocket.receive", "text": message})
             else:
-                sink = self.sink
-                if sink is not None and queue.empty() and sink(payload):
-                    continue
-                queue.put_nowait({"type": "websocket.receive", "bytes": payload})
+                queue.put_nowait({"type": "websocket.receive", "bytes": message})
             if not self.read_paused and queue.qsize() >= BACKLOG:
                 self.read_paused = True
                 self.transport.pause_reading()
@@ -132,13 +122,11 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
             await self.writable.wait()
         if self.disconnected:
             raise ClientDisconnected()
-        text = message.get("text")
-        if text is not None:
-            self.transport.write(frame(text.encode(), text=True))
-        else:
+        data = message.get("text")
+        if data is None:
             data = message.get("bytes")
-            if data is not None:
-                self.transport.write(frame(data, text=False))
+        if data is not None:
+            self.write_now(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.sink = None  # the app's callback holds its session: let it go with the connection
