@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sidecar.config import Settings
-from sidecar.errors import SidecarError
+from sidecar.errors import ConfigError, SidecarError
 
 
 def _settings(*, require_config: bool = True) -> Settings:
@@ -24,10 +24,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sidecar.server import serve_workers
     from sidecar.tuning import use_system_malloc
 
-    use_system_malloc()  # no-op when PYTHONMALLOC is set (the re-executed process has it)
     settings = _settings()
     host, port = args.host or settings.host, args.port or settings.port
     workers = args.workers or settings.workers
+    check_workers(settings, workers)
+    use_system_malloc()  # no-op when PYTHONMALLOC is set (the re-executed process has it)
 
     def build() -> tuple[Any, Any, float]:
         from sidecar.app import create_app
@@ -43,6 +44,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
 
     return serve_workers(build, host=host, port=port, workers=workers)
+
+
+def check_workers(settings: Settings, workers: int) -> None:
+    """Raise ConfigError for several workers in embedded mode.
+
+    Without Redis each process keeps its own client-secret claims, concurrency leases and budgets, so N
+    workers would let a single-use secret work N times and a key hold N times its session limit.
+    """
+    if workers > 1 and not settings.redis_url:
+        raise ConfigError(
+            f"{workers} workers need SIDECAR_REDIS_URL: embedded mode keeps client-secret claims, "
+            "session limits and budgets per process (use --workers 1, or set SIDECAR_REDIS_URL)"
+        )
 
 
 def cmd_models(args: argparse.Namespace) -> int:
