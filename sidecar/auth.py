@@ -109,6 +109,11 @@ def authorize(principal: Principal, model: str, *, now: datetime) -> None:
         raise BudgetExceeded("The API key's team budget is exceeded.")
 
 
+def may_use(principal: Principal, model: str) -> bool:
+    """True when the key may use `model` by its allowed models (LiteLLM semantics; the master key may)."""
+    return principal.is_master or _allowed(principal, model)
+
+
 def _allowed(principal: Principal, model: str) -> bool:
     models = set(principal.models)
     if "all-team-models" in models:

@@ -82,14 +82,34 @@ class RealtimeModel:
     deployments: tuple[Deployment, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Transcriber:
+    """A transcription model a conversation session may name for its input audio transcription
+    (`audio.input.transcription.model`): every config model whose effective mode is audio_transcription,
+    realtime or not. Its price has a time unit and, where the price map has them, token prices too."""
+
+    name: str
+    price: Price
+    deployments: tuple[Deployment, ...]
+
+    def upstream_name(self, deployment: Deployment) -> str | None:
+        """The name the provider of `deployment` knows this model by (one of this model's deployments on the
+        same provider, the same api_base first), or None when it has none there."""
+        same = [d for d in self.deployments if d.provider == deployment.provider]
+        exact = next((d for d in same if d.api_base == deployment.api_base), None)
+        chosen = exact or (same[0] if same else None)
+        return None if chosen is None else chosen.model
+
+
 @dataclass(frozen=True)
 class Catalog:
-    """Every realtime model by public name, plus every public name the config knows."""
+    """Every realtime model by public name, every transcription model, and every public name the config knows."""
 
     models: Mapping[str, RealtimeModel]
     known: frozenset[str]
     master_key: str | None = field(repr=False)
     default_transcription_model: str = DEFAULT_TRANSCRIPTION_MODEL
+    transcribers: Mapping[str, Transcriber] = field(default_factory=dict)
 
     def resolve(self, name: str) -> RealtimeModel:
         """The realtime model `name`.
@@ -190,11 +210,13 @@ def build_catalog(
         builder = builders.setdefault(entry.name, _ModelBuilder(entry.name))
         builder.add(entry, price_map)
     models = {name: model for name, b in builders.items() if (model := b.build()) is not None}
+    transcribers = {name: t for name, b in builders.items() if (t := b.transcriber()) is not None}
     return Catalog(
         models=MappingProxyType(models),
         known=frozenset(builders),
         master_key=_master_key(resolved.get("general_settings")),
         default_transcription_model=default_transcription_model,
+        transcribers=MappingProxyType(transcribers),
     )
 
 
@@ -309,16 +331,27 @@ class _ModelBuilder:
         self.count = 0
         self.head: tuple[Kind, Price, str] | None = None
         self.deployments: list[Deployment] = []
+        self.transcription_price: Price | None = None
+        self.transcription_deployments: list[Deployment] = []
 
     def add(self, entry: _Entry, price_map: Mapping[str, Mapping[str, Any]]) -> None:
         index, self.count = self.count, self.count + 1
         price_key, info = _effective_info(entry, price_map)
+        if entry.provider is not None and _kind(info) == "realtime-transcription":
+            if self.transcription_price is None:
+                self.transcription_price = _transcription_price(info, entry.where)
+            self.transcription_deployments.append(entry.deployment(index))
         if entry.provider is None or not _is_realtime(info, entry.info, entry.where):
             return
         if self.head is None:
             kind = _kind(info)
             self.head = (kind, _price(kind, info, entry.where), price_key)
         self.deployments.append(entry.deployment(index))
+
+    def transcriber(self) -> Transcriber | None:
+        if self.transcription_price is None:
+            return None
+        return Transcriber(self.name, self.transcription_price, tuple(self.transcription_deployments))
 
     def build(self) -> RealtimeModel | None:
         if self.head is None:
@@ -368,6 +401,13 @@ def _price(kind: Kind, info: Mapping[str, Any], where: str) -> Price:
     if per_minute is not None and per_second is None:
         return Price(unit="minute", per_unit=per_minute)
     return Price(unit="second", per_unit=per_second)
+
+
+def _transcription_price(info: Mapping[str, Any], where: str) -> Price:
+    """A transcription model's time price with its token prices beside (its usage may come as either)."""
+    time = _price("realtime-transcription", info, where)
+    tokens = {attr: _decimal(info, name, where) for attr, name in _TOKEN_FIELDS}
+    return Price(unit=time.unit, per_unit=time.per_unit, **tokens)
 
 
 def _decimal(info: Mapping[str, Any], name: str, where: str) -> Decimal | None:

@@ -44,9 +44,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from sidecar import protocol
+from sidecar import audio_formats, protocol
 from sidecar.auth import Principal, authorize, credentials
-from sidecar.errors import InvalidApiKey, KeyCheckError, ModelNotAllowed, Refusal, ServiceUnavailable
+from sidecar.errors import (
+    InvalidApiKey,
+    KeyCheckError,
+    ModelNotAllowed,
+    ModelNotFound,
+    ModelNotTranscription,
+    Refusal,
+    ServiceUnavailable,
+)
 
 if TYPE_CHECKING:
     from sidecar.app import Services
@@ -374,7 +382,12 @@ def mint(services: Services, principal: Principal, body: Any) -> dict[str, Any]:
     """Mint a secret for `principal` from a request body; the response body. Raises a Refusal."""
     request = parse_request(body, default_transcription_model=services.catalog.default_transcription_model)
     model = services.catalog.resolve(request.model)
+    if request.transcription and model.kind != "realtime-transcription":
+        raise ModelNotTranscription(
+            f"The model `{model.name}` is a conversation model; a transcription session needs a transcription model."
+        )
     authorize(principal, model.name, now=datetime.now(UTC))
+    _check_bound(services, principal, request)
     grant, value = services.client_secrets.mint(
         key_hash=principal.key_hash,
         model=model.name,
@@ -384,6 +397,28 @@ def mint(services: Services, principal: Principal, body: Any) -> dict[str, Any]:
     )
     log.info("client secret minted", extra={"key_hash": principal.key_hash, "model": model.name})
     return response_body(grant, value)
+
+
+def _check_bound(services: Services, principal: Principal, request: MintRequest) -> None:
+    """Refuse settings the session would refuse when they are applied at connect: an input audio format the
+    provider does not decode at the metered rate, or (a conversation session) an input transcription model
+    that is not configured or that the key may not use (docs/billing.md). Raises a Refusal."""
+    try:
+        audio_formats.requested(request.session)
+    except audio_formats.FormatRefused as exc:
+        raise InvalidRequest(str(exc)) from exc
+    if request.transcription:
+        return
+    for holder in (
+        protocol.dig(request.session, "audio", "input", "transcription"),
+        request.session.get("input_audio_transcription"),
+    ):
+        name = holder.get("model") if isinstance(holder, dict) else None
+        if name is None:
+            continue
+        if not isinstance(name, str) or name not in services.catalog.transcribers:
+            raise ModelNotFound(f"The transcription model `{name}` is not available here.")
+        authorize(principal, name, now=datetime.now(UTC))
 
 
 async def json_body(request: Request) -> Any:

@@ -9,6 +9,7 @@
     │   ├── BudgetExceeded          403 budget_exceeded
     │   ├── ModelNotFound           404 model_not_found
     │   ├── ModelNotRealtime        400 model_not_realtime
+    │   ├── ModelNotTranscription   400 model_not_transcription
     │   ├── ConcurrencyLimit        429 concurrency_limit
     │   ├── UpstreamUnavailable     502 upstream_unavailable
     │   └── ServiceUnavailable      503 service_unavailable (LiteLLM cannot be asked)
@@ -92,6 +93,14 @@ class ModelNotFound(Refusal):
 class ModelNotRealtime(Refusal):
     status = 400
     code = "model_not_realtime"
+    error_type = "invalid_request_error"
+
+
+class ModelNotTranscription(Refusal):
+    """A transcription session (intent=transcription, or a client secret minted for one) on a conversation model."""
+
+    status = 400
+    code = "model_not_transcription"
     error_type = "invalid_request_error"
 
 

@@ -10,6 +10,7 @@ float.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation, Overflow
@@ -20,27 +21,12 @@ from typing import Any, Final, Literal
 
 import orjson
 
+from sidecar.audio_formats import DEFAULT_BYTES_PER_SECOND
 from sidecar.pricing import Price
-
-# CONTRACT.md: audio/pcm (pcm16) is 24 kHz 16-bit mono; G.711 mu-law / A-law are 8 kHz, one byte a sample.
-BYTES_PER_SECOND: Final[Mapping[str, int]] = MappingProxyType(
-    {
-        "audio/pcm": 48000,
-        "pcm16": 48000,
-        "audio/pcmu": 8000,
-        "audio/pcma": 8000,
-        "g711_ulaw": 8000,
-        "g711_alaw": 8000,
-    }
-)
-DEFAULT_BYTES_PER_SECOND: Final = 48000
-"""The session default input format is audio/pcm at 24 kHz."""
 
 Rounding = Literal["exact", "up", "nearest"]
 ROUNDINGS: Final = ("exact", "up", "nearest")
 
-_PCM_DEFAULT_RATE: Final = 24000
-_G711: Final = frozenset({"audio/pcmu", "audio/pcma"})
 _B64_ALPHABET: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _PAD: Final = 0x3D  # "="
 _SECONDS_PLACES: Final = 6  # microseconds: 24 kHz samples are 41.67 us apart
@@ -51,45 +37,8 @@ _COST_QUANTUM: Final = Decimal("1e-10")
 _CTX: Final = Context(prec=100, rounding=ROUND_HALF_EVEN, traps=[InvalidOperation, Overflow])
 _ZERO: Final = Decimal(0)
 _HALF: Final = Fraction(1, 2)
+_SIXTY: Final = Decimal(60)
 _EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
-
-
-def bytes_per_second(fmt: object) -> int | None:
-    """Bytes per second of an input audio format, or None when the format is unknown.
-
-    Accepts the GA form `{"type": "audio/pcm", "rate": 24000}` (PCM is 16-bit mono, so rate * 2; a
-    missing rate is 24000; `audio/pcmu` / `audio/pcma` are 8000 whatever the rate says) and the beta
-    strings `pcm16`, `g711_ulaw`, `g711_alaw` (GA type strings are accepted bare too).
-    """
-    if isinstance(fmt, str):
-        return BYTES_PER_SECOND.get(fmt)
-    if not isinstance(fmt, Mapping):
-        return None
-    kind = fmt.get("type")
-    if kind == "audio/pcm":
-        rate = fmt.get("rate", _PCM_DEFAULT_RATE)
-        if isinstance(rate, float) and rate.is_integer():
-            rate = int(rate)
-        if isinstance(rate, int) and not isinstance(rate, bool) and rate > 0:
-            return rate * 2
-        return None
-    return 8000 if isinstance(kind, str) and kind in _G711 else None
-
-
-def input_format(session: Mapping[str, Any]) -> object | None:
-    """The input audio format named by a `session.update` / `transcription_session.update` session object.
-
-    GA: `session["audio"]["input"]["format"]`; beta: `session["input_audio_format"]`. None when the object
-    names no format (the format in force is unchanged). The result is raw: pass it to `bytes_per_second`.
-    """
-    audio = session.get("audio")
-    if isinstance(audio, Mapping):
-        audio_input = audio.get("input")
-        if isinstance(audio_input, Mapping) and audio_input.get("format") is not None:
-            fmt: object = audio_input["format"]
-            return fmt
-    beta: object = session.get("input_audio_format")
-    return beta
 
 
 def decoded_length(b64: str | bytes) -> int | None:
@@ -143,12 +92,29 @@ class Figures:
     upstream_usage: str
 
 
+class _Segment:
+    """Audio appended after one client session update that the provider has not answered yet."""
+
+    __slots__ = ("bytes", "ref", "requested")
+
+    def __init__(self, ref: str, requested: int | None) -> None:
+        self.ref = ref
+        self.requested = requested  # bytes per second the update asks for; None: it names no format
+        self.bytes = 0
+
+
 class SessionMeter:
     """Meters one relayed session. Not thread-safe; one per session, driven by its relay task.
 
     Audio is counted as integer bytes per bytes-per-second bucket, so format changes mid-session are
-    exact. Tokens come from `response.done` usage and add up. Upstream-reported transcription usage is
-    recorded beside the figures for reconciliation and never billed (CONTRACT.md).
+    exact. A format takes effect for metering only when the provider confirms it (docs/billing.md): audio
+    appended after a client's session update and before the provider's answer to it waits in a segment,
+    counted meanwhile at the lowest byte rate it could be at (the most seconds), and settled at the format
+    the provider's `session.updated` names (or at the format before, when the provider refuses the update).
+    Tokens come from `response.done` usage and add up. Upstream-reported transcription usage is recorded
+    beside the figures; on a time-billed session the larger of the metered and the reported seconds is
+    billed, and on a conversation session the transcription usage is billed at the transcription model's
+    price (`on_transcription_usage`).
     """
 
     __slots__ = (
@@ -157,14 +123,17 @@ class SessionMeter:
         "_bps",
         "_cached_audio",
         "_cached_text",
+        "_current",
         "_increment",
-        "_pending",
+        "_open",
         "_price",
         "_rounding",
         "_settled",
         "_settled_bytes",
         "_text_in",
         "_text_out",
+        "_transcription_cost",
+        "_transcription_unpriced",
         "_up_events",
         "_up_seconds",
         "_up_tokens",
@@ -185,8 +154,9 @@ class SessionMeter:
         self._price = price
         self._rounding: Rounding = rounding
         self._increment = increment
-        self._bps = DEFAULT_BYTES_PER_SECOND
-        self._pending = 0  # bytes at the current format, not yet in `_settled`
+        self._bps = DEFAULT_BYTES_PER_SECOND  # the confirmed format in force
+        self._current = 0  # bytes at `_bps`, appended while no update awaited its answer
+        self._open: deque[_Segment] = deque()  # updates the provider has not answered, oldest first
         self._settled: dict[int, int] = {}  # bytes per second -> bytes, for formats no longer in force
         self._settled_bytes = 0
         self._text_in = 0  # input tokens not counted as audio (text, and image when present)
@@ -198,36 +168,70 @@ class SessionMeter:
         self._up_events = 0
         self._up_seconds: Decimal | None = None  # None until a duration usage arrives
         self._up_tokens: dict[str, Any] = {}
+        self._transcription_cost = _ZERO
+        self._transcription_unpriced = 0  # transcription usages the transcription model's price could not price
 
     # --- audio: the hot path -------------------------------------------------------------------------
 
-    def set_format(self, bytes_per_second: int) -> None:
-        """Meter subsequent appends at `bytes_per_second`. Raises ValueError unless it is a positive int."""
-        if isinstance(bytes_per_second, bool) or not isinstance(bytes_per_second, int) or bytes_per_second <= 0:
-            raise ValueError(f"bytes per second must be a positive int, got {bytes_per_second!r}")
-        if bytes_per_second == self._bps:
-            return
-        if self._pending:
-            self._settled[self._bps] = self._settled.get(self._bps, 0) + self._pending
-            self._settled_bytes += self._pending
-            self._pending = 0
-        self._bps = bytes_per_second
-
     def on_append(self, audio_b64: str | bytes) -> bool:
-        """Meter one `input_audio_buffer.append` audio field at the current format.
+        """Meter one `input_audio_buffer.append` audio field.
 
         Returns False, and bills nothing, when the text is not valid base64 (see `decoded_length`).
         """
         n = decoded_length(audio_b64)
         if n is None:
             return False
-        self._pending += n
+        if self._open:
+            self._open[-1].bytes += n
+        else:
+            self._current += n
         return True
 
     @property
     def audio_bytes(self) -> int:
         """Decoded audio bytes metered so far, all formats."""
-        return self._settled_bytes + self._pending
+        return self._settled_bytes + self._current + sum(segment.bytes for segment in self._open)
+
+    # --- formats: session updates and the provider's answers -----------------------------------------
+
+    def on_update(self, ref: str, requested: int | None) -> None:
+        """A client session update (event id `ref`) goes to the provider; `requested` is the bytes per second
+        it asks for (`audio_formats.requested`), None when it names no format. Appends after it wait for the
+        provider's answer."""
+        if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int) or requested <= 0):
+            raise ValueError(f"bytes per second must be a positive int, got {requested!r}")
+        self._open.append(_Segment(ref, requested))
+
+    def on_updated(self, confirmed: int | None) -> None:
+        """The provider's `session.updated` (or `session.created`): the format in force, by
+        `audio_formats.confirmed`, None when it names none. Answers the oldest waiting update, in order."""
+        segment = self._open.popleft() if self._open else None
+        if confirmed is None:
+            requested = segment.requested if segment is not None else None
+            confirmed = min(self._bps, requested) if requested is not None else self._bps
+        self._settle()
+        self._bps = confirmed
+        if segment is not None:
+            self._current = segment.bytes
+
+    def on_update_refused(self, ref: object) -> None:
+        """The provider answered the client update `ref` with an `error`: it changed nothing, so the audio
+        appended after it is at the format before it. An unknown `ref` changes nothing."""
+        index = next((i for i, segment in enumerate(self._open) if segment.ref == ref), None)
+        if index is None:
+            return
+        segment = self._open[index]
+        del self._open[index]
+        if index:
+            self._open[index - 1].bytes += segment.bytes
+        else:
+            self._current += segment.bytes
+
+    def _settle(self) -> None:
+        if self._current:
+            self._settled[self._bps] = self._settled.get(self._bps, 0) + self._current
+            self._settled_bytes += self._current
+            self._current = 0
 
     # --- tokens and upstream usage -------------------------------------------------------------------
 
@@ -266,18 +270,16 @@ class SessionMeter:
         self._audio_out += audio_out
 
     def on_upstream_usage(self, usage: Mapping[str, Any]) -> None:
-        """Record the usage of one `conversation.item.input_audio_transcription.completed`; never billed.
+        """Record the usage of one `conversation.item.input_audio_transcription.completed`.
 
-        `{"type": "duration", "seconds": s}` adds s to the duration total; `{"type": "tokens", ...}` adds
+        `{"type": "duration", "seconds": s}` adds s to the reported duration (billed when it exceeds the
+        metered seconds of a time-billed session); `{"type": "tokens", ...}` adds
         every integer count (nested details too). Other or malformed usage is ignored; nothing raises.
         """
         kind = usage.get("type")
         if kind == "duration":
-            seconds = usage.get("seconds")
-            if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-                return
-            value = Decimal(repr(seconds)) if isinstance(seconds, float) else Decimal(seconds)
-            if not value.is_finite() or value < 0:
+            value = _seconds_of(usage.get("seconds"))
+            if value is None:
                 return
             self._up_seconds = value if self._up_seconds is None else _CTX.add(self._up_seconds, value)
         elif kind == "tokens":
@@ -286,16 +288,46 @@ class SessionMeter:
             return
         self._up_events += 1
 
+    def on_transcription_usage(self, usage: Mapping[str, Any], price: Price) -> None:
+        """Bill the usage of one input-audio transcription on a conversation session at the transcription
+        model's `price` (docs/billing.md): `tokens` usage at its token prices (audio input tokens at the
+        audio price, else the text price), `duration` usage at its per-second (or per-minute) price. Call
+        `on_upstream_usage` too, to record it. Usage the price cannot price is counted as unpriced, not
+        guessed. Nothing raises."""
+        kind = usage.get("type")
+        cost: Decimal | None = None
+        if kind == "tokens":
+            cost = _token_cost(usage, price)
+        elif kind == "duration":
+            seconds = _seconds_of(usage.get("seconds"))
+            cost = None if seconds is None else _time_cost(seconds, price)
+        else:
+            return
+        if cost is None:
+            self._transcription_unpriced += 1
+        else:
+            self._transcription_cost = _CTX.add(self._transcription_cost, cost)
+
+    @property
+    def reported_over_metered(self) -> bool:
+        """True when the provider reported more transcribed seconds than the sidecar metered."""
+        return self._up_seconds is not None and self._up_seconds > self._metered_seconds()
+
+    @property
+    def transcription_unpriced(self) -> int:
+        """Transcription usages (conversation sessions) whose model's price had no field to price them."""
+        return self._transcription_unpriced
+
     # --- figures -------------------------------------------------------------------------------------
 
     def snapshot(self) -> Figures:
         """The session's cumulative figures now."""
-        seconds = self._seconds()
-        quantity = self._quantity(seconds)
+        metered = self._metered_seconds()
+        quantity = self._quantity(self._billed_seconds(metered))
         return Figures(
             unit=self._price.unit,
             quantity=quantity,
-            audio_seconds=_round_places(seconds, _SECONDS_PLACES),
+            audio_seconds=_round_places(metered, _SECONDS_PLACES),
             audio_bytes=self.audio_bytes,
             input_tokens=self._text_in + self._audio_in,
             output_tokens=self._text_out + self._audio_out,
@@ -305,13 +337,26 @@ class SessionMeter:
 
     def cost(self) -> Decimal:
         """The session's cost so far in USD, quantized to 10 places (what `snapshot().cost_usd` says)."""
-        return self._cost(self._quantity(self._seconds()))
+        return self._cost(self._quantity(self._billed_seconds(self._metered_seconds())))
 
-    def _seconds(self) -> Fraction:
-        seconds = Fraction(self._pending, self._bps)
+    def _metered_seconds(self) -> Fraction:
+        """Seconds of the appended audio; a waiting segment at the lowest byte rate it could be at."""
+        seconds = Fraction(self._current, self._bps)
         for bps, count in self._settled.items():
             seconds += Fraction(count, bps)
+        lowest = self._bps
+        for segment in self._open:
+            if segment.requested is not None and segment.requested < lowest:
+                lowest = segment.requested
+            seconds += Fraction(segment.bytes, lowest)
         return seconds
+
+    def _billed_seconds(self, metered: Fraction) -> Fraction:
+        """The larger of the metered seconds and the provider's reported duration (docs/billing.md)."""
+        reported = self._up_seconds
+        if reported is not None and reported > metered:
+            return Fraction(reported)
+        return metered
 
     def _quantity(self, seconds: Fraction) -> Decimal:
         unit = self._price.unit
@@ -346,6 +391,7 @@ class SessionMeter:
             total = _ZERO
             for count, unit_price in terms:
                 total = _CTX.add(total, _CTX.multiply(Decimal(count), unit_price))
+        total = _CTX.add(total, self._transcription_cost)
         return total.quantize(_COST_QUANTUM, rounding=ROUND_HALF_EVEN, context=_CTX)
 
     def _upstream_json(self) -> str:
@@ -359,12 +405,52 @@ class SessionMeter:
         if self._up_tokens:
             record["tokens"] = self._up_tokens
         record["events"] = self._up_events
+        if self._transcription_cost:
+            record["transcription_cost_usd"] = _plain(self._transcription_cost.quantize(_COST_QUANTUM, context=_CTX))
+        if self._transcription_unpriced:
+            record["transcription_unpriced"] = self._transcription_unpriced
         return orjson.dumps(record).decode()
 
 
 def _round_places(value: Fraction, places: int) -> Decimal:
     """`value` rounded half-even to `places` decimals, exactly (no float, no double rounding)."""
     return Decimal(round(value * 10**places)).scaleb(-places, context=_CTX)
+
+
+def _plain(value: Decimal) -> str:
+    return format(value, "f")
+
+
+def _seconds_of(value: object) -> Decimal | None:
+    """A reported duration as an exact Decimal; None unless a finite non-negative number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    seconds = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    return seconds if seconds.is_finite() and seconds >= 0 else None
+
+
+def _time_cost(seconds: Decimal, price: Price) -> Decimal | None:
+    """`seconds` at a per-second price (or per-minute / 60); None when the price has neither."""
+    if price.per_unit is None or price.unit == "token":
+        return None
+    amount = seconds if price.unit == "second" else _CTX.divide(seconds, _SIXTY)
+    return _CTX.multiply(amount, price.per_unit)
+
+
+def _token_cost(usage: Mapping[str, Any], price: Price) -> Decimal | None:
+    """A transcription's `tokens` usage at `price`'s token prices; None when it has no input token price."""
+    text_price = price.input_token
+    audio_price = price.input_audio_token if price.input_audio_token is not None else text_price
+    if audio_price is None or text_price is None:
+        return None
+    details = _mapping(usage.get("input_token_details"))
+    audio = _count(details, "audio_tokens")
+    total_in = _count(usage, "input_tokens", _count(details, "text_tokens") + audio)
+    audio = min(audio, total_in)
+    out = _count(usage, "output_tokens")
+    total = _CTX.multiply(Decimal(audio), audio_price)
+    total = _CTX.add(total, _CTX.multiply(Decimal(total_in - audio), text_price))
+    return _CTX.add(total, _CTX.multiply(Decimal(out), price.output_token or text_price))
 
 
 def _mapping(value: object) -> Mapping[str, Any]:

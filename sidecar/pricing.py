@@ -29,7 +29,9 @@ class Price:
 
     Transcription models bill audio time: `unit` is "second" (price `per_unit` = input_cost_per_second)
     or "minute" (price `per_unit` = input_cost_per_minute). Conversation models bill tokens (`unit`
-    "token") at the text/audio/cached token prices.
+    "token") at the text/audio/cached token prices. A transcription model used by a conversation session
+    (`Catalog.transcribers`) has a time unit and may have token prices too: the provider reports its usage
+    either as a duration or as tokens.
     """
 
     unit: Unit

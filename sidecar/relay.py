@@ -222,7 +222,8 @@ class Relay:
         if isinstance(message, str):
             reply = self.session.on_client_text(message)
             return reply.client, reply.upstream
-        return None, message
+        # The Realtime API defines no binary client frames: refused, not forwarded unmetered (docs/billing.md).
+        return protocol.error_event("binary_not_supported", "Send events as JSON text frames, not binary."), None
 
     def _upstream_frame(self, message: str | bytes) -> str | bytes:
         """Count one upstream data frame and return what the client gets (metered, scrubbed)."""

@@ -10,21 +10,26 @@ upstream frame is passed on as the same string after a substring check for secre
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any, Final
 
-from sidecar import protocol
-from sidecar.auth import Principal
-from sidecar.catalog import Deployment, RealtimeModel
-from sidecar.metering import SessionMeter, bytes_per_second, input_format
+from sidecar import audio_formats, protocol
+from sidecar.auth import Principal, may_use
+from sidecar.catalog import Deployment, RealtimeModel, Transcriber
+from sidecar.metering import SessionMeter
 from sidecar.pinning import Pin
+from sidecar.pricing import Price
 from sidecar.usage import EventType, UsageEvent
 
 REDACTED: Final = "[redacted]"
 # Substrings that mark an upstream frame the session must parse (cheap `in` checks on the raw text).
 # An upstream frame with none of these is relayed without being parsed (checked unrolled: no generator).
 _ERROR, _SESSION, _DONE, _COMPLETED = '"error"', "session.", "response.done", "transcription.completed"
+_NO_TRANSCRIBERS: Final[Mapping[str, Transcriber]] = MappingProxyType({})
+_UNPRICED: Final = Price(unit="second")
 
 
 @dataclass(slots=True)  # not frozen: one per client frame, and a frozen __init__ costs twice as much
@@ -66,6 +71,8 @@ class Session:
         started_at: datetime,
         transcription: bool,
         pinned: Pin | None = None,
+        transcribers: Mapping[str, Transcriber] = _NO_TRANSCRIBERS,
+        default_transcriber: str | None = None,
     ) -> None:
         self.session_id = session_id
         self.model = model
@@ -81,6 +88,13 @@ class Session:
         self._hide_model = deployment.model != model.name
         #: Settings bound by a client secret (pinning.py): session updates may not change them.
         self.pinned = pinned
+        #: Transcription models a conversation session may name, by public name (Catalog.transcribers).
+        self._transcribers = transcribers
+        #: The one a conversation session's input transcription is priced at: the last it named, else the
+        #: configured default transcription model (docs/billing.md).
+        self.transcriber = transcribers.get(default_transcriber) if default_transcriber else None
+        #: (upstream name, public name) of the transcription model named upstream, when they differ.
+        self._transcriber_alias: tuple[str, str] | None = None
 
     # ---- client -> upstream -------------------------------------------------------------------
 
@@ -110,55 +124,73 @@ class Session:
         return Reply(text, None)
 
     def _on_session_update(self, event: dict[str, Any]) -> Reply:
+        """Check one client session update, then forward it with an event id the provider's answer can be
+        matched by (the meter waits for that answer before it trusts a new format: docs/billing.md)."""
+        ref = event.get("event_id")
         session = event.get("session")
-        if not isinstance(session, dict):
-            return Reply(protocol.dumps(event), None)
+        refusal = self._refusal(session) if isinstance(session, dict) else None
+        if refusal is not None:
+            code, message = refusal
+            return Reply(None, protocol.error_event(code, message, ref=ref))
+        requested = None
+        if isinstance(session, dict):
+            requested = audio_formats.requested(session)  # checked in _refusal: does not raise here
+            self._rewrite_models(session)
+        if not isinstance(ref, str) or not ref:
+            ref = event["event_id"] = protocol.event_id()
+        self.meter.on_update(ref, requested)
+        return Reply(protocol.dumps(event), None)
+
+    def _refusal(self, session: dict[str, Any]) -> tuple[str, str] | None:
+        """(error code, message) when this session update may not be forwarded, else None."""
         named = [m for m in self._named_models(session) if m is not None]
         if any(m != self._public for m in named):
-            return Reply(
-                None,
-                protocol.error_event(
-                    "model_mismatch",
-                    f"This session is for model {self._public}; a session.update may not name another model.",
-                    ref=event.get("event_id"),
-                ),
+            return (
+                "model_mismatch",
+                f"This session is for model {self._public}; a session.update may not name another model.",
             )
         changed = self.pinned.conflict(session) if self.pinned is not None else None
         if changed is not None:
-            return Reply(
-                None,
-                protocol.error_event(
-                    "session_pinned",
-                    f"This session's {changed} is fixed by its client secret.",
-                    ref=event.get("event_id"),
-                ),
-            )
-        fmt = input_format(session)
-        if fmt is not None:
-            rate = bytes_per_second(fmt)
-            if rate is not None:
-                self.meter.set_format(rate)
-        self._rewrite_models(session)
-        return Reply(protocol.dumps(event), None)
+            return "session_pinned", f"This session's {changed} is fixed by its client secret."
+        try:
+            audio_formats.requested(session)
+        except audio_formats.FormatRefused as exc:
+            return "invalid_audio_format", str(exc)
+        if not self.transcription:
+            return self._transcriber_refusal(session)
+        return None
+
+    def _transcriber_refusal(self, session: dict[str, Any]) -> tuple[str, str] | None:
+        """A conversation session may name, as its input transcription model, a transcription model of the
+        config that the key may use and that its provider serves (docs/billing.md)."""
+        for name in _transcription_models(session):
+            if not isinstance(name, str):
+                continue
+            transcriber = self._transcribers.get(name)
+            if transcriber is None or transcriber.upstream_name(self.deployment) is None:
+                return "model_not_found", f"The transcription model `{name}` is not available here."
+            if not may_use(self.principal, name):
+                return "model_not_allowed", f"The API key is not allowed to access model {name}."
+        return None
 
     def _named_models(self, session: dict[str, Any]) -> list[Any]:
         names = [session.get("model")]
         if self.transcription:
-            names.append(protocol.dig(session, "audio", "input", "transcription", "model"))
-            names.append(protocol.dig(session, "input_audio_transcription", "model"))
+            names.extend(_transcription_models(session))
         return names
 
     def _rewrite_models(self, session: dict[str, Any]) -> None:
         if "model" in session:
             session["model"] = self._upstream_model
-        if not self.transcription:
-            return
-        nested = protocol.dig(session, "audio", "input", "transcription")
-        if isinstance(nested, dict):
-            nested["model"] = self._upstream_model
-        beta = session.get("input_audio_transcription")
-        if isinstance(beta, dict):
-            beta["model"] = self._upstream_model
+        for holder in _transcription_holders(session):
+            if self.transcription:
+                holder["model"] = self._upstream_model
+            elif isinstance(name := holder.get("model"), str):
+                transcriber = self._transcribers[name]  # checked in _transcriber_refusal
+                upstream = transcriber.upstream_name(self.deployment) or name
+                holder["model"] = upstream
+                self.transcriber = transcriber
+                self._transcriber_alias = (upstream, name) if upstream != name else None
 
     def model_injection(self) -> str:
         """The session.update that puts the transcription model into the session configuration.
@@ -189,6 +221,7 @@ class Session:
             return self._scrub(text)
         kind = event.get("type") if isinstance(event, dict) else None
         if kind == "error":
+            self.meter.on_update_refused(protocol.dig(event, "error", "event_id"))
             return self._scrub(text, hide_model=True)
         if kind == protocol.RESPONSE_DONE:
             usage = protocol.dig(event, "response", "usage")
@@ -198,8 +231,17 @@ class Session:
             usage = event.get("usage")
             if isinstance(usage, dict):
                 self.meter.on_upstream_usage(usage)
-        elif kind in protocol.SERVER_SESSION_EVENTS and self._hide_model:
-            text = text.replace(f'"{self._upstream_model}"', f'"{self._public}"')
+                if not self.transcription:
+                    price = self.transcriber.price if self.transcriber is not None else _UNPRICED
+                    self.meter.on_transcription_usage(usage, price)
+        elif kind in protocol.SERVER_SESSION_EVENTS:
+            session = event.get("session")
+            self.meter.on_updated(audio_formats.confirmed(session) if isinstance(session, dict) else None)
+            if self._hide_model:
+                text = text.replace(f'"{self._upstream_model}"', f'"{self._public}"')
+            if self._transcriber_alias is not None:
+                upstream, public = self._transcriber_alias
+                text = text.replace(f'"{upstream}"', f'"{public}"')
         return self._scrub(text)
 
     def _scrub(self, text: str, *, hide_model: bool = False) -> str:
@@ -249,3 +291,14 @@ class Session:
             close_reason=close_reason if final else "",
             upstream_usage=figures.upstream_usage,
         )
+
+
+def _transcription_holders(session: dict[str, Any]) -> list[dict[str, Any]]:
+    """The objects of a session update that hold its input transcription model (GA, then beta)."""
+    found = [protocol.dig(session, "audio", "input", "transcription"), session.get("input_audio_transcription")]
+    return [holder for holder in found if isinstance(holder, dict)]
+
+
+def _transcription_models(session: dict[str, Any]) -> list[Any]:
+    """The input transcription models a session update names (GA and beta), as given."""
+    return [holder.get("model") for holder in _transcription_holders(session) if holder.get("model") is not None]

@@ -13,15 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.metering import (
-    BYTES_PER_SECOND,
-    DEFAULT_BYTES_PER_SECOND,
-    Figures,
-    SessionMeter,
-    bytes_per_second,
-    decoded_length,
-    input_format,
-)
+from sidecar.audio_formats import requested
+from sidecar.metering import Figures, SessionMeter, decoded_length
 from sidecar.pricing import Price
 
 SPEECH_SECONDS = Decimal("6.667125")
@@ -65,68 +58,67 @@ def stream(meter: SessionMeter, audio: bytes, chunk: int) -> None:
         assert meter.on_append(b64(audio[start : start + chunk]))
 
 
-# --- formats -----------------------------------------------------------------------------------------
+# --- formats (audio_formats.py has the table; here: how the meter follows the provider's answers) -------
 
 
-@pytest.mark.parametrize(
-    ("fmt", "expected"),
-    [
-        ({"type": "audio/pcm", "rate": 24000}, 48000),
-        ({"type": "audio/pcm"}, 48000),
-        ({"type": "audio/pcm", "rate": 16000}, 32000),
-        ({"type": "audio/pcmu"}, 8000),
-        ({"type": "audio/pcma"}, 8000),
-        ({"type": "audio/pcmu", "rate": 24000}, 8000),
-        ("pcm16", 48000),
-        ("g711_ulaw", 8000),
-        ("g711_alaw", 8000),
-        ("audio/pcm", 48000),
-        ("audio/pcmu", 8000),
-        ("audio/pcma", 8000),
-    ],
-)
-def test_bytes_per_second_of_each_format(fmt: object, expected: int) -> None:
-    """Every GA and beta input format has its contract bytes per second."""
-    assert bytes_per_second(fmt) == expected
+def switch(meter: SessionMeter, bps: int, ref: str = "evt_switch") -> None:
+    """A client update to `bps`, and the provider's session.updated confirming it."""
+    meter.on_update(ref, bps)
+    meter.on_updated(bps)
 
 
-@pytest.mark.parametrize(
-    "fmt",
-    [None, "opus", {"type": "audio/opus"}, {"type": "audio/pcm", "rate": 0},
-     {"type": "audio/pcm", "rate": "x"}, {"type": ["audio/pcmu"]}, {}, 48000],
-)  # fmt: skip
-def test_bytes_per_second_of_unknown_formats_is_none(fmt: object) -> None:
-    """Unknown or malformed formats have no bytes per second."""
-    assert bytes_per_second(fmt) is None
+def test_format_waits_for_the_provider_and_counts_the_most_seconds_meanwhile() -> None:
+    """Audio after an update to mu-law counts at 8000 B/s until the answer, then at what the provider confirmed."""
+    meter = SessionMeter(WHISPER)
+    meter.on_update("evt_1", 8000)
+    assert meter.on_append(b64(b"\x00" * 48000))
+    assert meter.snapshot().audio_seconds == Decimal(6)  # unanswered: the lower byte rate, the most seconds
+    meter.on_updated(48000)  # the provider kept PCM
+    assert meter.snapshot().audio_seconds == Decimal(1)
 
 
-def test_format_table_and_default() -> None:
-    """The public table and default match the contract."""
-    assert dict(BYTES_PER_SECOND) == {
-        "audio/pcm": 48000,
-        "pcm16": 48000,
-        "audio/pcmu": 8000,
-        "audio/pcma": 8000,
-        "g711_ulaw": 8000,
-        "g711_alaw": 8000,
-    }
-    assert DEFAULT_BYTES_PER_SECOND == 48000
+def test_a_refused_update_leaves_its_audio_at_the_format_before() -> None:
+    """The provider's error for an update (by its event id) settles the audio after it at the old format."""
+    meter = SessionMeter(WHISPER)
+    meter.on_update("evt_1", 8000)
+    assert meter.on_append(b64(b"\x00" * 48000))
+    meter.on_update_refused("evt_other")  # not this update: nothing changes
+    assert meter.snapshot().audio_seconds == Decimal(6)
+    meter.on_update_refused("evt_1")
+    assert meter.snapshot().audio_seconds == Decimal(1)
 
 
-@pytest.mark.parametrize(
-    ("session", "expected"),
-    [
-        ({"audio": {"input": {"format": {"type": "audio/pcmu"}}}}, {"type": "audio/pcmu"}),
-        ({"input_audio_format": "g711_alaw"}, "g711_alaw"),
-        ({"audio": {"output": {"voice": "marin"}}, "input_audio_format": "pcm16"}, "pcm16"),
-        ({"audio": {"input": {"noise_reduction": None}}}, None),
-        ({"instructions": "hi"}, None),
-        ({"audio": "garbage"}, None),
-    ],
-)
-def test_input_format_reads_ga_and_beta_session_objects(session: dict[str, Any], expected: object) -> None:
-    """The input format comes from GA audio.input.format or beta input_audio_format, else None."""
-    assert input_format(session) == expected
+def test_updates_are_answered_in_order() -> None:
+    """Two updates in flight: each answer settles the audio after its own update, oldest first."""
+    meter = SessionMeter(WHISPER)
+    meter.on_update("evt_1", None)  # names no format
+    assert meter.on_append(b64(b"\x00" * 48000))  # PCM: 1 s
+    meter.on_update("evt_2", 8000)
+    assert meter.on_append(b64(b"\x00" * 8000))  # mu-law: 1 s
+    meter.on_updated(48000)  # answers evt_1
+    meter.on_updated(8000)  # answers evt_2
+    assert meter.snapshot().audio_seconds == Decimal(2)
+
+
+def test_a_later_refused_update_joins_the_one_before() -> None:
+    """A refused update that is not the oldest waiting one gives its audio to the update before it."""
+    meter = SessionMeter(WHISPER)
+    meter.on_update("evt_1", 8000)
+    assert meter.on_append(b64(b"\x00" * 8000))
+    meter.on_update("evt_2", 48000)
+    assert meter.on_append(b64(b"\x00" * 8000))
+    meter.on_update_refused("evt_2")
+    meter.on_updated(8000)
+    assert meter.snapshot().audio_seconds == Decimal(2)
+
+
+def test_an_answer_naming_no_format_keeps_the_lower_rate() -> None:
+    """A session.updated that names no format settles a format change at the lower byte rate."""
+    meter = SessionMeter(WHISPER)
+    meter.on_update("evt_1", 8000)
+    meter.on_updated(None)
+    assert meter.on_append(b64(b"\x00" * 8000))
+    assert meter.snapshot().audio_seconds == Decimal(1)
 
 
 # --- base64 ------------------------------------------------------------------------------------------
@@ -206,9 +198,9 @@ def test_speech_pcm16_in_100ms_chunks_is_exact(speech_pcm16: bytes) -> None:
 def test_speech_ulaw_is_exact(speech_ulaw: bytes) -> None:
     """The shared mu-law speech at the beta g711_ulaw format bills exactly 6.667125 s."""
     meter = SessionMeter(WHISPER)
-    rate = bytes_per_second(input_format({"input_audio_format": "g711_ulaw"}))
+    rate = requested({"input_audio_format": "g711_ulaw"})
     assert rate == 8000
-    meter.set_format(rate)
+    switch(meter, rate)
     stream(meter, speech_ulaw, 800)
     assert meter.snapshot().audio_seconds == SPEECH_SECONDS
     assert meter.audio_bytes == 53337
@@ -218,11 +210,11 @@ def test_format_change_mid_session(speech_pcm16: bytes, speech_ulaw: bytes) -> N
     """Each append is metered at the format in force when it arrived, across several changes."""
     meter = SessionMeter(WHISPER)
     stream(meter, speech_pcm16[:96000], CHUNK_100MS_PCM16)  # 2 s at 48000 B/s
-    meter.set_format(bytes_per_second({"type": "audio/pcmu"}) or 0)
+    switch(meter, requested({"audio": {"input": {"format": {"type": "audio/pcmu"}}}}) or 0)
     stream(meter, speech_ulaw, 800)  # 6.667125 s at 8000 B/s
-    meter.set_format(48000)
+    switch(meter, 48000)
     stream(meter, speech_pcm16[:24000], CHUNK_100MS_PCM16)  # 0.5 s more at 48000 B/s
-    meter.set_format(8000)  # a change with nothing appended after it bills nothing
+    switch(meter, 8000)  # a change with nothing appended after it bills nothing
     figures = meter.snapshot()
     assert figures.audio_bytes == 96000 + 53337 + 24000
     assert figures.audio_seconds == Decimal("9.167125")
@@ -276,8 +268,8 @@ def test_any_chunking_of_the_speech_bills_the_same(speech_pcm16: bytes, cuts: li
 def test_any_chunking_of_any_audio_bills_the_same(audio: bytes, cuts: list[int], rate: int) -> None:
     """Any audio at any format, split anywhere, has the same figures as one append of all of it."""
     whole, pieces = SessionMeter(WHISPER, rounding="up"), SessionMeter(WHISPER, rounding="up")
-    whole.set_format(rate)
-    pieces.set_format(rate)
+    switch(whole, rate)
+    switch(pieces, rate)
     assert whole.on_append(b64(audio))
     bounds = [0, *sorted(c for c in cuts if c <= len(audio)), len(audio)]
     for start, end in itertools.pairwise(bounds):
@@ -367,9 +359,9 @@ def test_bad_options_are_refused(options: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("rate", [0, -8000, True, 48000.0])
 def test_bad_format_rate_is_refused(rate: Any) -> None:
-    """set_format takes only a positive int."""
+    """on_update takes only a positive int (or None)."""
     with pytest.raises(ValueError):
-        SessionMeter(WHISPER).set_format(rate)
+        SessionMeter(WHISPER).on_update("evt", rate)
 
 
 # --- token pricing -----------------------------------------------------------------------------------
@@ -426,7 +418,7 @@ def test_malformed_usage_counts_nothing() -> None:
 # --- upstream usage ----------------------------------------------------------------------------------
 
 
-def test_upstream_usage_is_recorded_not_billed(speech_pcm16: bytes) -> None:
+def test_upstream_usage_is_recorded_beside_the_figures(speech_pcm16: bytes) -> None:
     """Transcription usage reported by the upstream is summed into JSON beside the figures, never billed."""
     meter = SessionMeter(WHISPER)
     stream(meter, speech_pcm16, CHUNK_100MS_PCM16)
@@ -492,3 +484,92 @@ def test_cached_audio_tokens_use_their_own_price() -> None:
     )
     # 100 text * 6e-7 + 100 cached text * 6e-8 + 400 cached audio * 3e-7 + 400 audio * 1e-5
     assert meter.cost() == Decimal("0.00006") + Decimal("0.000006") + Decimal("0.00012") + Decimal("0.004")
+
+
+# --- the provider's reported usage: the larger of two counts, and transcription on conversation sessions --
+
+
+def test_reported_duration_above_the_metered_seconds_is_billed() -> None:
+    """When the provider reports more transcribed seconds than were metered, the larger is billed."""
+    meter = SessionMeter(WHISPER)
+    assert meter.on_append(b64(b"\x00" * 96000))  # 2 s metered
+    assert not meter.reported_over_metered
+    meter.on_upstream_usage({"type": "duration", "seconds": 12})
+    figures = meter.snapshot()
+    assert meter.reported_over_metered
+    assert figures.audio_seconds == Decimal(2)  # what the sidecar metered, unchanged
+    assert figures.quantity == Decimal(12)
+    assert figures.cost_usd == Decimal("0.0034000000")
+    assert meter.cost() == figures.cost_usd
+
+
+def test_reported_duration_below_the_metered_seconds_changes_nothing() -> None:
+    """A reported duration below the metered seconds bills the metered seconds."""
+    meter = SessionMeter(WHISPER)
+    assert meter.on_append(b64(b"\x00" * 96000))
+    meter.on_upstream_usage({"type": "duration", "seconds": 1.5})
+    assert not meter.reported_over_metered
+    assert meter.snapshot().quantity == Decimal(2)
+
+
+GPT_4O_TRANSCRIBE = Price(
+    unit="second",
+    per_unit=Decimal("0.0001"),
+    input_token=Decimal("0.0000025"),
+    input_audio_token=Decimal("0.0000025"),
+    output_token=Decimal("0.00001"),
+)
+WHISPER_1 = Price(unit="second", per_unit=Decimal("0.0001"))
+
+
+def test_transcription_tokens_on_a_conversation_session_are_billed_at_the_transcriber_price() -> None:
+    """A conversation session's input transcription usage (tokens) adds its cost at the transcriber's prices."""
+    meter = SessionMeter(GPT_REALTIME)
+    usage = {
+        "type": "tokens",
+        "total_tokens": 130,
+        "input_tokens": 100,
+        "input_token_details": {"text_tokens": 10, "audio_tokens": 90},
+        "output_tokens": 30,
+    }
+    meter.on_upstream_usage(usage)
+    meter.on_transcription_usage(usage, GPT_4O_TRANSCRIBE)
+    # 90 audio * 2.5e-6 + 10 text * 2.5e-6 + 30 out * 1e-5
+    assert meter.cost() == Decimal("0.00055")
+    figures = meter.snapshot()
+    assert figures.cost_usd == Decimal("0.0005500000")
+    assert figures.quantity == Decimal(0)  # no response: no conversation tokens
+    assert orjson.loads(figures.upstream_usage)["transcription_cost_usd"] == "0.0005500000"
+
+
+def test_transcription_duration_on_a_conversation_session_is_billed_per_second() -> None:
+    """Duration usage (whisper-1) is billed at the transcriber's per-second price, beside response tokens."""
+    meter = SessionMeter(GPT_REALTIME)
+    meter.on_response_done(RESPONSE_USAGE)
+    tokens_only = meter.cost()
+    meter.on_transcription_usage({"type": "duration", "seconds": 7}, WHISPER_1)
+    assert meter.cost() == tokens_only + Decimal("0.0007")
+
+
+def test_transcription_per_minute_price() -> None:
+    """A per-minute transcriber bills a reported duration at its price / 60."""
+    meter = SessionMeter(GPT_REALTIME)
+    meter.on_transcription_usage({"type": "duration", "seconds": 30}, Price(unit="minute", per_unit=Decimal("0.006")))
+    assert meter.cost() == Decimal("0.003")
+
+
+@pytest.mark.parametrize(
+    ("usage", "price"),
+    [
+        ({"type": "tokens", "input_tokens": 10}, WHISPER_1),  # no token price
+        ({"type": "duration", "seconds": 3}, Price(unit="second", input_token=Decimal("0.001"))),  # no time price
+    ],
+)
+def test_unpriceable_transcription_usage_is_counted_not_guessed(usage: dict[str, Any], price: Price) -> None:
+    """Usage the transcriber's price cannot price adds nothing and is counted in upstream_usage."""
+    meter = SessionMeter(GPT_REALTIME)
+    meter.on_upstream_usage(usage)
+    meter.on_transcription_usage(usage, price)
+    assert meter.cost() == 0
+    assert meter.transcription_unpriced == 1
+    assert orjson.loads(meter.snapshot().upstream_usage)["transcription_unpriced"] == 1

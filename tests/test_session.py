@@ -7,9 +7,10 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import orjson
+import pytest
 
 from sidecar.auth import Principal
-from sidecar.catalog import Deployment, RealtimeModel
+from sidecar.catalog import Deployment, RealtimeModel, Transcriber
 from sidecar.metering import SessionMeter
 from sidecar.pricing import Price
 from sidecar.session import REDACTED, Session
@@ -25,17 +26,64 @@ DEPLOYMENT = Deployment(
 )
 
 
-def make(kind: str = "realtime-transcription", transcription: bool = True) -> Session:
-    model = RealtimeModel(name="captions", kind=kind, price=PRICE, price_key="k", deployments=(DEPLOYMENT,))  # type: ignore[arg-type]
+TOKENS = Price(unit="token", input_token=Decimal("0.000004"), output_token=Decimal("0.000016"))
+# Transcription models a conversation session may name (Catalog.transcribers): one on this deployment's
+# Azure resource under another deployment name, one served only by OpenAI.
+WHISPER_1 = Transcriber(
+    "whisper-1",
+    Price(unit="second", per_unit=Decimal("0.0001")),
+    (Deployment(provider="azure", model="my-whisper", api_base="https://res.openai.azure.com:8443"),),
+)
+TRANSCRIBE = Transcriber(
+    "gpt-4o-transcribe",
+    Price(unit="second", per_unit=Decimal("0.0001"), input_token=Decimal("0.0000025"), output_token=Decimal("0.00001")),
+    (Deployment(provider="azure", model="gpt-4o-transcribe", api_base="https://other.openai.azure.com"),),
+)
+OPENAI_ONLY = Transcriber(
+    "openai-whisper", WHISPER_1.price, (Deployment(provider="openai", model="whisper-1", api_base=None),)
+)
+TRANSCRIBERS = {t.name: t for t in (WHISPER_1, TRANSCRIBE, OPENAI_ONLY)}
+
+
+def make(kind: str = "realtime-transcription", transcription: bool = True, *, models: tuple[str, ...] = ()) -> Session:
+    price = PRICE if kind == "realtime-transcription" else TOKENS
+    model = RealtimeModel(name="captions", kind=kind, price=price, price_key="k", deployments=(DEPLOYMENT,))  # type: ignore[arg-type]
     return Session(
         session_id="rs_1",
         model=model,
         deployment=DEPLOYMENT,
-        principal=Principal(key_hash="h" * 64, key_alias="alias", user_id="u", team_id="t"),
-        meter=SessionMeter(PRICE),
+        principal=Principal(key_hash="h" * 64, key_alias="alias", user_id="u", team_id="t", models=models),
+        meter=SessionMeter(price),
         started_at=T0,
         transcription=transcription,
+        transcribers=TRANSCRIBERS,
+        default_transcriber="whisper-1",
     )
+
+
+def conversation(models: tuple[str, ...] = ()) -> Session:
+    return make(kind="realtime-conversation", transcription=False, models=models)
+
+
+def client(s: Session, event: dict[str, object]) -> tuple[dict[str, object] | None, dict[str, object] | None]:
+    """Send one client event; (what goes upstream, what the client gets), parsed."""
+    reply = s.on_client_text(orjson.dumps(event).decode())
+    return (
+        orjson.loads(reply.upstream) if reply.upstream else None,
+        orjson.loads(reply.client) if reply.client else None,
+    )
+
+
+def upstream(s: Session, event: dict[str, object]) -> dict[str, object]:
+    return orjson.loads(s.on_upstream_text(orjson.dumps(event).decode()))  # type: ignore[no-any-return]
+
+
+def update(session: dict[str, object], **event: object) -> dict[str, object]:
+    return {"type": "session.update", "session": session, **event}
+
+
+def ga_format(fmt: dict[str, object]) -> dict[str, object]:
+    return {"audio": {"input": {"format": fmt}}}
 
 
 def append(data: bytes) -> str:
@@ -82,14 +130,6 @@ def test_other_model_is_a_mismatch_and_not_forwarded() -> None:
     assert orjson.loads(ok.upstream or "")["session"]["model"] == "my-deploy"
 
 
-def test_conversation_input_transcription_model_passes_through() -> None:
-    """In a conversation session the input-transcription model is the client's choice and is not rewritten."""
-    s = make(kind="realtime-conversation", transcription=False)
-    update = {"type": "session.update", "session": {"audio": {"input": {"transcription": {"model": "whisper-1"}}}}}
-    out = orjson.loads(s.on_client_text(orjson.dumps(update).decode()).upstream or "")
-    assert out["session"]["audio"]["input"]["transcription"]["model"] == "whisper-1"
-
-
 def test_upstream_errors_are_scrubbed() -> None:
     """Key, host (with and without port) and deployment name never survive in an upstream error."""
     s = make()
@@ -118,7 +158,7 @@ def test_plain_deltas_pass_through_as_the_same_object() -> None:
 
 
 def test_usage_read_from_upstream_events() -> None:
-    """response.done tokens are metered; transcription usage is recorded beside, not billed."""
+    """response.done tokens are metered; transcription usage is recorded beside them."""
     s = make(kind="realtime-conversation", transcription=False)
     done = {"type": "response.done", "response": {"usage": {"input_tokens": 10, "output_tokens": 5}}}
     s.on_upstream_text(orjson.dumps(done).decode())
@@ -151,3 +191,116 @@ def test_model_injection_sets_the_transcription_model() -> None:
     event = orjson.loads(make().model_injection())
     assert event["type"] == "session.update"
     assert event["session"]["audio"]["input"]["transcription"]["model"] == "my-deploy"
+
+
+# --- formats: refused before the provider, trusted once the provider confirms (issue 12, holes 1 and 2) ---
+
+
+def test_a_declared_rate_the_provider_does_not_decode_is_refused_and_bills_the_same() -> None:
+    """session.update with audio/pcm at 48 kHz is answered invalid_audio_format, never forwarded; PCM stays 24 kHz."""
+    for rate in (48000, 96000, 1e9, 1e300):
+        s = make()
+        sent, answer = client(s, update(ga_format({"type": "audio/pcm", "rate": rate}), event_id="evt_rate"))
+        assert sent is None and answer is not None
+        assert answer["error"] == {
+            "type": "invalid_request_error",
+            "code": "invalid_audio_format",
+            "message": "audio/pcm input audio is 24000 Hz; audio.input.format.rate must be 24000.",
+            "param": None,
+            "event_id": "evt_rate",
+        }
+        s.on_client_text(append(b"\x00" * 96000))
+        assert s.meter.snapshot().audio_seconds == Decimal(2)
+
+
+def test_beta_transcription_update_and_double_naming_are_refused() -> None:
+    """transcription_session.update is checked the same way; naming the format both ways is refused."""
+    s = make()
+    beta = {"type": "transcription_session.update", "session": {"input_audio_format": "pcm48"}}
+    assert client(s, beta)[0] is None
+    both = update({**ga_format({"type": "audio/pcm"}), "input_audio_format": "pcm16"})
+    sent, answer = client(s, both)
+    assert sent is None and answer is not None and answer["error"]["code"] == "invalid_audio_format"  # type: ignore[index]
+
+
+def test_a_format_takes_effect_only_when_the_provider_confirms_it() -> None:
+    """After an update to mu-law, audio counts as mu-law only until session.updated says PCM is still in force."""
+    s = make()
+    sent, _ = client(s, update(ga_format({"type": "audio/pcmu"})))
+    assert sent is not None and isinstance(sent["event_id"], str)  # an id the provider's answer refers to
+    s.on_client_text(append(b"\x00" * 48000))
+    assert s.meter.snapshot().audio_seconds == Decimal(6)  # unconfirmed: the most seconds it could be
+    upstream(s, {"type": "session.updated", "session": ga_format({"type": "audio/pcm", "rate": 24000})})
+    assert s.meter.snapshot().audio_seconds == Decimal(1)
+
+
+def test_an_update_the_provider_refuses_keeps_the_format_before() -> None:
+    """The provider's error naming the update's event id settles the audio after it at the old format."""
+    s = make()
+    client(s, update(ga_format({"type": "audio/pcmu"}), event_id="evt_fmt"))
+    s.on_client_text(append(b"\x00" * 48000))
+    upstream(s, {"type": "error", "error": {"type": "invalid_request_error", "code": "x", "event_id": "evt_fmt"}})
+    assert s.meter.snapshot().audio_seconds == Decimal(1)
+
+
+# --- binary frames and input transcription on conversation sessions (issue 12, holes 3 and 4) --------
+
+
+def test_conversation_may_name_a_configured_transcriber_the_key_may_use() -> None:
+    """whisper-1 is rewritten to its deployment on this provider, and its usage is billed at its price."""
+    s = conversation(models=("captions", "whisper-1"))
+    sent, answer = client(s, update({"audio": {"input": {"transcription": {"model": "whisper-1"}}}}))
+    assert answer is None and sent is not None
+    assert sent["session"]["audio"]["input"]["transcription"]["model"] == "my-whisper"  # type: ignore[index]
+    shown = upstream(
+        s, {"type": "session.updated", "session": {"audio": {"input": {"transcription": {"model": "my-whisper"}}}}}
+    )
+    assert shown["session"]["audio"]["input"]["transcription"]["model"] == "whisper-1"  # type: ignore[index]
+    upstream(
+        s,
+        {"type": "conversation.item.input_audio_transcription.completed", "usage": {"type": "duration", "seconds": 7}},
+    )
+    assert s.meter.cost() == Decimal("0.0007")
+
+
+def test_transcription_tokens_are_billed_at_the_named_transcriber() -> None:
+    """A beta input_audio_transcription naming gpt-4o-transcribe bills its token usage at its token prices."""
+    s = conversation()
+    sent, _ = client(s, update({"input_audio_transcription": {"model": "gpt-4o-transcribe"}}))
+    assert sent is not None
+    usage = {"type": "tokens", "input_tokens": 100, "output_tokens": 20}
+    upstream(s, {"type": "conversation.item.input_audio_transcription.completed", "usage": usage})
+    assert s.meter.cost() == Decimal("0.00045")  # 100 * 2.5e-6 + 20 * 1e-5
+
+
+def test_transcription_without_a_named_model_is_billed_at_the_default_transcriber() -> None:
+    """Transcription usage on a conversation session that named no model is priced at the default transcriber."""
+    s = conversation()
+    completed = {
+        "type": "conversation.item.input_audio_transcription.completed",
+        "usage": {"type": "duration", "seconds": 2.5},
+    }
+    upstream(s, completed)
+    figures = s.meter.snapshot()
+    assert figures.cost_usd == Decimal("0.0002500000")
+    assert "2.5" in figures.upstream_usage
+
+
+@pytest.mark.parametrize(
+    ("name", "models", "code"),
+    [
+        ("gpt-4o-mini-transcribe", (), "model_not_found"),  # not in the config
+        ("openai-whisper", (), "model_not_found"),  # no deployment on this session's provider
+        ("whisper-1", ("captions",), "model_not_allowed"),  # the key may not use it
+    ],
+)
+def test_a_transcriber_that_is_unknown_or_not_allowed_is_refused(name: str, models: tuple[str, ...], code: str) -> None:
+    """A conversation session's transcription model must be configured, served here and allowed for the key."""
+    s = conversation(models=models)
+    for session in (
+        {"audio": {"input": {"transcription": {"model": name}}}},
+        {"input_audio_transcription": {"model": name}},
+    ):
+        sent, answer = client(s, update(session))
+        assert sent is None and answer is not None
+        assert answer["error"]["code"] == code  # type: ignore[index]
