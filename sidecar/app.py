@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import httpx
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -30,19 +31,12 @@ from starlette.websockets import WebSocket
 
 from sidecar import admin, captions, client_secrets
 from sidecar.auth import KeyChecker, Principal, authorize, credentials
+from sidecar.bodies import BodyLimit
 from sidecar.catalog import Catalog, Deployment, RealtimeModel, describe, load_catalog
 from sidecar.client_secrets import ClientSecrets, Grant, MemoryClaims, RedisClaims, Signer, is_client_secret
 from sidecar.config import Settings
 from sidecar.control import ControlStore, MemoryStore, RedisStore, Supervisor
-from sidecar.errors import (
-    InvalidApiKey,
-    KeyCheckError,
-    ModelNotFound,
-    ModelNotTranscription,
-    Refusal,
-    ServiceUnavailable,
-    UpstreamError,
-)
+from sidecar.errors import InvalidApiKey, KeyCheckError, ModelNotFound, Refusal, ServiceUnavailable, UpstreamError
 from sidecar.metering import SessionMeter
 from sidecar.metrics import CONTENT_TYPE_LATEST, Metrics
 from sidecar.pinning import Pin
@@ -163,7 +157,9 @@ def create_app(
         *client_secrets.routes(),
         *captions.routes(settings),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    # Every HTTP body is capped while it streams in (sidecar/bodies.py); WebSockets pass straight through.
+    body_limit = Middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[body_limit])
 
 
 def _client_secrets(settings: Settings, redis: aioredis.Redis | None) -> ClientSecrets:
@@ -322,10 +318,6 @@ async def _open(
     else:
         name, transcription = _model_name(websocket, services.catalog)
     model = services.catalog.resolve(name)
-    if transcription and model.kind != "realtime-transcription":
-        raise ModelNotTranscription(
-            f"The model `{model.name}` is a conversation model; a transcription session needs a transcription model."
-        )
     authorize(principal, model.name, now=datetime.now(UTC))
     if grant is not None:
         await services.client_secrets.claim(grant)
@@ -383,8 +375,6 @@ async def _connect(
         started_at=datetime.now(UTC),
         transcription=transcription,
         pinned=Pin(grant.session) if grant is not None else None,
-        transcribers=services.catalog.transcribers,
-        default_transcriber=services.catalog.default_transcription_model,
     )
     websocket, receive, send = client
     relay = Relay(

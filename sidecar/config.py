@@ -33,6 +33,8 @@ DEFAULT_USAGE_STREAM = "realtime:usage"
 DEFAULT_CONTROL_CHANNEL = "realtime:control"
 DEFAULT_ROUNDING = "exact"
 DEFAULT_CAPTIONS_PAGE = False
+#: The largest HTTP request body any route accepts (client secrets, the admin API); larger ones get 413.
+DEFAULT_MAX_BODY_BYTES = 64 * 1024
 #: SIDECAR_CLIENT_SECRET_KEY signs client secrets; shorter keys are refused (HMAC-SHA256 wants >= 32 bytes).
 MIN_CLIENT_SECRET_KEY_CHARS = 32
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -116,6 +118,8 @@ class Settings:
     captions_page: bool = DEFAULT_CAPTIONS_PAGE
     #: The LiteLLM key /captions/token mints client secrets with (required when the page is on).
     captions_key: str | None = field(default=None, repr=False)
+    #: HTTP request bodies above this many bytes are refused with 413 (sidecar/bodies.py).
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, require_config: bool = True) -> Settings:
@@ -168,6 +172,7 @@ class Settings:
             client_secret_key=secret_key,
             captions_page=captions_page,
             captions_key=captions_key,
+            max_body_bytes=_int(env, "SIDECAR_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
         )
 
     def replace(self, **changes: object) -> Settings:
