@@ -36,7 +36,15 @@ from sidecar.catalog import Catalog, Deployment, RealtimeModel, describe, load_c
 from sidecar.client_secrets import ClientSecrets, Grant, MemoryClaims, RedisClaims, Signer, is_client_secret
 from sidecar.config import Settings
 from sidecar.control import ControlStore, MemoryStore, RedisStore, Supervisor
-from sidecar.errors import InvalidApiKey, KeyCheckError, ModelNotFound, Refusal, ServiceUnavailable, UpstreamError
+from sidecar.errors import (
+    InvalidApiKey,
+    KeyCheckError,
+    ModelNotFound,
+    ModelNotTranscription,
+    Refusal,
+    ServiceUnavailable,
+    UpstreamError,
+)
 from sidecar.metering import SessionMeter
 from sidecar.metrics import CONTENT_TYPE_LATEST, Metrics
 from sidecar.pinning import Pin
@@ -318,6 +326,10 @@ async def _open(
     else:
         name, transcription = _model_name(websocket, services.catalog)
     model = services.catalog.resolve(name)
+    if transcription and model.kind != "realtime-transcription":
+        raise ModelNotTranscription(
+            f"The model `{model.name}` is a conversation model; a transcription session needs a transcription model."
+        )
     authorize(principal, model.name, now=datetime.now(UTC))
     if grant is not None:
         await services.client_secrets.claim(grant)
@@ -375,6 +387,8 @@ async def _connect(
         started_at=datetime.now(UTC),
         transcription=transcription,
         pinned=Pin(grant.session) if grant is not None else None,
+        transcribers=services.catalog.transcribers,
+        default_transcriber=services.catalog.default_transcription_model,
     )
     websocket, receive, send = client
     relay = Relay(
