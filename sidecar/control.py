@@ -394,8 +394,17 @@ class Supervisor:
             self.metrics.fold(relay, entry.folded)
         principal = relay.session.principal
         self.metrics.sessions.labels(relay.close_reason or "unknown").inc()
-        figures = relay.session.meter.snapshot()
+        meter = relay.session.meter
+        figures = meter.snapshot()
         self.metrics.audio_seconds.inc(float(figures.audio_seconds))
+        if meter.reported_over_metered:  # billed at the provider's figure (docs/billing.md)
+            self.metrics.reported_over_metered.inc()
+            log.warning(
+                "the provider reported more audio than was metered; billed the reported seconds",
+                extra={"session_id": relay.session.session_id, "model": relay.session.model.name},
+            )
+        if meter.transcription_unpriced:
+            self.metrics.transcription_unpriced.inc(meter.transcription_unpriced)
         if principal.is_master:
             return
         try:

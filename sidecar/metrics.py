@@ -35,6 +35,16 @@ class Metrics:
             "sidecar_refusals", "Sessions refused before the upgrade, by code", ["code"], registry=r
         )
         self.audio_seconds = Counter("sidecar_audio_seconds", "Audio seconds metered from client appends", registry=r)
+        self.reported_over_metered = Counter(
+            "sidecar_reported_over_metered_sessions",
+            "Sessions whose provider-reported transcription seconds exceeded the metered seconds (billed reported)",
+            registry=r,
+        )
+        self.transcription_unpriced = Counter(
+            "sidecar_transcription_unpriced",
+            "Input transcription usages on conversation sessions that the transcription model's price cannot price",
+            registry=r,
+        )
         self.frames = Counter("sidecar_relay_frames", "Frames relayed", ["direction"], registry=r)
         self.bytes = Counter("sidecar_relay_bytes", "Bytes relayed", ["direction"], registry=r)
         self.connect_seconds = Histogram(

@@ -34,6 +34,7 @@ import signal
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from types import TracebackType
 from typing import Any, Final, Self
 from urllib.parse import parse_qsl, urlsplit
@@ -126,6 +127,9 @@ class Faults:
     reject_model_on_transcription: bool = False
     #: Keep every client event in `FakeSession.events` (benchmarks turn it off to keep memory flat).
     record_events: bool = True
+    #: Report a commit's duration as its bytes at the format in force at the commit, instead of each append
+    #: at the format in force when it arrived (a provider whose count differs from the sidecar's).
+    duration_at_commit_format: bool = False
 
 
 @dataclass
@@ -146,6 +150,11 @@ class FakeSession:
     events: list[Event] = field(default_factory=list)
     #: Decoded bytes of all valid `input_audio_buffer.append` events.
     audio_bytes: int = 0
+    #: Seconds of audio decoded, as a real provider decodes it: each append at the input format in force
+    #: when it arrived, PCM at 24 kHz whatever rate the session declares.
+    audio_seconds: Fraction = Fraction(0)
+    #: Binary frames received (the Realtime API defines none; each is answered with an error).
+    binary_frames: int = 0
     #: The current session config (after every `session.update` / `transcription_session.update`).
     session: dict[str, Any] = field(default_factory=dict)
     #: Set when the connection has ended, after `close_code` is final.
@@ -312,6 +321,27 @@ def _bytes_per_second(session: dict[str, Any]) -> int:
     return G711_BYTES_PER_SECOND if name in _G711_FORMATS else PCM16_BYTES_PER_SECOND
 
 
+#: Audio tokens per second the token-billed transcription models report (OpenAI: ~10 per second).
+AUDIO_TOKENS_PER_SECOND: Final = 10
+TRANSCRIPT_TOKENS: Final = 20
+
+
+def _transcription_usage(model: str, seconds: float) -> dict[str, Any]:
+    """The `usage` of a transcription `completed` event, as OpenAI reports it: tokens for the
+    `*-transcribe` models (gpt-4o-transcribe, gpt-4o-mini-transcribe), a duration for the others (whisper-1,
+    gpt-realtime-whisper)."""
+    if not model.endswith("transcribe"):
+        return {"type": "duration", "seconds": seconds}
+    audio = round(seconds * AUDIO_TOKENS_PER_SECOND)
+    return {
+        "type": "tokens",
+        "total_tokens": audio + TRANSCRIPT_TOKENS,
+        "input_tokens": audio,
+        "input_token_details": {"text_tokens": 0, "audio_tokens": audio},
+        "output_tokens": TRANSCRIPT_TOKENS,
+    }
+
+
 def _word_chunks(text: str, *, size: int = WORDS_PER_DELTA) -> list[str]:
     """`text` in chunks of `size` words; the chunks concatenate back to `text` exactly."""
     words = text.split(" ")
@@ -331,6 +361,7 @@ class _Conversation:
         self._host_port = host_port
         self._transcript = transcript
         self._buffer = 0  # uncommitted decoded bytes
+        self._buffer_seconds = Fraction(0)  # the same, as decoded seconds (exact)
         self._appends = 0
         self._item_id = _new_id("item")
         self._handlers: dict[str, Callable[[Event, Faults], _Reply]] = {
@@ -350,6 +381,7 @@ class _Conversation:
     def receive(self, message: str | bytes, faults: Faults) -> _Reply:
         """Handle one client frame; never raises on bad input (it becomes an `error` event)."""
         if isinstance(message, bytes):
+            self.record.binary_frames += 1
             return _Reply([_error("binary_not_supported", "Binary frames are not supported; send JSON text.")])
         try:
             event = orjson.loads(message)
@@ -387,8 +419,11 @@ class _Conversation:
             message = "Invalid 'audio': not valid base64."
             events = [_error("invalid_base64", message, client_event_id=event.get("event_id"))]
         else:
+            seconds = Fraction(size, _bytes_per_second(self.record.session))
             self.record.audio_bytes += size
+            self.record.audio_seconds += seconds
             self._buffer += size
+            self._buffer_seconds += seconds
             events = [self._delta(str(event.get("event_id", index)))] if faults.reply_each_append else []
         return self._apply_append_faults(events, faults)
 
@@ -405,11 +440,13 @@ class _Conversation:
         """Empty buffer -> the leaky error; else committed, deltas, completed with duration usage."""
         if self._buffer == 0:
             return _Reply([self._empty_commit_error(event.get("event_id"))])
-        seconds = self._buffer / _bytes_per_second(self.record.session)
-        item_id, self._item_id, self._buffer = self._item_id, _new_id("item"), 0
+        seconds = float(self._buffer_seconds)
+        if faults.duration_at_commit_format:
+            seconds = self._buffer / _bytes_per_second(self.record.session)
+        item_id, self._item_id, self._buffer, self._buffer_seconds = self._item_id, _new_id("item"), 0, Fraction(0)
         events = [_event("input_audio_buffer.committed", previous_item_id=None, item_id=item_id)]
         events += [self._delta(chunk, item_id=item_id) for chunk in _word_chunks(self._transcript)]
-        usage = {"type": "duration", "seconds": seconds}
+        usage = _transcription_usage(self._transcription_model(), seconds)
         completed = _event(
             "conversation.item.input_audio_transcription.completed",
             item_id=item_id,
@@ -427,6 +464,16 @@ class _Conversation:
             f"at {self._host_port})"
         )
         return _error("input_audio_buffer_commit_empty", message, client_event_id=client_event_id)
+
+    def _transcription_model(self) -> str:
+        """The input transcription model the session names (GA, else beta), or ""."""
+        session = self.record.session
+        ga = session.get("audio", {}).get("input", {}).get("transcription")
+        beta = session.get("input_audio_transcription")
+        for holder in (ga, beta):
+            if isinstance(holder, dict) and isinstance(holder.get("model"), str):
+                return str(holder["model"])
+        return ""
 
     def _model_name(self) -> str:
         """The handshake's model/deployment, else the session's (transcription) model."""
