@@ -1,6 +1,6 @@
 """Stream a WAV file (24 kHz mono PCM16) through the sidecar with the official openai SDK.
 
-    .venv/bin/python examples/transcribe.py ../shared/data/speech_24k_pcm16.wav
+    .venv/bin/python examples/transcribe.py examples/audio/speech_24k_pcm16.wav
 
 Environment: SIDECAR_URL (default http://127.0.0.1:8787/v1), SIDECAR_KEY (default the example master
 key), SIDECAR_MODEL (default gpt-realtime-whisper).
@@ -52,4 +52,4 @@ async def transcribe(path: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(transcribe(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/speech_24k_pcm16.wav"))
+    asyncio.run(transcribe(sys.argv[1] if len(sys.argv) > 1 else "examples/audio/speech_24k_pcm16.wav"))

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_ADMIN_DSN = os.environ.get("TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "examples" / "audio"
 SPEECH_WAV = DATA / "speech_24k_pcm16.wav"
 SPEECH_ULAW = DATA / "speech_8k_ulaw.raw"
 

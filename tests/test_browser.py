@@ -24,7 +24,7 @@ from sidecar.testing.fake_provider import DEFAULT_TRANSCRIPT
 from tests.relay_stack import USER_KEY, stack
 
 REPO = Path(__file__).resolve().parents[1]
-SPEECH_WAV = REPO.parent / "shared" / "data" / "speech_24k_pcm16.wav"
+SPEECH_WAV = REPO / "examples" / "audio" / "speech_24k_pcm16.wav"
 DRIVER = REPO / "tests" / "browser" / "captions.mjs"
 SCREENSHOT = REPO / "test-artifacts" / "captions.png"
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
