@@ -10,6 +10,9 @@ Python time after the system calls. RFC 6455 section 5.2 is simple for the frame
   frame) comes out as its raw bytes, for websockets' sans-I/O protocol to handle: it keeps owning the
   connection's state, the closing handshake, pings and protocol errors. A frame over the size limit ends
   the fast path for good: the rest of the stream goes to websockets, which fails the connection (1009).
+  While a fragmented message is open (a non-final text or binary frame went to websockets, and its final
+  continuation frame has not), final data frames are handed over raw as well: RFC 6455 section 5.4 allows
+  only control frames between fragments, and websockets fails the connection with 1002.
 - `frame` builds one final text or binary frame, masked with a given key on the client side.
 
 Pure: no I/O, no clock. Unmasking and masking use websockets' C `apply_mask`.
@@ -30,6 +33,10 @@ REST: Final = -1  # everything from here on, for websockets (the fast path has e
 _FIN_TEXT: Final = 0x81
 _FIN_BINARY: Final = 0x82
 _MASK_BIT: Final = 0x80
+_FIN_BIT: Final = 0x80
+_OPCODE: Final = 0x0F
+_FAST: Final = (_FIN_TEXT, _FIN_BINARY)  # first bytes of the frames the fast path takes, no message open
+_NONE: Final = ()  # ... while a fragmented message is open
 
 
 class FrameSplitter:
@@ -38,12 +45,13 @@ class FrameSplitter:
     `masked`: frames must carry a mask (what a server receives); `max_size`: the largest payload.
     """
 
-    __slots__ = ("_pending", "done", "masked", "max_size")
+    __slots__ = ("_fast", "_pending", "done", "masked", "max_size")
 
     def __init__(self, *, masked: bool, max_size: int | None) -> None:
         self.masked = masked
         self.max_size = max_size
         self._pending = b""
+        self._fast: tuple[int, ...] = _FAST  # _NONE while a fragmented message is open
         self.done = False  # the fast path has ended: feed() returns everything as REST
 
     @property
@@ -60,7 +68,7 @@ class FrameSplitter:
         size = len(buf)
         out: list[tuple[int, bytes]] = []
         pos = 0
-        masked, max_size = self.masked, self.max_size
+        masked, max_size, fast = self.masked, self.max_size, self._fast
         while size - pos >= 2:
             first, second = buf[pos], buf[pos + 1]
             length = second & 0x7F
@@ -85,13 +93,18 @@ class FrameSplitter:
             end = start + length
             if end > size:
                 break
-            if first in (_FIN_TEXT, _FIN_BINARY) and bool(has_mask) == masked:
+            if first in fast and bool(has_mask) == masked:
                 # apply_mask (C) takes any buffer, though its stub says bytes: no copy before unmasking.
                 unmask: Any = apply_mask
                 payload = unmask(view[start:end], view[head:start]) if has_mask else bytes(view[start:end])
                 out.append((TEXT if first == _FIN_TEXT else BINARY, payload))
             else:
                 out.append((RAW, bytes(view[pos:end])))
+                opcode = first & _OPCODE
+                if opcode == 0 and first & _FIN_BIT:  # the final continuation frame closes the message
+                    fast = self._fast = _FAST
+                elif 0 < opcode < 3 and not first & _FIN_BIT:  # a text or binary frame opens one
+                    fast = self._fast = _NONE
             pos = end
         view.release()
         self._pending = buf[pos:] if pos < size else b""

@@ -41,7 +41,8 @@ _frames = st.one_of(
 
 @given(frames=st.lists(_frames, max_size=8), cuts=st.lists(st.integers(min_value=0), max_size=6), masked=st.booleans())
 def test_splitting_any_chunking_matches_the_frames_sent(frames: list[Frame], cuts: list[int], masked: bool) -> None:
-    """However the stream is cut, data frames come out as payloads and every other frame as its exact bytes."""
+    """However the stream is cut, final data frames outside a fragmented message come out as payloads and every
+    other frame as its exact bytes."""
     wires = [_wire(f, mask=masked) for f in frames]
     stream = b"".join(wires)
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
@@ -51,8 +52,14 @@ def test_splitting_any_chunking_matches_the_frames_sent(frames: list[Frame], cut
         out += splitter.feed(stream[a:b])
     assert splitter.pending == 0
     assert len(out) == len(frames)
+    fragmented = False  # RFC 6455 5.4: a non-final text/binary frame opens a message, a final continuation ends it
     for (kind, payload), sent, wire in zip(out, frames, wires, strict=True):
-        if sent.fin and sent.opcode in (OP_TEXT, OP_BINARY):
+        fast = sent.fin and sent.opcode in (OP_TEXT, OP_BINARY) and not fragmented
+        if sent.opcode in (OP_TEXT, OP_BINARY) and not sent.fin:
+            fragmented = True
+        elif sent.opcode is OP_CONT and sent.fin:
+            fragmented = False
+        if fast:
             assert kind == (TEXT if sent.opcode is OP_TEXT else BINARY)
             assert payload == sent.data
         else:
@@ -86,3 +93,18 @@ def test_built_frames_parse_back_with_websockets(payload: bytes, text: bool, cli
     assert parsed.opcode is (OP_TEXT if text else OP_BINARY)
     assert parsed.fin
     assert parsed.data == payload
+
+
+def test_a_data_frame_inside_a_fragmented_message_is_left_to_websockets() -> None:
+    """Between a non-final data frame and its final continuation, a final data frame is handed over raw (RFC 6455
+    5.4: websockets then fails the connection with 1002); after the message ends the fast path takes data again."""
+    opening = _wire(Frame(OP_TEXT, b"he", fin=False), mask=True)
+    ping = _wire(Frame(OP_PING, b""), mask=True)
+    intruder = _wire(Frame(OP_BINARY, b"x"), mask=True)
+    middle = _wire(Frame(OP_CONT, b"l", fin=False), mask=True)
+    ending = _wire(Frame(OP_CONT, b"lo"), mask=True)
+    after = _wire(Frame(OP_TEXT, b"ok"), mask=True)
+    splitter = FrameSplitter(masked=True, max_size=None)
+    assert splitter.feed(opening + ping) == [(RAW, opening), (RAW, ping)]
+    assert splitter.feed(intruder) == [(RAW, intruder)]
+    assert splitter.feed(middle + ending + after) == [(RAW, middle), (RAW, ending), (TEXT, b"ok")]
