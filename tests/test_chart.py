@@ -553,6 +553,7 @@ def test_every_sidecar_setting_is_settable_from_values(helm: Helm, tmp_path: Pat
         "maxSessionsPerKey": 5,
         "maxSessions": 900,
         "maxFrameBytes": 8388608,
+        "maxBodyBytes": 131072,
         "connectTimeoutS": 6,
         "defaultTranscriptionModel": "my-whisper",
         "rounding": "up",
@@ -571,6 +572,7 @@ def test_every_sidecar_setting_is_settable_from_values(helm: Helm, tmp_path: Pat
     assert env["SIDECAR_CAPTIONS_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "captions", "key": "litellm-key"}}
     assert env["SIDECAR_CAPTIONS_PAGE"]["value"] == "true"
     assert env["SIDECAR_MAX_FRAME_BYTES"]["value"] == "8388608"
+    assert env["SIDECAR_MAX_BODY_BYTES"]["value"] == "131072"
     assert env["SIDECAR_MAX_SESSION_S"]["value"] == "7200"
     assert env["SIDECAR_CHECKPOINT_S"]["value"] == "2.5"
     assert env["SIDECAR_ROUNDING"]["value"] == "up"
