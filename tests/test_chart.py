@@ -48,7 +48,14 @@ EMBEDDED: dict[str, Any] = {
     "autoscaling": {"enabled": False},
     "replicaCount": 3,
     "podDisruptionBudget": {"minAvailable": 2},
-    "ingress": {"hosts": ["a.example.com", "b.example.com"], "litellm": {"enabled": False}},
+    "ingress": {
+        "enabled": True,
+        "hosts": [
+            {"host": "a.example.com"},
+            {"host": "b.example.com", "paths": [{"path": "/v1", "pathType": "Prefix"}]},
+        ],
+        "litellm": {"enabled": False},
+    },
     "litellm": {"url": "http://litellm.ai.svc:4000", "service": {"name": "litellm"}},
     "spool": {
         "volume": {
@@ -76,6 +83,8 @@ CAPTIONS: dict[str, Any] = {
         "ingress": {"enabled": True, "annotations": AUTH_ANNOTATIONS},
     },
 }
+# An Ingress on one host (it is off by default, and refused without a host), as `helm template` arguments.
+ONE_HOST = ["--set", "ingress.enabled=true", "--set", "ingress.hosts[0].host=api.example.com"]
 # The variables that carry a secret: never a literal `value`, only a secretKeyRef.
 SECRET_SETTINGS = ("SIDECAR_REDIS_URL", "SIDECAR_DATABASE_URL", "SIDECAR_CLIENT_SECRET_KEY", "SIDECAR_CAPTIONS_KEY")
 
@@ -239,12 +248,13 @@ def test_rendered_objects_match_kubernetes_schemas(helm: Helm, tmp_path: Path, v
 
 
 def test_rendered_kinds(default: Manifests, production: Manifests) -> None:
-    """Both renderings hold the two Deployments, the Service, Ingress, PDB and HPA; no Secret ever."""
+    """Both renderings hold the two Deployments, the Service, PDB and HPA, production an Ingress; no Secret ever."""
     for manifests in (default, production):
         kinds = {doc["kind"] for doc in manifests.docs}
-        assert {"Deployment", "Service", "Ingress", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= kinds
+        assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= kinds
         assert "Secret" not in kinds
         assert {d["metadata"]["name"] for d in manifests.all("Deployment")} == {SIDECAR, CONSUMER}
+    assert production.all("Ingress")
     assert production.one("ConfigMap", f"{RELEASE}-litellm-config")
     assert default.all("ConfigMap") == []  # the default reads the LiteLLM release's own ConfigMap
 
@@ -287,24 +297,76 @@ def test_ingress_routes_everything_else_to_litellm(production: Manifests) -> Non
     }
 
 
-def test_no_litellm_route_without_a_litellm_service(default: Manifests) -> None:
-    """By default (no litellm.service.name) only the realtime Ingress exists, for any host."""
-    (ingress,) = default.all("Ingress")
+def test_no_ingress_by_default(default: Manifests) -> None:
+    """The default values render no Ingress: none claims /v1/realtime on every host of the controller."""
+    assert default.all("Ingress") == []
+
+
+def test_no_litellm_route_without_a_litellm_service(helm: Helm) -> None:
+    """An Ingress with a host and no litellm.service.name: only the realtime one, the realtime paths on that host."""
+    (ingress,) = helm.template(*ONE_HOST).all("Ingress")
     assert ingress_routes(ingress) == [
-        (None, "/v1/realtime", "Prefix", SIDECAR, "http"),
-        (None, "/realtime", "Prefix", SIDECAR, "http"),
+        ("api.example.com", "/v1/realtime", "Prefix", SIDECAR, "http"),
+        ("api.example.com", "/realtime", "Prefix", SIDECAR, "http"),
     ]
+    assert "tls" not in ingress["spec"]
 
 
-def test_ingress_has_the_websocket_annotations(rendered: Manifests) -> None:
+def test_each_host_has_its_own_paths(helm: Helm, tmp_path: Path) -> None:
+    """hosts[].paths route per host (path and pathType as given); the other Ingresses and TLS cover every host."""
+    values = {
+        "litellm": {"service": {"name": "litellm"}},
+        "ingress": {
+            "enabled": True,
+            "hosts": [
+                {"host": "api.example.com"},
+                {"host": "voice.example.com", "paths": [{"path": "/v1/realtime", "pathType": "Exact"}]},
+            ],
+            "tls": [{"secretName": "both-tls", "hosts": ["api.example.com", "voice.example.com"]}],
+        },
+    }
+    manifests = helm.template("-f", values_file(tmp_path, values))
+    assert ingress_routes(manifests.one("Ingress", SIDECAR)) == [
+        ("api.example.com", "/v1/realtime", "Prefix", SIDECAR, "http"),
+        ("api.example.com", "/realtime", "Prefix", SIDECAR, "http"),
+        ("voice.example.com", "/v1/realtime", "Exact", SIDECAR, "http"),
+    ]
+    litellm = manifests.one("Ingress", f"{SIDECAR}-litellm")
+    assert [route[0] for route in ingress_routes(litellm)] == ["api.example.com", "voice.example.com"]
+    for ingress in manifests.all("Ingress"):
+        assert ingress["spec"]["tls"] == values["ingress"]["tls"]
+    assert route_of(manifests, "voice.example.com", "/v1/realtime/models") == ("litellm", 4000)
+    assert route_of(manifests, "api.example.com", "/v1/realtime/models") == (SIDECAR, "http")
+
+
+@pytest.mark.parametrize(
+    ("ingress", "reason"),
+    [
+        ({"enabled": True}, "ingress.hosts: Array must have at least 1 items"),
+        ({"enabled": True, "hosts": [{"host": ""}]}, "ingress.hosts.0.host: String length must be greater than"),
+        ({"enabled": True, "hosts": [{"paths": [{"path": "/v1/realtime", "pathType": "Prefix"}]}]}, "host is required"),
+        ({"enabled": True, "hosts": ["api.example.com"]}, "ingress.hosts.0: Invalid type"),
+        ({"enabled": True, "hosts": [{"host": "api.example.com", "paths": [{"path": "/v1"}]}]}, "pathType is required"),
+        ({"paths": ["/v1/realtime"]}, "Additional property paths is not allowed"),
+    ],
+    ids=["no-hosts", "empty-host", "paths-without-host", "bare-host-string", "no-path-type", "old-paths"],
+)
+def test_an_ingress_without_a_host_is_refused(helm: Helm, tmp_path: Path, ingress: dict[str, Any], reason: str) -> None:
+    """The schema refuses an enabled Ingress without a host, a host entry without one, and the old flat layout."""
+    assert reason in helm.refusal("-f", values_file(tmp_path, {"ingress": ingress}))
+
+
+def test_ingress_has_the_websocket_annotations(production: Manifests, helm: Helm) -> None:
     """Long proxy timeouts, no buffering either way, HTTP/1.1 to the upstream."""
-    annotations = rendered.one("Ingress", SIDECAR)["metadata"]["annotations"]
-    assert {k: annotations.get(k) for k in WEBSOCKET_ANNOTATIONS} == WEBSOCKET_ANNOTATIONS
+    for manifests in (production, helm.template(*ONE_HOST)):
+        annotations = manifests.one("Ingress", SIDECAR)["metadata"]["annotations"]
+        assert {k: annotations.get(k) for k in WEBSOCKET_ANNOTATIONS} == WEBSOCKET_ANNOTATIONS
 
 
 def test_ingress_annotations_from_values_win(helm: Helm) -> None:
     """ingress.proxyTimeoutSeconds sets both timeouts; ingress.annotations add to and override the chart's."""
     manifests = helm.template(
+        *ONE_HOST,
         "--set",
         "ingress.proxyTimeoutSeconds=7200",
         "--set-string",
@@ -428,6 +490,7 @@ def test_captions_ingress_needs_the_page_and_may_skip_the_auth_check(helm: Helm)
         (["--set", "captions.enabled=true"], "captions.enabled needs captions.existingSecret"),
         (
             [
+                *ONE_HOST,
                 "--set",
                 "captions.enabled=true",
                 "--set",
@@ -439,6 +502,7 @@ def test_captions_ingress_needs_the_page_and_may_skip_the_auth_check(helm: Helm)
         ),
         (
             [
+                *ONE_HOST,
                 "--set",
                 "captions.enabled=true",
                 "--set",
@@ -780,7 +844,16 @@ def test_embedded_mode_has_no_consumer(helm: Helm, tmp_path: Path) -> None:
         (["--set", "config.drainGraceS=0"], "config.drainGraceS: Must be greater than 0"),
         (["--set", "config.rounding=sometimes"], "config.rounding must be one of"),
         (["--set", "config.maxSessions=many"], "config.maxSessions: Invalid type"),
-        (["--set", "ingress.paths[0]=v1/realtime"], "ingress.paths.0: Does not match pattern"),
+        (
+            [
+                *ONE_HOST,
+                "--set",
+                "ingress.hosts[0].paths[0].path=v1/realtime",
+                "--set",
+                "ingress.hosts[0].paths[0].pathType=Prefix",
+            ],
+            "ingress.hosts.0.paths.0.path: Does not match pattern",
+        ),
         (["--set", "clientSecrets.existingSecretKey="], "clientSecrets.existingSecretKey: String length must be"),
         (["--set", "captions.enabled=yes"], "captions.enabled: Invalid type"),
     ],
