@@ -10,6 +10,7 @@ is parsed and its properties checked.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import shlex
@@ -20,9 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from prometheus_client.metrics import MetricWrapperBase
+
+from sidecar.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "realtime-sidecar"
@@ -83,6 +88,16 @@ CAPTIONS: dict[str, Any] = {
         "ingress": {"enabled": True, "annotations": AUTH_ANNOTATIONS},
     },
 }
+# Over the production values: the ServiceMonitor, the PrometheusRule and the Grafana dashboard on.
+MONITORING: dict[str, Any] = {
+    "metrics": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+        "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+        "dashboard": {"enabled": True},
+    },
+}
+MONITORING_KINDS = {"serviceMonitor": "ServiceMonitor", "prometheusRule": "PrometheusRule", "dashboard": "ConfigMap"}
+DASHBOARD = f"{RELEASE}-dashboard"
 # An Ingress on one host (it is off by default, and refused without a host), as `helm template` arguments.
 ONE_HOST = ["--set", "ingress.enabled=true", "--set", "ingress.hosts[0].host=api.example.com"]
 # The variables that carry a secret: never a literal `value`, only a secretKeyRef.
@@ -215,32 +230,38 @@ def test_ensure_helm_is_idempotent_and_pinned(helm: Helm) -> None:
     assert helm.run("version", "--template", "{{ .Version }}").stdout.strip() == HELM_VERSION
 
 
-@pytest.mark.parametrize("variant", ["default", "production", "captions"])
+@pytest.mark.parametrize("variant", ["default", "production", "captions", "monitoring"])
 def test_helm_lint_strict_passes(helm: Helm, tmp_path: Path, variant: str) -> None:
-    """`helm lint --strict` accepts the chart with the default and the production values (captions on or off)."""
+    """`helm lint --strict` accepts the chart with the default and production values (captions, monitoring on)."""
     values = {
         "default": [],
         "production": ["-f", str(PRODUCTION)],
         "captions": ["-f", str(PRODUCTION), "-f", values_file(tmp_path, CAPTIONS)],
+        "monitoring": ["-f", str(PRODUCTION), "-f", values_file(tmp_path, MONITORING)],
     }[variant]
     done = helm.run("lint", "--strict", str(CHART), *values)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "0 chart(s) failed" in done.stdout
 
 
-@pytest.mark.parametrize("variant", ["default", "production", "embedded", "consumer-probe", "captions"])
+@pytest.mark.parametrize("variant", ["default", "production", "embedded", "consumer-probe", "captions", "monitoring"])
 def test_rendered_objects_match_kubernetes_schemas(helm: Helm, tmp_path: Path, variant: str) -> None:
-    """Every object rendered is valid for Kubernetes 1.30 (strict: no unknown or mistyped field)."""
+    """Every object rendered is valid for Kubernetes 1.30, or prometheus-operator's fields (strict: none unknown)."""
     args = {
         "default": [],
         "production": ["-f", str(PRODUCTION)],
         "embedded": ["-f", values_file(tmp_path, EMBEDDED)],
         "consumer-probe": ["-f", str(PRODUCTION), "-f", values_file(tmp_path, CONSUMER_PROBE)],
         "captions": ["-f", str(PRODUCTION), "-f", values_file(tmp_path, CAPTIONS)],
+        "monitoring": ["-f", str(PRODUCTION), "-f", values_file(tmp_path, MONITORING)],
     }[variant]
     manifests = helm.template(*args)
     assert manifests.docs
     for doc in manifests.docs:
+        if doc["apiVersion"] == "monitoring.coreos.com/v1":
+            errors = sorted(MONITORING_VALIDATORS[doc["kind"]].iter_errors(doc), key=str)
+            assert not errors, f"{doc['kind']}: {errors[0].message} at {list(errors[0].absolute_path)}"
+            continue
         try:
             kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -873,6 +894,399 @@ def test_embedded_mode_has_no_consumer(helm: Helm, tmp_path: Path) -> None:
 def test_inconsistent_values_are_refused(helm: Helm, args: list[str], reason: str) -> None:
     """values.schema.json and the chart's own checks refuse values that could not work, saying why."""
     assert reason in helm.refusal(*args)
+
+
+# --- Monitoring: ServiceMonitor, PrometheusRule, Grafana dashboard ------------------------------------
+
+# kubernetes-validate has no schemas for prometheus-operator's custom resources, so these hold the
+# monitoring.coreos.com/v1 fields the chart renders, as prometheus-operator's API reference defines them,
+# strict like the rest: an unknown or mistyped field fails. (Not the CRDs' full schemas: fields the chart
+# never renders are simply not allowed here.)
+_DURATION = {
+    "type": "string",
+    "pattern": "^(0|([0-9]+y)?([0-9]+w)?([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?)$",
+}
+_STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
+_METADATA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "minLength": 1}, "labels": _STRINGS, "annotations": _STRINGS},
+    "required": ["name"],
+    "additionalProperties": False,
+}
+
+
+def _resource(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": kind},
+            "metadata": _METADATA,
+            "spec": spec,
+        },
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+    }
+
+
+_RELABELINGS = {"type": "array", "items": {"type": "object"}}
+SERVICE_MONITOR_SCHEMA = _resource(
+    "ServiceMonitor",
+    {
+        "type": "object",
+        "properties": {
+            "selector": {
+                "type": "object",
+                "properties": {"matchLabels": _STRINGS, "matchExpressions": {"type": "array"}},
+                "additionalProperties": False,
+            },
+            "namespaceSelector": {
+                "type": "object",
+                "properties": {
+                    "any": {"type": "boolean"},
+                    "matchNames": {"type": "array", "items": {"type": "string"}},
+                },
+                "additionalProperties": False,
+            },
+            "endpoints": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "port": {"type": "string"},
+                        "path": {"type": "string"},
+                        "interval": _DURATION,
+                        "scrapeTimeout": _DURATION,
+                        "relabelings": _RELABELINGS,
+                        "metricRelabelings": _RELABELINGS,
+                    },
+                    "additionalProperties": False,
+                },
+            },
+        },
+        "required": ["selector", "endpoints"],
+        "additionalProperties": False,
+    },
+)
+PROMETHEUS_RULE_SCHEMA = _resource(
+    "PrometheusRule",
+    {
+        "type": "object",
+        "properties": {
+            "groups": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "minLength": 1},
+                        "interval": _DURATION,
+                        "rules": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "alert": {"type": "string", "pattern": "^[a-zA-Z_][a-zA-Z0-9_]*$"},
+                                    "record": {"type": "string"},
+                                    "expr": {"type": ["string", "integer"]},
+                                    "for": _DURATION,
+                                    "labels": _STRINGS,
+                                    "annotations": _STRINGS,
+                                },
+                                "required": ["expr"],
+                                "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                "additionalProperties": False,
+                            },
+                        },
+                    },
+                    "required": ["name", "rules"],
+                    "additionalProperties": False,
+                },
+            },
+        },
+        "required": ["groups"],
+        "additionalProperties": False,
+    },
+)
+MONITORING_VALIDATORS = {
+    "ServiceMonitor": jsonschema.Draft7Validator(SERVICE_MONITOR_SCHEMA),
+    "PrometheusRule": jsonschema.Draft7Validator(PROMETHEUS_RULE_SCHEMA),
+}
+
+# Names the dashboard may query before the sidecar exposes them: the spend counter that comes with the
+# per-model labels (as the usage event's cost_usd). The alerts may not use them.
+PENDING_METRICS = {"sidecar_cost_usd_total"}
+# The `model` label is being added to these counters; until then queries by model show one empty series.
+MODEL_LABELLED = {"sidecar_sessions_total", "sidecar_refusals_total", "sidecar_audio_seconds_total", *PENDING_METRICS}
+# Labels Prometheus adds to every scraped series (a ServiceMonitor's namespace and pod).
+TARGET_LABELS = {"namespace", "pod"}
+PROMQL_FUNCTIONS = {"sum", "max", "min", "avg", "count", "rate", "increase", "histogram_quantile"}
+PROMQL_KEYWORDS = {
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+}
+
+
+@dataclass(frozen=True)
+class Exposition:
+    """What the sidecar's GET /metrics exposes: each series name and its label names."""
+
+    labels: dict[str, set[str]]
+
+
+@pytest.fixture(scope="session")
+def exposition() -> Exposition:
+    """The names a fresh Metrics() renders (its `# TYPE` lines, histograms' series too), with their labels."""
+    metrics = Metrics()
+    names: set[str] = set()
+    for line in metrics.render().decode().splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            names |= {name, *(f"{name}{s}" for s in ("_bucket", "_sum", "_count") if kind == "histogram")}
+    labels: dict[str, set[str]] = {}
+    # prometheus_client keeps a metric's name, type and label names in private attributes (no public accessor);
+    # /metrics shows label names only once a labelled series exists.
+    for metric in (m for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)):
+        base = metric._name + ("_total" if metric._type == "counter" else "")
+        extra = {"_bucket": {"le"}, "_sum": set(), "_count": set()} if metric._type == "histogram" else {"": set()}
+        for suffix, more in extra.items():
+            labels[base + suffix] = set(metric._labelnames) | more
+    assert set(labels) <= names, set(labels) - names
+    assert "sidecar_sessions_total" in labels and labels["sidecar_sessions_total"] >= {"close_reason"}
+    return Exposition(labels={name: labels.get(name, set()) for name in names})
+
+
+@dataclass(frozen=True)
+class Query:
+    """The metric names, label names and functions one PromQL expression uses."""
+
+    metrics: set[str]
+    labels: set[str]
+    functions: set[str]
+
+
+def promql_query(expr: str) -> Query:
+    """Take a PromQL expression apart: strings, matchers, groupings and ranges out, then identifiers classified."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    assert all(text.count(o) == text.count(c) for o, c in ("()", "{}", "[]")), expr
+    labels: set[str] = set()
+    for matchers in re.findall(r"\{([^}]*)\}", text):
+        labels |= set(re.findall(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)", matchers))
+    text = re.sub(r"\{[^}]*\}", " ", text)
+    grouping = r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)"
+    for names in re.findall(grouping, text):
+        labels |= set(re.findall(r"[a-zA-Z_]\w*", names))
+    text = re.sub(grouping, " ", text)
+    text = re.sub(r"\[[^\]]*\]", " ", text)
+    functions = set(re.findall(r"([a-zA-Z_]\w*)\s*\(", text))
+    words = set(re.findall(r"(?<![\w.])[a-zA-Z_:][\w:]*", text))
+    return Query(metrics=words - functions - PROMQL_KEYWORDS, labels=labels, functions=functions)
+
+
+def check_query(expr: str, exposition: Exposition, *, pending: set[str]) -> Query:
+    """Fail unless `expr` reads only exposed metrics (or `pending` ones), with their labels (`model` loosely)."""
+    query = promql_query(expr)
+    assert query.metrics, f"no metric in {expr!r}"
+    assert query.functions <= PROMQL_FUNCTIONS, expr
+    unknown = query.metrics - set(exposition.labels) - pending
+    assert not unknown, f"{expr!r} reads metrics /metrics does not expose: {sorted(unknown)}"
+    known = set().union(*(exposition.labels.get(m, set()) for m in query.metrics)) | TARGET_LABELS
+    if "model" in query.labels:
+        assert query.metrics <= MODEL_LABELLED, f"`model` on a metric that will not carry it: {expr!r}"
+        known.add("model")
+    assert query.labels <= known, f"{expr!r} uses labels {sorted(query.labels - known)}"
+    return query
+
+
+@pytest.fixture(scope="session")
+def monitoring(helm: Helm, tmp_path_factory: pytest.TempPathFactory) -> Manifests:
+    """The chart rendered with the production values and the monitoring objects on (MONITORING)."""
+    return helm.template("-f", str(PRODUCTION), "-f", values_file(tmp_path_factory.mktemp("monitoring"), MONITORING))
+
+
+def alerts_of(manifests: Manifests) -> dict[str, dict[str, Any]]:
+    """The PrometheusRule's alerting rules by name (names unique)."""
+    rules = [rule for group in manifests.one("PrometheusRule", SIDECAR)["spec"]["groups"] for rule in group["rules"]]
+    alerts = {rule["alert"]: rule for rule in rules}
+    assert len(alerts) == len(rules)
+    return alerts
+
+
+def dashboard_of(manifests: Manifests) -> dict[str, Any]:
+    """The Grafana dashboard the ConfigMap carries, parsed."""
+    (text,) = manifests.one("ConfigMap", DASHBOARD)["data"].values()
+    dashboard: dict[str, Any] = json.loads(text)
+    return dashboard
+
+
+def test_monitoring_objects_are_off_by_default(default: Manifests, production: Manifests) -> None:
+    """No ServiceMonitor, PrometheusRule or dashboard ConfigMap unless asked for (they need operators' CRDs)."""
+    for manifests in (default, production):
+        kinds = {doc["kind"] for doc in manifests.docs}
+        assert not {"ServiceMonitor", "PrometheusRule"} & kinds
+        assert DASHBOARD not in [c["metadata"]["name"] for c in manifests.all("ConfigMap")]
+
+
+@pytest.mark.parametrize("key", sorted(MONITORING_KINDS))
+def test_each_monitoring_object_renders_only_when_enabled(helm: Helm, key: str) -> None:
+    """metrics.<key>.enabled renders its object, and only its object."""
+    manifests = helm.template("-f", str(PRODUCTION), "--set", f"metrics.{key}.enabled=true")
+    for other, kind in MONITORING_KINDS.items():
+        name = DASHBOARD if kind == "ConfigMap" else SIDECAR
+        found = [doc for doc in manifests.all(kind) if doc["metadata"]["name"] == name]
+        assert len(found) == (other == key), (other, kind)
+
+
+def test_service_monitor_scrapes_the_sidecar_service(monitoring: Manifests) -> None:
+    """It selects the sidecar Service alone, in the release namespace, on its http port at /metrics, every 30 s."""
+    monitor = monitoring.one("ServiceMonitor", SIDECAR)
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    selected = [s for s in monitoring.all("Service") if selector.items() <= s["metadata"]["labels"].items()]
+    assert [s["metadata"]["name"] for s in selected] == [SIDECAR]
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["default"]}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint == {"port": "http", "path": "/metrics", "interval": "30s"}
+    assert endpoint["port"] in [p["name"] for p in selected[0]["spec"]["ports"]]
+
+
+def test_service_monitor_takes_its_values(helm: Helm, tmp_path: Path) -> None:
+    """interval, scrapeTimeout and relabelings reach the endpoint; a malformed interval is refused."""
+    relabel = [{"action": "labeldrop", "regex": "instance"}]
+    monitor = {"enabled": True, "interval": "15s", "scrapeTimeout": "5s", "metricRelabelings": relabel}
+    manifests = helm.template("-f", values_file(tmp_path, {"metrics": {"serviceMonitor": monitor}}))
+    (endpoint,) = manifests.one("ServiceMonitor", SIDECAR)["spec"]["endpoints"]
+    assert endpoint["interval"] == "15s"
+    assert endpoint["scrapeTimeout"] == "5s"
+    assert endpoint["metricRelabelings"] == relabel
+    message = helm.refusal("--set", "metrics.serviceMonitor.interval=30sec")
+    assert "metrics.serviceMonitor.interval: Does not match pattern" in message
+
+
+def test_prometheus_rule_has_the_documented_alerts(monitoring: Manifests) -> None:
+    """The alerts of docs/operations.md, each with a duration, a severity and a summary, and the rule's labels."""
+    rule = monitoring.one("PrometheusRule", SIDECAR)
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    alerts = alerts_of(monitoring)
+    assert set(alerts) == {
+        "RealtimeSidecarUsageSpooled",
+        "RealtimeSidecarUpstreamConnectFailures",
+        "RealtimeSidecarUpstreamUnavailable",
+        "RealtimeSidecarLiteLLMUnreachable",
+        "RealtimeSidecarUpstreamErrors",
+        "RealtimeSidecarNearSessionLimit",
+    }
+    for name, alert in alerts.items():
+        assert alert["for"], name
+        assert alert["labels"]["severity"] in {"warning", "critical"}, name
+        assert alert["annotations"]["summary"], name
+    operations = (REPO / "docs" / "operations.md").read_text()
+    assert "PrometheusRule" in operations
+    for name in alerts:
+        assert name in operations, f"docs/operations.md does not name {name}"
+
+
+def test_alert_expressions_read_only_what_metrics_exposes(monitoring: Manifests, exposition: Exposition) -> None:
+    """Every metric an alert reads is on GET /metrics today (no pending names), scoped to the release namespace."""
+    read: set[str] = set()
+    for name, alert in alerts_of(monitoring).items():
+        query = check_query(alert["expr"], exposition, pending=set())
+        assert 'namespace="default"' in alert["expr"], name
+        assert "model" not in query.labels, name
+        read |= query.metrics
+    assert {
+        "sidecar_usage_spool_depth",
+        "sidecar_upstream_connect_failures_total",
+        "sidecar_refusals_total",
+        "sidecar_key_check_failures_total",
+        "sidecar_sessions_total",
+        "sidecar_live_sessions",
+    } <= read
+
+
+def test_the_promql_check_catches_unknown_names(exposition: Exposition) -> None:
+    """The check refuses a counter without `_total`, an unknown label, and `model` where it will not be."""
+    check_query('sum by (code) (rate(sidecar_refusals_total{namespace="x"}[5m]))', exposition, pending=set())
+    for expr in (
+        "rate(sidecar_sessions[5m])",
+        'sum(sidecar_sessions_total{reason="x"})',
+        "sum by (model) (sidecar_live_sessions)",
+        "sum(rate(sidecar_cost_usd_total[5m]))",
+    ):
+        with pytest.raises(AssertionError):
+            check_query(expr, exposition, pending=set())
+
+
+def test_alert_thresholds_follow_the_values(helm: Helm, tmp_path: Path) -> None:
+    """The session alert is a share of config.maxSessions; the spool duration and extra labels are the values'."""
+    values = {
+        "config": {"maxSessions": 1000},
+        "metrics": {
+            "prometheusRule": {
+                "enabled": True,
+                "liveSessionsRatio": 0.9,
+                "spoolFor": "30m",
+                "upstreamErrorCloseRatio": 0.1,
+                "alertLabels": {"team": "voice", "severity": "info"},
+            }
+        },
+    }
+    alerts = alerts_of(helm.template("-n", "voice", "-f", values_file(tmp_path, values)))
+    assert alerts["RealtimeSidecarNearSessionLimit"]["expr"].endswith("> 900")
+    assert 'namespace="voice"' in alerts["RealtimeSidecarNearSessionLimit"]["expr"]
+    assert alerts["RealtimeSidecarUsageSpooled"]["for"] == "30m"
+    assert alerts["RealtimeSidecarUpstreamErrors"]["expr"].rstrip().endswith("> 0.1")
+    for alert in alerts.values():
+        assert alert["labels"]["team"] == "voice"
+        assert alert["labels"]["severity"] != "info"  # the chart's severity wins
+    default_alerts = alerts_of(helm.template("--set", "metrics.prometheusRule.enabled=true"))
+    assert default_alerts["RealtimeSidecarNearSessionLimit"]["expr"].endswith("> 1600")  # 0.8 of the sidecar's 2000
+
+
+def test_dashboard_configmap_carries_the_grafana_label(monitoring: Manifests, helm: Helm) -> None:
+    """The ConfigMap has grafana_dashboard: "1" for the Grafana sidecar; labels and annotations from values."""
+    config_map = monitoring.one("ConfigMap", DASHBOARD)
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert list(config_map["data"]) == ["realtime-sidecar.json"]
+    folder = helm.template(
+        "--set", "metrics.dashboard.enabled=true", "--set", "metrics.dashboard.annotations.grafana_folder=Realtime"
+    )
+    assert folder.one("ConfigMap", DASHBOARD)["metadata"]["annotations"] == {"grafana_folder": "Realtime"}
+
+
+def test_dashboard_panels_query_metrics_that_exist(monitoring: Manifests, exposition: Exposition) -> None:
+    """The JSON parses; every panel queries /metrics names (or the pending spend counter), per model where it says."""
+    dashboard = dashboard_of(monitoring)
+    assert dashboard["uid"] == "realtime-sidecar"
+    assert [v["name"] for v in dashboard["templating"]["list"]] == ["datasource", "namespace"]
+    read: set[str] = set()
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            query = check_query(target["expr"], exposition, pending=PENDING_METRICS)
+            assert 'namespace="$namespace"' in target["expr"], panel["title"]
+            if "per model" in panel["title"]:
+                assert "sum by (model)" in target["expr"], panel["title"]
+            read |= query.metrics
+    assert {
+        "sidecar_live_sessions",
+        "sidecar_refusals_total",
+        "sidecar_upstream_connect_failures_total",
+        "sidecar_audio_seconds_total",
+        "sidecar_cost_usd_total",
+    } <= read
+    readme = (CHART / "README.md").read_text()
+    missing = sorted(name for name in read if f"`{name}" not in readme)
+    assert missing == [], "the chart README's Monitoring section should list every metric the dashboard reads"
 
 
 # --- Docs ---------------------------------------------------------------------------------------------
