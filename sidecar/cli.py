@@ -39,7 +39,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app = create_app(settings)
         return (
             app,
-            config_for(app, host=host, port=port, max_frame_bytes=settings.max_frame_bytes),
+            config_for(
+                app,
+                host=host,
+                port=port,
+                max_frame_bytes=settings.max_frame_bytes,
+                handshake_timeout_s=settings.handshake_timeout_s,
+                max_connections=settings.max_connections,
+            ),
             settings.drain_grace_s,
         )
 

@@ -28,6 +28,10 @@ DEFAULT_MAX_SESSIONS = 2000
 DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
 DEFAULT_KEY_CACHE_S = 5.0
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
+#: A client's time to send its whole request head (a WebSocket upgrade's included), from its connection or first byte.
+DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
+#: Open client connections (HTTP and WebSocket) per process; more are answered 503 and closed at once.
+DEFAULT_MAX_CONNECTIONS = 4096
 DEFAULT_TRANSCRIPTION_MODEL = "gpt-realtime-whisper"
 DEFAULT_USAGE_STREAM = "realtime:usage"
 DEFAULT_CONTROL_CHANNEL = "realtime:control"
@@ -104,6 +108,8 @@ class Settings:
     max_sessions: int = DEFAULT_MAX_SESSIONS
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     spool_dir: Path = field(default_factory=lambda: Path("spool"))
     default_transcription_model: str = DEFAULT_TRANSCRIPTION_MODEL
     usage_stream: str = DEFAULT_USAGE_STREAM
@@ -164,6 +170,8 @@ class Settings:
             max_sessions=_int(env, "SIDECAR_MAX_SESSIONS", DEFAULT_MAX_SESSIONS),
             max_frame_bytes=_int(env, "SIDECAR_MAX_FRAME_BYTES", DEFAULT_MAX_FRAME_BYTES),
             connect_timeout_s=_float(env, "SIDECAR_CONNECT_TIMEOUT_S", DEFAULT_CONNECT_TIMEOUT_S),
+            handshake_timeout_s=_float(env, "SIDECAR_HANDSHAKE_TIMEOUT_S", DEFAULT_HANDSHAKE_TIMEOUT_S),
+            max_connections=_int(env, "SIDECAR_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
             spool_dir=Path(_optional(env, "SIDECAR_SPOOL_DIR") or "spool"),
             default_transcription_model=_optional(env, "SIDECAR_DEFAULT_TRANSCRIPTION_MODEL")
             or DEFAULT_TRANSCRIPTION_MODEL,

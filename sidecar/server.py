@@ -4,11 +4,16 @@ The first SIGTERM (or SIGINT) does not stop the server at once: readiness fails 
 refused, live sessions get `drain_grace_s` to finish, then the rest are ended with 1001 and billed, and
 only then does uvicorn shut down. A second signal shuts down at once (sessions are still billed: each
 relay submits its final usage event on its way out, and the lifespan flushes the publisher).
+
+Clients reach the app through `sidecar.wsserver`'s protocols: a cap on open connections (lowered to what the
+open-file limit holds, which `serve_workers` first raises to the hard limit) and a deadline for each request
+head, the WebSocket upgrade's included (docs/operations.md, "Connections and file limits").
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import signal
@@ -21,7 +26,11 @@ import uvicorn
 from starlette.applications import Starlette
 
 from sidecar import tuning
-from sidecar.wsserver import RelayWebSocketProtocol
+from sidecar.config import DEFAULT_HANDSHAKE_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS
+from sidecar.errors import ConfigError
+from sidecar.wsserver import GuardedHttpProtocol, RelayWebSocketProtocol
+
+log = logging.getLogger("sidecar.server")
 
 try:  # uvloop (a uvicorn[standard] dependency) measured faster: see docs/performance.md
     import uvloop
@@ -79,12 +88,33 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def config_for(app: Starlette, *, host: str, port: int, max_frame_bytes: int, **options: object) -> uvicorn.Config:
-    """The uvicorn settings the sidecar runs with (measured choices: see docs/performance.md)."""
+def config_for(
+    app: Starlette,
+    *,
+    host: str,
+    port: int,
+    max_frame_bytes: int,
+    handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    **options: object,
+) -> uvicorn.Config:
+    """The uvicorn settings the sidecar runs with (measured choices: see docs/performance.md).
+
+    Raises ConfigError for a non-positive handshake timeout or connection cap. The cap is lowered (with a
+    warning) to what the process's open-file limit can hold.
+    """
+    if not handshake_timeout_s > 0:
+        raise ConfigError(f"the handshake timeout must be positive, got {handshake_timeout_s!r}")
+    if max_connections <= 0:
+        raise ConfigError(f"the connection cap must be positive, got {max_connections!r}")
+    cap = tuning.connection_cap(max_connections, open_files=tuning.open_file_limit())
+    if cap < max_connections:
+        log.warning("connection cap lowered from %d to %d to fit the open-file limit", max_connections, cap)
     return uvicorn.Config(
         app,
         host=host,
         port=port,
+        http=GuardedHttpProtocol.limited(handshake_timeout_s=handshake_timeout_s, max_connections=cap),
         ws=RelayWebSocketProtocol,
         ws_max_size=max_frame_bytes,
         ws_per_message_deflate=False,
@@ -121,6 +151,7 @@ def serve_workers(
     grace. SIGTERM/SIGINT to this process are passed to every worker, each of which drains its own
     sessions; this process exits when they all have.
     """
+    tuning.raise_file_limit()
     sock = bind(host, port)
     if workers <= 1:
         _serve_one(build, sock)

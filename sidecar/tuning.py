@@ -14,6 +14,10 @@
   same CPU per frame. An explicit PYTHONMALLOC (e.g. `pymalloc`) is left alone. Shortly after the last
   session of a burst ends, a full collection frees what cycles the high threshold left behind, and
   `malloc_trim` hands freed heap pages back to the OS.
+- Open files: every client connection is a file descriptor, and a relayed session holds a second one (its
+  upstream). The usual soft limit of 1024 let ~1,100 idle connections exhaust it, and with it the sockets
+  Redis, the billing DB and the spool need. `sidecar serve` raises its soft limit to the hard limit (workers
+  inherit it), and `connection_cap` lowers the connection cap to what that limit can hold.
 """
 
 from __future__ import annotations
@@ -22,11 +26,16 @@ import ctypes
 import ctypes.util
 import gc
 import os
+import resource
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Final
 
 GC_THRESHOLD: Final = (50_000, 20, 20)
+#: Descriptors kept for what is not a client connection or its upstream: listening socket, Redis, DB, spool, logs.
+RESERVED_FDS: Final = 256
+#: The soft limit asked for when the hard limit is unlimited (Linux refuses more than fs.nr_open, 1 << 20 by default).
+UNLIMITED_FDS: Final = 1 << 20
 _POOL_BYTES: Final = 65536
 
 
@@ -97,3 +106,32 @@ def use_system_malloc() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(command[0], command, {**os.environ, ALLOCATOR_VARIABLE: "malloc"})
+
+
+def raise_file_limit() -> int:
+    """Raise this process's soft open-file limit to its hard limit (children inherit it); returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = UNLIMITED_FDS if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError):  # e.g. a hard limit above fs.nr_open: keep what we have
+        return soft
+    return wanted
+
+
+def open_file_limit() -> int | None:
+    """This process's soft open-file limit; None when unlimited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_cap(max_connections: int, *, open_files: int | None) -> int:
+    """The largest connection cap, up to `max_connections`, that `open_files` descriptors hold (None: no limit).
+
+    Each client connection may hold an upstream connection too, and RESERVED_FDS stay for everything else.
+    """
+    if open_files is None:
+        return max_connections
+    return max(1, min(max_connections, (open_files - RESERVED_FDS) // 2))

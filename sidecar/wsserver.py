@@ -1,4 +1,17 @@
-"""The client-facing WebSocket protocol: uvicorn's websockets-sansio protocol with a lean data path.
+"""The client-facing transport: uvicorn's protocols with a lean data path and hardened edges.
+
+`GuardedHttpProtocol` (uvicorn's httptools protocol, which reads every request first) bounds what a client can
+hold before it has a response: a connection past `max_connections` is answered 503 and closed at once, and one
+whose request head (a WebSocket upgrade's included) has not fully arrived `handshake_timeout_s` after the
+connection or after its first byte is closed (slowloris, or connections that never send).
+
+`RelayWebSocketProtocol` (below) takes over a WebSocket upgrade. A malformed upgrade request (a non-ASCII byte
+anywhere in its target or headers, a bad Sec-WebSocket-Key, -Version or -Protocol, a request websockets cannot
+parse: a line over 8 KiB, over 128 headers) is answered 400 and closed; nothing of it is kept, and nothing
+raised while handling it escapes (an exception out of the first `data_received` would leave the protocol in
+uvicorn's connection set for good, and make the server's shutdown fail before the lifespan flushes billing).
+
+The WebSocket protocol, in detail: uvicorn's websockets-sansio protocol with a lean data path.
 
 uvicorn's protocol runs every received frame through websockets' generator parser and every sent message
 through websockets' frame serializer, and pauses and resumes the socket's reading around each message
@@ -22,20 +35,100 @@ Measured in docs/performance.md.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, cast
 
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Request
 from websockets.protocol import State
 
+from sidecar.config import DEFAULT_HANDSHAKE_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS
 from sidecar.wsframes import BINARY, TEXT, FrameSplitter, frame
+
+log = logging.getLogger("sidecar.wsserver")
 
 BACKLOG: Final = 2  # messages queued for the app before reading pauses
 DIRECT: Final = "sidecar.direct"  # the scope extension naming the protocol, for the direct path
 
 #: Takes one received data message (str for text, bytes for binary) and returns True, or False to queue it.
 Sink = Callable[[str | bytes], bool]
+
+
+def _response(status: bytes, text: bytes) -> bytes:
+    return b"".join(
+        (
+            b"HTTP/1.1 " + status + b"\r\n",
+            b"Connection: close\r\nContent-Type: text/plain; charset=utf-8\r\n",
+            b"Content-Length: %d\r\n\r\n" % len(text),
+            text,
+        )
+    )
+
+
+BAD_UPGRADE: Final = _response(b"400 Bad Request", b"Failed to open a WebSocket connection: malformed request.\n")
+TOO_MANY: Final = _response(b"503 Service Unavailable", b"Too many connections.\n")
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a connection cap and a deadline per request head (module docstring).
+
+    `limited` makes the subclass a server runs with; the class attributes are the defaults.
+    """
+
+    handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    _head_timer: asyncio.TimerHandle | None = None
+    _refusing = False  # class-wide: log the first refusal of a run of them, not each one
+
+    @classmethod
+    def limited(cls, *, handshake_timeout_s: float, max_connections: int) -> type[GuardedHttpProtocol]:
+        """This protocol with the given limits."""
+        limits = {"handshake_timeout_s": handshake_timeout_s, "max_connections": max_connections}
+        return cast(type[GuardedHttpProtocol], type(cls.__name__, (cls,), limits))
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        cls = type(self)
+        if len(self.connections) > self.max_connections:  # this connection is already in the set
+            if not cls._refusing:
+                cls._refusing = True
+                log.warning("connection cap reached (%d open): new connections get 503", self.max_connections)
+            transport.write(TOO_MANY)
+            transport.close()
+            return
+        cls._refusing = False
+        self._head_timer = self.loop.call_later(self.handshake_timeout_s, self._head_timeout)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._head_timer is None:  # the next request on a kept-alive connection
+            self._head_timer = self.loop.call_later(self.handshake_timeout_s, self._head_timeout)
+
+    def on_headers_complete(self) -> None:
+        self._cancel_head_timer()  # the request head is in; an upgrade goes to RelayWebSocketProtocol now
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        self.transport.close()
+
+
+def _well_formed(request: Request) -> bool:
+    """True when the request's target and header values are ASCII (websockets and uvicorn encode them so)."""
+    return request.path.isascii() and all(value.isascii() for _, value in request.headers.raw_items())
 
 
 class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -48,10 +141,43 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
         self.sink: Sink | None = None
 
     def handle_connect(self, event: Any) -> None:
+        if not _well_formed(event):
+            self.refuse_upgrade()
+            return
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
         if scope is not None:
             scope["extensions"][DIRECT] = self
+
+    def refuse_upgrade(self) -> None:
+        """Answer 400 (unless a response went out already), close, and keep nothing of the request."""
+        if not self.handshake_complete:
+            self.transport.write(BAD_UPGRADE)
+        self.handshake_initiated = self.handshake_complete = self.close_sent = True
+        self.transport.close()
+
+    def _before_fast_path(self, data: bytes) -> None:
+        """uvicorn's own handling, before the fast path starts: the request, and anything that follows it."""
+        before = self.handshake_initiated
+        try:
+            super().data_received(data)
+        except Exception as exc:  # whatever a client sends, nothing escapes into uvicorn's HTTP protocol
+            log.warning("malformed WebSocket upgrade refused (%s)", type(exc).__name__)
+            self.refuse_upgrade()
+            return
+        if not self.handshake_initiated and self.conn.handshake_exc is not None:
+            self.refuse_upgrade()  # websockets could not parse the request: a line over 8 KiB, over 128 headers
+            return
+        # Clean only if the request ended exactly at the end of its last chunk and nothing followed.
+        if self.handshake_initiated and (before or not data.endswith(b"\r\n\r\n")):
+            self._clean = False
+
+    def shutdown(self) -> None:
+        try:
+            super().shutdown()
+        except Exception as exc:  # one connection must not stop the server's shutdown (and the lifespan's flush)
+            log.warning("WebSocket connection aborted at shutdown (%s)", type(exc).__name__)
+            self.transport.abort()
 
     @property
     def writable_now(self) -> bool:
@@ -77,11 +203,7 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
             if self.handshake_complete and self._clean and not self.close_sent and self.conn.state is State.OPEN:
                 splitter = self._splitter = FrameSplitter(masked=True, max_size=self.conn.max_size)
             else:
-                before = self.handshake_initiated
-                super().data_received(data)
-                # Clean only if the request ended exactly at the end of its last chunk and nothing followed.
-                if self.handshake_initiated and (before or not data.endswith(b"\r\n\r\n")):
-                    self._clean = False
+                self._before_fast_path(data)
                 return
         queue = self.queue
         for kind, payload in splitter.feed(data):

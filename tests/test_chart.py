@@ -640,6 +640,8 @@ def test_every_sidecar_setting_is_settable_from_values(helm: Helm, tmp_path: Pat
         "maxFrameBytes": 8388608,
         "maxBodyBytes": 131072,
         "connectTimeoutS": 6,
+        "handshakeTimeoutS": 5,
+        "maxConnections": 3000,
         "defaultTranscriptionModel": "my-whisper",
         "rounding": "up",
         "roundingIncrement": "0.1",
@@ -658,6 +660,7 @@ def test_every_sidecar_setting_is_settable_from_values(helm: Helm, tmp_path: Pat
     assert env["SIDECAR_CAPTIONS_PAGE"]["value"] == "true"
     assert env["SIDECAR_MAX_FRAME_BYTES"]["value"] == "8388608"
     assert env["SIDECAR_MAX_BODY_BYTES"]["value"] == "131072"
+    assert env["SIDECAR_MAX_CONNECTIONS"]["value"] == "3000"
     assert env["SIDECAR_MAX_SESSION_S"]["value"] == "7200"
     assert env["SIDECAR_CHECKPOINT_S"]["value"] == "2.5"
     assert env["SIDECAR_ROUNDING"]["value"] == "up"
