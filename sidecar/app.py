@@ -198,7 +198,7 @@ async def _default_publisher(settings: Settings, redis: aioredis.Redis | None) -
         engine = make_engine(settings.database_url)
         upgrade(engine)
         writer = BillingWriter(engine)
-        pub = EmbeddedPublisher(lambda events: writer.write(events, now=datetime.now(UTC)), spool=spool)
+        pub = EmbeddedPublisher(lambda events: writer.write_or_dead_letter(events, now=datetime.now(UTC)), spool=spool)
     await pub.start()
     # Embedded mode has no `sidecar consume`: this process closes crashed sessions as `lost` itself.
     sweeper = None if redis is not None else asyncio.create_task(_sweep_lost(writer, settings.lost_after_s))

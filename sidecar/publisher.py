@@ -272,9 +272,18 @@ class RedisPublisher(SpoolingPublisher):
         async with asyncio.timeout(self._timeout_s):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for event in events:
-                    # redis-py types fields as dict[FieldT, EncodableT], which dict[str, str] (invariant) is not.
-                    pipe.xadd(self._stream, event.to_fields())  # type: ignore[arg-type]
+                    # redis-py types fields as dict[FieldT, EncodableT], which dict[str, bytes] (invariant) is not.
+                    pipe.xadd(self._stream, stream_fields(event))  # type: ignore[arg-type]
                 await pipe.execute()
+
+
+def stream_fields(event: UsageEvent) -> dict[str, bytes]:
+    """The event's stream entry as UTF-8 bytes; a lone surrogate (which strict UTF-8 refuses) is sent as is.
+
+    Such an entry is not UTF-8, so the billing consumer dead-letters that one entry; refusing to send it
+    would instead fail the batch, spool it and retry it, with every later event behind it, forever.
+    """
+    return {name: value.encode("utf-8", "surrogatepass") for name, value in event.to_fields().items()}
 
 
 class EmbeddedPublisher(SpoolingPublisher):

@@ -6,7 +6,7 @@ CONTRACT.md, "Metering and billing": `tables` defines `realtime_usage_event` and
 """
 
 from sidecar.billing.consumer import GROUP, BillingStreamError, UsageConsumer
-from sidecar.billing.tables import RealtimeUsage, RealtimeUsageEvent
+from sidecar.billing.tables import RealtimeUsage, RealtimeUsageDead, RealtimeUsageEvent
 from sidecar.billing.writer import (
     BillingDatabaseError,
     BillingDataError,
@@ -25,6 +25,7 @@ __all__ = [
     "BillingStreamError",
     "BillingWriter",
     "RealtimeUsage",
+    "RealtimeUsageDead",
     "RealtimeUsageEvent",
     "UsageConsumer",
     "check_storable",

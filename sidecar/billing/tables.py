@@ -1,7 +1,8 @@
 """The billing tables (CONTRACT.md, "Metering and billing").
 
 `realtime_usage_event` keeps every usage event once (unique `event_id`); `realtime_usage` keeps one row
-per session: the figures of its highest `seq`, and whether it is `open`, `final` or `lost`.
+per session: the figures of its highest `seq`, and whether it is `open`, `final` or `lost`;
+`realtime_usage_dead` keeps the events embedded mode could not store (the dead letters), with the reason.
 
 Two column types keep both backends exact and comparable:
 
@@ -137,6 +138,26 @@ class RealtimeUsage(UsageFigures, table=True):
     updated_at: datetime = Field(sa_type=UTCDateTime)
 
 
+class RealtimeUsageDead(SQLModel, table=True):
+    """A usage event the billing DB could not store (embedded mode's dead letters; Redis mode has the stream
+    `<stream>:dead`), once per `event_id`, with the reason.
+
+    `fields` is the event's stream fields as ASCII JSON (`\\u0000` for a NUL), so any event fits; `event_id`,
+    `session_id` and `key_hash` are copies for queries, with anything unstorable replaced by U+FFFD.
+    """
+
+    __tablename__ = "realtime_usage_dead"
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=_INT64)
+    event_id: str = Field(unique=True)
+    session_id: str = Field(index=True)
+    key_hash: str
+    reason: str = Field(sa_type=Text)
+    fields: str = Field(sa_type=Text)
+    dead_at: datetime = Field(sa_type=UTCDateTime)
+
+
 EVENT_TABLE: Final[Table] = RealtimeUsageEvent.__table__  # type: ignore[attr-defined]
 USAGE_TABLE: Final[Table] = RealtimeUsage.__table__  # type: ignore[attr-defined]
-TABLES: Final = (EVENT_TABLE, USAGE_TABLE)
+DEAD_TABLE: Final[Table] = RealtimeUsageDead.__table__  # type: ignore[attr-defined]
+TABLES: Final = (EVENT_TABLE, USAGE_TABLE, DEAD_TABLE)

@@ -5,6 +5,10 @@ transaction: the new events go into `realtime_usage_event` (unique `event_id`, s
 duplicates are ignored) and each session's `realtime_usage` row takes the figures of its highest `seq`.
 Replaying any mix of old events, in any order, changes nothing.
 
+Embedded mode writes with `write_or_dead_letter`: an event the DB cannot store (a NUL in a key's alias,
+a figure out of range) goes to `realtime_usage_dead` with its reason, and the rest of its batch is billed,
+so one bad event never holds back the others. A DB that is down still fails the whole call (retry later).
+
     SidecarError
     └── BillingError                 a billing write or read failed
         ├── BillingDatabaseError     the DB is unreachable or refused the statement; retry later
@@ -14,6 +18,8 @@ Replaying any mix of old events, in any order, changes nothing.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -35,9 +41,11 @@ from sqlalchemy.exc import (
 from sqlalchemy.pool import StaticPool
 from sqlmodel import SQLModel
 
-from sidecar.billing.tables import AMOUNT_LIMIT, EVENT_TABLE, TABLES, USAGE_TABLE, quantize
+from sidecar.billing.tables import AMOUNT_LIMIT, DEAD_TABLE, EVENT_TABLE, TABLES, USAGE_TABLE, quantize
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.usage import EVENT_TYPES, UsageEvent
+
+log = logging.getLogger(__name__)
 
 PG_CONNECT_TIMEOUT_S: Final = 10
 """libpq waits forever for an unanswered connect by default; a worker thread must not."""
@@ -138,7 +146,8 @@ def upgrade(engine: Engine) -> None:
 def check_storable(event: UsageEvent) -> None:
     """Raise BillingDataError if the billing DB could not store `event`, naming the field.
 
-    Integers must fit 64 bits, figures NUMERIC(20, 10), timestamps must be aware, text must hold no NUL.
+    Integers must fit 64 bits, figures NUMERIC(20, 10), timestamps must be aware, text must hold no NUL
+    and be valid Unicode (no lone surrogate, which no UTF-8 database can hold).
     """
     if event.type not in EVENT_TYPES:
         raise BillingDataError(f"type: expected checkpoint or final, got {event.type!r}")
@@ -149,8 +158,11 @@ def check_storable(event: UsageEvent) -> None:
         if not _fits_amount(getattr(event, name)):
             raise BillingDataError(f"{name}: out of range for NUMERIC(20, 10)")
     for name in _TEXTS:
-        if "\x00" in getattr(event, name):
+        value = getattr(event, name)
+        if "\x00" in value:
             raise BillingDataError(f"{name}: contains a NUL character")
+        if not value.isascii() and not _encodable(value):
+            raise BillingDataError(f"{name}: not valid Unicode (a lone surrogate)")
     if event.started_at.tzinfo is None or (event.ended_at is not None and event.ended_at.tzinfo is None):
         raise BillingDataError("started_at/ended_at: naive datetime")
 
@@ -195,6 +207,65 @@ class BillingWriter:
             if winners:
                 self._upsert_usage(conn, winners, now)
         return len(stored)
+
+    def write_or_dead_letter(self, events: Sequence[UsageEvent], *, now: datetime) -> int:
+        """`write`, except that events the DB cannot store are dead-lettered instead of failing the batch.
+
+        Events `check_storable` refuses go to `realtime_usage_dead` with the reason (once per `event_id`,
+        logged); the rest are written in one transaction. Should the DB still refuse a value of that batch,
+        its events are written one by one and the refused ones dead-lettered. Returns how many events were
+        newly stored. Raises BillingDatabaseError if the DB fails (retry the whole call: writes and dead
+        letters are both idempotent), ValueError if `now` is naive.
+        """
+        good: list[UsageEvent] = []
+        dead: list[tuple[UsageEvent, str]] = []
+        for event in _first_per_event_id(events):
+            try:
+                check_storable(event)
+            except BillingDataError as exc:
+                dead.append((event, str(exc)))
+            else:
+                good.append(event)
+        if dead:
+            self.dead_letter(dead, now=now)
+        try:
+            return self.write(good, now=now)
+        except BillingDataError:
+            pass
+        stored = 0
+        for event in good:
+            try:
+                stored += self.write([event], now=now)
+            except BillingDataError as exc:
+                self.dead_letter([(event, str(exc))], now=now)
+        return stored
+
+    def dead_letter(self, letters: Sequence[tuple[UsageEvent, str]], *, now: datetime) -> int:
+        """Keep (event, reason) pairs in `realtime_usage_dead`, once per event_id; return how many were new.
+
+        Each new one is logged as a warning. Raises BillingDatabaseError if the DB fails, ValueError if
+        `now` is naive.
+        """
+        _require_aware(now)
+        rows = {str(row["event_id"]): row for row in (_dead_row(event, reason, now) for event, reason in letters)}
+        if not rows:
+            return 0
+        stmt = (
+            self._insert(DEAD_TABLE)
+            .on_conflict_do_nothing(index_elements=["event_id"])
+            .returning(DEAD_TABLE.c.event_id)
+        )
+        with _translated("dead_letter"), self._engine.begin() as conn:
+            new = set(conn.execute(stmt, [rows[k] for k in sorted(rows)]).scalars())
+        for event_id in sorted(new):
+            row = rows[event_id]
+            log.warning(
+                "billing: usage event %s dead-lettered to realtime_usage_dead: %s",
+                event_id,
+                row["reason"],
+                extra={"session_id": row["session_id"], "key_hash": row["key_hash"]},
+            )
+        return len(new)
 
     def close_lost(self, *, now: datetime, horizon_s: float) -> int:
         """Close every `open` session with no stored event for more than `horizon_s`; return how many.
@@ -289,6 +360,32 @@ def _usage_row(event: UsageEvent, now: datetime) -> dict[str, object]:
     row.update((name, getattr(event, name)) for name in _FIGURES)
     row.update(last_event_at=now, updated_at=now)
     return row
+
+
+def _dead_row(event: UsageEvent, reason: str, now: datetime) -> dict[str, object]:
+    return {
+        "event_id": _storable_text(event.event_id),
+        "session_id": _storable_text(event.session_id),
+        "key_hash": _storable_text(event.key_hash),
+        "reason": _storable_text(reason),
+        "fields": json.dumps(event.to_fields(), ensure_ascii=True),  # \u0000, \ud800: ASCII, always storable
+        "dead_at": now,
+    }
+
+
+def _storable_text(value: str) -> str:
+    """`value` with NULs and lone surrogates replaced by U+FFFD."""
+    if value.isascii():
+        return value.replace("\x00", "\ufffd")
+    return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace").replace("\x00", "\ufffd")
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _fits_amount(value: Decimal) -> bool:
