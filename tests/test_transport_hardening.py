@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import resource
+import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -36,11 +37,12 @@ from sidecar import tuning
 from sidecar.config import Settings
 from sidecar.errors import ConfigError
 from sidecar.server import DrainingServer, config_for
+from sidecar.spool import Spool
 from sidecar.testing.fake_provider import FakeProvider
 from sidecar.wsserver import RelayWebSocketProtocol
-from tests.billing_support import DEADLINE_S, MODEL, SidecarProcess, poll
+from tests.billing_support import DEADLINE_S, MODEL, RedisServer, SidecarProcess, poll, quick_redis
 from tests.relay_stack import MASTER_KEY, stack
-from tests.support import Running, bound_socket
+from tests.support import CHUNK_BYTES, Running, bound_socket, chunks, next_raw
 from tests.test_billing_crash import serve_env
 
 KEY = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
@@ -119,29 +121,51 @@ async def test_malformed_upgrades_leave_nothing_behind(tmp_path: Path) -> None:
         assert [o for o in gc.get_objects() if isinstance(o, RelayWebSocketProtocol)] == []
 
 
-async def test_sigterm_after_a_malformed_upgrade_exits_0_and_bills_the_session(tmp_path: Path) -> None:
-    """`sidecar serve` that refused a malformed upgrade still shuts down cleanly on SIGTERM: exit 0, the lifespan
-    flushes, and the live session has its final billing row with its audio."""
-    db = tmp_path / "billing.db"
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A throwaway redis-server of this test's own (it is stalled with SIGSTOP)."""
+    server = RedisServer(tmp_path / "redis")
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def test_sigterm_after_a_malformed_upgrade_exits_0_and_spools_what_redis_cannot_take(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """`sidecar serve` that refused a malformed upgrade, with Redis stalled, still shuts down cleanly on SIGTERM:
+    exit 0, and the lifespan's flush puts the session's final usage event, with all its audio, in the spool."""
+    redis = quick_redis(redis_server.url)
+    try:
+        redis_pid = int((await redis.info("server"))["process_id"])
+    finally:
+        await redis.aclose()
     async with FakeProvider() as provider:
-        env = serve_env(tmp_path, provider, database_url=f"sqlite:///{db}", drain_grace_s="0.2")
+        env = serve_env(tmp_path, provider, redis_url=redis_server.url, drain_grace_s="0.2")
         sidecar = SidecarProcess(env, workdir=tmp_path / "serve")
         await sidecar.start()
         try:
             headers = {"Authorization": f"Bearer {MASTER_KEY}"}
             async with connect(f"ws://127.0.0.1:{sidecar.port}{SESSION_URL}", additional_headers=headers) as ws:
-                assert orjson.loads(await ws.recv())["type"] == "session.created"
-                await ws.send(orjson.dumps({"type": "input_audio_buffer.append", "audio": "AAAA" * 1200}).decode())
+                await next_raw(ws, "session.created")
+                for audio in chunks(bytes(3 * CHUNK_BYTES)):
+                    await ws.send(orjson.dumps({"type": "input_audio_buffer.append", "audio": audio}).decode())
+                await ws.send(orjson.dumps({"type": "input_audio_buffer.commit"}).decode())
+                await next_raw(ws, "input_audio_buffer.committed")  # every append has been metered
                 await exchange(sidecar.port, RAISED[0])  # the upgrade that broke shutdown (answered 400 now)
-                assert await sidecar.terminate() == 0
-                with pytest.raises(ConnectionClosed):
-                    while True:
-                        await ws.recv()
+                os.kill(redis_pid, signal.SIGSTOP)
+                try:
+                    assert await sidecar.terminate() == 0
+                finally:
+                    os.kill(redis_pid, signal.SIGCONT)
         finally:
             await sidecar.kill()
-    rows = sqlite3.connect(db).execute("select status, close_reason, audio_seconds from realtime_usage").fetchall()
-    assert [(status, reason) for status, reason, _ in rows] == [("final", "server_shutdown")]
-    assert Decimal(str(rows[0][2])) == Decimal("0.075")  # 3600 bytes of 24 kHz PCM16
+    with Spool(Path(env["SIDECAR_SPOOL_DIR"])) as spool:  # adopts the exited process's file
+        spooled = spool.pending()
+    # (Redis may still run the XADD that timed out once it continues: a duplicate the consumer ignores.)
+    assert [(e.close_reason, e.audio_seconds) for e in spooled if e.type == "final"] == [
+        ("server_shutdown", Decimal("0.3"))  # 14,400 bytes of 24 kHz PCM16
+    ]
 
 
 async def healthz(request: Request) -> PlainTextResponse:
