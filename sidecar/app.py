@@ -30,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from sidecar import admin, captions, client_secrets
-from sidecar.auth import KeyChecker, Principal, authorize, credentials
+from sidecar.auth import KeyChecker, Principal, authorize, credentials, hash_key, litellm_client
 from sidecar.bodies import BodyLimit
 from sidecar.catalog import Catalog, Deployment, RealtimeModel, describe, load_catalog
 from sidecar.client_secrets import ClientSecrets, Grant, MemoryClaims, RedisClaims, Signer, is_client_secret
@@ -97,9 +97,12 @@ def create_app(
                 environ=dict(os.environ if environ is None else environ),
                 default_transcription_model=settings.default_transcription_model,
             )
-            client = key_client
-            if client is None and settings.litellm_url:
-                client = await stack.enter_async_context(httpx.AsyncClient(base_url=settings.litellm_url, timeout=5.0))
+            client = recheck_client = key_client
+            if client is None and settings.litellm_url:  # admission and re-checks: a connection pool each
+                client = await stack.enter_async_context(litellm_client(settings.litellm_url, settings.key_lookups))
+                recheck_client = await stack.enter_async_context(
+                    litellm_client(settings.litellm_url, settings.key_rechecks)
+                )
             shared = redis
             if shared is None and settings.redis_url:
                 shared = aioredis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
@@ -114,7 +117,17 @@ def create_app(
                 if shared is not None
                 else MemoryStore()
             )
-            checker = KeyChecker(master_key=cat.master_key, client=client, cache_s=settings.key_cache_s)
+            checker = KeyChecker(
+                master_key=cat.master_key,
+                client=client,
+                recheck_client=recheck_client,
+                cache_s=settings.key_cache_s,
+                negative_cache_s=settings.key_negative_cache_s,
+                lookups=settings.key_lookups,
+                lookup_backlog=settings.key_lookup_backlog,
+                rechecks=settings.key_rechecks,
+            )
+            stack.push_async_callback(checker.aclose)  # before the clients close (the stack unwinds in reverse)
             metrics = Metrics()
             supervisor = Supervisor(
                 store=store,
@@ -319,6 +332,8 @@ async def _open(
         else:
             principal = await services.checker.principal(creds.key)
     except KeyCheckError as exc:
+        key_hash = grant.key_hash if grant is not None else hash_key(creds.key)
+        log.warning("refused with 503: the key check failed", extra={"reason": str(exc), "key_hash": key_hash})
         raise ServiceUnavailable("The key service is unavailable; try again.") from exc
     if grant is not None:
         name = client_secrets.bound_model(grant, websocket.query_params.get("model"))

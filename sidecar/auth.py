@@ -8,6 +8,7 @@ master key when the config has one, else with the caller's own key. Answers are 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import time
@@ -174,23 +175,72 @@ def with_team_info(principal: Principal, info: Mapping[str, Any]) -> Principal:
     )
 
 
+#: Unknown key hashes remembered at most; past it the oldest is forgotten first, so a flood of random keys
+#: cannot grow the negative cache without bound (about 2 MB at the cap).
+NEGATIVE_CACHE_MAX: Final = 10_000
+#: Transport failures that mean LiteLLM closed a pooled keep-alive connection as the request went out on it.
+#: A lookup is a GET, so it is sent once more (on a new connection) before the lookup fails.
+RETRIED: Final = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+#: Idle connections to LiteLLM are dropped after this long: before LiteLLM's own keep-alive timeout (uvicorn's
+#: default is 5 s, the same as httpx's) closes them, so a lookup seldom goes out on a connection being closed.
+LITELLM_KEEPALIVE_S: Final = 2.0
+LITELLM_TIMEOUT_S: Final = 5.0
+
+
+def litellm_client(url: str, connections: int) -> httpx.AsyncClient:
+    """A client of LiteLLM's admin API with a connection pool of its own, of `connections` at most."""
+    limits = httpx.Limits(
+        max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=LITELLM_KEEPALIVE_S
+    )
+    return httpx.AsyncClient(base_url=url, timeout=LITELLM_TIMEOUT_S, limits=limits)
+
+
+class _Lane:
+    """One way to LiteLLM: a client (its connection pool), a bound on concurrent requests, a bound on the
+    lookups in flight or waiting for a request (None: unbounded), and those lookups by key hash."""
+
+    def __init__(self, name: str, client: httpx.AsyncClient | None, *, concurrency: int, backlog: int | None):
+        self.name = name
+        self.client = client
+        self.slots = asyncio.Semaphore(concurrency)
+        self.limit = None if backlog is None else concurrency + backlog
+        self.flights: dict[str, asyncio.Task[Principal]] = {}
+
+
 class KeyChecker:
-    """Looks keys up in the LiteLLM proxy, with a short cache. The master key always authenticates."""
+    """Looks keys up in the LiteLLM proxy. The master key always authenticates.
+
+    Known keys are cached for `cache_s`, unknown key hashes for `negative_cache_s`. Concurrent lookups of one
+    key share one request (single flight). Admission lookups (`principal`, `lookup`) and live-session
+    re-checks (`recheck`) go through separate lanes: each its own client (pass `recheck_client` for a
+    separate connection pool) and its own bound on concurrent requests, so a flood of connects with bad keys
+    cannot starve re-checks, nor re-checks connects. At most `lookups + lookup_backlog` distinct admission
+    lookups are in flight or waiting; past that a lookup fails at once (KeyCheckError) instead of waiting
+    behind the flood.
+    """
 
     def __init__(
         self,
         *,
         master_key: str | None,
         client: httpx.AsyncClient | None,
+        recheck_client: httpx.AsyncClient | None = None,
         cache_s: float = 5.0,
+        negative_cache_s: float = 5.0,
+        lookups: int = 32,
+        lookup_backlog: int = 256,
+        rechecks: int = 4,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._master_key = master_key
         self._master_hash = hash_key(master_key) if master_key else None
-        self._client = client
         self._cache_s = cache_s
+        self._negative_cache_s = negative_cache_s
         self._clock = clock
         self._cache: dict[str, tuple[float, Principal]] = {}
+        self._negative: dict[str, float] = {}  # key hash -> when LiteLLM's "unknown" stops being trusted
+        self._admission = _Lane("admission", client, concurrency=lookups, backlog=lookup_backlog)
+        self._rechecks = _Lane("re-check", recheck_client or client, concurrency=rechecks, backlog=None)
 
     def is_master(self, key: str) -> bool:
         """True for the config's master key (constant-time comparison)."""
@@ -203,49 +253,114 @@ class KeyChecker:
         return await self.lookup(hash_key(key), raw_key=key)
 
     async def lookup(self, key_hash: str, *, raw_key: str | None = None, fresh: bool = False) -> Principal:
-        """The principal for a key hash (re-checks pass fresh=True). Raises InvalidApiKey or KeyCheckError."""
+        """The principal for a key hash, at admission (fresh=True skips the cache of known keys). Raises
+        InvalidApiKey (unknown, remembered for negative_cache_s) or KeyCheckError (LiteLLM unreachable or
+        answering 5xx, or too many admission lookups waiting)."""
         if key_hash == self._master_hash:
             return Principal(key_hash=key_hash, key_alias="master", is_master=True)
-        now = self._clock()
-        cached = self._cache.get(key_hash)
-        if cached is not None and not fresh and now - cached[0] < self._cache_s:
+        cached = None if fresh else self._cache.get(key_hash)
+        if cached is not None and self._clock() - cached[0] < self._cache_s:
             return cached[1]
-        if self._client is None:
-            raise InvalidApiKey("Incorrect API key provided.")
-        principal = await self._fetch(key_hash, raw_key)
-        self._cache[key_hash] = (now, principal)
-        return principal
+        return await self._ask(self._admission, key_hash, raw_key)
+
+    async def recheck(self, key_hash: str) -> Principal:
+        """A fresh answer for a live session's key, through the re-check lane. Raises InvalidApiKey or
+        KeyCheckError."""
+        if key_hash == self._master_hash:
+            return Principal(key_hash=key_hash, key_alias="master", is_master=True)
+        return await self._ask(self._rechecks, key_hash, None)
 
     def forget(self, key_hash: str) -> None:
-        """Drop a cached answer."""
+        """Drop a cached answer (known or unknown)."""
         self._cache.pop(key_hash, None)
+        self._negative.pop(key_hash, None)
 
-    async def _fetch(self, key_hash: str, raw_key: str | None) -> Principal:
+    async def aclose(self) -> None:
+        """Cancel the lookups still in flight (the lifespan calls it before closing the clients)."""
+        flights = [f for lane in (self._admission, self._rechecks) for f in lane.flights.values()]
+        for flight in flights:
+            flight.cancel()
+        await asyncio.gather(*flights, return_exceptions=True)
+
+    async def _ask(self, lane: _Lane, key_hash: str, raw_key: str | None) -> Principal:
+        if self._unknown(key_hash) or lane.client is None:
+            raise InvalidApiKey("Incorrect API key provided.")
+        flight = lane.flights.get(key_hash)
+        if flight is None:
+            if lane.limit is not None and len(lane.flights) >= lane.limit:
+                raise KeyCheckError(f"{len(lane.flights)} {lane.name} lookups already in flight or waiting")
+            flight = asyncio.create_task(self._fly(lane, lane.client, key_hash, raw_key))
+            lane.flights[key_hash] = flight
+            flight.add_done_callback(lambda done: _landed(lane, key_hash, done))
+        # Shielded: a caller that gives up (its client went away) does not cancel the others' answer.
+        return await asyncio.shield(flight)
+
+    async def _fly(self, lane: _Lane, client: httpx.AsyncClient, key_hash: str, raw_key: str | None) -> Principal:
+        asked = self._clock()
+        async with lane.slots:
+            try:
+                principal = await self._fetch(client, key_hash, raw_key)
+            except InvalidApiKey:
+                self._remember_unknown(key_hash, asked)
+                raise
+        self._negative.pop(key_hash, None)
+        self._cache[key_hash] = (asked, principal)
+        return principal
+
+    def _unknown(self, key_hash: str) -> bool:
+        until = self._negative.get(key_hash)
+        if until is None:
+            return False
+        if self._clock() < until:
+            return True
+        del self._negative[key_hash]
+        return False
+
+    def _remember_unknown(self, key_hash: str, asked: float) -> None:
+        self._cache.pop(key_hash, None)  # a key LiteLLM no longer knows is not served from the cache either
+        self._negative.pop(key_hash, None)
+        while len(self._negative) >= NEGATIVE_CACHE_MAX:  # insertion order is expiry order (one TTL)
+            del self._negative[next(iter(self._negative))]
+        self._negative[key_hash] = asked + self._negative_cache_s
+
+    async def _fetch(self, client: httpx.AsyncClient, key_hash: str, raw_key: str | None) -> Principal:
         auth = self._master_key or raw_key
         if auth is None:
             raise InvalidApiKey("Incorrect API key provided.")
-        info = await self._get("/key/info", {"key": key_hash}, auth)
+        info = await _get(client, "/key/info", {"key": key_hash}, auth)
         if info is None:
             raise InvalidApiKey("Incorrect API key provided.")
         principal = principal_from_key_info(key_hash, info.get("info") or {})
         if principal.team_id and self._master_key:
-            team = await self._get("/team/info", {"team_id": principal.team_id}, self._master_key)
+            team = await _get(client, "/team/info", {"team_id": principal.team_id}, self._master_key)
             if team is not None:
                 principal = with_team_info(principal, team.get("team_info") or {})
         return principal
 
-    async def _get(self, path: str, params: dict[str, str], auth: str) -> dict[str, Any] | None:
-        assert self._client is not None
+
+def _landed(lane: _Lane, key_hash: str, flight: asyncio.Task[Principal]) -> None:
+    if lane.flights.get(key_hash) is flight:
+        del lane.flights[key_hash]
+    if not flight.cancelled():
+        flight.exception()  # retrieved here: every caller may have gone away
+
+
+async def _get(client: httpx.AsyncClient, path: str, params: dict[str, str], auth: str) -> dict[str, Any] | None:
+    """LiteLLM's JSON answer; None for 400/401/403/404. Raises KeyCheckError naming the cause."""
+    headers = {"Authorization": f"Bearer {auth}"}
+    try:
         try:
-            response = await self._client.get(path, params=params, headers={"Authorization": f"Bearer {auth}"})
-        except httpx.HTTPError as exc:
-            raise KeyCheckError(f"LiteLLM proxy unreachable for {path}") from exc
-        if response.status_code in (400, 401, 403, 404):
-            return None
-        if response.status_code >= 300:
-            raise KeyCheckError(f"LiteLLM proxy answered {response.status_code} for {path}")
-        try:
-            body = response.json()
-        except ValueError as exc:
-            raise KeyCheckError(f"LiteLLM proxy sent no JSON for {path}") from exc
-        return body if isinstance(body, dict) else None
+            response = await client.get(path, params=params, headers=headers)
+        except RETRIED:  # a pooled connection LiteLLM had closed: once more, on another connection
+            response = await client.get(path, params=params, headers=headers)
+    except httpx.HTTPError as exc:
+        raise KeyCheckError(f"LiteLLM proxy unreachable for {path} ({type(exc).__name__})") from exc
+    if response.status_code in (400, 401, 403, 404):
+        return None
+    if response.status_code >= 300:
+        raise KeyCheckError(f"LiteLLM proxy answered {response.status_code} for {path}")
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise KeyCheckError(f"LiteLLM proxy sent no JSON for {path}") from exc
+    return body if isinstance(body, dict) else None

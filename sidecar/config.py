@@ -27,6 +27,13 @@ DEFAULT_MAX_SESSIONS_PER_KEY = 20
 DEFAULT_MAX_SESSIONS = 2000
 DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
 DEFAULT_KEY_CACHE_S = 5.0
+#: Unknown key hashes are answered from memory this long (a flood of one bad key costs one /key/info a TTL).
+DEFAULT_KEY_NEGATIVE_CACHE_S = 5.0
+#: Concurrent admission lookups to LiteLLM (its connection pool), and distinct ones allowed to wait (then 503).
+DEFAULT_KEY_LOOKUPS = 32
+DEFAULT_KEY_LOOKUP_BACKLOG = 256
+#: Concurrent live-session re-checks to LiteLLM, on a connection pool of their own.
+DEFAULT_KEY_RECHECKS = 4
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 #: A client's time to send its whole request head (a WebSocket upgrade's included), from its connection or first byte.
 DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
@@ -101,6 +108,10 @@ class Settings:
     lost_after_s: float = DEFAULT_LOST_AFTER_S
     key_recheck_s: float = DEFAULT_KEY_RECHECK_S
     key_cache_s: float = DEFAULT_KEY_CACHE_S
+    key_negative_cache_s: float = DEFAULT_KEY_NEGATIVE_CACHE_S
+    key_lookups: int = DEFAULT_KEY_LOOKUPS
+    key_lookup_backlog: int = DEFAULT_KEY_LOOKUP_BACKLOG
+    key_rechecks: int = DEFAULT_KEY_RECHECKS
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     max_session_s: float = DEFAULT_MAX_SESSION_S
     drain_grace_s: float = DEFAULT_DRAIN_GRACE_S
@@ -163,6 +174,10 @@ class Settings:
             lost_after_s=_float(env, "SIDECAR_LOST_AFTER_S", DEFAULT_LOST_AFTER_S),
             key_recheck_s=_float(env, "SIDECAR_KEY_RECHECK_S", DEFAULT_KEY_RECHECK_S),
             key_cache_s=_float(env, "SIDECAR_KEY_CACHE_S", DEFAULT_KEY_CACHE_S),
+            key_negative_cache_s=_float(env, "SIDECAR_KEY_NEGATIVE_CACHE_S", DEFAULT_KEY_NEGATIVE_CACHE_S),
+            key_lookups=_int(env, "SIDECAR_KEY_LOOKUPS", DEFAULT_KEY_LOOKUPS),
+            key_lookup_backlog=_int(env, "SIDECAR_KEY_LOOKUP_BACKLOG", DEFAULT_KEY_LOOKUP_BACKLOG),
+            key_rechecks=_int(env, "SIDECAR_KEY_RECHECKS", DEFAULT_KEY_RECHECKS),
             idle_timeout_s=_float(env, "SIDECAR_IDLE_TIMEOUT_S", DEFAULT_IDLE_TIMEOUT_S),
             max_session_s=_float(env, "SIDECAR_MAX_SESSION_S", DEFAULT_MAX_SESSION_S),
             drain_grace_s=_float(env, "SIDECAR_DRAIN_GRACE_S", DEFAULT_DRAIN_GRACE_S),

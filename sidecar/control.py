@@ -571,17 +571,26 @@ class Supervisor:
             self._remote[scope] = sum((c for sid, c in remote.items() if sid not in self.live), Decimal(0))
 
     async def recheck(self) -> None:
-        """Re-check each live key once against LiteLLM; end the sessions of keys that lost access."""
+        """Re-check each live key once against LiteLLM; end the sessions of keys that lost access.
+
+        The keys are asked together, through the checker's re-check lane (its own connections and its own
+        bound on concurrent requests: connects with bad keys cannot hold re-checks back)."""
         now = datetime.now(UTC)
-        for key_hash in {e.relay.session.principal.key_hash for e in self.live.values()}:
-            sample = next(e.relay for e in self.live.values() if e.relay.session.principal.key_hash == key_hash)
-            if sample.session.principal.is_master:
-                continue
+        models: dict[str, str] = {}  # key hash -> the model of one of its sessions
+        for entry in self.live.values():
+            session = entry.relay.session
+            if not session.principal.is_master:
+                models.setdefault(session.principal.key_hash, session.model.name)
+        answers = await asyncio.gather(*(self.checker.recheck(h) for h in models), return_exceptions=True)
+        unanswered: list[str] = []
+        for (key_hash, model), answer in zip(models.items(), answers, strict=True):
             try:
-                principal = await self.checker.lookup(key_hash, fresh=True)
-                authorize(principal, sample.session.model.name, now=now)
-            except KeyCheckError:
+                if isinstance(answer, BaseException):
+                    raise answer
+                authorize(answer, model, now=now)
+            except KeyCheckError as exc:
                 self.metrics.key_check_failures.inc()
+                unanswered.append(str(exc))
                 continue
             except (InvalidApiKey, KeyBlocked, ModelNotAllowed):
                 self._end_key(key_hash, "key_revoked")
@@ -589,11 +598,18 @@ class Supervisor:
             except BudgetExceeded:
                 self._end_key(key_hash, "budget_exceeded")
                 continue
-            self.principals[key_hash] = principal
-            for scope, _ in scopes_of(principal):
-                billed = await self.store.billed(scope, window_of(principal, scope))
-                spend = principal.spend if scope.startswith("key:") else principal.team_spend
+            self.principals[key_hash] = answer
+            for scope, _ in scopes_of(answer):
+                billed = await self.store.billed(scope, window_of(answer, scope))
+                spend = answer.spend if scope.startswith("key:") else answer.team_spend
                 self._static[scope] = spend + billed
+        if unanswered:  # sessions are kept; one line per cycle, not one per key
+            log.warning(
+                "re-check: %d of %d keys unanswered; their sessions go on",
+                len(unanswered),
+                len(models),
+                extra={"reason": unanswered[0]},
+            )
 
     def _end_key(self, key_hash: str, code: str) -> None:
         for entry in self.live.values():
