@@ -215,8 +215,8 @@ class KeyChecker:
     re-checks (`recheck`) go through separate lanes: each its own client (pass `recheck_client` for a
     separate connection pool) and its own bound on concurrent requests, so a flood of connects with bad keys
     cannot starve re-checks, nor re-checks connects. At most `lookups + lookup_backlog` distinct admission
-    lookups are in flight or waiting; past that a lookup fails at once (KeyCheckError) instead of waiting
-    behind the flood.
+    lookups are in flight or waiting; past that a lookup of a key never seen fails at once (KeyCheckError)
+    instead of waiting behind the flood (a key LiteLLM knew before still waits its turn).
     """
 
     def __init__(
@@ -287,7 +287,9 @@ class KeyChecker:
             raise InvalidApiKey("Incorrect API key provided.")
         flight = lane.flights.get(key_hash)
         if flight is None:
-            if lane.limit is not None and len(lane.flights) >= lane.limit:
+            # A key LiteLLM has known before (its cache entry expired) still queues: only keys never seen are
+            # refused at once, so a flood of made-up keys does not turn returning users away.
+            if lane.limit is not None and len(lane.flights) >= lane.limit and key_hash not in self._cache:
                 raise KeyCheckError(f"{len(lane.flights)} {lane.name} lookups already in flight or waiting")
             flight = asyncio.create_task(self._fly(lane, lane.client, key_hash, raw_key))
             lane.flights[key_hash] = flight

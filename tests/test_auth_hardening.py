@@ -139,6 +139,34 @@ async def test_a_flood_of_bad_keys_is_bounded_and_cannot_starve_rechecks() -> No
     assert fake.count() == 6  # the five of the flood and the re-check; the late one never reached LiteLLM
 
 
+async def test_a_returning_key_waits_its_turn_when_the_backlog_is_full() -> None:
+    """With the admission backlog full of made-up keys, a key LiteLLM knew before (its cache entry expired)
+    is not refused: it queues and is answered once the flood drains."""
+    fake = FakeLiteLLM(master_key=MASTER_KEY)
+    fake.add_key(USER_KEY)
+    ticks = [0.0]
+    stuck = asyncio.Event()
+    async with fake.client(gate=stuck) as admission, fake.client() as rechecks:
+        checker = KeyChecker(
+            master_key=MASTER_KEY,
+            client=admission,
+            recheck_client=rechecks,
+            lookups=1,
+            lookup_backlog=1,
+            clock=lambda: ticks[0],
+        )
+        await checker.recheck(hash_key(USER_KEY))  # LiteLLM knew it
+        ticks[0] = 60.0
+        flood = [asyncio.create_task(checker.principal(f"sk-attacker-{n}")) for n in range(2)]
+        await fake.requested(2)  # the re-check's and the flood's first
+        with pytest.raises(KeyCheckError):
+            await guarded(checker.principal("sk-attacker-late"))
+        returning = asyncio.create_task(checker.principal(USER_KEY))
+        stuck.set()
+        assert (await returning).key_hash == hash_key(USER_KEY)
+        await asyncio.gather(*flood, return_exceptions=True)
+
+
 def supervising(checker: KeyChecker, *keys: str) -> tuple[Supervisor, list[str]]:
     """A Supervisor over `checker` with one live session per key; the close codes the sessions get."""
     supervisor = Supervisor(
