@@ -93,13 +93,13 @@ def status_of(response: bytes) -> bytes:
     return response.split(b"\r\n", 1)[0][:12]
 
 
-async def no_connections(running: Running) -> None:
-    """Until the server holds no client connection (a bounded poll: closes complete on the next loop turns)."""
+async def until_connections(running: Running, count: int) -> None:
+    """Until the server holds `count` client connections (a bounded poll: closes complete on later loop turns)."""
 
-    async def empty() -> bool:
-        return not running.server.server_state.connections
+    async def reached() -> bool:
+        return len(running.server.server_state.connections) == count
 
-    await poll(empty, what="no connections left", every_s=0.01)
+    await poll(reached, what=f"{count} connections", every_s=0.01)
 
 
 async def test_every_malformed_upgrade_is_answered_400_and_closed(tmp_path: Path) -> None:
@@ -108,7 +108,7 @@ async def test_every_malformed_upgrade_is_answered_400_and_closed(tmp_path: Path
     async with stack(tmp_path) as s:
         answers = {name: status_of(await exchange(s.sidecar.port, data)) for name, data in MALFORMED.items()}
         assert answers == dict.fromkeys(MALFORMED, b"HTTP/1.1 400")
-        await no_connections(s.sidecar)
+        await until_connections(s.sidecar, 0)
 
 
 async def test_malformed_upgrades_leave_nothing_behind(tmp_path: Path) -> None:
@@ -116,7 +116,7 @@ async def test_malformed_upgrades_leave_nothing_behind(tmp_path: Path) -> None:
     async with stack(tmp_path) as s:
         for i in range(300):
             assert status_of(await exchange(s.sidecar.port, RAISED[i % 3])) == b"HTTP/1.1 400"
-        await no_connections(s.sidecar)
+        await until_connections(s.sidecar, 0)
         gc.collect()
         assert [o for o in gc.get_objects() if isinstance(o, RelayWebSocketProtocol)] == []
 
@@ -195,17 +195,23 @@ async def test_a_connection_that_never_sends_is_closed_at_the_handshake_timeout(
     """A client that connects and sends nothing is disconnected once the handshake timeout passes."""
     async with guarded(handshake_timeout_s=0.05) as running:
         assert await exchange(running.port, b"") == b""
-        await no_connections(running)
+        await until_connections(running, 0)
 
 
 async def test_a_request_head_that_never_ends_is_closed_at_the_handshake_timeout() -> None:
-    """Slowloris: a head that trickles and stalls is cut at the deadline, on a new connection and on a
-    kept-alive one after its first request was answered."""
+    """Slowloris: a request head that starts and never ends is cut at the deadline (more bytes do not extend it),
+    on a new connection and on a kept-alive one after its first request was answered."""
     async with guarded(handshake_timeout_s=0.05) as running:
-        assert await exchange(running.port, b"GET /healthz HTTP/1.1\r\nHost: 1") == b""
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+        async with asyncio.timeout(DEADLINE_S):
+            while not reader.at_eof() and reader.exception() is None:  # until the server hangs up (FIN or RST)
+                writer.write(b"a")  # a byte every 10 ms (pacing)
+                await asyncio.sleep(0.01)
+        writer.close()
         answered = await exchange(running.port, HEALTHZ + b"GET /healthz HTTP/1.1\r\nHost: 1")
         assert status_of(answered) == b"HTTP/1.1 200" and answered.endswith(b"ok")
-        await no_connections(running)
+        await until_connections(running, 0)
 
 
 async def test_connections_past_the_cap_get_503_and_are_closed() -> None:
@@ -219,7 +225,7 @@ async def test_connections_past_the_cap_get_503_and_are_closed() -> None:
         refused = await exchange(running.port, b"")
         assert status_of(refused) == b"HTTP/1.1 503"
         streams[0][1].close()
-        await poll(lambda: asyncio.sleep(0, len(running.server.server_state.connections) == 1), what="one connection")
+        await until_connections(running, 1)
         assert status_of(
             await exchange(running.port, HEALTHZ.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
         ) == (b"HTTP/1.1 200")
