@@ -9,10 +9,12 @@ master key when the config has one, else with the caller's own key. Answers are 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -195,6 +197,44 @@ def litellm_client(url: str, connections: int) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=url, timeout=LITELLM_TIMEOUT_S, limits=limits)
 
 
+class _Slots:
+    """A semaphore with two queues: a waiter marked `first` (a key LiteLLM knew before) is let in before
+    every other waiter (keys never seen, e.g. a flood of made-up ones)."""
+
+    def __init__(self, count: int) -> None:
+        self._free = count
+        self._first: deque[asyncio.Future[None]] = deque()
+        self._rest: deque[asyncio.Future[None]] = deque()
+
+    @contextlib.asynccontextmanager
+    async def held(self, *, first: bool) -> AsyncIterator[None]:
+        """Hold a slot for the block (waiting for one first, in its queue)."""
+        if self._free > 0 and not self._first and not self._rest:
+            self._free -= 1
+        else:
+            turn = asyncio.get_running_loop().create_future()
+            (self._first if first else self._rest).append(turn)
+            try:
+                await turn
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():  # handed a slot as it was cancelled: pass it on
+                    self._release()
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        for queue in (self._first, self._rest):
+            while queue:
+                turn = queue.popleft()
+                if not turn.done():  # a cancelled waiter's turn is skipped
+                    turn.set_result(None)
+                    return
+        self._free += 1
+
+
 class _Lane:
     """One way to LiteLLM: a client (its connection pool), a bound on concurrent requests, a bound on the
     lookups in flight or waiting for a request (None: unbounded), and those lookups by key hash."""
@@ -202,7 +242,7 @@ class _Lane:
     def __init__(self, name: str, client: httpx.AsyncClient | None, *, concurrency: int, backlog: int | None):
         self.name = name
         self.client = client
-        self.slots = asyncio.Semaphore(concurrency)
+        self.slots = _Slots(concurrency)
         self.limit = None if backlog is None else concurrency + backlog
         self.flights: dict[str, asyncio.Task[Principal]] = {}
 
@@ -216,7 +256,8 @@ class KeyChecker:
     separate connection pool) and its own bound on concurrent requests, so a flood of connects with bad keys
     cannot starve re-checks, nor re-checks connects. At most `lookups + lookup_backlog` distinct admission
     lookups are in flight or waiting; past that a lookup of a key never seen fails at once (KeyCheckError)
-    instead of waiting behind the flood (a key LiteLLM knew before still waits its turn).
+    instead of waiting behind the flood; a key LiteLLM knew before is never refused so, and waits ahead of
+    every key never seen.
     """
 
     def __init__(
@@ -299,7 +340,7 @@ class KeyChecker:
 
     async def _fly(self, lane: _Lane, client: httpx.AsyncClient, key_hash: str, raw_key: str | None) -> Principal:
         asked = self._clock()
-        async with lane.slots:
+        async with lane.slots.held(first=key_hash in self._cache):
             try:
                 principal = await self._fetch(client, key_hash, raw_key)
             except InvalidApiKey:

@@ -139,9 +139,9 @@ async def test_a_flood_of_bad_keys_is_bounded_and_cannot_starve_rechecks() -> No
     assert fake.count() == 6  # the five of the flood and the re-check; the late one never reached LiteLLM
 
 
-async def test_a_returning_key_waits_its_turn_when_the_backlog_is_full() -> None:
+async def test_a_returning_key_is_not_refused_and_goes_ahead_of_the_flood() -> None:
     """With the admission backlog full of made-up keys, a key LiteLLM knew before (its cache entry expired)
-    is not refused: it queues and is answered once the flood drains."""
+    is not refused, and its request goes out before those of the made-up keys waiting ahead of it."""
     fake = FakeLiteLLM(master_key=MASTER_KEY)
     fake.add_key(USER_KEY)
     ticks = [0.0]
@@ -152,19 +152,25 @@ async def test_a_returning_key_waits_its_turn_when_the_backlog_is_full() -> None
             client=admission,
             recheck_client=rechecks,
             lookups=1,
-            lookup_backlog=1,
+            lookup_backlog=2,
             clock=lambda: ticks[0],
         )
         await checker.recheck(hash_key(USER_KEY))  # LiteLLM knew it
         ticks[0] = 60.0
-        flood = [asyncio.create_task(checker.principal(f"sk-attacker-{n}")) for n in range(2)]
-        await fake.requested(2)  # the re-check's and the flood's first
+        flood = [asyncio.create_task(checker.principal(f"sk-attacker-{n}")) for n in range(3)]
+        await fake.requested(2)  # the re-check's and the first of the flood; two more wait for the slot
         with pytest.raises(KeyCheckError):
             await guarded(checker.principal("sk-attacker-late"))
         returning = asyncio.create_task(checker.principal(USER_KEY))
+        # One turn of the loop, not a timed wait: the task runs to its first suspension, which is queueing for
+        # the slot (there is no event to await for that); the ready queue is FIFO, so this is deterministic.
+        await asyncio.sleep(0)
         stuck.set()
         assert (await returning).key_hash == hash_key(USER_KEY)
         await asyncio.gather(*flood, return_exceptions=True)
+    asked = [r.url.params["key"] for r in fake.requests]
+    attackers = [hash_key(f"sk-attacker-{n}") for n in range(3)]
+    assert asked == [hash_key(USER_KEY), attackers[0], hash_key(USER_KEY), attackers[1], attackers[2]]
 
 
 def supervising(checker: KeyChecker, *keys: str) -> tuple[Supervisor, list[str]]:
