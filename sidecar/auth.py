@@ -326,6 +326,8 @@ class KeyChecker:
     async def _ask(self, lane: _Lane, key_hash: str, raw_key: str | None) -> Principal:
         if self._unknown(key_hash) or lane.client is None:
             raise InvalidApiKey("Incorrect API key provided.")
+        if self._master_key is None and raw_key is None:  # LiteLLM answers by hash only to its master key;
+            raise InvalidApiKey("Incorrect API key provided.")  # not remembered: the key may well be valid
         flight = lane.flights.get(key_hash)
         if flight is None:
             # A key LiteLLM has known before (its cache entry expired) still queues: only keys never seen are
@@ -368,8 +370,7 @@ class KeyChecker:
 
     async def _fetch(self, client: httpx.AsyncClient, key_hash: str, raw_key: str | None) -> Principal:
         auth = self._master_key or raw_key
-        if auth is None:
-            raise InvalidApiKey("Incorrect API key provided.")
+        assert auth is not None  # _ask refuses a lookup by hash without the master key
         info = await _get(client, "/key/info", {"key": key_hash}, auth)
         if info is None:
             raise InvalidApiKey("Incorrect API key provided.")

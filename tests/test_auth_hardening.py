@@ -261,3 +261,15 @@ async def test_a_503_is_logged_with_its_cause(tmp_path: Path, caplog: pytest.Log
     [record] = [r for r in caplog.records if r.name == "sidecar.app" and "503" in r.getMessage()]
     assert record.__dict__["reason"] == "LiteLLM proxy unreachable for /key/info (ConnectError)"
     assert record.__dict__["key_hash"] == hash_key(USER_KEY)
+
+
+async def test_without_a_master_key_a_lookup_by_hash_alone_is_not_remembered_as_unknown() -> None:
+    """Without a master key LiteLLM cannot be asked by hash alone; that refusal does not put a valid key in
+    the negative cache, so the key still connects with its raw value."""
+    fake = FakeLiteLLM(master_key=MASTER_KEY)
+    fake.add_key(USER_KEY)
+    async with fake.client() as client:
+        checker = KeyChecker(master_key=None, client=client)
+        with pytest.raises(InvalidApiKey):
+            await checker.recheck(hash_key(USER_KEY))
+        assert (await checker.principal(USER_KEY)).key_hash == hash_key(USER_KEY)
