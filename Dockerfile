@@ -6,6 +6,9 @@
 # The image runs as an unprivileged user with a read-only root filesystem in mind: the only paths it
 # writes are SIDECAR_SPOOL_DIR and /tmp (the Helm chart mounts an emptyDir on each).
 
+# The base of both stages. Any Debian-like image works that has Python >= 3.11 as `python` with pip and
+# venv, and groupadd/useradd: scripts/image-check.sh builds on a local debootstrap base this way
+# (`--build-arg PYTHON_IMAGE=localhost/realtime-sidecar-base:bookworm-1`, docs/deploy.md).
 ARG PYTHON_IMAGE=python:3.11-slim
 
 # --- build: the project's wheel, installed with its dependencies into a virtualenv --------------------

@@ -34,6 +34,12 @@ run: venv
 bench: venv
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
+# Builds the Dockerfile for real (debootstrap base, buildah, podman; no Docker engine) and passes one session
+# through the image (docs/deploy.md, "Building the image"). Needs root; tests/test_image.py runs it too.
+.PHONY: image
+image: venv
+	scripts/image-check.sh
+
 chart: venv
 	scripts/ensure-helm.sh >/dev/null && $(BIN)/pytest -q tests/test_chart.py
 
