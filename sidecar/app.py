@@ -208,9 +208,9 @@ async def _default_publisher(settings: Settings, redis: aioredis.Redis | None) -
     else:
         from sidecar.billing.writer import BillingWriter, make_engine, upgrade
 
-        engine = make_engine(settings.database_url)
+        engine = make_engine(settings.database_url, timeout_s=settings.db_timeout_s)
         upgrade(engine)
-        writer = BillingWriter(engine)
+        writer = BillingWriter(engine, timeout_s=settings.db_timeout_s)
         pub = EmbeddedPublisher(lambda events: writer.write_or_dead_letter(events, now=datetime.now(UTC)), spool=spool)
     await pub.start()
     # Embedded mode has no `sidecar consume`: this process closes crashed sessions as `lost` itself.

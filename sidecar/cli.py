@@ -85,7 +85,8 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Create the billing tables if they are missing."""
     from sidecar.billing.writer import make_engine, upgrade
 
-    engine = make_engine(_settings(require_config=False).database_url)
+    settings = _settings(require_config=False)
+    engine = make_engine(settings.database_url, timeout_s=settings.db_timeout_s)
     upgrade(engine)
     print("billing tables ready")
     return 0
@@ -104,14 +105,16 @@ def cmd_consume(args: argparse.Namespace) -> int:
     if not settings.redis_url:
         print("sidecar consume needs SIDECAR_REDIS_URL (embedded mode bills in-process)", file=sys.stderr)
         return 2
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, timeout_s=settings.db_timeout_s)
     upgrade(engine)
 
     async def run() -> None:
-        redis = aioredis.Redis.from_url(settings.redis_url or "")
-        consumer = UsageConsumer(
-            redis, BillingWriter(engine), stream=settings.usage_stream, lost_after_s=settings.lost_after_s
+        # Bounded waits on Redis too (XREADGROUP blocks 1 s, well inside the socket timeout).
+        redis = aioredis.Redis.from_url(
+            settings.redis_url or "", socket_timeout=10, socket_connect_timeout=5, socket_keepalive=True
         )
+        writer = BillingWriter(engine, timeout_s=settings.db_timeout_s)
+        consumer = UsageConsumer(redis, writer, stream=settings.usage_stream, lost_after_s=settings.lost_after_s)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -46,6 +46,8 @@ DEFAULT_ROUNDING = "exact"
 DEFAULT_CAPTIONS_PAGE = False
 #: The largest HTTP request body any route accepts (client secrets, the admin API); larger ones get 413.
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
+#: The longest a billing DB connect, statement or transaction may take before it is abandoned and retried.
+DEFAULT_DB_TIMEOUT_S = 15.0
 #: SIDECAR_CLIENT_SECRET_KEY signs client secrets; shorter keys are refused (HMAC-SHA256 wants >= 32 bytes).
 MIN_CLIENT_SECRET_KEY_CHARS = 32
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -137,6 +139,8 @@ class Settings:
     captions_key: str | None = field(default=None, repr=False)
     #: HTTP request bodies above this many bytes are refused with 413 (sidecar/bodies.py).
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: Billing DB timeout: connect, server-side statement timeout and the client-side transaction deadline.
+    db_timeout_s: float = DEFAULT_DB_TIMEOUT_S
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, require_config: bool = True) -> Settings:
@@ -196,6 +200,7 @@ class Settings:
             captions_page=captions_page,
             captions_key=captions_key,
             max_body_bytes=_int(env, "SIDECAR_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
+            db_timeout_s=_float(env, "SIDECAR_DB_TIMEOUT_S", DEFAULT_DB_TIMEOUT_S),
         )
 
     def replace(self, **changes: object) -> Settings:

@@ -94,6 +94,7 @@ class UsageConsumer:
         self._sweep_every_s = sweep_every_s
         self._backoff_s = backoff_s
         self._claim_cursor = "0-0"
+        self._retry_own = False  # after a failure: this consumer's own pending entries come first
 
     @property
     def name(self) -> str:
@@ -117,12 +118,16 @@ class UsageConsumer:
         """Handle one batch and trim the stream; return how many entries were handled (0: none waiting).
 
         The batch is entries idle for `claim_idle_ms` in the group (a dead consumer's) if there are
-        any, else new entries (waiting up to `block_ms`). Parsed events are written in a worker thread
+        any, else (after a failed batch) this consumer's own pending entries, else new entries (waiting up
+        to `block_ms`). Parsed events are written in a worker thread
         and acknowledged after the commit; unparsable or unstorable ones are dead-lettered and
         acknowledged. Raises BillingStreamError (Redis) or BillingDatabaseError (DB): the entries not
         yet acknowledged stay pending and are retried, by this consumer or another, once idle.
         """
         entries = await self._claim()
+        if not entries and self._retry_own:
+            entries = await self._read(own=True)
+            self._retry_own = bool(entries)
         if not entries:
             entries = await self._read()
         if not entries:
@@ -142,9 +147,11 @@ class UsageConsumer:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set: batches, a lost sweep every `sweep_every_s` when caught up.
 
-        A Redis or DB failure is logged and retried after a back-off (doubling up to 30 s, cut short by
-        `stop`); it never acknowledges an uncommitted entry. `stop` is checked between batches, so it
-        takes effect within `block_ms` plus one batch. Other exceptions (bugs) propagate.
+        A Redis or DB failure (a DB that does not answer within the writer's timeout included) is logged
+        as a warning and retried after a back-off (doubling up to 30 s, cut short by `stop`), this
+        consumer's own pending entries first; it never acknowledges an uncommitted entry. `stop` is
+        checked between batches, so it takes effect within `block_ms` plus one batch. Other exceptions
+        (bugs) propagate.
         """
         loop = asyncio.get_running_loop()
         backoff = self._backoff_s
@@ -164,6 +171,7 @@ class UsageConsumer:
             except BillingError as exc:
                 log.warning("billing consumer %s: %s; retrying in %.1fs", self._consumer, exc, backoff)
                 ready = False  # the stream or group may have been deleted with Redis's data
+                self._retry_own = True
                 await _wait(stop, backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 continue
@@ -209,14 +217,15 @@ class UsageConsumer:
         self._claim_cursor = _text(reply[0])
         return [(_text(entry_id), fields) for entry_id, fields in reply[1]]
 
-    async def _read(self) -> list[Entry]:
+    async def _read(self, *, own: bool = False) -> list[Entry]:
+        """New entries (waiting up to `block_ms`), or with `own` this consumer's pending ones (no wait)."""
         with _redis_errors("XREADGROUP"):
             reply = await self._redis.xreadgroup(
                 self._group,
                 self._consumer,
-                {self._stream: ">"},
+                {self._stream: "0" if own else ">"},
                 count=self._batch,
-                block=self._block_ms or None,
+                block=None if own else self._block_ms or None,
             )
         return [(_text(entry_id), fields) for entry_id, fields in _stream_entries(reply)]
 

@@ -12,6 +12,7 @@ so one bad event never holds back the others. A DB that is down still fails the 
     SidecarError
     └── BillingError                 a billing write or read failed
         ├── BillingDatabaseError     the DB is unreachable or refused the statement; retry later
+        │   └── BillingTimeoutError  the DB did not answer within the timeout (stalled, black-holed)
         ├── BillingDataError         an event the DB cannot store (out of range, NUL); never retry it
         └── BillingStreamError       Redis failed under the consumer (sidecar.billing.consumer)
 """
@@ -20,11 +21,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import math
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any, Final
+from types import TracebackType
+from typing import Any, Final, TypeVar
 
 from sqlalchemy import Connection, Engine, Insert, bindparam, column, create_engine, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -42,6 +48,7 @@ from sqlalchemy.pool import StaticPool
 from sqlmodel import SQLModel
 
 from sidecar.billing.tables import AMOUNT_LIMIT, DEAD_TABLE, EVENT_TABLE, TABLES, USAGE_TABLE, quantize
+from sidecar.config import DEFAULT_DB_TIMEOUT_S
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.usage import EVENT_TYPES, UsageEvent
 
@@ -49,6 +56,10 @@ log = logging.getLogger(__name__)
 
 PG_CONNECT_TIMEOUT_S: Final = 10
 """libpq waits forever for an unanswered connect by default; a worker thread must not."""
+PG_MIN_CONNECT_TIMEOUT_S: Final = 2
+"""libpq's smallest connect timeout (it reads 1 as 2)."""
+
+_T = TypeVar("_T")
 
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
@@ -100,23 +111,29 @@ class BillingDatabaseError(BillingError):
     """The billing DB is unreachable or failed the transaction; nothing of it was written. Retry later."""
 
 
+class BillingTimeoutError(BillingDatabaseError):
+    """The billing DB did not answer within the timeout; the connection was cut. Retry later."""
+
+
 class BillingDataError(BillingError):
     """An event holds a value the billing DB cannot store. Retrying cannot help: dead-letter it."""
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, timeout_s: float = DEFAULT_DB_TIMEOUT_S) -> Engine:
     """An engine for a SQLite or PostgreSQL billing DB URL, safe to share between threads.
 
-    `postgresql://` and `postgres://` mean the psycopg 3 driver. Connections are pinged before use and
-    bound values are kept out of error messages and logs. Raises ConfigError for a malformed URL or a
-    backend other than SQLite and PostgreSQL; does not connect.
+    `postgresql://` and `postgres://` mean the psycopg 3 driver. Bound values are kept out of error
+    messages and logs. PostgreSQL connections get `pg_connect_args(timeout_s)` (a parameter given in the
+    URL's query wins); a connection the DB dropped is replaced by `BillingWriter` (no ping per checkout:
+    a ping to a frozen server would hang outside the writer's deadline). Raises ConfigError for a
+    malformed URL or a backend other than SQLite and PostgreSQL; does not connect.
     """
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
         raise ConfigError("SIDECAR_DATABASE_URL is not a database URL") from exc
     backend = parsed.get_backend_name()
-    options: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
+    options: dict[str, Any] = {"hide_parameters": True}
     if backend == "sqlite":
         options["connect_args"] = {"check_same_thread": False}
         if parsed.database in (None, "", ":memory:"):
@@ -124,14 +141,34 @@ def make_engine(url: str) -> Engine:
     elif backend in ("postgresql", "postgres"):
         if parsed.drivername in ("postgresql", "postgres"):
             parsed = parsed.set(drivername="postgresql+psycopg")
-        if "connect_timeout" not in parsed.query:
-            options["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+        args = pg_connect_args(timeout_s)
+        options["connect_args"] = {name: value for name, value in args.items() if name not in parsed.query}
     else:
         raise ConfigError(f"unsupported billing database {backend!r}: use sqlite or postgresql")
     try:
         return create_engine(parsed, **options)
     except (ArgumentError, NoSuchModuleError, ImportError) as exc:
         raise ConfigError(f"cannot use billing database driver {parsed.drivername!r}") from exc
+
+
+def pg_connect_args(timeout_s: float) -> dict[str, Any]:
+    """libpq parameters that bound every wait on PostgreSQL by about `timeout_s`.
+
+    A connect timeout; a server-side statement timeout, and an idle-in-transaction timeout so that the
+    server drops a transaction whose client vanished; TCP keepalives, so an idle connection to a dead
+    host fails; and a TCP user timeout, so data the network swallows fails the connection. (A server
+    that accepts data and never answers is cut by `BillingWriter`'s own deadline.)
+    """
+    ms = max(1, round(timeout_s * 1000))
+    return {
+        "connect_timeout": max(PG_MIN_CONNECT_TIMEOUT_S, min(PG_CONNECT_TIMEOUT_S, math.ceil(timeout_s))),
+        "options": f"-c statement_timeout={ms} -c idle_in_transaction_session_timeout={ms}",
+        "keepalives": 1,
+        "keepalives_idle": max(1, math.ceil(timeout_s / 3)),
+        "keepalives_interval": max(1, math.ceil(timeout_s / 9)),
+        "keepalives_count": 3,
+        "tcp_user_timeout": ms,
+    }
 
 
 def upgrade(engine: Engine) -> None:
@@ -168,13 +205,20 @@ def check_storable(event: UsageEvent) -> None:
 
 
 class BillingWriter:
-    """Writes usage events idempotently and closes lost sessions. Thread-safe; blocking (use a thread)."""
+    """Writes usage events idempotently and closes lost sessions. Thread-safe; blocking (use a thread).
 
-    def __init__(self, engine: Engine) -> None:
+    On PostgreSQL each transaction runs under a deadline of `timeout_s`: a DB that has not answered by
+    then (a frozen server, a black-holed network) has the connection cut, and the call raises
+    BillingTimeoutError instead of blocking its thread forever. A pooled connection found dead (the DB
+    restarted) is replaced once, at no cost to the caller.
+    """
+
+    def __init__(self, engine: Engine, *, timeout_s: float = DEFAULT_DB_TIMEOUT_S) -> None:
         """Raises ConfigError if the engine's dialect is neither SQLite nor PostgreSQL."""
         if engine.dialect.name not in ("sqlite", "postgresql"):
             raise ConfigError(f"unsupported billing database {engine.dialect.name!r}")
         self._engine = engine
+        self._timeout_s = timeout_s if engine.dialect.name == "postgresql" else None
         is_pg = engine.dialect.name == "postgresql"
         self._insert = postgresql.insert if is_pg else sqlite.insert
         self._unnest = _pg_insert_events() if is_pg else None
@@ -201,12 +245,15 @@ class BillingWriter:
             check_storable(event)
         if not unique:
             return 0
-        with _translated("write"), self._engine.begin() as conn:
+
+        def work(conn: Connection) -> int:
             stored = self._insert_events(conn, unique, now)
             winners = _highest_seq_per_session(e for e in unique if e.event_id in stored)
             if winners:
                 self._upsert_usage(conn, winners, now)
-        return len(stored)
+            return len(stored)
+
+        return self._run("write", work)
 
     def write_or_dead_letter(self, events: Sequence[UsageEvent], *, now: datetime) -> int:
         """`write`, except that events the DB cannot store are dead-lettered instead of failing the batch.
@@ -255,8 +302,7 @@ class BillingWriter:
             .on_conflict_do_nothing(index_elements=["event_id"])
             .returning(DEAD_TABLE.c.event_id)
         )
-        with _translated("dead_letter"), self._engine.begin() as conn:
-            new = set(conn.execute(stmt, [rows[k] for k in sorted(rows)]).scalars())
+        new = self._run("dead_letter", lambda conn: set(conn.execute(stmt, [rows[k] for k in sorted(rows)]).scalars()))
         for event_id in sorted(new):
             row = rows[event_id]
             log.warning(
@@ -283,8 +329,20 @@ class BillingWriter:
             .where(usage.status == "open", usage.last_event_at < cutoff)
             .values(status="lost", close_reason="lost", ended_at=usage.last_event_at, updated_at=now)
         )
-        with _translated("close_lost"), self._engine.begin() as conn:
-            return conn.execute(stmt).rowcount
+        return self._run("close_lost", lambda conn: int(conn.execute(stmt).rowcount))
+
+    def _run(self, action: str, work: Callable[[Connection], _T]) -> _T:
+        """`work(conn)` in one transaction under the deadline, on a pooled connection replaced once if the DB
+        had dropped it. Raises BillingDataError, BillingTimeoutError or BillingDatabaseError."""
+        for attempt in (1, 2):
+            try:
+                with _translated(action), self._engine.connect() as conn, _Deadline(conn, self._timeout_s, action):
+                    with conn.begin():
+                        return work(conn)
+            except BillingDatabaseError as exc:
+                if attempt == 2 or not _dropped(exc):
+                    raise
+        raise AssertionError("unreachable")
 
     def _insert_events(self, conn: Connection, events: list[UsageEvent], now: datetime) -> set[str]:
         # Sorted by event_id so that concurrent writers take unique-index locks in one order (no deadlock).
@@ -310,6 +368,76 @@ class BillingWriter:
             where=USAGE_TABLE.c.last_seq < new.last_seq,
         )
         conn.execute(stmt, rows)
+
+
+class _Deadline:
+    """Cuts a PostgreSQL connection (shutdown of its socket) still busy `timeout_s` after entering.
+
+    libpq has no client-side query timeout: a server that took the query and never answers (frozen, or
+    behind a proxy that stopped forwarding) blocks the thread forever, and the server-side statement
+    timeout cannot fire where the server is not running. The cut makes libpq fail at once; __exit__
+    then raises BillingTimeoutError. The socket is cut only while the transaction still runs (a lock
+    orders the timer against __exit__), so never after the connection went back to the pool.
+    """
+
+    def __init__(self, conn: Connection, timeout_s: float | None, action: str) -> None:
+        self._fd = _socket_fd(conn) if timeout_s is not None else None
+        self._timeout_s = timeout_s or 0.0
+        self._action = action
+        self._lock = threading.Lock()
+        self._done = False
+        self._expired = False
+        self._timer = threading.Timer(self._timeout_s, self._expire) if self._fd is not None else None
+
+    def __enter__(self) -> _Deadline:
+        if self._timer is not None:
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        with self._lock:
+            self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._expired and exc is not None:
+            message = f"billing {self._action}: no answer from the database within {self._timeout_s:g}s"
+            raise BillingTimeoutError(message) from exc
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._done or self._fd is None:
+                return
+            self._expired = True
+            _cut(self._fd)
+
+
+def _socket_fd(conn: Connection) -> int | None:
+    """The file descriptor of a psycopg connection's socket, None for other drivers or a broken one."""
+    try:
+        fd = conn.connection.dbapi_connection.pgconn.socket  # type: ignore[union-attr]
+    except Exception:  # no socket to watch: the statement runs without the client deadline
+        return None
+    return fd if isinstance(fd, int) else None
+
+
+def _cut(fd: int) -> None:
+    """Shut a socket down both ways (its owner's blocked read returns at once); the fd stays open."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _dropped(exc: BillingDatabaseError) -> bool:
+    """True when the DB had dropped the (pooled) connection, so that a new one may simply work."""
+    cause = exc.__cause__
+    return (
+        not isinstance(exc, BillingTimeoutError)
+        and isinstance(cause, DBAPIError)
+        and bool(cause.connection_invalidated)
+    )
 
 
 def _pg_insert_events() -> Insert:
