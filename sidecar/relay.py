@@ -287,7 +287,8 @@ class Relay:
             received = exc.rcvd
             if received is not None:
                 self.close_reason = "upstream_close"
-                await self._close_client(sendable(received.code), received.reason[:120])
+                # Never the provider's reason as it came: it may name the key, host or deployment.
+                await self._close_client(sendable(received.code), self.session.scrubber.reason(received.reason))
             else:
                 await self._finish(ending("upstream_error"))
 

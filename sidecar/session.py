@@ -22,9 +22,11 @@ from sidecar.catalog import Deployment, RealtimeModel, Transcriber
 from sidecar.metering import SessionMeter
 from sidecar.pinning import Pin
 from sidecar.pricing import Price
+from sidecar.scrub import REDACTED as REDACTED
+from sidecar.scrub import Scrubber
+from sidecar.scrub import secrets_of as secrets_of
 from sidecar.usage import EventType, UsageEvent
 
-REDACTED: Final = "[redacted]"
 # Substrings that mark an upstream frame the session must parse (cheap `in` checks on the raw text).
 # An upstream frame with none of these is relayed without being parsed (checked unrolled: no generator).
 _ERROR, _SESSION, _DONE, _COMPLETED = '"error"', "session.", "response.done", "transcription.completed"
@@ -38,23 +40,6 @@ class Reply:
 
     upstream: str | None
     client: str | None
-
-
-def secrets_of(deployment: Deployment) -> tuple[str, ...]:
-    """Text that must never reach a client: the api key and the api_base host (with and without port)."""
-    from urllib.parse import urlsplit
-
-    found: list[str] = []
-    if deployment.api_key:
-        found.append(deployment.api_key)
-    if deployment.api_base:
-        parts = urlsplit(deployment.api_base)
-        if parts.netloc:
-            found.append(parts.netloc)
-        if parts.hostname and parts.hostname not in found:
-            found.append(parts.hostname)
-    # Longest first, so a host:port is replaced before its bare host.
-    return tuple(sorted(found, key=len, reverse=True))
 
 
 class Session:
@@ -84,7 +69,9 @@ class Session:
         self.seq = 0
         self._public = model.name
         self._upstream_model = deployment.model
-        self._secrets = secrets_of(deployment)
+        #: Keeps the deployment's key, host and deployment name from the client (sidecar/scrub.py).
+        self.scrubber = Scrubber.for_deployment(deployment, public_model=model.name)
+        self._scrub = self.scrubber.text  # bound once: called for every upstream frame
         self._hide_model = deployment.model != model.name
         #: Settings bound by a client secret (pinning.py): session updates may not change them.
         self.pinned = pinned
@@ -214,7 +201,7 @@ class Session:
     def on_upstream_text(self, text: str) -> str:
         """The text to relay for one upstream frame: metered, identifiers scrubbed. Never raises."""
         if not (_ERROR in text or _SESSION in text or _DONE in text or _COMPLETED in text):
-            return self._scrub(text) if self._secrets else text
+            return self._scrub(text)
         try:
             event = protocol.loads(text)
         except protocol.JSONDecodeError:
@@ -222,7 +209,7 @@ class Session:
         kind = event.get("type") if isinstance(event, dict) else None
         if kind == "error":
             self.meter.on_update_refused(protocol.dig(event, "error", "event_id"))
-            return self._scrub(text, hide_model=True)
+            return self._scrub(text)
         if kind == protocol.RESPONSE_DONE:
             usage = protocol.dig(event, "response", "usage")
             if isinstance(usage, dict):
@@ -244,21 +231,9 @@ class Session:
                 text = text.replace(f'"{upstream}"', f'"{public}"')
         return self._scrub(text)
 
-    def _scrub(self, text: str, *, hide_model: bool = False) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, REDACTED)
-        if hide_model and self._hide_model and self._upstream_model in text:
-            text = text.replace(self._upstream_model, self._public)
-        return text
-
     def scrub_bytes(self, data: bytes) -> bytes:
         """Scrub a binary upstream frame the same way (rare: providers send text)."""
-        for secret in self._secrets:
-            raw = secret.encode()
-            if raw in data:
-                data = data.replace(raw, REDACTED.encode())
-        return data
+        return self.scrubber.data(data)
 
     # ---- usage ----------------------------------------------------------------------------------
 

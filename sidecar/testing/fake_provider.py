@@ -634,6 +634,15 @@ class FakeProvider:
             with contextlib.suppress(ConnectionClosed):
                 await connection.send(text)
 
+    async def send_raw(self, message: str | bytes) -> None:
+        """Send `message` to every live session exactly as given: a text frame (str), a binary frame (bytes).
+
+        For frames `send_all` cannot produce: JSON spelled with escapes, not JSON at all, binary.
+        """
+        for connection in list(self._live):
+            with contextlib.suppress(ConnectionClosed):
+                await connection.send(message)
+
     def hold_reads(self) -> None:
         """Stop reading client events on every session (a stalled provider) until `release_reads()`."""
         self._reading.clear()
