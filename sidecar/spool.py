@@ -7,7 +7,9 @@ one caller at a time.
 Layout: each process owns two files in the directory, named `<name>.<pid>.<token>.*` (the random token
 keeps names unique across PID namespaces and PID reuse):
 
-- `.jsonl`: one event per line, `orjson` of `UsageEvent.to_fields()`, appended with flush + fsync;
+- `.jsonl`: one event per line, `orjson` of `UsageEvent.to_fields()`, appended with flush + fsync (an event
+  orjson refuses, text with a lone surrogate, is written as ASCII JSON by the standard library instead, so
+  that it is spooled, and later dead-lettered by billing, rather than held in memory);
 - `.lock`:  held with `flock(LOCK_EX)` for the life of the `Spool`. The kernel releases it when the
   process dies, so "its lock can be taken" means "its owner is dead". The lock file is created under a
   temporary name, locked, then renamed into place, so nobody can ever see it unlocked while its owner
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import re
@@ -79,7 +82,7 @@ class Spool:
         Raises OSError (nothing is appended then) or ValueError when the spool is closed.
         """
         if events:
-            self._write(b"".join(orjson.dumps(event.to_fields()) + b"\n" for event in events), len(events))
+            self._write(b"".join(_line(event) + b"\n" for event in events), len(events))
 
     def pending(self, limit: int | None = None) -> list[UsageEvent]:
         """The oldest `limit` (default all) events, oldest first. Unreadable lines (a torn last line
@@ -214,9 +217,24 @@ def _records(path: Path) -> Iterator[tuple[bytes, UsageEvent]]:
             yield line, event
 
 
+def _line(event: UsageEvent) -> bytes:
+    fields = event.to_fields()
+    try:
+        return orjson.dumps(fields)
+    except orjson.JSONEncodeError:  # a lone surrogate: \udXXX escapes, which the standard library reads back
+        return json.dumps(fields, ensure_ascii=True).encode("ascii")
+
+
+def _load(line: bytes) -> object:
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return json.loads(line)  # a line `_line` wrote with the standard library; raises ValueError if torn
+
+
 def _parse(line: bytes) -> UsageEvent | None:
     try:
-        data = orjson.loads(line)
+        data = _load(line)
         if not isinstance(data, dict):
             return None
         return UsageEvent.from_fields(data)

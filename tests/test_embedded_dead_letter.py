@@ -182,3 +182,13 @@ async def publish_all(redis: aioredis.Redis, stream: str, events: Sequence[Usage
         async with asyncio.timeout(DEADLINE_S):
             await publisher.drained()
         await publisher.aclose()
+
+
+def test_spool_keeps_an_event_with_a_lone_surrogate(tmp_path: Path) -> None:
+    """An event orjson cannot encode is spooled durably (not held in memory) and read back unchanged."""
+    events = [usage_event("s-bad", 1, key_alias="\ud800"), usage_event("s1", 1)]
+    with Spool(tmp_path / "spool") as spool:
+        spool.append(events)
+        assert spool.pending() == events
+        spool.drop_first(1)
+        assert spool.pending() == events[1:]
