@@ -17,6 +17,7 @@ from sqlmodel import Session, select
 from sidecar.app import _default_publisher
 from sidecar.billing import (
     BillingDatabaseError,
+    BillingDataError,
     BillingWriter,
     RealtimeUsageDead,
     UsageConsumer,
@@ -88,6 +89,29 @@ def test_lone_surrogate_is_dead_lettered_not_sent_to_the_database(engine: Engine
     assert letter.reason == "team_id: not valid Unicode (a lone surrogate)"
     assert UsageEvent.from_fields(json.loads(letter.fields)) == bad
     assert billed_sessions(engine) == {"s1"}
+
+
+class RefusesOne(BillingWriter):
+    """A real writer whose database refuses one event that passes check_storable (as a constraint would)."""
+
+    def __init__(self, engine: Engine, refused: str) -> None:
+        super().__init__(engine)
+        self.refused = refused
+
+    def write(self, events: Sequence[UsageEvent], *, now: datetime) -> int:
+        if any(e.event_id == self.refused for e in events):
+            raise BillingDataError("billing write: the database refused a value: CheckViolation")
+        return super().write(events, now=now)
+
+
+def test_a_value_the_database_refuses_is_found_event_by_event(engine: Engine) -> None:
+    """The DB refuses a batch for one event the checks let through: it alone is dead-lettered, the rest land."""
+    events = [usage_event(f"s{i}", 1) for i in range(5)]
+    writer = RefusesOne(engine, refused=events[2].event_id)
+    assert writer.write_or_dead_letter(events, now=T0) == 4
+    assert billed_sessions(engine) == {"s0", "s1", "s3", "s4"}
+    (letter,) = dead_letters(engine)
+    assert (letter.session_id, letter.reason) == ("s2", "billing write: the database refused a value: CheckViolation")
 
 
 async def test_embedded_mode_bills_every_other_event_after_a_poison_one(database_url: str, tmp_path: Path) -> None:
