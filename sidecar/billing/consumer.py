@@ -119,10 +119,10 @@ class UsageConsumer:
 
         The batch is entries idle for `claim_idle_ms` in the group (a dead consumer's) if there are
         any, else (after a failed batch) this consumer's own pending entries, else new entries (waiting up
-        to `block_ms`). Parsed events are written in a worker thread
-        and acknowledged after the commit; unparsable or unstorable ones are dead-lettered and
-        acknowledged. Raises BillingStreamError (Redis) or BillingDatabaseError (DB): the entries not
-        yet acknowledged stay pending and are retried, by this consumer or another, once idle.
+        to `block_ms`). Parsed events are written in a worker thread and acknowledged after the commit;
+        unparsable or unstorable ones are dead-lettered and acknowledged. Raises BillingStreamError
+        (Redis) or BillingDatabaseError (DB): the entries not yet acknowledged stay pending and are
+        retried, by this consumer (first thing after the failure) or another, once idle.
         """
         entries = await self._claim()
         if not entries and self._retry_own:
