@@ -12,8 +12,9 @@ escapes (`\\u0073k-...`, `\\u002D`, `\\/`), which a substring check on the raw f
   or with JSON's one mandatory escape; if no secret, written that way, occurs in the frame (ignoring case),
   the client cannot decode one, and the frame is relayed as the same string. This is the hot path: a
   lower-cased copy and a few `in` checks, and for an audio delta only over the part before its base64;
-- any other frame is parsed, every string in it (keys and values, at any depth) is scrubbed, and the event
-  is serialised again; a frame that did not need a change is still relayed as it came.
+- any other frame is parsed and serialised again by orjson, which spells every string one way, and that is
+  checked the same way; only when it holds a secret is every string of the event (keys and values, at any
+  depth) scrubbed and the event serialised again. A frame that needs no change is relayed as it came.
 
 The base64 audio of an audio delta (`response.output_audio.delta`, beta `response.audio.delta`: its top-level
 `delta`) is not text: it is never scanned nor changed (a chance match of a short deployment name in random
@@ -158,19 +159,29 @@ class Scrubber:
         return text
 
     def _decoded(self, text: str) -> str:
-        """Parse the frame, scrub every string in it, and serialise it again if anything changed."""
+        """Parse the frame; if what it decodes to holds a secret, scrub every string in it and serialise it
+        again. A frame that needs no change is returned as it came."""
         try:
             event = orjson.loads(text)
-            dumps: Callable[[Any], str] = _orjson_dumps
         except orjson.JSONDecodeError:
             # What orjson refuses a client's parser may still take (NaN, huge integers, lone surrogates).
             try:
                 event = json.loads(text)
-                dumps = _json_dumps
             except ValueError:  # not JSON: nothing is decoded, the raw text is what a client reads
                 return self._string(text)
             except RecursionError:  # too deep for us, maybe not for the client: only safe without escapes
                 return self._string(text) if "\\" not in text else _withheld()
+            return self._rewritten(text, event, _json_dumps)
+        try:
+            canonical = orjson.dumps(event).decode()  # every string spelled one way: a raw check is enough
+        except TypeError:  # orjson's JSONEncodeError (nesting too deep to serialise): look at every string
+            return self._rewritten(text, event, _orjson_dumps)
+        if not _found(self._json_needles, canonical.lower()):
+            return text
+        return self._rewritten(text, event, _orjson_dumps)
+
+    def _rewritten(self, text: str, event: Any, dumps: Callable[[Any], str]) -> str:
+        """`event` (decoded from `text`) with every string scrubbed, serialised; `text` if nothing changed."""
         audio = isinstance(event, dict) and event.get("type") in _AUDIO_TYPES
         holder = [event]
         if not self._scrub_tree(holder, audio=event if audio else None):
