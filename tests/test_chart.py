@@ -644,6 +644,7 @@ def test_every_sidecar_setting_is_settable_from_values(helm: Helm, tmp_path: Pat
         "maxFrameBytes": 8388608,
         "maxBodyBytes": 131072,
         "connectTimeoutS": 6,
+        "dbTimeoutS": 20,
         "handshakeTimeoutS": 5,
         "maxConnections": 3000,
         "defaultTranscriptionModel": "my-whisper",
