@@ -30,8 +30,9 @@ def admits_websockets_16() -> bool:
 
 
 # The image installs the newest websockets the range admits. sidecar/upstream_conn.py imports OP_BINARY & co.
-# from websockets.frames, gone in 17 (ImportError at start), and with 16.1.1 every session ends upstream_error
-# at once (both seen at a182576); the .venv has 15.0.1, where the image passes. Strict: once the code works with the newest release,
+# from websockets.frames, gone in 17 (ImportError at start), and reads ClientProtocol.max_size, gone in 16.1.1
+# (AttributeError on the handshake: every session ends upstream_error), both seen at a182576. The .venv has
+# 15.0.1, where the image passes. Strict: once the code works with the newest release,
 # this XPASSes and the marker must go; once pyproject caps websockets below 16 the test runs as a plain test.
 @pytest.mark.xfail(
     admits_websockets_16(), reason="pyproject admits websockets>=16, which the sidecar breaks on", strict=True
