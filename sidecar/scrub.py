@@ -2,8 +2,9 @@
 
 The secrets of a deployment are its api key, its api_base host with and without the port, and its
 deployment (upstream model) name when it is not part of the public model name. They are matched ignoring
-case (hosts are case-insensitive, and so are Azure deployment names; a key with its case changed is still
-the key). The key and hosts become `[redacted]`, the deployment name becomes the public model name.
+case, with Unicode case folding (hosts are case-insensitive, and so are Azure deployment names; a key with
+its case changed is still the key). The key and hosts become `[redacted]`, the deployment name becomes the
+public model name.
 
 What is scrubbed is what the client decodes, not the raw text: a JSON string can spell a secret with
 escapes (`\\u0073k-...`, `\\u002D`, `\\/`), which a substring check on the raw frame misses. So:
@@ -85,11 +86,11 @@ class Scrubber:
         """`replacements`: each secret (matched ignoring case) and the text that replaces it."""
         secrets = sorted((s for s in replacements if s), key=len, reverse=True)  # longest first wins
         self._secrets = tuple(secrets)
-        self._replacements = {s.lower(): replacements[s] for s in reversed(secrets)}
-        # What a frame is checked for: each secret lower-cased, leaving out those that hold another one (a
+        self._replacements = {_fold(s): replacements[s] for s in reversed(secrets)}
+        # What a frame is checked for: each secret case-folded, leaving out those that hold another one (a
         # host:port holds its host); and each as it appears in a raw frame that has no \u or \/ escape.
-        self._needles = _fewest(s.lower() for s in secrets)
-        self._json_needles = _fewest(orjson.dumps(s).decode()[1:-1].lower() for s in secrets)
+        self._needles = _fewest(_fold(s) for s in secrets)
+        self._json_needles = _fewest(_fold(orjson.dumps(s).decode()[1:-1]) for s in secrets)
         alternatives = "|".join(re.escape(s) for s in secrets)
         self._pattern = re.compile(alternatives, re.IGNORECASE) if secrets else None
 
@@ -99,7 +100,7 @@ class Scrubber:
         replacements = dict.fromkeys(secrets_of(deployment), REDACTED)
         upstream = deployment.model
         # A deployment name that is part of the public name is told to the client anyway: not a secret.
-        if upstream and upstream.lower() not in public_model.lower():
+        if upstream and _fold(upstream) not in _fold(public_model):
             replacements.setdefault(upstream, public_model)
         return cls(replacements)
 
@@ -121,9 +122,10 @@ class Scrubber:
         if text.startswith(_AUDIO_HEADS) and text.endswith('"}'):
             start = text.rfind('"', 0, -2) - _AUDIO_KEY_SIZE  # the last string is the top-level `delta`
             if start > 0 and text.startswith(_AUDIO_KEY, start):
-                lowered = text[:start].lower()  # every string of the event but its base64 audio
+                head = text[:start]  # every string of the event but its base64 audio
+                lowered = head.lower() if head.isascii() else head.casefold()  # _fold, inline: per frame
         if lowered is None:
-            lowered = text.lower()
+            lowered = text.lower() if text.isascii() else text.casefold()
         for needle in needles:  # not any(): this loop is the cost of every frame
             if needle in lowered:
                 return self._decoded(text)
@@ -154,7 +156,7 @@ class Scrubber:
     def _escaped(self, text: str) -> str:
         """A frame with a backslash: parsed when it has an escape that can spell a secret another way, or
         holds a secret spelled with JSON's mandatory escapes; else relayed as it is."""
-        if _UNICODE_ESCAPE in text or _SLASH_ESCAPE in text or _found(self._json_needles, text.lower()):
+        if _UNICODE_ESCAPE in text or _SLASH_ESCAPE in text or _found(self._json_needles, _fold(text)):
             return self._decoded(text)
         return text
 
@@ -176,7 +178,7 @@ class Scrubber:
             canonical = orjson.dumps(event).decode()  # every string spelled one way: a raw check is enough
         except TypeError:  # orjson's JSONEncodeError (nesting too deep to serialise): look at every string
             return self._rewritten(text, event, _orjson_dumps)
-        if not _found(self._json_needles, canonical.lower()):
+        if not _found(self._json_needles, _fold(canonical)):
             return text
         return self._rewritten(text, event, _orjson_dumps)
 
@@ -231,15 +233,16 @@ class Scrubber:
 
     def _string(self, text: str) -> str:
         """`text` (as decoded) with every secret replaced; the same object when it holds none."""
-        if not _found(self._needles, text.lower()):
+        if not _found(self._needles, _fold(text)):
             return text
         assert self._pattern is not None  # no needles without a pattern
         out = self._pattern.sub(self._replacement, text)
         # A replacement next to other text can spell a secret again (pathological names): give up on it.
-        return REDACTED if _found(self._needles, out.lower()) else out
+        return REDACTED if _found(self._needles, _fold(out)) else out
 
     def _replacement(self, match: re.Match[str]) -> str:
-        return self._replacements[match.group().lower()]
+        # The pattern ignores case as the re module does; what it matched may fold to no secret's own folding.
+        return self._replacements.get(_fold(match.group()), REDACTED)
 
     def _raw_bytes(self, data: bytes) -> bytes:
         """Bytes that are not UTF-8: each secret's UTF-8 bytes, ignoring ASCII case, become `[redacted]`."""
@@ -251,9 +254,9 @@ class Scrubber:
     def _partial_tail(self, text: str) -> int:
         """How many characters at the end of `text` are the first PARTIAL_MIN or more of a secret (0: none)."""
         longest = 0
-        for needle in (secret.lower() for secret in self._secrets):  # all: a prefix is not a substring
+        for needle in (_fold(secret) for secret in self._secrets):  # all: a prefix is not a substring
             for size in range(min(len(needle), len(text)), max(PARTIAL_MIN, longest + 1) - 1, -1):
-                if text[-size:].lower() == needle[:size]:
+                if _fold(text[-size:]) == needle[:size]:
                     longest = size
                     break
         return longest
@@ -263,6 +266,11 @@ def _fewest(needles: Iterable[str]) -> tuple[str, ...]:
     """The needles that hold no other one: finding none of these is finding none at all."""
     unique = sorted(set(needles), key=len)
     return tuple(n for i, n in enumerate(unique) if not any(shorter in n for shorter in unique[:i]))
+
+
+def _fold(text: str) -> str:
+    """`text` with case folded (str.lower is the same and faster on ASCII)."""
+    return text.lower() if text.isascii() else text.casefold()
 
 
 def _found(needles: Iterable[str], lowered: str) -> bool:

@@ -154,6 +154,21 @@ def test_the_deployment_name_is_replaced_by_the_public_name() -> None:
     assert orjson.loads(SCRUBBER.text(frame))["delta"] == f"I am {PUBLIC}, hi"
 
 
+def test_unicode_case_folding_never_raises_nor_leaks() -> None:
+    """A host spelled with a long s or a Kelvin sign (the same letters, folded) is scrubbed, in a frame and a
+    close reason, alone or next to another secret."""
+    for host in ("re\u017f.openai.azure.com", "RES.openai.azure.com".replace("S", "\u017f")):
+        frame = '{"type":"error","m":"' + host + " and " + KEY + '"}'
+        out = json.loads(SCRUBBER.text(frame))
+        assert "openai.azure" not in out["m"] and KEY not in out["m"]
+        alone = '{"type":"error","m":"at ' + host + '"}'
+        assert "openai.azure" not in json.loads(SCRUBBER.text(alone))["m"]
+        assert "openai.azure" not in SCRUBBER.reason(f"{json.loads(chr(34) + host + chr(34))} {KEY}")
+    kelvin = "\u212a".join(KEY.split("k"))  # every k of the key as U+212A KELVIN SIGN
+    assert leaks(json.loads(SCRUBBER.text('{"type":"error","m":"' + kelvin + '"}'))) == []
+    assert "0123456789" not in json.loads(SCRUBBER.text('{"type":"error","m":"' + kelvin + '"}'))["m"]
+
+
 # ---- audio -------------------------------------------------------------------------------------------------
 
 
