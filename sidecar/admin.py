@@ -1,4 +1,4 @@
-"""Admin HTTP API, master key only (CONTRACT.md, "Operating it").
+"""Admin HTTP API, master key only (docs/api.md, "The CLI").
 
     GET    /admin/sessions                live sessions on every replica
     DELETE /admin/sessions/{session_id}   end one session (close 4003) wherever it runs

@@ -287,7 +287,7 @@ class RealtimeEndpoint:
 
 
 async def realtime_endpoint(websocket: WebSocket, receive: Receive, send: Send) -> None:
-    """/v1/realtime: authenticate, resolve, admit, connect upstream, then relay (CONTRACT.md, endpoint)."""
+    """/v1/realtime: authenticate, resolve, admit, connect upstream, then relay (docs/api.md, endpoint)."""
     services: Services = websocket.app.state.services
     try:
         relay, subprotocol, injection = await _open(websocket, services, receive, send)

@@ -1,4 +1,4 @@
-"""Keys -> principals: who is calling, and may they open this model (CONTRACT.md, "Auth").
+"""Keys -> principals: who is calling, and may they open this model (docs/api.md, "The WebSocket session").
 
 The raw key is hashed at once (sha256 hex, LiteLLM's own token hash) and only the hash travels further.
 LiteLLM is asked with `GET /key/info?key=<hash>` (and `GET /team/info?team_id=...` for the team), with the

@@ -1,5 +1,5 @@
-"""The model catalog: LiteLLM's config.yaml + LiteLLM's price map -> realtime models (CONTRACT.md,
-"Configuration").
+"""The model catalog: LiteLLM's config.yaml + LiteLLM's price map -> realtime models (docs/api.md,
+"Models").
 
 `build_catalog` is pure: it takes the parsed config, the price map and the environment mapping. Only
 `load_price_map` and `load_catalog` read files. The price map is the JSON file shipped inside the
@@ -285,7 +285,7 @@ class _Entry:
         return cls(where=where, name=name, provider=provider, model=model, params=params, info=info)
 
     def lookup_keys(self) -> list[str]:
-        """Price-map keys to try, in order (CONTRACT.md, "Configuration")."""
+        """Price-map keys to try, in order (docs/api.md, "Models")."""
         key = _text(self.info.get("base_model"), f"{self.where}.model_info.base_model")
         key = key or str(self.params["model"])
         bare = key.split("/", 1)[1] if key.startswith(("openai/", "azure/")) else key
@@ -374,7 +374,7 @@ def _effective_info(entry: _Entry, price_map: Mapping[str, Mapping[str, Any]]) -
 
 
 def _is_realtime(info: Mapping[str, Any], model_info: Mapping[str, Any], where: str) -> bool:
-    """CONTRACT.md: realtime = not blocked and (forced or /v1/realtime in supported_endpoints)."""
+    """docs/api.md: realtime = not blocked and (forced or /v1/realtime in supported_endpoints)."""
     flag = model_info.get("realtime")
     if flag is not None and not isinstance(flag, bool):
         raise ConfigError(f"{where}.model_info.realtime must be true or false")
@@ -387,7 +387,7 @@ def _is_realtime(info: Mapping[str, Any], model_info: Mapping[str, Any], where: 
 
 
 def _kind(info: Mapping[str, Any]) -> Kind:
-    """CONTRACT.md: transcription when the effective mode is audio_transcription, else conversation."""
+    """docs/api.md: transcription when the effective mode is audio_transcription, else conversation."""
     return "realtime-transcription" if info.get("mode") == "audio_transcription" else "realtime-conversation"
 
 

@@ -1,4 +1,4 @@
-"""The `sidecar` command: serve, consume, models, smoke, db upgrade (CONTRACT.md, "Operating it")."""
+"""The `sidecar` command: serve, consume, models, smoke, db upgrade (docs/api.md, "The CLI")."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@
      -> {"value": "ek_...", "expires_at": <epoch seconds>, "session": {"id", "object", ...the bound settings}}
 
 The browser then connects with the subprotocols `realtime, openai-insecure-api-key.<value>`. Refusals at
-minting are the WebSocket's (CONTRACT.md, "Refused before the upgrade"), plus 400 `invalid_request` for a
+minting are the WebSocket's (docs/api.md, "Refused before the upgrade"), plus 400 `invalid_request` for a
 malformed body.
 
 A secret is `ek_<payload>.<mac>`: payload = base64url(JSON) of a random id, the minting key's sha256 hash,

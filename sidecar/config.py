@@ -1,4 +1,4 @@
-"""Settings: the only module that reads the environment (CONTRACT.md, "Configuration").
+"""Settings: the only module that reads the environment (docs/api.md, "Settings").
 
 `Settings.from_env(environ)` reads every `SIDECAR_*` variable once and returns a frozen object;
 everything else receives a `Settings` (or the few fields it needs) as an argument.

@@ -16,7 +16,7 @@
     ├── UpstreamError               an upstream connect/handshake failure (one deployment)
     └── KeyCheckError               the LiteLLM proxy could not be asked about a key
 
-Endings after the upgrade are not exceptions: they are `Ending` values (CONTRACT.md, close codes),
+Endings after the upgrade are not exceptions: they are `Ending` values (docs/api.md, close codes),
 built by `ending(code)`, each with its close code and error event.
 
 Close reasons and error messages never carry exception text from a foreign library.
@@ -49,7 +49,7 @@ class UpstreamError(SidecarError):
 
 
 class Refusal(SidecarError):
-    """A refusal before the WebSocket upgrade (CONTRACT.md, "Refused before the upgrade")."""
+    """A refusal before the WebSocket upgrade (docs/api.md, "Refused before the upgrade")."""
 
     status: ClassVar[int] = 400
     code: ClassVar[str] = "invalid_request"
@@ -137,7 +137,7 @@ class Ending:
         return self.code
 
 
-# CONTRACT.md, "when the sidecar ends a session": close code, error code, message.
+# docs/api.md, "How the sidecar ends a session": close code, error code, message.
 _ENDINGS: Final[dict[str, tuple[int, str, str]]] = {
     "key_revoked": (4001, "invalid_request_error", "The API key was revoked."),
     "budget_exceeded": (4002, "invalid_request_error", "The API key's budget is exhausted."),

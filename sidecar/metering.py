@@ -1,6 +1,6 @@
 """Metering: base64 audio -> bytes -> seconds -> quantity -> Decimal cost.
 
-CONTRACT.md, "Metering and billing".
+docs/api.md, "Metering and billing".
 
 Pure arithmetic: no I/O, no clock, no logging. The relay calls `SessionMeter.on_append` for every client
 `input_audio_buffer.append`, so that path only validates the base64 text and adds an integer; decoded audio

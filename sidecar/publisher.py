@@ -1,4 +1,4 @@
-"""Usage publishing that never loses an event and never blocks the audio path (CONTRACT.md, "Metering
+"""Usage publishing that never loses an event and never blocks the audio path (docs/api.md, "Metering
 and billing").
 
 `submit` only appends to an in-memory queue. One background task drains it in batches into a sink:

@@ -1,4 +1,4 @@
-"""Keeping a deployment's secrets out of everything the upstream sends the client (CONTRACT.md, "After the upgrade").
+"""Keeping a deployment's secrets out of everything the upstream sends the client (docs/api.md, "After the upgrade").
 
 The secrets of a deployment are its api key, its api_base host with and without the port, and its
 deployment (upstream model) name when it is not part of the public model name. They are matched ignoring

@@ -1,4 +1,4 @@
-"""The uvicorn server with a graceful drain (CONTRACT.md: close 1001 `server_shutdown`).
+"""The uvicorn server with a graceful drain (docs/api.md: close 1001 `server_shutdown`).
 
 The first SIGTERM (or SIGINT) does not stop the server at once: readiness fails and new sessions are
 refused, live sessions get `drain_grace_s` to finish, then the rest are ended with 1001 and billed, and

@@ -1,4 +1,4 @@
-"""`sidecar smoke MODEL`: can the sidecar reach this model's deployments right now? (CONTRACT.md, "Operating it")
+"""`sidecar smoke MODEL`: can the sidecar reach this model's deployments right now? (docs/api.md, "The CLI")
 
 Every deployment of MODEL is tried in config order (the relay's failover order), each reported on its own
 line, including those after one that works (so a broken fallback shows). One attempt does what a relayed

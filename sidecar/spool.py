@@ -1,4 +1,4 @@
-"""A durable local spool for usage events that could not be published yet (CONTRACT.md, "Metering and
+"""A durable local spool for usage events that could not be published yet (docs/api.md, "Metering and
 billing": every session produces exactly one billing record, so no usage event may be lost).
 
 Pure file I/O with a synchronous API; the publisher calls it from a worker thread. Not thread-safe:

@@ -1,4 +1,4 @@
-"""The usage event and its Redis stream codec (CONTRACT.md, "Metering and billing").
+"""The usage event and its Redis stream codec (docs/api.md, "Metering and billing").
 
 One flat field map per stream entry, every value a string. Figures are cumulative for the session;
 the event with the highest `seq` wins. `event_id` is the idempotency key.
@@ -102,7 +102,7 @@ class UsageEvent:
         return cls(**values)  # type: ignore[arg-type]
 
 
-# CONTRACT.md's field order for a stream entry.
+# docs/api.md's field order for a stream entry.
 FIELD_ORDER: Final = (
     "event_id", "schema", "type", "session_id", "seq", "key_hash", "key_alias", "user_id", "team_id", "model",
     "provider_model", "kind", "unit", "quantity", "audio_seconds", "audio_bytes", "input_tokens", "output_tokens",

@@ -45,7 +45,7 @@ from tests.relay_stack import catalog_for, entry
 from tests.support import COMPLETED, chunks, next_of
 
 MODEL = "gpt-realtime-whisper"
-PCM16_BYTES_PER_SECOND = 48_000  # CONTRACT.md: audio/pcm 24 kHz 16-bit mono
+PCM16_BYTES_PER_SECOND = 48_000  # docs/api.md: audio/pcm 24 kHz 16-bit mono
 CHUNK_BYTES = 4_800  # 100 ms of audio, as tests.support.chunks cuts it
 
 

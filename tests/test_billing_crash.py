@@ -1,4 +1,4 @@
-"""Billing survives crashes and outages (CONTRACT.md, "Metering and billing"): a SIGKILLed sidecar is closed
+"""Billing survives crashes and outages (docs/api.md, "Metering and billing"): a SIGKILLed sidecar is closed
 `lost` at its last checkpoint, a Redis restart mid-session or a billing DB outage loses and doubles nothing.
 
 Real processes: `sidecar serve` as a subprocess, a throwaway `redis-server` per test on its own port (so the

@@ -1,4 +1,4 @@
-"""Every way a session can end is billed exactly once, end to end (CONTRACT.md, "Metering and billing").
+"""Every way a session can end is billed exactly once, end to end (docs/api.md, "Metering and billing").
 
 The sidecar runs on a real socket with a fake provider; the client is the official openai SDK (the raw
 websockets client where the test needs to abort TCP). Each test runs twice: embedded mode into SQLite, and
@@ -148,5 +148,5 @@ async def test_server_shutdown_bills_a_live_session_once(tmp_path: Path, speech_
             events, code = await until_closed(conn)
         billed = await sink.billed()
     assert_billed_once(billed, sink.tap.events, audio_bytes=SPEECH_BYTES, close_reason="server_shutdown")
-    assert code == 1001  # CONTRACT.md: 1001 server_shutdown, after the error event
+    assert code == 1001  # docs/api.md: 1001 server_shutdown, after the error event
     assert (events[-1].type, events[-1].error.code) == ("error", "server_shutdown")

@@ -1,4 +1,4 @@
-"""The model catalog against LiteLLM's real, installed price map (CONTRACT.md, "Configuration")."""
+"""The model catalog against LiteLLM's real, installed price map (docs/api.md, "Models")."""
 
 from __future__ import annotations
 

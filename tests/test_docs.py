@@ -15,6 +15,7 @@ from tests.relay_stack import USER_KEY, stack
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGURATION = ROOT / "docs" / "configuration.md"
+API = ROOT / "docs" / "api.md"
 QUICKSTART = ROOT / "docs" / "quickstart.md"
 EXAMPLES_README = ROOT / "examples" / "README.md"
 BROWSER = ROOT / "examples" / "browser.html"
@@ -53,8 +54,8 @@ def settings_read() -> tuple[set[str], Settings]:
 
 
 def documented() -> dict[str, str]:
-    """Variable -> its default cell in docs/configuration.md's table (backticks removed)."""
-    return {name: cell.strip().strip("`") for name, cell in TABLE_ROW.findall(CONFIGURATION.read_text("utf-8"))}
+    """Variable -> its default cell in docs/api.md's settings table (backticks removed)."""
+    return {name: cell.strip().strip("`") for name, cell in TABLE_ROW.findall(API.read_text("utf-8"))}
 
 
 def shown(value: object) -> str:
@@ -69,7 +70,7 @@ def shown(value: object) -> str:
 
 
 def test_every_setting_is_documented() -> None:
-    """Every SIDECAR_* variable the code reads has a row in docs/configuration.md, and no row is stale."""
+    """Every SIDECAR_* variable the code reads has a row in docs/api.md's settings table, and no row is stale."""
     read, _ = settings_read()
     rows = documented()
     assert read - rows.keys() == set(), "undocumented settings"
@@ -87,7 +88,7 @@ def test_documented_defaults_are_the_code_defaults() -> None:
             assert cell == shown(getattr(defaults, field)), name
 
 
-@pytest.mark.parametrize("doc", [QUICKSTART, CONFIGURATION, EXAMPLES_README], ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", [QUICKSTART, CONFIGURATION, API, EXAMPLES_README], ids=lambda p: p.name)
 def test_relative_links_resolve(doc: Path) -> None:
     """Every relative link in the doc points at a file or directory of the repository."""
     targets = [link.split("#", 1)[0] for link in LINK.findall(doc.read_text("utf-8"))]

@@ -26,7 +26,7 @@ from sidecar.usage import UsageEvent
 # A hang guard, never a pass/fail threshold: a test that waits this long has already failed.
 GUARD_S = 30.0
 STARTED = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
-# CONTRACT.md, "Metering and billing": the fields of one stream entry.
+# docs/api.md, "Metering and billing": the fields of one stream entry.
 CONTRACT_FIELDS = {
     "event_id", "schema", "type", "session_id", "seq", "key_hash", "key_alias", "user_id", "team_id",
     "model", "provider_model", "kind", "unit", "quantity", "audio_seconds", "audio_bytes", "input_tokens",

@@ -1,6 +1,6 @@
 """Contract tests, issue 12 items 5 and 6: with the official openai SDK as the client and a fake provider that
 sends chosen frames and closes with a chosen reason, nothing the SDK decodes names the provider's key, host
-or deployment, however the provider spells them (CONTRACT.md, "After the upgrade")."""
+or deployment, however the provider spells them (docs/api.md, "After the upgrade")."""
 
 from __future__ import annotations
 

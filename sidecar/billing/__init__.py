@@ -1,6 +1,6 @@
 """Billing: the usage tables, the idempotent DB writer and the Redis stream consumer.
 
-CONTRACT.md, "Metering and billing": `tables` defines `realtime_usage_event` and `realtime_usage`,
+docs/api.md, "Metering and billing": `tables` defines `realtime_usage_event` and `realtime_usage`,
 `writer` stores events idempotently (`BillingWriter`, also used in embedded mode), `consumer` reads the
 `realtime:usage` stream in the `billing` group (`UsageConsumer`, `sidecar consume`).
 """

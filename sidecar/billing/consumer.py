@@ -1,4 +1,4 @@
-"""`sidecar consume`: the usage stream's billing consumer group (CONTRACT.md, "Metering and billing").
+"""`sidecar consume`: the usage stream's billing consumer group (docs/api.md, "Metering and billing").
 
 Delivery is at least once and writes are idempotent: an entry is acknowledged only after the DB
 transaction holding its event commits (or after it was dead-lettered), so a consumer that dies at any

@@ -1,4 +1,4 @@
-"""The billing tables (CONTRACT.md, "Metering and billing").
+"""The billing tables (docs/api.md, "Metering and billing").
 
 `realtime_usage_event` keeps every usage event once (unique `event_id`); `realtime_usage` keeps one row
 per session: the figures of its highest `seq`, and whether it is `open`, `final` or `lost`;

@@ -1,4 +1,4 @@
-"""Idempotent writes of usage events into the billing DB (CONTRACT.md, "Metering and billing").
+"""Idempotent writes of usage events into the billing DB (docs/api.md, "Metering and billing").
 
 Both the stream consumer and the embedded mode (no Redis) write through `BillingWriter`. A write is one
 transaction: the new events go into `realtime_usage_event` (unique `event_id`, so redeliveries and
@@ -316,7 +316,7 @@ class BillingWriter:
     def close_lost(self, *, now: datetime, horizon_s: float) -> int:
         """Close every `open` session with no stored event for more than `horizon_s`; return how many.
 
-        Such a session's sidecar died before its final event (CONTRACT.md: it "closes at its last
+        Such a session's sidecar died before its final event (docs/api.md: it "closes at its last
         checkpoint"): status and close_reason become `lost`, `ended_at` becomes `last_event_at` (when
         its last checkpoint was stored), and its figures stay those of that checkpoint. Raises
         BillingDatabaseError if the DB fails, ValueError if `now` is naive.

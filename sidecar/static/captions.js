@@ -3,7 +3,7 @@
 // (the session has no server VAD), and the transcription deltas and completed lines shown as they arrive.
 // The usage row counts the bytes actually handed to the WebSocket: the sidecar bills those same bytes.
 
-const BYTES_PER_SECOND = 48000; // audio/pcm at 24 kHz, 16-bit mono (CONTRACT.md, "Metering and billing")
+const BYTES_PER_SECOND = 48000; // audio/pcm at 24 kHz, 16-bit mono (docs/api.md, "Metering and billing")
 const CHUNK_SAMPLES = 2400; // 100 ms per append
 const COMMIT_BYTES = 2 * BYTES_PER_SECOND; // commit every 2 s of audio
 const MIN_COMMIT_BYTES = BYTES_PER_SECOND / 10; // providers refuse commits of less than 100 ms
