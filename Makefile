@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint typecheck unit run bench chart clean
+.PHONY: venv tools test lint typecheck unit run bench chart clean
 
 venv: $(STAMP)
 
@@ -24,7 +24,16 @@ typecheck: venv
 unit: venv
 	$(BIN)/pytest -q
 
-test: lint typecheck unit
+# What the suite drives for real beside Python, installed when missing (README, "Requirements"): Debian's nginx
+# and Chromium (apt: needs root), playwright-core and Helm (npm: needs node). The image check
+# (tests/test_image.py) installs buildah, podman and debootstrap itself.
+tools:
+	bash scripts/ensure-nginx.sh
+	bash scripts/ensure-chromium.sh
+	bash scripts/ensure-playwright.sh
+	bash scripts/ensure-helm.sh >/dev/null
+
+test: tools lint typecheck unit
 
 # Starts the fake provider and the sidecar on examples/config.yaml (no provider account needed).
 run: venv
@@ -41,7 +50,7 @@ image: venv
 	scripts/image-check.sh
 
 chart: venv
-	scripts/ensure-helm.sh >/dev/null && $(BIN)/pytest -q tests/test_chart.py
+	bash scripts/ensure-helm.sh >/dev/null && $(BIN)/pytest -q tests/test_chart.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
