@@ -104,6 +104,15 @@ class Scrubber:
             replacements.setdefault(upstream, public_model)
         return cls(replacements)
 
+    def adding(self, secret: str, replacement: str) -> Scrubber:
+        """This scrubber with one more secret: a deployment name that is not part of `replacement` (the
+        deployment of a conversation session's input transcription model, shown as its public name)."""
+        if not secret or _fold(secret) in _fold(replacement):
+            return self
+        replacements = {s: self._replacements[_fold(s)] for s in self._secrets}
+        replacements.setdefault(secret, replacement)
+        return Scrubber(replacements)
+
     @property
     def secrets(self) -> tuple[str, ...]:
         """The secrets scrubbed, longest first."""

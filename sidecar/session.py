@@ -178,6 +178,9 @@ class Session:
                 holder["model"] = upstream
                 self.transcriber = transcriber
                 self._transcriber_alias = (upstream, name) if upstream != name else None
+                if self._transcriber_alias is not None:  # its deployment name is hidden like the session's own
+                    self.scrubber = self.scrubber.adding(upstream, name)
+                    self._scrub = self.scrubber.text
 
     def model_injection(self) -> str:
         """The session.update that puts the transcription model into the session configuration.

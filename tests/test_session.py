@@ -261,6 +261,8 @@ def test_conversation_may_name_a_configured_transcriber_the_key_may_use() -> Non
         {"type": "conversation.item.input_audio_transcription.completed", "usage": {"type": "duration", "seconds": 7}},
     )
     assert s.meter.cost() == Decimal("0.0007")
+    leak = {"type": "conversation.item.input_audio_transcription.failed", "error": {"message": "my-whisper is busy"}}
+    assert upstream(s, leak)["error"] == {"message": "whisper-1 is busy"}  # its deployment name is hidden too
 
 
 def test_transcription_tokens_are_billed_at_the_named_transcriber() -> None:
