@@ -403,7 +403,7 @@ def test_example_config_loads_without_environment() -> None:
         "realtime-transcription",
         WHISPER_PER_SECOND,
     )
-    assert default.deployments[0].api_base == "ws://127.0.0.1:9100"
+    assert default.deployments[0].api_base == "ws://127.0.0.1:18787"
     assert default.deployments[0].api_key == "sk-fake-provider-key"
     assert catalog.master_key == "sk-sidecar-master-example"
     assert catalog.resolve("gpt-realtime").kind == "realtime-conversation"

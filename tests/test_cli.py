@@ -35,7 +35,7 @@ def test_models_json_lists_realtime_models_only() -> None:
     assert (whisper["kind"], whisper["unit"]) == ("realtime-transcription", "second")
     assert whisper["pricing"]["input_cost_per_second"] == "0.000283333333333"
     assert rows["gpt-realtime"]["kind"] == "realtime-conversation"
-    assert "sk-fake-provider-key" not in result.stdout and "9100" not in result.stdout
+    assert "sk-fake-provider-key" not in result.stdout and "18787" not in result.stdout
 
 
 def test_models_table_is_human_readable() -> None:

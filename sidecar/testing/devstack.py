@@ -1,46 +1,97 @@
-"""`make run`: the bundled fake provider on :9100 and the sidecar on examples/config.yaml, one process.
+"""`make run`: the bundled fake provider and the sidecar on examples/config.yaml, one process.
 
 No provider account is needed: the example config's default model, gpt-realtime-whisper, points at the
-fake provider. Stop with Ctrl-C.
+fake provider (`ws://127.0.0.1:18787`). `FAKE_PROVIDER_PORT` moves the fake provider (the config's address is
+rewritten to match) and `SIDECAR_HOST` / `SIDECAR_PORT` move the sidecar. A port already taken is one clear
+line and exit status 2. Stop with Ctrl-C.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
+import socket
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
-import uvicorn
+import yaml
 
 from sidecar.app import create_app
+from sidecar.catalog import build_catalog, load_price_map
 from sidecar.config import Settings
+from sidecar.errors import ConfigError
 from sidecar.logs import configure_logging
+from sidecar.server import DrainingServer, config_for
 from sidecar.testing.fake_provider import FakeProvider
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "config.yaml"
-FAKE_PORT = 9100
+#: Where examples/config.yaml expects the fake provider (not 9100: that is node_exporter's).
+DEFAULT_FAKE_PORT = 18787
+FAKE_URL = f"ws://127.0.0.1:{DEFAULT_FAKE_PORT}"
 FAKE_KEY = "sk-fake-provider-key"
 
 
-async def run() -> None:
-    """Serve until interrupted."""
-    env = {"SIDECAR_LITELLM_CONFIG": str(EXAMPLE_CONFIG), **os.environ}
+class PortTaken(ConfigError):
+    """A port `make run` needs is in use."""
+
+
+def fake_port(environ: Mapping[str, str]) -> int:
+    """FAKE_PROVIDER_PORT, else 18787. Raises ConfigError unless a port number."""
+    raw = environ.get("FAKE_PROVIDER_PORT", "") or str(DEFAULT_FAKE_PORT)
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise ConfigError(f"FAKE_PROVIDER_PORT must be a port number, got {raw!r}")
+    return int(raw)
+
+
+def listen(host: str, port: int, what: str, variable: str) -> socket.socket:
+    """A listening socket, or PortTaken naming the variable that moves it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortTaken(f"port {port} ({what}) is already in use; set {variable} to another port") from exc
+        raise ConfigError(f"cannot listen on {host}:{port} ({what}): {exc.strerror}") from exc
+    sock.listen(512)
+    return sock
+
+
+async def run(environ: Mapping[str, str]) -> None:
+    """Serve until interrupted. Raises ConfigError (PortTaken) before serving anything."""
+    env = {"SIDECAR_LITELLM_CONFIG": str(EXAMPLE_CONFIG), **environ}
     settings = Settings.from_env(env)
+    port = fake_port(environ)
+    text = settings.litellm_config.read_text(encoding="utf-8").replace(FAKE_URL, f"ws://127.0.0.1:{port}")
+    catalog = build_catalog(yaml.safe_load(text), price_map=load_price_map(), environ=env)
+    provider_socket = listen("127.0.0.1", port, "the fake provider", "FAKE_PROVIDER_PORT")
+    provider_socket.close()  # checked: FakeProvider binds it itself
+    sidecar_socket = listen(settings.host, settings.port, "the sidecar", "SIDECAR_PORT")
     configure_logging()
-    async with FakeProvider(port=FAKE_PORT, api_key=FAKE_KEY) as provider:
-        print(f"fake provider on {provider.url}")
-        print(f"sidecar on ws://{settings.host}:{settings.port}/v1/realtime (master key in {EXAMPLE_CONFIG.name})")
-        config = uvicorn.Config(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            ws="websockets-sansio",
-            ws_max_size=settings.max_frame_bytes,
-            ws_per_message_deflate=False,
-            log_config=None,
-        )
-        await uvicorn.Server(config).serve()
+    with contextlib.closing(sidecar_socket):
+        async with FakeProvider(port=port, api_key=FAKE_KEY) as provider:
+            print(f"fake provider on {provider.url}", flush=True)
+            print(f"sidecar on ws://{settings.host}:{settings.port}/v1/realtime (master key in {EXAMPLE_CONFIG.name})")
+            app = create_app(settings, catalog=catalog)
+            config = config_for(app, host=settings.host, port=settings.port, max_frame_bytes=settings.max_frame_bytes)
+            server = DrainingServer(config, app=app, grace_s=settings.drain_grace_s)
+            await server.serve(sockets=[sidecar_socket])
+
+
+def main() -> None:
+    """`make run`."""
+    try:
+        asyncio.run(run(os.environ))
+    except ConfigError as exc:
+        print(f"make run: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":
-    asyncio.run(run())
+    main()
