@@ -41,6 +41,8 @@ PRICE_MAP_FILE: Final = "model_prices_and_context_window_backup.json"
 DEFAULT_TRANSCRIPTION_MODEL: Final = "gpt-realtime-whisper"
 REALTIME_ENDPOINT: Final = "/v1/realtime"
 ENV_PREFIX: Final = "os.environ/"
+#: LiteLLM's own fallback for general_settings.master_key (litellm/proxy/proxy_server.py).
+MASTER_KEY_VARIABLE: Final = "LITELLM_MASTER_KEY"
 
 # Price fields: Price attribute -> price-map / model_info / describe() name.
 _TOKEN_FIELDS: Final[tuple[tuple[str, str], ...]] = (
@@ -110,6 +112,12 @@ class Catalog:
     master_key: str | None = field(repr=False)
     default_transcription_model: str = DEFAULT_TRANSCRIPTION_MODEL
     transcribers: Mapping[str, Transcriber] = field(default_factory=dict)
+    #: What an operator should know at start, each naming its config entry (no secret): shown, never fatal.
+    warnings: tuple[str, ...] = ()
+
+    def unpriced(self) -> list[str]:
+        """The realtime models with no price at all: their sessions would be billed $0."""
+        return [name for name, model in self.models.items() if not _priced(model.price)]
 
     def resolve(self, name: str) -> RealtimeModel:
         """The realtime model `name`.
@@ -172,9 +180,15 @@ def load_catalog(
     Raises ConfigError when the file cannot be read or parsed, or as `build_catalog` does.
     """
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read the LiteLLM config {path}: {type(exc).__name__}") from exc
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the LiteLLM config {path}: {exc.strerror or type(exc).__name__}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"cannot read the LiteLLM config {path}: not UTF-8 text") from exc
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"the LiteLLM config {path} is not valid YAML: {_yaml_problem(exc)}") from exc
     if config is None:
         config = {}
     if not isinstance(config, Mapping):
@@ -204,20 +218,58 @@ def build_catalog(
     """
     resolved = _resolve_env(config, environ)
     entries = _list(resolved.get("model_list"), "model_list")
+    raw_entries = _list(config.get("model_list"), "model_list")
     builders: dict[str, _ModelBuilder] = {}
+    warnings: list[str] = []
     for index, raw in enumerate(entries):
         entry = _Entry.parse(raw, where=f"model_list[{index}]")
         builder = builders.setdefault(entry.name, _ModelBuilder(entry.name))
-        builder.add(entry, price_map)
+        relayed, skipped = builder.add(entry, price_map)
+        if skipped:
+            warnings.append(f"{entry.where} ({entry.name}) skipped: {skipped}")
+        if relayed and not entry.params.get("api_key"):
+            warnings.append(f"{entry.where} ({entry.name}): {_missing_key(raw_entries[index], environ)}")
     models = {name: model for name, b in builders.items() if (model := b.build()) is not None}
     transcribers = {name: t for name, b in builders.items() if (t := b.transcriber()) is not None}
+    if not models:
+        warnings.insert(0, "no realtime model in the config: every session will be refused")
+    warnings += [
+        f"{name}: realtime model with no price (its sessions bill $0)"
+        for name, m in models.items()
+        if not _priced(m.price)
+    ]
     return Catalog(
         models=MappingProxyType(models),
         known=frozenset(builders),
-        master_key=_master_key(resolved.get("general_settings")),
+        master_key=_master_key(resolved, environ),
         default_transcription_model=default_transcription_model,
         transcribers=MappingProxyType(transcribers),
+        warnings=tuple(warnings),
     )
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what, never the offending text (it may hold a secret): `line 3, column 7: ...`."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    if mark is None:
+        return str(problem)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+def _missing_key(raw: Any, environ: Mapping[str, str]) -> str:
+    """Why a relayed deployment has no api_key: unset in the config, or its `os.environ/` variable unset."""
+    params = raw.get("litellm_params") if isinstance(raw, Mapping) else None
+    value = params.get("api_key") if isinstance(params, Mapping) else None
+    if isinstance(value, str) and value.startswith(ENV_PREFIX):
+        return f"litellm_params.api_key {value} is not set in the environment (the upstream will refuse it)"
+    return "no litellm_params.api_key (sent to the upstream without a credential)"
+
+
+def _priced(price: Price) -> bool:
+    if price.unit != "token":
+        return price.per_unit is not None
+    return any(getattr(price, attr) is not None for attr, _ in _TOKEN_FIELDS)
 
 
 def _resolve_env(value: Any, environ: Mapping[str, str]) -> Any:
@@ -256,8 +308,13 @@ def _text(value: Any, where: str) -> str | None:
     return value or None
 
 
-def _master_key(settings: Any) -> str | None:
-    return _text(_mapping(settings, "general_settings").get("master_key"), "general_settings.master_key")
+def _master_key(config: Mapping[str, Any], environ: Mapping[str, str]) -> str | None:
+    """general_settings.master_key, else LITELLM_MASTER_KEY, as the LiteLLM proxy itself reads it
+    (`general_settings.get("master_key", LITELLM_MASTER_KEY)`: the variable counts only when the field is absent)."""
+    settings = _mapping(config.get("general_settings"), "general_settings")
+    if "master_key" not in settings:
+        return environ.get(MASTER_KEY_VARIABLE) or None
+    return _text(settings.get("master_key"), "general_settings.master_key")
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,19 +391,24 @@ class _ModelBuilder:
         self.transcription_price: Price | None = None
         self.transcription_deployments: list[Deployment] = []
 
-    def add(self, entry: _Entry, price_map: Mapping[str, Mapping[str, Any]]) -> None:
+    def add(self, entry: _Entry, price_map: Mapping[str, Mapping[str, Any]]) -> tuple[bool, str]:
+        """Take one entry; return (whether it is a realtime deployment now, why a realtime entry was skipped)."""
         index, self.count = self.count, self.count + 1
         price_key, info = _effective_info(entry, price_map)
         if entry.provider is not None and _kind(info) == "realtime-transcription":
             if self.transcription_price is None:
                 self.transcription_price = _transcription_price(info, entry.where)
             self.transcription_deployments.append(entry.deployment(index))
-        if entry.provider is None or not _is_realtime(info, entry.info, entry.where):
-            return
+        if not _is_realtime(info, entry.info, entry.where):
+            return False, ""
+        if entry.provider is None:
+            provider = entry.model.partition("/")[0]
+            return False, f"realtime, but the sidecar relays only openai/ and azure/ models, not {provider}/"
         if self.head is None:
             kind = _kind(info)
             self.head = (kind, _price(kind, info, entry.where), price_key)
         self.deployments.append(entry.deployment(index))
+        return True, ""
 
     def transcriber(self) -> Transcriber | None:
         if self.transcription_price is None:

@@ -1,42 +1,136 @@
-"""The `sidecar` command: serve, consume, models, smoke, db upgrade (docs/api.md, "The CLI")."""
+"""The `sidecar` command: serve, consume, models, smoke, db upgrade (docs/api.md, "The CLI").
+
+Misconfiguration (a missing or malformed setting, an unreadable or invalid LiteLLM config, an unpriced
+realtime model, a port already in use) is found before anything is served and reported as one line on stderr
+with exit status 2; warnings (each naming its config entry) come only once the command has passed its checks.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, SidecarError
+
+if TYPE_CHECKING:
+    from sidecar.catalog import Catalog
+
+log = logging.getLogger("sidecar.cli")
+
+# What each command reads, for its --help (docs/api.md, "Settings", has every variable).
+_CONFIG_VARS = (
+    "SIDECAR_LITELLM_CONFIG (required), SIDECAR_DEFAULT_TRANSCRIPTION_MODEL, LITELLM_MASTER_KEY, "
+    "the os.environ/ variables the config names"
+)
+_EPILOGS = {
+    "serve": (
+        "reads every SIDECAR_* setting (docs/api.md, Settings), notably: "
+        + _CONFIG_VARS
+        + "; SIDECAR_LITELLM_URL, SIDECAR_REDIS_URL (unset: embedded mode), SIDECAR_DATABASE_URL (embedded mode), "
+        "SIDECAR_HOST, SIDECAR_PORT, SIDECAR_WORKERS, SIDECAR_ALLOW_UNPRICED, PYTHONMALLOC. "
+        "Exit status: 0 after a drain, 2 on misconfiguration."
+    ),
+    "consume": (
+        "reads SIDECAR_REDIS_URL (required), SIDECAR_DATABASE_URL, SIDECAR_DB_TIMEOUT_S, SIDECAR_LOST_AFTER_S; "
+        "not the LiteLLM config. Retries Redis and the database until they answer. "
+        "Exit status: 0 on SIGINT/SIGTERM, 2 on misconfiguration."
+    ),
+    "models": "reads " + _CONFIG_VARS + ". Exit status: 0, 2 on misconfiguration.",
+    "smoke": (
+        "reads " + _CONFIG_VARS + ", and the provider keys of MODEL's deployments. "
+        "Exit status: 0 when every deployment answers, 1 otherwise, 2 on misconfiguration."
+    ),
+    "upgrade": (
+        "reads SIDECAR_DATABASE_URL, SIDECAR_DB_TIMEOUT_S; not the LiteLLM config. "
+        "Exit status: 0, 2 on misconfiguration or an unreachable database."
+    ),
+}
 
 
 def _settings(*, require_config: bool = True) -> Settings:
     return Settings.from_env(os.environ, require_config=require_config)
 
 
+def _catalog(settings: Settings) -> Catalog:
+    from sidecar.catalog import load_catalog
+
+    return load_catalog(
+        settings.litellm_config,
+        environ=dict(os.environ),
+        default_transcription_model=settings.default_transcription_model,
+    )
+
+
+def check_prices(catalog: Catalog, *, allow_unpriced: bool) -> None:
+    """Raise ConfigError when a realtime model has no price and SIDECAR_ALLOW_UNPRICED is off: its sessions
+    would be billed $0 without anyone noticing."""
+    unpriced = catalog.unpriced()
+    if unpriced and not allow_unpriced:
+        raise ConfigError(
+            f"realtime model {', '.join(unpriced)} has no price (its sessions would bill $0): price it in "
+            "model_info (input_cost_per_second, input_cost_per_minute or token prices), or set "
+            "SIDECAR_ALLOW_UNPRICED=1 to serve it free"
+        )
+
+
+def startup_warnings(settings: Settings, catalog: Catalog) -> list[str]:
+    """The catalog's warnings, and a LiteLLM URL with no master key to ask it with."""
+    found = list(catalog.warnings)
+    if settings.litellm_url and catalog.master_key is None:
+        found.append(
+            "SIDECAR_LITELLM_URL is set but there is no master key (general_settings.master_key or "
+            "LITELLM_MASTER_KEY): client secrets and live-key re-checks cannot be checked"
+        )
+    return found
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the relay under uvicorn (on uvloop); the first SIGTERM drains (sessions get their grace, then 1001)."""
-    from sidecar.server import serve_workers
+    from sidecar.logs import configure_logging
+    from sidecar.server import bind, serve_workers
     from sidecar.tuning import use_system_malloc
 
+    use_system_malloc()  # first: it re-executes this process (no-op when PYTHONMALLOC is set)
     settings = _settings()
     host, port = args.host or settings.host, args.port or settings.port
-    workers = args.workers or settings.workers
+    workers = settings.workers if args.workers is None else args.workers
     check_workers(settings, workers)
-    use_system_malloc()  # no-op when PYTHONMALLOC is set (the re-executed process has it)
+    catalog = _catalog(settings)
+    check_prices(catalog, allow_unpriced=settings.allow_unpriced)
+    if not settings.redis_url:  # embedded mode bills into the database: its URL must be one
+        from sidecar.billing.writer import make_engine
+
+        make_engine(settings.database_url, timeout_s=settings.db_timeout_s).dispose()
+    sock = bind(host, port)
+    configure_logging()
+    for warning in startup_warnings(settings, catalog):
+        log.warning("config: %s", warning)
+    log.info(
+        "serving on %s:%d: %s mode, %d worker%s, %d realtime model%s",
+        host,
+        sock.getsockname()[1],
+        "Redis" if settings.redis_url else "embedded",
+        workers,
+        "" if workers == 1 else "s",
+        len(catalog.models),
+        "" if len(catalog.models) == 1 else "s",
+    )
 
     def build() -> tuple[Any, Any, float]:
         from sidecar.app import create_app
-        from sidecar.logs import configure_logging
         from sidecar.server import config_for
 
         configure_logging()
-        app = create_app(settings)
+        app = create_app(settings, catalog=catalog)
         return (
             app,
             config_for(
@@ -50,7 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings.drain_grace_s,
         )
 
-    return serve_workers(build, host=host, port=port, workers=workers)
+    return serve_workers(build, host=host, port=port, workers=workers, sock=sock)
 
 
 def check_workers(settings: Settings, workers: int) -> None:
@@ -59,6 +153,8 @@ def check_workers(settings: Settings, workers: int) -> None:
     Without Redis each process keeps its own client-secret claims, concurrency leases and budgets, so N
     workers would let a single-use secret work N times and a key hold N times its session limit.
     """
+    if workers <= 0:
+        raise ConfigError(f"--workers must be positive, got {workers}")
     if workers > 1 and not settings.redis_url:
         raise ConfigError(
             f"{workers} workers need SIDECAR_REDIS_URL: embedded mode keeps client-secret claims, "
@@ -67,15 +163,13 @@ def check_workers(settings: Settings, workers: int) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """Print the realtime models, their kind, unit and price."""
-    from sidecar.catalog import describe, format_table, load_catalog
+    """Print the realtime models, their kind, unit and price (warnings, each naming its entry, on stderr)."""
+    from sidecar.catalog import describe, format_table
 
     settings = _settings()
-    catalog = load_catalog(
-        settings.litellm_config,
-        environ=dict(os.environ),
-        default_transcription_model=settings.default_transcription_model,
-    )
+    catalog = _catalog(settings)
+    for warning in catalog.warnings:
+        print(f"sidecar: warning: {warning}", file=sys.stderr)
     rows = describe(catalog)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return 0
@@ -94,38 +188,40 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 def cmd_consume(args: argparse.Namespace) -> int:
     """Read the usage stream into the billing DB until SIGINT/SIGTERM."""
-    import redis.asyncio as aioredis
-
-    from sidecar.billing.consumer import UsageConsumer
-    from sidecar.billing.writer import BillingWriter, make_engine, upgrade
+    settings = _settings(require_config=False)
+    if not settings.redis_url:
+        raise ConfigError("sidecar consume needs SIDECAR_REDIS_URL (embedded mode bills in-process)")
+    from sidecar.billing.writer import make_engine
     from sidecar.logs import configure_logging
 
-    settings = _settings(require_config=False)
-    configure_logging()
-    if not settings.redis_url:
-        print("sidecar consume needs SIDECAR_REDIS_URL (embedded mode bills in-process)", file=sys.stderr)
-        return 2
     engine = make_engine(settings.database_url, timeout_s=settings.db_timeout_s)
-    upgrade(engine)
-
-    async def run() -> None:
-        # Bounded waits on Redis too (XREADGROUP blocks 1 s, well inside the socket timeout).
-        redis = aioredis.Redis.from_url(
-            settings.redis_url or "", socket_timeout=10, socket_connect_timeout=5, socket_keepalive=True
-        )
-        writer = BillingWriter(engine, timeout_s=settings.db_timeout_s)
-        consumer = UsageConsumer(redis, writer, stream=settings.usage_stream, lost_after_s=settings.lost_after_s)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await consumer.run(stop)
-        finally:
-            await redis.aclose()
-
-    asyncio.run(run())
+    configure_logging()
+    asyncio.run(_consume(settings, engine))
     return 0
+
+
+async def _consume(settings: Settings, engine: Any) -> None:
+    import redis.asyncio as aioredis
+
+    from sidecar.billing.consumer import UsageConsumer, upgrade_when_reachable
+    from sidecar.billing.writer import BillingWriter
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if not await upgrade_when_reachable(engine, stop):  # a database down at start is waited for, not fatal
+        return
+    # Bounded waits on Redis too (XREADGROUP blocks 1 s, well inside the socket timeout).
+    redis = aioredis.Redis.from_url(
+        settings.redis_url or "", socket_timeout=10, socket_connect_timeout=5, socket_keepalive=True
+    )
+    writer = BillingWriter(engine, timeout_s=settings.db_timeout_s)
+    consumer = UsageConsumer(redis, writer, stream=settings.usage_stream, lost_after_s=settings.lost_after_s)
+    try:
+        await consumer.run(stop)
+    finally:
+        await redis.aclose()
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:
@@ -136,27 +232,55 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return code
 
 
+def _version() -> str:
+    try:
+        return version("realtime-sidecar")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     top = argparse.ArgumentParser(prog="sidecar", description="Realtime sidecar for the LiteLLM proxy")
+    top.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = top.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the relay")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve = sub.add_parser("serve", help="run the relay", description="Run the relay.", epilog=_EPILOGS["serve"])
+    serve.add_argument("--host", help="address to listen on (default SIDECAR_HOST, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default SIDECAR_PORT, 8787)")
     serve.add_argument("--workers", type=int, help="worker processes sharing the port (default SIDECAR_WORKERS, 1)")
     serve.set_defaults(func=cmd_serve)
-    consume = sub.add_parser("consume", help="write the usage stream to the billing DB")
+    consume = sub.add_parser(
+        "consume",
+        help="write the usage stream to the billing DB",
+        description="Write the Redis usage stream into the billing database until SIGINT/SIGTERM.",
+        epilog=_EPILOGS["consume"],
+    )
     consume.set_defaults(func=cmd_consume)
-    models = sub.add_parser("models", help="list the realtime models")
-    models.add_argument("--json", action="store_true")
+    models = sub.add_parser(
+        "models",
+        help="list the realtime models",
+        description="List the realtime models of the LiteLLM config: kind, unit, price, deployments.",
+        epilog=_EPILOGS["models"],
+    )
+    models.add_argument("--json", action="store_true", help="print JSON (the rows of GET /v1/realtime/models)")
     models.set_defaults(func=cmd_models)
-    smoke = sub.add_parser("smoke", help="check a model's upstream deployments")
-    smoke.add_argument("model")
-    smoke.add_argument("--timeout", type=float, default=10.0)
+    smoke = sub.add_parser(
+        "smoke",
+        help="check a model's upstream deployments",
+        description="Open each deployment of MODEL, send 100 ms of silence, wait for the first server event.",
+        epilog=_EPILOGS["smoke"],
+    )
+    smoke.add_argument("model", help="a public model name of the config")
+    smoke.add_argument("--timeout", type=float, default=10.0, help="seconds per deployment (default 10)")
     smoke.set_defaults(func=cmd_smoke)
-    db = sub.add_parser("db", help="billing database")
+    db = sub.add_parser("db", help="billing database", description="Billing database commands.")
     db_sub = db.add_subparsers(dest="db_command", required=True)
-    db_sub.add_parser("upgrade", help="create the billing tables").set_defaults(func=cmd_db_upgrade)
+    db_sub.add_parser(
+        "upgrade",
+        help="create the billing tables",
+        description="Create the billing tables that are missing (safe to repeat).",
+        epilog=_EPILOGS["upgrade"],
+    ).set_defaults(func=cmd_db_upgrade)
     return top
 
 
@@ -165,9 +289,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
         code = args.func(args)
+        sys.stdout.flush()
     except SidecarError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         code = 2
+    except BrokenPipeError:  # `sidecar models | head`: the reader has all it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's own final flush cannot fail again
+        code = 0
     raise SystemExit(code)
 
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sidecar.errors import ConfigError
 
@@ -44,6 +45,9 @@ DEFAULT_USAGE_STREAM = "realtime:usage"
 DEFAULT_CONTROL_CHANNEL = "realtime:control"
 DEFAULT_ROUNDING = "exact"
 DEFAULT_CAPTIONS_PAGE = False
+#: A realtime model with no price is refused at start unless this is set: billing $0 silently is a money leak.
+DEFAULT_ALLOW_UNPRICED = False
+REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
 #: The largest HTTP request body any route accepts (client secrets, the admin API); larger ones get 413.
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 #: The longest a billing DB connect, statement or transaction may take before it is abandoned and retried.
@@ -95,6 +99,37 @@ def _optional(environ: Mapping[str, str], name: str) -> str | None:
     return value or None
 
 
+def _increment(environ: Mapping[str, str]) -> Decimal:
+    raw = environ.get("SIDECAR_ROUNDING_INCREMENT", "") or "1"
+    try:
+        value = Decimal(raw)
+    except ArithmeticError as exc:
+        raise ConfigError(f"SIDECAR_ROUNDING_INCREMENT must be a number, got {raw!r}") from exc
+    if not value.is_finite() or value <= 0:
+        raise ConfigError(f"SIDECAR_ROUNDING_INCREMENT must be positive, got {raw!r}")
+    return value
+
+
+def _redis_url(environ: Mapping[str, str]) -> str | None:
+    """SIDECAR_REDIS_URL, checked for the form redis-py accepts (it is not dialled here)."""
+    url = _optional(environ, "SIDECAR_REDIS_URL")
+    if url is None:
+        return None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise ConfigError("SIDECAR_REDIS_URL is not a URL (a bad port?)") from exc
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ConfigError("SIDECAR_REDIS_URL must start with redis://, rediss:// or unix://")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError("SIDECAR_REDIS_URL names no host (redis://HOST:6379/0)")
+    database = parts.path.strip("/")
+    if parts.scheme != "unix" and database and not database.isdigit():
+        raise ConfigError("SIDECAR_REDIS_URL's path must be a database number (redis://host:6379/0)")
+    return url
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every knob of the sidecar. Defaults are the contract's."""
@@ -141,6 +176,8 @@ class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: Billing DB timeout: connect, server-side statement timeout and the client-side transaction deadline.
     db_timeout_s: float = DEFAULT_DB_TIMEOUT_S
+    #: Serve realtime models that have no price (billed $0). Off: `sidecar serve` refuses to start with one.
+    allow_unpriced: bool = DEFAULT_ALLOW_UNPRICED
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, require_config: bool = True) -> Settings:
@@ -155,10 +192,7 @@ class Settings:
         rounding = env.get("SIDECAR_ROUNDING", DEFAULT_ROUNDING) or DEFAULT_ROUNDING
         if rounding not in ("exact", "up", "nearest"):
             raise ConfigError(f"SIDECAR_ROUNDING must be exact, up or nearest, got {rounding!r}")
-        try:
-            increment = Decimal(env.get("SIDECAR_ROUNDING_INCREMENT", "1") or "1")
-        except ArithmeticError as exc:
-            raise ConfigError("SIDECAR_ROUNDING_INCREMENT must be a number") from exc
+        increment = _increment(env)
         secret_key = _optional(env, "SIDECAR_CLIENT_SECRET_KEY")
         if secret_key is not None and len(secret_key) < MIN_CLIENT_SECRET_KEY_CHARS:
             raise ConfigError(f"SIDECAR_CLIENT_SECRET_KEY must be at least {MIN_CLIENT_SECRET_KEY_CHARS} characters")
@@ -169,7 +203,7 @@ class Settings:
         return cls(
             litellm_config=Path(config or ""),
             litellm_url=_optional(env, "SIDECAR_LITELLM_URL"),
-            redis_url=_optional(env, "SIDECAR_REDIS_URL"),
+            redis_url=_redis_url(env),
             database_url=_optional(env, "SIDECAR_DATABASE_URL") or DEFAULT_DATABASE_URL,
             host=_optional(env, "SIDECAR_HOST") or DEFAULT_HOST,
             port=_int(env, "SIDECAR_PORT", DEFAULT_PORT),
@@ -201,6 +235,7 @@ class Settings:
             captions_key=captions_key,
             max_body_bytes=_int(env, "SIDECAR_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
             db_timeout_s=_float(env, "SIDECAR_DB_TIMEOUT_S", DEFAULT_DB_TIMEOUT_S),
+            allow_unpriced=_bool(env, "SIDECAR_ALLOW_UNPRICED", DEFAULT_ALLOW_UNPRICED),
         )
 
     def replace(self, **changes: object) -> Settings:

@@ -83,7 +83,10 @@ class DrainingServer(uvicorn.Server):
         services = getattr(self._app.state, "services", None)
         try:
             if services is not None:
+                live = len(services.supervisor.live)
+                log.info("draining: new sessions refused; waiting up to %gs for %d live sessions", self._grace_s, live)
                 await services.supervisor.drain(self._grace_s)
+                log.info("drained: every session ended and billed; flushing usage and stopping")
         finally:
             self.should_exit = True
 
@@ -127,12 +130,18 @@ def config_for(
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before any worker starts (workers share it)."""
+    """The listening socket, bound before any worker starts (workers share it). Raises ConfigError when the
+    address cannot be listened on (e.g. the port is in use)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except (OSError, OverflowError) as exc:  # a port in use or out of range, an address not of this host
+        sock.close()
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason}") from exc
     sock.set_inheritable(True)
     return sock
 
@@ -143,7 +152,12 @@ def _serve_one(build: Callable[[], tuple[Starlette, uvicorn.Config, float]], soc
 
 
 def serve_workers(
-    build: Callable[[], tuple[Starlette, uvicorn.Config, float]], *, host: str, port: int, workers: int
+    build: Callable[[], tuple[Starlette, uvicorn.Config, float]],
+    *,
+    host: str,
+    port: int,
+    workers: int,
+    sock: socket.socket | None = None,
 ) -> int:
     """Serve with `workers` processes sharing one listening socket; returns the exit code.
 
@@ -152,7 +166,7 @@ def serve_workers(
     sessions; this process exits when they all have.
     """
     tuning.raise_file_limit()
-    sock = bind(host, port)
+    sock = bind(host, port) if sock is None else sock  # `sock`: bound by the caller (`bind`), to check it first
     if workers <= 1:
         _serve_one(build, sock)
         return 0

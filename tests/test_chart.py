@@ -650,6 +650,7 @@ def test_every_sidecar_setting_is_settable_from_values(helm: Helm, tmp_path: Pat
         "defaultTranscriptionModel": "my-whisper",
         "rounding": "up",
         "roundingIncrement": "0.1",
+        "allowUnpriced": True,
         "workers": 2,
     }
     values = {
@@ -670,6 +671,7 @@ def test_every_sidecar_setting_is_settable_from_values(helm: Helm, tmp_path: Pat
     assert env["SIDECAR_CHECKPOINT_S"]["value"] == "2.5"
     assert env["SIDECAR_ROUNDING"]["value"] == "up"
     assert env["SIDECAR_WORKERS"]["value"] == "2"
+    assert env["SIDECAR_ALLOW_UNPRICED"]["value"] == "true"
 
 
 def test_unset_settings_leave_the_sidecar_defaults(default: Manifests) -> None:

@@ -23,8 +23,9 @@ from typing import Any, Final, TypeAlias
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 from redis.typing import EncodableT, FieldT
+from sqlalchemy.engine import Engine
 
-from sidecar.billing.writer import BillingDataError, BillingError, BillingWriter, check_storable
+from sidecar.billing.writer import BillingDataError, BillingError, BillingWriter, check_storable, upgrade
 from sidecar.usage import UsageDecodeError, UsageEvent
 
 GROUP: Final = "billing"
@@ -34,6 +35,8 @@ BACKOFF_S: Final = 0.5
 BACKOFF_MAX_S: Final = 30.0
 IDLE_WAIT_S: Final = 0.1
 """How long `run` pauses between empty polls when `block_ms` is 0 (no server-side blocking)."""
+PROGRESS_EVERY_S: Final = 60.0
+"""How often `run` logs a progress line: events written since the last one, the group's lag and pending count."""
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,7 @@ class UsageConsumer:
         clock: Callable[[], datetime] = utc_now,
         sweep_every_s: float = SWEEP_EVERY_S,
         backoff_s: float = BACKOFF_S,
+        progress_every_s: float = PROGRESS_EVERY_S,
     ) -> None:
         self._redis = redis
         self._writer = writer
@@ -95,6 +99,8 @@ class UsageConsumer:
         self._backoff_s = backoff_s
         self._claim_cursor = "0-0"
         self._retry_own = False  # after a failure: this consumer's own pending entries come first
+        self._progress_every_s = progress_every_s
+        self.written = 0  # events stored and acknowledged by this consumer (duplicates included)
 
     @property
     def name(self) -> str:
@@ -156,7 +162,9 @@ class UsageConsumer:
         loop = asyncio.get_running_loop()
         backoff = self._backoff_s
         next_sweep = loop.time()
+        next_progress, reported = loop.time() + self._progress_every_s, self.written
         ready = False
+        log.info("billing consumer %s started: stream %s, group %s", self._consumer, self._stream, self._group)
         while not stop.is_set():
             try:
                 if not ready:
@@ -167,6 +175,9 @@ class UsageConsumer:
                     if closed := await self.sweep_lost():
                         log.info("billing: closed %d lost sessions", closed)
                     next_sweep = loop.time() + self._sweep_every_s
+                if loop.time() >= next_progress:
+                    await self._report(self.written - reported)
+                    next_progress, reported = loop.time() + self._progress_every_s, self.written
                 backoff = self._backoff_s
             except BillingError as exc:
                 log.warning("billing consumer %s: %s; retrying in %.1fs", self._consumer, exc, backoff)
@@ -177,6 +188,23 @@ class UsageConsumer:
                 continue
             if handled == 0 and self._block_ms == 0:
                 await _wait(stop, IDLE_WAIT_S)
+        log.info("billing consumer %s stopped: %d events written", self._consumer, self.written)
+
+    async def _report(self, written: int) -> None:
+        """The progress line: events written since the last one, and the group's lag (entries never delivered;
+        Redis 7) and pending entries (delivered, not yet acknowledged). Raises BillingStreamError."""
+        with _redis_errors("XINFO GROUPS"):
+            groups = await self._redis.xinfo_groups(self._stream)
+        mine = next((g for g in groups if _text(g["name"]) == self._group), {})
+        lag = mine.get("lag")
+        log.info(
+            "billing consumer %s: %d events written in the last %.0fs; lag %s, %s pending",
+            self._consumer,
+            written,
+            self._progress_every_s,
+            "unknown" if lag is None else lag,
+            mine.get("pending", 0),
+        )
 
     async def trim(self) -> int:
         """XTRIM MINID to the oldest entry any group on the stream still needs; return how many went.
@@ -258,6 +286,7 @@ class UsageConsumer:
             await self._write_one_by_one(events, now)
             return
         await self._ack([entry_id for entry_id, _, _ in events])
+        self.written += len(events)
 
     async def _write_one_by_one(self, events: Sequence[tuple[str, Fields, UsageEvent]], now: datetime) -> None:
         for entry_id, fields, event in events:
@@ -267,6 +296,7 @@ class UsageConsumer:
                 await self._bury([(entry_id, fields, str(exc))], [])
             else:
                 await self._ack([entry_id])
+                self.written += 1
 
     async def _bury(self, dead: Sequence[tuple[str, Fields, str]], gone: Sequence[str]) -> None:
         """Dead-letter entries with their reason and acknowledge them, atomically (MULTI/EXEC)."""
@@ -284,6 +314,24 @@ class UsageConsumer:
     async def _ack(self, entry_ids: Sequence[str]) -> None:
         with _redis_errors("XACK"):
             await self._redis.xack(self._stream, self._group, *entry_ids)
+
+
+async def upgrade_when_reachable(
+    engine: Engine, stop: asyncio.Event, *, backoff_s: float = BACKOFF_S, max_backoff_s: float = BACKOFF_MAX_S
+) -> bool:
+    """Create the billing tables, retrying while the database cannot be reached (down at start): each failed
+    attempt is logged as a warning with its cause, the back-off doubles up to `max_backoff_s` and `stop` cuts
+    it short. Returns True once the tables are there, False when `stop` was set first."""
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(upgrade, engine)
+        except BillingError as exc:
+            log.warning("billing database not ready at start: %s; retrying in %.1fs", exc, backoff_s)
+            await _wait(stop, backoff_s)
+            backoff_s = min(backoff_s * 2, max_backoff_s)
+            continue
+        return True
+    return False
 
 
 def _stream_entries(reply: Any) -> list[tuple[Any, Fields | None]]:

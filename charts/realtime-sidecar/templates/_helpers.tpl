@@ -138,6 +138,7 @@ maxConnections: SIDECAR_MAX_CONNECTIONS
 defaultTranscriptionModel: SIDECAR_DEFAULT_TRANSCRIPTION_MODEL
 rounding: SIDECAR_ROUNDING
 roundingIncrement: SIDECAR_ROUNDING_INCREMENT
+allowUnpriced: SIDECAR_ALLOW_UNPRICED
 workers: SIDECAR_WORKERS
 {{- end }}
 
