@@ -30,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from sidecar import admin, captions, client_secrets
-from sidecar.auth import KeyChecker, Principal, authorize, credentials, hash_key, litellm_client
+from sidecar.auth import KeyChecker, MasterKeyCheck, Principal, authorize, credentials, hash_key, litellm_client
 from sidecar.bodies import BodyLimit
 from sidecar.catalog import Catalog, Deployment, RealtimeModel, describe, load_catalog
 from sidecar.client_secrets import ClientSecrets, Grant, MemoryClaims, RedisClaims, Signer, is_client_secret
@@ -73,6 +73,8 @@ class Services:
     store: ControlStore
     metrics: Metrics
     client_secrets: ClientSecrets
+    #: Whether LiteLLM accepts the master key (None: no LiteLLM URL, or a key client passed in).
+    master_key_check: MasterKeyCheck | None = None
 
 
 def create_app(
@@ -157,6 +159,9 @@ def create_app(
                 store=store,
                 metrics=metrics,
                 client_secrets=_client_secrets(settings, shared),
+                master_key_check=await _check_master_key(stack, recheck_client, cat.master_key, settings)
+                if key_client is None
+                else None,
             )
             watcher = asyncio.create_task(supervisor.run(), name="supervisor")
             try:
@@ -225,6 +230,23 @@ async def _default_publisher(settings: Settings, redis: aioredis.Redis | None) -
         spool.close()
 
 
+async def _check_master_key(
+    stack: AsyncExitStack, client: httpx.AsyncClient | None, master_key: str | None, settings: Settings
+) -> MasterKeyCheck | None:
+    """Start asking LiteLLM whether it accepts the master key, in the background (cancelled at shutdown)."""
+    if client is None or master_key is None:
+        return None
+    check = MasterKeyCheck(client, master_key, url=settings.litellm_url or "")
+    task = asyncio.create_task(check.run(), name="master key check")
+
+    async def stop() -> None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    stack.push_async_callback(stop)
+    return check
+
+
 async def _sweep_lost(writer: BillingWriter, horizon_s: float, *, every_s: float = 5.0) -> None:
     """Close sessions whose last checkpoint is older than the horizon (a crashed sidecar's), forever."""
     from sidecar.errors import SidecarError
@@ -257,6 +279,10 @@ async def readyz(request: Request) -> Response:
         return JSONResponse({"status": "draining"}, status_code=503)
     if not await services.store.ping():
         return JSONResponse({"status": "redis unreachable"}, status_code=503)
+    check = services.master_key_check
+    if check is not None and (check.rejected or not check.checked.is_set()):
+        status = "litellm rejects the master key" if check.rejected else "starting"
+        return JSONResponse({"status": status}, status_code=503)
     return JSONResponse({"status": "ready", "models": len(services.catalog.models)})
 
 

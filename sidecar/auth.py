@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import httpx
 
@@ -29,6 +30,8 @@ from sidecar.errors import (
     KeyCheckError,
     ModelNotAllowed,
 )
+
+log = logging.getLogger("sidecar.auth")
 
 SUBPROTOCOL: Final = "realtime"
 KEY_SUBPROTOCOL_PREFIX: Final = "openai-insecure-api-key."
@@ -408,3 +411,91 @@ async def _get(client: httpx.AsyncClient, path: str, params: dict[str, str], aut
     except ValueError as exc:
         raise KeyCheckError(f"LiteLLM proxy sent no JSON for {path}") from exc
     return body if isinstance(body, dict) else None
+
+
+Verdict = Literal["accepted", "rejected", "unreachable"]
+#: The master-key check retries this often at first, doubling up to the cap (a rejected key included: a
+#: LiteLLM given the right key, or a sidecar's config fixed and reloaded on LiteLLM's side, is noticed).
+MASTER_CHECK_BACKOFF_S: Final = 1.0
+MASTER_CHECK_BACKOFF_MAX_S: Final = 60.0
+
+
+async def ask_master_key(client: httpx.AsyncClient, master_key: str) -> tuple[Verdict, str]:
+    """Whether LiteLLM accepts `master_key`, and why not: it is asked `/key/info` about the master key's own
+    hash, with that key. LiteLLM authenticates the caller before anything else: 401/403 means it rejects the
+    key; 502/503/504 (a proxy in front) or no answer means it cannot be asked; any other answer (404 for a key
+    it does not store, 500 without a database) means the key got past its auth."""
+    try:
+        response = await client.get(
+            "/key/info", params={"key": hash_key(master_key)}, headers={"Authorization": f"Bearer {master_key}"}
+        )
+    except httpx.HTTPError as exc:
+        return "unreachable", type(exc).__name__
+    if response.status_code in (401, 403):
+        return "rejected", f"it answered {response.status_code}"
+    if response.status_code in (502, 503, 504):
+        return "unreachable", f"it answered {response.status_code}"
+    return "accepted", ""
+
+
+class MasterKeyCheck:
+    """Checks at start that LiteLLM accepts the sidecar's master key (with which every virtual key is looked up).
+
+    `run` asks until LiteLLM accepts it. Rejected: one ERROR line, `rejected` is True (readiness fails: every
+    client would get 401 and nothing else would say why), and it keeps asking, so a fixed LiteLLM recovers.
+    Unreachable: a warning per attempt, with a back-off doubling up to `max_backoff_s`; readiness is not
+    failed for it (as for a Redis outage: admission fails open, and taking every replica out of the load
+    balancer would not bring LiteLLM back). `checked` is set at the first answer of either kind.
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        master_key: str,
+        *,
+        url: str = "",
+        backoff_s: float = MASTER_CHECK_BACKOFF_S,
+        max_backoff_s: float = MASTER_CHECK_BACKOFF_MAX_S,
+    ) -> None:
+        self._client = client
+        self._master_key = master_key
+        self._url = url or str(client.base_url)
+        self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
+        self.rejected = False
+        self.checked = asyncio.Event()
+        self.verdicts = 0  # answers so far (tests wait on `changed` for the next one)
+        self.changed = asyncio.Event()
+
+    async def run(self) -> None:
+        """Ask until LiteLLM accepts the master key (module docstring); never raises but CancelledError."""
+        backoff = self._backoff_s
+        while True:
+            verdict, why = await ask_master_key(self._client, self._master_key)
+            if verdict == "accepted":
+                if self.rejected:
+                    log.info("LiteLLM at %s now accepts the master key: ready", self._url)
+                self.rejected = False
+                self._answered()
+                return
+            if verdict == "rejected" and not self.rejected:
+                log.error(
+                    "LiteLLM at %s rejects the master key (%s): every virtual key will be refused 401 until "
+                    "general_settings.master_key (or LITELLM_MASTER_KEY) is the proxy's own; /readyz fails",
+                    self._url,
+                    why,
+                )
+            elif verdict == "unreachable":
+                log.warning(
+                    "LiteLLM at %s unreachable for the master-key check (%s); retrying in %gs", self._url, why, backoff
+                )
+            self.rejected = verdict == "rejected"
+            self._answered()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._max_backoff_s)
+
+    def _answered(self) -> None:
+        self.verdicts += 1
+        self.checked.set()
+        self.changed.set()
+        self.changed = asyncio.Event()

@@ -40,8 +40,9 @@ import logging
 from collections.abc import Callable
 from typing import Any, Final, cast
 
+import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.protocols.utils import ClientDisconnected
+from uvicorn.protocols.utils import ClientDisconnected, get_client_addr
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
 from websockets.protocol import State
@@ -129,6 +130,24 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 def _well_formed(request: Request) -> bool:
     """True when the request's target and header values are ASCII (websockets and uvicorn encode them so)."""
     return request.path.isascii() and all(value.isascii() for _, value in request.headers.raw_items())
+
+
+access_log = logging.getLogger("sidecar.access")
+
+
+def log_access(scope: Any, status: int, code: str) -> None:
+    """`127.0.0.1:50000 - "WebSocket /v1/realtime" 401 invalid_api_key`: the path only, never the query."""
+    access_log.info('%s - "WebSocket %s" %d %s', get_client_addr(scope), scope.get("path", ""), status, code)
+
+
+def _error_code(body: bytes) -> str:
+    """The `error.code` of an OpenAI-shaped error body, or "-"."""
+    try:
+        error = orjson.loads(body).get("error")
+        code = error.get("code") if isinstance(error, dict) else None
+    except (orjson.JSONDecodeError, AttributeError):
+        return "-"
+    return code if isinstance(code, str) and code else "-"
 
 
 class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -238,7 +257,7 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
             or self.close_sent
             or self.conn.state is not State.OPEN
         ):
-            await super().send(message)
+            await self._send_other(message)
             return
         if not self.writable.is_set():
             await self.writable.wait()
@@ -249,6 +268,25 @@ class RelayWebSocketProtocol(WebSocketsSansIOProtocol):
             data = message.get("bytes")
         if data is not None:
             self.write_now(data)
+
+    async def _send_other(self, message: Any) -> None:
+        """uvicorn's send, except for a refusal before the upgrade (`send_denial_response`): that is logged once
+        at INFO as an access line with its status and error code, without the query string (which may carry a
+        key), and counts as a completed handshake, so uvicorn does not also log an ERROR "ASGI callable
+        returned without completing handshake" for it."""
+        kind = message["type"]
+        if kind == "websocket.http.response.start" and not self.handshake_complete and self.initial_response is None:
+            if not 100 <= message["status"] < 600:
+                raise RuntimeError(f"Invalid HTTP status code {message['status']!r} in response.")
+            headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in message.get("headers", [])]
+            self.initial_response = (message["status"], headers, b"")  # uvicorn's own state, without its log line
+            return
+        denial = self.initial_response
+        await super().send(message)
+        if kind == "websocket.http.response.body" and denial is not None and self.close_sent:
+            self.handshake_complete = True  # the denial response is the handshake's answer
+            status, body = denial[0], denial[2] + message.get("body", b"")
+            log_access(self.scope, status, _error_code(body))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.sink = None  # the app's callback holds its session: let it go with the connection

@@ -185,7 +185,7 @@ async def test_sidecar_serve_stderr_has_no_raw_key(tmp_path: Path) -> None:
             await sidecar.kill()
     written = sidecar.log.read_text()
     messages = [str(orjson.loads(line)["msg"]) for line in written.splitlines()]
-    assert sum(m.endswith('"WebSocket /v1/realtime?[redacted]" 401') for m in messages) == 4
+    assert sum(m.endswith('"WebSocket /v1/realtime" 401 invalid_api_key') for m in messages) == 4
     assert sum(m.endswith('"WebSocket /v1/realtime?[redacted]" [accepted]') for m in messages) == 2
     for secret in (key, master, provider.api_key):
         assert secret not in written
