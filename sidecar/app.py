@@ -46,7 +46,7 @@ from sidecar.errors import (
     UpstreamError,
 )
 from sidecar.metering import SessionMeter
-from sidecar.metrics import CONTENT_TYPE_LATEST, Metrics
+from sidecar.metrics import CONTENT_TYPE_LATEST, Metrics, multiprocess_dir
 from sidecar.pinning import Pin
 from sidecar.publisher import UsagePublisher
 from sidecar.relay import Relay
@@ -130,7 +130,7 @@ def create_app(
                 rechecks=settings.key_rechecks,
             )
             stack.push_async_callback(checker.aclose)  # before the clients close (the stack unwinds in reverse)
-            metrics = Metrics()
+            metrics = Metrics(multiprocess=multiprocess_dir())  # every worker's figures under serve --workers N
             supervisor = Supervisor(
                 store=store,
                 checker=checker,
@@ -271,14 +271,15 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Readiness: config loaded, the shared store (Redis) answers, and the replica is not draining."""
+    """Readiness: this replica can serve (started, not draining).
+
+    Redis is not asked: admission is fail-open, so an outage of the shared Redis would otherwise take every
+    replica out of the Service at once; it shows in `sidecar_redis_up` and a warning instead."""
     services: Services | None = getattr(request.app.state, "services", None)
     if services is None:
         return JSONResponse({"status": "starting"}, status_code=503)
     if services.supervisor.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
-    if not await services.store.ping():
-        return JSONResponse({"status": "redis unreachable"}, status_code=503)
     check = services.master_key_check
     if check is not None and (check.rejected or not check.checked.is_set()):
         status = "litellm rejects the master key" if check.rejected else "starting"
@@ -290,6 +291,15 @@ async def metrics_endpoint(request: Request) -> Response:
     """Prometheus exposition."""
     services: Services = request.app.state.services
     return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _model_label(websocket: WebSocket, catalog: Catalog) -> str:
+    """A refused session's model as a metric label: a realtime model of the config, else "" (never a name a
+    client made up: the label's values stay bounded by the config)."""
+    params = websocket.query_params
+    transcription = params.get("intent") == "transcription"
+    name = params.get("model") or (catalog.default_transcription_model if transcription else "")
+    return name if name in catalog.models else ""
 
 
 def _model_name(websocket: WebSocket, catalog: Catalog) -> tuple[str, bool]:
@@ -318,7 +328,7 @@ async def realtime_endpoint(websocket: WebSocket, receive: Receive, send: Send) 
     try:
         relay, subprotocol, injection = await _open(websocket, services, receive, send)
     except Refusal as refusal:
-        services.metrics.refusals.labels(refusal.code).inc()
+        services.metrics.refusals.labels(refusal.code, _model_label(websocket, services.catalog)).inc()
         await websocket.send_denial_response(JSONResponse(refusal.body(), status_code=refusal.status))
         return
     supervisor = services.supervisor
@@ -407,7 +417,7 @@ async def _connect(
     metrics = services.metrics
 
     def failed(deployment: Deployment, error: UpstreamError) -> None:
-        metrics.connect_failures.inc()
+        metrics.connect_failures.labels(model.name, deployment.deployment_id or deployment.model).inc()
 
     started = time.perf_counter()
     connected = await connect_any(

@@ -333,6 +333,7 @@ class Supervisor:
         self._polled = asyncio.Event()
         self._changed = asyncio.Event()  # set whenever a session is detached
         self._release: asyncio.TimerHandle | None = None  # the memory release after a burst, when due
+        self.store_up = True  # False from a failed Redis operation until a heartbeat succeeds again
 
     # ---- admission ------------------------------------------------------------------------------
 
@@ -354,7 +355,7 @@ class Supervisor:
                     await self.store.release(principal.key_hash, session_id)
                     raise BudgetExceeded("The API key's budget is exceeded.")
         except ControlError as exc:
-            log.warning("control store unavailable at admission; admitting", extra={"reason": str(exc)})
+            self._store_failed("admission", exc)
 
     async def release(self, principal: Principal, session_id: str) -> None:
         """Give back a lease taken by `admit` for a session that never started."""
@@ -363,7 +364,7 @@ class Supervisor:
         try:
             await self.store.release(principal.key_hash, session_id)
         except ControlError as exc:
-            log.warning("control store unavailable at release", extra={"reason": str(exc)})
+            self._store_failed("release", exc)
 
     async def _scope_total(self, principal: Principal, scope: str) -> Decimal:
         spend = principal.spend if scope.startswith("key:") else principal.team_spend
@@ -382,21 +383,24 @@ class Supervisor:
         principal = relay.session.principal
         self.principals.setdefault(principal.key_hash, principal)
         self.live[relay.session.session_id] = _Live(relay, self.metrics.new_fold())
+        self.metrics.live_sessions.set(len(self.live))
 
     async def detach(self, relay: Relay) -> None:
         """Stop watching a finished relay: release its lease, count its spend in its budget windows."""
         entry = self.live.pop(relay.session.session_id, None)
+        self.metrics.live_sessions.set(len(self.live))
         self._changed.set()
         if not self.live and self._release is None:
             # The last session of a burst: once its objects are gone too, collect and hand freed pages back.
             self._release = asyncio.get_running_loop().call_later(RELEASE_AFTER_S, self._release_memory)
+        principal = relay.session.principal
+        model = relay.session.model.name
+        meter = relay.session.meter
+        figures = meter.snapshot()  # the final usage event's figures
         if entry is not None:
             self.metrics.fold(relay, entry.folded)
-        principal = relay.session.principal
-        self.metrics.sessions.labels(relay.close_reason or "unknown").inc()
-        meter = relay.session.meter
-        figures = meter.snapshot()
-        self.metrics.audio_seconds.inc(float(figures.audio_seconds))
+            self.metrics.accrue(model, entry.folded, audio_seconds=figures.audio_seconds, cost_usd=figures.cost_usd)
+        self.metrics.sessions.labels(relay.close_reason or "unknown", model).inc()
         if meter.reported_over_metered:  # billed at the provider's figure (docs/billing.md)
             self.metrics.reported_over_metered.inc()
             log.warning(
@@ -414,7 +418,7 @@ class Supervisor:
                 if figures.cost_usd:
                     await self.store.add_billed(scope, window_of(fresh, scope), figures.cost_usd)
         except ControlError as exc:
-            log.warning("control store unavailable at session end", extra={"reason": str(exc)})
+            self._store_failed("session_end", exc)
         if not any(e.relay.session.principal.key_hash == principal.key_hash for e in self.live.values()):
             self.principals.pop(principal.key_hash, None)
 
@@ -458,8 +462,8 @@ class Supervisor:
         async with asyncio.TaskGroup() as group:
             group.create_task(self._poll_loop())
             group.create_task(self._listen_loop())
-            group.create_task(self._periodic(HEARTBEAT_S, self.heartbeat))
-            group.create_task(self._periodic(self.key_recheck_s, self.recheck))
+            group.create_task(self._periodic(HEARTBEAT_S, self.beat, "heartbeat"))
+            group.create_task(self._periodic(self.key_recheck_s, self.recheck, "recheck"))
 
     async def next_poll(self) -> None:
         """Wait until the next poll cycle has run (tests use it instead of sleeping)."""
@@ -477,7 +481,14 @@ class Supervisor:
         by_scope: dict[str, list[_Live]] = defaultdict(list)
         for entry in self.live.values():
             relay = entry.relay
-            relay.poll(now)
+            checkpoint = relay.poll(now)
+            if checkpoint is not None:  # audio and cost accrue per checkpoint (never per frame)
+                self.metrics.accrue(
+                    relay.session.model.name,
+                    entry.folded,
+                    audio_seconds=checkpoint.audio_seconds,
+                    cost_usd=checkpoint.cost_usd,
+                )
             p = self.principals.get(relay.session.principal.key_hash, relay.session.principal)
             scopes = scopes_of(p) if not p.is_master else []
             if scopes:
@@ -509,18 +520,49 @@ class Supervisor:
                 async for message in self.store.messages():
                     self.apply(message)
             except ControlError as exc:
-                log.warning("control channel lost; resubscribing", extra={"reason": str(exc)})
+                self._store_failed("control_channel", exc)
             except (RedisError, OSError) as exc:
-                log.warning("control channel lost; resubscribing", extra={"reason": type(exc).__name__})
+                self._store_failed("control_channel", ControlError(f"control channel lost ({type(exc).__name__})"))
             await asyncio.sleep(HEARTBEAT_S)
 
-    async def _periodic(self, period: float, step: Callable[[], Any]) -> None:
+    async def _periodic(self, period: float, step: Callable[[], Any], operation: str) -> None:
         while True:
             await asyncio.sleep(period)
             try:
                 await step()
             except ControlError as exc:
-                log.warning("control store unavailable", extra={"reason": str(exc)})
+                self._store_failed(operation, exc)
+
+    # ---- the shared store's health ------------------------------------------------------------------
+
+    def _store_failed(self, operation: str, exc: ControlError) -> None:
+        """Count a failed Redis operation; the first of an outage is logged (a warning), the rest only counted.
+
+        Admission is fail-open, so an outage does not fail readiness: it shows in `sidecar_redis_up`,
+        `sidecar_redis_errors_total` and this one line."""
+        self.metrics.redis_errors.labels(operation).inc()
+        if self.store_up:
+            self.store_up = False
+            self.metrics.redis_up.set(0)
+            log.warning(
+                "Redis unreachable: admitting without cross-replica limits, spooling usage until it is back",
+                extra={"reason": str(exc)},
+            )
+
+    async def beat(self) -> None:
+        """Each second: refresh the gauges, heartbeat, and find out whether Redis answers (never raises)."""
+        self.metrics.refresh()
+        try:
+            await self.heartbeat()
+            if not await self.store.ping():  # without sessions the heartbeat writes nothing: ask
+                raise ControlError("control store unreachable (no answer to PING)")
+        except ControlError as exc:
+            self._store_failed("heartbeat", exc)
+            return
+        if not self.store_up:
+            self.store_up = True
+            self.metrics.redis_up.set(1)
+            log.info("Redis reachable again")
 
     def _info(self, session_id: str, relay: Relay) -> SessionInfo:
         figures = relay.session.meter.snapshot()
@@ -543,7 +585,7 @@ class Supervisor:
         try:
             await self.store.heartbeat([self._info(relay.session.session_id, relay)], {}, now=self.wall())
         except ControlError as exc:
-            log.warning("control store unavailable at registration", extra={"reason": str(exc)})
+            self._store_failed("registration", exc)
 
     async def heartbeat(self) -> None:
         """Publish this replica's sessions and running costs; read other replicas' costs per budget scope."""

@@ -35,6 +35,7 @@ from sidecar.publisher import UsagePublisher
 from sidecar.session import Session
 from sidecar.upstream import Upstream
 from sidecar.upstream_conn import UpstreamConnection
+from sidecar.usage import UsageEvent
 from sidecar.wsserver import DIRECT, RelayWebSocketProtocol
 
 log = logging.getLogger("sidecar.relay")
@@ -118,15 +119,21 @@ class Relay:
         """True once an ending was asked for or the session closed."""
         return self._ended.done() or bool(self.close_reason)
 
-    def poll(self, now: float) -> None:
-        """Called by the supervisor a few times a second (loop time `now`): limits and checkpoints."""
+    def poll(self, now: float) -> UsageEvent | None:
+        """Called by the supervisor a few times a second (loop time `now`): limits and checkpoints.
+
+        Returns the checkpoint usage event it submitted, if one was due (the supervisor folds its figures
+        into the metrics)."""
         if now - self._last_client >= self.idle_timeout_s:
             self.end("idle_timeout")
         elif now - self._started >= self.max_session_s:
             self.end("max_duration")
         if now >= self._next_checkpoint and not self.close_reason:
             self._next_checkpoint = now + self.checkpoint_s
-            self.publisher.submit(self.session.usage_event("checkpoint", now=self.clock()))
+            event = self.session.usage_event("checkpoint", now=self.clock())
+            self.publisher.submit(event)
+            return event
+        return None
 
     # ---- the session ------------------------------------------------------------------------------
 

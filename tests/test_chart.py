@@ -1023,11 +1023,16 @@ MONITORING_VALIDATORS = {
     "PrometheusRule": jsonschema.Draft7Validator(PROMETHEUS_RULE_SCHEMA),
 }
 
-# Names the dashboard may query before the sidecar exposes them: the spend counter that comes with the
-# per-model labels (as the usage event's cost_usd). The alerts may not use them.
-PENDING_METRICS = {"sidecar_cost_usd_total"}
-# The `model` label is being added to these counters; until then queries by model show one empty series.
-MODEL_LABELLED = {"sidecar_sessions_total", "sidecar_refusals_total", "sidecar_audio_seconds_total", *PENDING_METRICS}
+# Names the dashboard may query before the sidecar exposes them (none now). The alerts may not use them.
+PENDING_METRICS: set[str] = set()
+# The counters that carry a `model` label.
+MODEL_LABELLED = {
+    "sidecar_sessions_total",
+    "sidecar_refusals_total",
+    "sidecar_audio_seconds_total",
+    "sidecar_cost_usd_total",
+    "sidecar_upstream_connect_failures_total",
+}
 # Labels Prometheus adds to every scraped series (a ServiceMonitor's namespace and pod).
 TARGET_LABELS = {"namespace", "pod"}
 PROMQL_FUNCTIONS = {"sum", "max", "min", "avg", "count", "rate", "increase", "histogram_quantile"}
@@ -1230,7 +1235,7 @@ def test_the_promql_check_catches_unknown_names(exposition: Exposition) -> None:
         "rate(sidecar_sessions[5m])",
         'sum(sidecar_sessions_total{reason="x"})',
         "sum by (model) (sidecar_live_sessions)",
-        "sum(rate(sidecar_cost_usd_total[5m]))",
+        "sum(rate(sidecar_spend_usd_total[5m]))",
     ):
         with pytest.raises(AssertionError):
             check_query(expr, exposition, pending=set())

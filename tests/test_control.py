@@ -207,7 +207,7 @@ async def test_dead_replica_sessions_expire_from_the_registry(redis_url: str, un
 
 
 async def test_metrics_and_readiness(tmp_path: Path, redis_url: str, unique: str, speech_pcm16: bytes) -> None:
-    """/metrics counts sessions by close reason, audio seconds and relayed frames; /readyz pings Redis."""
+    """/metrics counts sessions by close reason and model, audio seconds by model and relayed frames."""
     async with replicas(tmp_path, redis_url, unique) as pair:
         ws = await open_ws(pair.a)
         for part in list(chunks(speech_pcm16))[:5]:
@@ -216,8 +216,8 @@ async def test_metrics_and_readiness(tmp_path: Path, redis_url: str, unique: str
         await pair.a.sidecar.app.state.services.supervisor.live_empty()
         async with httpx.AsyncClient(base_url=pair.a.sidecar.http) as http:
             text = (await http.get("/metrics")).text
-            assert 'sidecar_sessions_total{close_reason="client_close"} 1.0' in text
-            assert "sidecar_audio_seconds_total 0.5" in text
+            assert 'sidecar_sessions_total{close_reason="client_close",model="gpt-realtime-whisper"} 1.0' in text
+            assert 'sidecar_audio_seconds_total{model="gpt-realtime-whisper"} 0.5' in text
             assert 'sidecar_relay_frames_total{direction="in"} 5.0' in text
             assert "sidecar_live_sessions 0.0" in text
             assert "sidecar_upstream_connect_seconds_count 1.0" in text
@@ -256,13 +256,19 @@ async def test_sessions_run_concurrently_on_both_replicas(tmp_path: Path, redis_
         assert len(results) == 8 and all(results)
 
 
-async def test_readyz_fails_when_redis_is_unreachable(tmp_path: Path) -> None:
-    """/readyz answers 503 when the shared Redis cannot be reached; /healthz still answers 200."""
+async def test_readyz_stays_ready_when_redis_is_unreachable(tmp_path: Path) -> None:
+    """With the shared Redis down /readyz still answers 200 (admission is fail-open) and a session is served;
+    the outage shows as sidecar_redis_up 0 and in sidecar_redis_errors_total instead."""
     dead = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
     async with stack(tmp_path, redis=dead) as s, httpx.AsyncClient(base_url=s.sidecar.http) as http:
         ready = await http.get("/readyz")
-        assert ready.status_code == 503 and ready.json()["status"] == "redis unreachable"
+        assert ready.status_code == 200 and ready.json()["status"] == "ready"
         assert (await http.get("/healthz")).status_code == 200
+        ws = await open_ws(s)
+        await ws.close()
+        text = (await http.get("/metrics")).text
+        assert "sidecar_redis_up 0.0" in text
+        assert 'sidecar_redis_errors_total{operation="admission"} 1.0' in text
     await dead.aclose()
 
 
