@@ -13,14 +13,22 @@ head, the WebSocket upgrade's included (docs/operations.md, "Connections and fil
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
-from collections.abc import Callable, Coroutine
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterator
+from multiprocessing.process import BaseProcess
 from types import FrameType
-from typing import Any
+from typing import Any, Final
 
 import uvicorn
 from starlette.applications import Starlette
@@ -163,26 +171,138 @@ def serve_workers(
 
     `build` runs in each worker (after the fork) and returns the app, its uvicorn config and the drain
     grace. SIGTERM/SIGINT to this process are passed to every worker, each of which drains its own
-    sessions; this process exits when they all have.
+    sessions; this process exits when they all have. A worker that dies otherwise is replaced (`Workers`),
+    and the workers share their metrics through prometheus_client's multiprocess mode (sidecar/metrics.py).
     """
     tuning.raise_file_limit()
     sock = bind(host, port) if sock is None else sock  # `sock`: bound by the caller (`bind`), to check it first
     if workers <= 1:
         _serve_one(build, sock)
         return 0
-    context = multiprocessing.get_context("fork")
-    children = [context.Process(target=_serve_one, args=(build, sock), daemon=False) for _ in range(workers)]
-    for child in children:
-        child.start()
+    with _metrics_dir() as directory:
+        code = Workers(lambda: _worker(build, sock), workers, metrics_dir=directory).run()
+    sock.close()
+    return code
 
-    def forward(sig: int, frame: FrameType | None) -> None:
-        for child in children:
+
+# prometheus_client's multiprocess switch (sidecar.metrics.MULTIPROC_ENV). Not imported from there: importing
+# prometheus_client in this process before the variable is set would fix its value class for every worker.
+_MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+MAX_RESTARTS: Final = 5  # worker restarts within RESTART_WINDOW_S; one more and the server stops (exit 1)
+RESTART_WINDOW_S: Final = 60.0
+
+
+@contextlib.contextmanager
+def _metrics_dir() -> Iterator[str]:
+    """A fresh directory for the workers' metrics, named in the environment before any worker forks."""
+    directory = tempfile.mkdtemp(prefix="sidecar-metrics-")
+    if "prometheus_client" in sys.modules:  # too late for the mode: each worker would report only itself
+        log.warning("prometheus_client was imported before the workers started; /metrics shows one worker each")
+    os.environ[_MULTIPROC_ENV] = directory
+    try:
+        yield directory
+    finally:
+        os.environ.pop(_MULTIPROC_ENV, None)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _worker(build: Callable[[], tuple[Starlette, uvicorn.Config, float]], sock: socket.socket) -> None:
+    """One worker: the parent's signal handlers are not its own (uvicorn installs its own once it serves)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _serve_one(build, sock)
+
+
+def _describe(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    return f"exit status {exitcode}"
+
+
+class Workers:
+    """The parent of `serve_workers`: starts the workers, passes SIGTERM/SIGINT on, and replaces a worker
+    that dies while no signal asked them to stop, at most `max_restarts` times within `window_s` (beyond,
+    a crash loop: the others are stopped and the server exits 1, for its supervisor to restart)."""
+
+    def __init__(
+        self,
+        target: Callable[[], None],
+        count: int,
+        *,
+        metrics_dir: str | None = None,
+        max_restarts: int = MAX_RESTARTS,
+        window_s: float = RESTART_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._context = multiprocessing.get_context("fork")
+        self._target = target
+        self._count = count
+        self._metrics_dir = metrics_dir
+        self._max_restarts = max_restarts
+        self._window_s = window_s
+        self._clock = clock
+        self._restarts: deque[float] = deque()
+        self.children: list[BaseProcess] = []
+        self.stopping = False
+        self.gave_up = False
+
+    def run(self) -> int:
+        """Run until every worker has exited after a signal; returns the exit code."""
+        signal.signal(signal.SIGTERM, self.forward)
+        signal.signal(signal.SIGINT, self.forward)
+        for _ in range(self._count):
+            self._start()
+        codes: list[int] = []
+        while self.children:
+            ready = set(multiprocessing.connection.wait([c.sentinel for c in self.children]))
+            for child in [c for c in self.children if c.sentinel in ready]:
+                child.join()
+                self.children.remove(child)
+                self._forget(child)
+                if self.stopping:
+                    codes.append(child.exitcode or 0)
+                else:
+                    self._replace(child)
+        return 1 if self.gave_up else max(codes, default=0)
+
+    def forward(self, sig: int, frame: FrameType | None) -> None:
+        """Pass a signal to every live worker; from now on no worker is replaced."""
+        self.stopping = True
+        for child in self.children:
             if child.pid is not None and child.is_alive():
                 os.kill(child.pid, sig)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for child in children:
-        child.join()
-    sock.close()
-    return max((child.exitcode or 0) for child in children)
+    def _start(self) -> None:
+        child = self._context.Process(target=self._target, daemon=False)
+        child.start()
+        self.children.append(child)
+        if self.stopping and child.pid is not None:  # a signal came while it forked
+            os.kill(child.pid, signal.SIGTERM)
+
+    def _replace(self, child: BaseProcess) -> None:
+        now = self._clock()
+        while self._restarts and now - self._restarts[0] > self._window_s:
+            self._restarts.popleft()
+        if len(self._restarts) >= self._max_restarts:
+            log.error(
+                "worker %s %s: %d restarts within %gs already; stopping the server",
+                child.pid,
+                _describe(child.exitcode),
+                len(self._restarts),
+                self._window_s,
+            )
+            self.gave_up = True
+            self.forward(signal.SIGTERM, None)
+            return
+        self._restarts.append(now)
+        self._start()
+        log.warning(
+            "worker %s %s; started worker %s in its place", child.pid, _describe(child.exitcode), self.children[-1].pid
+        )
+
+    def _forget(self, child: BaseProcess) -> None:
+        """Drop a dead worker's live gauges from the shared metrics (its counters stay: they only add up)."""
+        if self._metrics_dir is not None and child.pid is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(child.pid, self._metrics_dir)  # type: ignore[no-untyped-call]

@@ -1242,7 +1242,8 @@ def test_the_promql_check_catches_unknown_names(exposition: Exposition) -> None:
 
 
 def test_alert_thresholds_follow_the_values(helm: Helm, tmp_path: Path) -> None:
-    """The session alert is a share of config.maxSessions; the spool duration and extra labels are the values'."""
+    """The session alert is a share of config.maxSessions times config.workers (a pod's workers add up); the
+    spool duration and extra labels are the values'."""
     values = {
         "config": {"maxSessions": 1000},
         "metrics": {
@@ -1265,6 +1266,9 @@ def test_alert_thresholds_follow_the_values(helm: Helm, tmp_path: Path) -> None:
         assert alert["labels"]["severity"] != "info"  # the chart's severity wins
     default_alerts = alerts_of(helm.template("--set", "metrics.prometheusRule.enabled=true"))
     assert default_alerts["RealtimeSidecarNearSessionLimit"]["expr"].endswith("> 1600")  # 0.8 of the sidecar's 2000
+    workers = ("--set", "config.workers=4", "--set", "redis.url=redis://redis:6379/0")
+    pod_alerts = alerts_of(helm.template("--set", "metrics.prometheusRule.enabled=true", *workers))
+    assert pod_alerts["RealtimeSidecarNearSessionLimit"]["expr"].endswith("> 6400")  # a pod's 4 workers add up
 
 
 def test_dashboard_configmap_carries_the_grafana_label(monitoring: Manifests, helm: Helm) -> None:

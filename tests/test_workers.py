@@ -1,70 +1,160 @@
-"""`sidecar serve --workers 2`: two processes share the port and the Redis control plane, and both drain."""
+"""`sidecar serve --workers 2`: two processes share the port, the Redis control plane and one /metrics view;
+both drain, and a worker that dies is replaced."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
 import orjson
+import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from sidecar.server import Workers
 from sidecar.testing.fake_provider import FakeProvider
-from tests.billing_support import RedisServer, SidecarProcess
+from tests.billing_support import RedisServer, SidecarProcess, poll
 
 MASTER = "sk-workers-master"
+HEADERS = {"Authorization": f"Bearer {MASTER}"}
+
+
+@contextlib.asynccontextmanager
+async def two_workers(tmp_path: Path) -> AsyncIterator[SidecarProcess]:
+    """`sidecar serve` with SIDECAR_WORKERS=2 over a throwaway Redis and a fake provider, ready."""
+    redis = RedisServer(tmp_path / "redis")
+    await redis.start()
+    try:
+        async with FakeProvider() as provider:
+            config = tmp_path / "config.yaml"
+            entry = {"model": "openai/gpt-realtime-whisper", "api_base": provider.url, "api_key": provider.api_key}
+            config.write_text(
+                yaml.safe_dump(
+                    {
+                        "model_list": [{"model_name": "gpt-realtime-whisper", "litellm_params": entry}],
+                        "general_settings": {"master_key": MASTER},
+                    }
+                )
+            )
+            env = {
+                "SIDECAR_LITELLM_CONFIG": str(config),
+                "SIDECAR_REDIS_URL": redis.url,
+                "SIDECAR_WORKERS": "2",
+                "SIDECAR_DRAIN_GRACE_S": "0.5",
+                "SIDECAR_SPOOL_DIR": str(tmp_path / "spool"),
+            }
+            sidecar = SidecarProcess(env, workdir=tmp_path / "run")
+            await sidecar.start()
+            try:
+                yield sidecar
+            finally:
+                await sidecar.kill()
+    finally:
+        await redis.stop()
+
+
+async def sessions_on(sidecar: SidecarProcess, done: Callable[[set[str]], bool]) -> list[ClientConnection]:
+    """Open sessions until `done(replicas listed in /admin/sessions)` (at most 40 sessions)."""
+    url = f"ws://127.0.0.1:{sidecar.port}/v1/realtime?intent=transcription"
+    sessions: list[ClientConnection] = []
+    replicas: set[str] = set()
+    async with httpx.AsyncClient(base_url=sidecar.http, headers=HEADERS) as http:
+        while not done(replicas) and len(sessions) < 40:
+            ws = await connect(url, additional_headers=HEADERS)
+            assert orjson.loads(await ws.recv())["type"] == "session.created"
+            sessions.append(ws)
+            replicas = {s["replica"] for s in (await http.get("/admin/sessions")).json()["data"]}
+    assert done(replicas), replicas
+    return sessions
+
+
+def workers_of(pid: int) -> set[int]:
+    """The child processes of `pid` (its workers)."""
+    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def series(text: str, name: str) -> list[float]:
+    """Every value of the series `name` in an exposition text."""
+    return [s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
 
 
 async def test_two_workers_share_sessions_registry_and_drain(tmp_path: Path) -> None:
     """Sessions land on both workers (two replicas in /admin/sessions); SIGTERM drains both and exits 0."""
-    redis = RedisServer(tmp_path / "redis")
-    await redis.start()
-    async with FakeProvider() as provider:
-        config = tmp_path / "config.yaml"
-        entry = {"model": "openai/gpt-realtime-whisper", "api_base": provider.url, "api_key": provider.api_key}
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "model_list": [{"model_name": "gpt-realtime-whisper", "litellm_params": entry}],
-                    "general_settings": {"master_key": MASTER},
-                }
-            )
-        )
-        env = {
-            "SIDECAR_LITELLM_CONFIG": str(config),
-            "SIDECAR_REDIS_URL": redis.url,
-            "SIDECAR_WORKERS": "2",
-            "SIDECAR_DRAIN_GRACE_S": "0.5",
-            "SIDECAR_SPOOL_DIR": str(tmp_path / "spool"),
-        }
-        sidecar = SidecarProcess(env, workdir=tmp_path / "run")
-        await sidecar.start()
-        try:
-            # `sidecar serve` re-executed itself (same pid) on the C allocator (sidecar/tuning.py).
-            environ = (await asyncio.to_thread(Path(f"/proc/{sidecar.pid}/environ").read_bytes)).split(b"\0")
-            assert b"PYTHONMALLOC=malloc" in environ
-            url = f"ws://127.0.0.1:{sidecar.port}/v1/realtime?intent=transcription"
-            headers = {"Authorization": f"Bearer {MASTER}"}
-            sessions: list[ClientConnection] = []
-            replicas: set[str] = set()
-            async with httpx.AsyncClient(base_url=sidecar.http, headers=headers) as http:
-                while len(replicas) < 2 and len(sessions) < 40:
-                    ws = await connect(url, additional_headers=headers)
-                    assert orjson.loads(await ws.recv())["type"] == "session.created"
-                    sessions.append(ws)
-                    listed = (await http.get("/admin/sessions")).json()["data"]
-                    replicas = {s["replica"] for s in listed}
-            assert len(replicas) == 2
-            code = await sidecar.terminate()
-            for ws in sessions:
-                try:
-                    while True:
-                        await ws.recv()
-                except ConnectionClosed as closed:
-                    assert closed.rcvd is not None and closed.rcvd.code == 1001
-            assert code == 0
-        finally:
-            await sidecar.kill()
-            await redis.stop()
+    async with two_workers(tmp_path) as sidecar:
+        # `sidecar serve` re-executed itself (same pid) on the C allocator (sidecar/tuning.py).
+        environ = (await asyncio.to_thread(Path(f"/proc/{sidecar.pid}/environ").read_bytes)).split(b"\0")
+        assert b"PYTHONMALLOC=malloc" in environ
+        sessions = await sessions_on(sidecar, lambda replicas: len(replicas) == 2)
+        code = await sidecar.terminate()
+        for ws in sessions:
+            try:
+                while True:
+                    await ws.recv()
+            except ConnectionClosed as closed:
+                assert closed.rcvd is not None and closed.rcvd.code == 1001
+        assert code == 0
+
+
+async def test_one_scrape_sees_every_worker(tmp_path: Path) -> None:
+    """With sessions on both workers, one GET /metrics counts them all: the live gauge while they run, the
+    sessions counter once they ended; build info and process figures appear once, for the whole server."""
+    async with two_workers(tmp_path) as sidecar, httpx.AsyncClient(base_url=sidecar.http) as http:
+        sessions = await sessions_on(sidecar, lambda replicas: len(replicas) == 2)
+        text = (await http.get("/metrics")).text
+        assert series(text, "sidecar_live_sessions") == [len(sessions)]
+        assert series(text, "sidecar_build_info") == [1.0]
+        assert len(series(text, "process_resident_memory_bytes")) == 1
+        assert len(series(text, "python_gc_collections_total")) == 3  # one per generation
+        for ws in sessions:
+            await ws.close()
+
+        async def all_counted() -> str | None:
+            text = (await http.get("/metrics")).text
+            return text if sum(series(text, "sidecar_sessions_total")) == len(sessions) else None
+
+        text = await poll(all_counted, what="every worker's ended sessions on one scrape")
+        assert series(text, "sidecar_live_sessions") == [0.0]
+
+
+async def test_a_killed_worker_is_replaced_and_serves(tmp_path: Path) -> None:
+    """SIGKILL one worker: the parent logs it and starts another, which serves sessions; SIGTERM still exits 0."""
+    async with two_workers(tmp_path) as sidecar:
+        before = workers_of(sidecar.pid)
+        assert len(before) == 2
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+
+        async def replaced() -> set[int] | None:
+            now = workers_of(sidecar.pid)
+            return now - before if len(now) == 2 and victim not in now else None
+
+        (fresh,) = await poll(replaced, what="a worker in place of the killed one")
+        sessions = await sessions_on(sidecar, lambda replicas: any(r.endswith(f"-{fresh}") for r in replicas))
+        assert f"worker {victim} killed by SIGKILL; started worker {fresh} in its place" in sidecar.log.read_text()
+        for ws in sessions:
+            await ws.close()
+        assert await sidecar.terminate() == 0
+
+
+def test_a_crash_loop_stops_after_the_restart_budget(caplog: pytest.LogCaptureFixture) -> None:
+    """Workers that keep dying are replaced at most max_restarts times within the window; then the parent
+    gives up and exits 1 instead of forking forever."""
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    caplog.set_level(logging.WARNING, logger="sidecar.server")
+    try:
+        code = Workers(lambda: os._exit(3), 2, max_restarts=3, window_s=3600).run()
+    finally:
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
+    assert code == 1
+    replaced = [r for r in caplog.records if "in its place" in r.message]
+    assert len(replaced) == 3 and all("exit status 3" in r.message for r in replaced)
+    assert [r.levelno for r in caplog.records if "stopping the server" in r.message] == [logging.ERROR]
