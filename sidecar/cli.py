@@ -82,6 +82,19 @@ def check_prices(catalog: Catalog, *, allow_unpriced: bool) -> None:
         )
 
 
+def check_spool(settings: Settings) -> None:
+    """Raise ConfigError when SIDECAR_SPOOL_DIR cannot be created or written (usage would have nowhere to wait)."""
+    directory = settings.spool_dir
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"SIDECAR_SPOOL_DIR {directory} cannot be created: {exc.strerror or type(exc).__name__}"
+        ) from exc
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"SIDECAR_SPOOL_DIR {directory} is not writable")
+
+
 def startup_warnings(settings: Settings, catalog: Catalog) -> list[str]:
     """The catalog's warnings, and a LiteLLM URL with no master key to ask it with."""
     found = list(catalog.warnings)
@@ -106,10 +119,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_workers(settings, workers)
     catalog = _catalog(settings)
     check_prices(catalog, allow_unpriced=settings.allow_unpriced)
-    if not settings.redis_url:  # embedded mode bills into the database: its URL must be one
-        from sidecar.billing.writer import make_engine
+    check_spool(settings)
+    if not settings.redis_url:  # embedded mode bills into the database: it must be one this process can use
+        from sidecar.billing.writer import make_engine, upgrade
 
-        make_engine(settings.database_url, timeout_s=settings.db_timeout_s).dispose()
+        engine = make_engine(settings.database_url, timeout_s=settings.db_timeout_s)
+        upgrade(engine)  # BillingDatabaseError: e.g. a SQLite file in a directory that does not exist
+        engine.dispose()
     sock = bind(host, port)
     configure_logging()
     for warning in startup_warnings(settings, catalog):

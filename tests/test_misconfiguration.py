@@ -180,6 +180,22 @@ def test_malformed_database_url_is_one_line(tmp_path: Path, args: tuple[str, ...
     assert refused(run(*args, env=env)) == line
 
 
+def test_serve_unusable_sqlite_database_is_one_line(tmp_path: Path) -> None:
+    """Embedded mode with a SQLite file in a directory that does not exist: one line, exit 2 (not exit 3 and a
+    traceback from the lifespan)."""
+    url = f"sqlite:///{tmp_path / 'missing' / 'billing.db'}"
+    line = refused(run("serve", env=serve_env(tmp_path, SIDECAR_DATABASE_URL=url)))
+    assert line.startswith("sidecar: billing upgrade: database failure: OperationalError: unable to open database file")
+
+
+def test_serve_unusable_spool_dir_is_one_line(tmp_path: Path) -> None:
+    """A SIDECAR_SPOOL_DIR that cannot be created (under a file): one line naming it, exit 2."""
+    (tmp_path / "file").write_text("")
+    spool = tmp_path / "file" / "spool"
+    line = refused(run("serve", env=serve_env(tmp_path, SIDECAR_SPOOL_DIR=str(spool))))
+    assert line == f"sidecar: SIDECAR_SPOOL_DIR {spool} cannot be created: Not a directory"
+
+
 def test_serve_port_in_use_is_one_line(tmp_path: Path, listening: int) -> None:
     """A port another process listens on: one line naming the address, exit 2 (not a traceback)."""
     line = refused(run("serve", "--port", str(listening), env=serve_env(tmp_path)))
