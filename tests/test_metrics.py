@@ -38,8 +38,7 @@ def sample(text: str, name: str, **labels: str) -> float | None:
 async def test_audio_and_cost_accrue_at_checkpoints_and_end_at_the_billed_figures(
     tmp_path: Path, speech_pcm16: bytes
 ) -> None:
-    """A live session's audio seconds and cost show by model at its checkpoints; after it ends the counters
-    equal the billed row's audio_seconds and cost_usd."""
+    """Audio seconds and cost show by model at a live session's checkpoints and end equal to the billed row."""
     parts = list(chunks(speech_pcm16))
     async with stack(tmp_path, checkpoint_s=0.25) as s, httpx.AsyncClient(base_url=s.sidecar.http) as http:
         ws = await connect(f"{s.sidecar.ws}{URL}", additional_headers={"Authorization": f"Bearer {USER_KEY}"})
@@ -119,8 +118,7 @@ class FlakyStore(MemoryStore):
 
 
 async def test_a_redis_outage_is_one_warning_a_gauge_and_a_count(caplog: pytest.LogCaptureFixture) -> None:
-    """Admissions during an outage go ahead and are counted, with one warning per outage; the heartbeat
-    sees Redis back (one info line) and sidecar_redis_up follows."""
+    """A Redis outage: admissions go ahead and are counted, one warning per outage, sidecar_redis_up follows."""
     store = FlakyStore()
     metrics = Metrics()
     supervisor = Supervisor(

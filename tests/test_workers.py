@@ -104,8 +104,7 @@ async def test_two_workers_share_sessions_registry_and_drain(tmp_path: Path) -> 
 
 
 async def test_one_scrape_sees_every_worker(tmp_path: Path) -> None:
-    """With sessions on both workers, one GET /metrics counts them all: the live gauge while they run, the
-    sessions counter once they ended; build info and process figures appear once, for the whole server."""
+    """One GET /metrics counts both workers' sessions (live, then ended); build and process figures appear once."""
     async with two_workers(tmp_path) as sidecar, httpx.AsyncClient(base_url=sidecar.http) as http:
         sessions = await sessions_on(sidecar, lambda replicas: len(replicas) == 2)
         text = (await http.get("/metrics")).text
@@ -145,8 +144,7 @@ async def test_a_killed_worker_is_replaced_and_serves(tmp_path: Path) -> None:
 
 
 def test_a_crash_loop_stops_after_the_restart_budget(caplog: pytest.LogCaptureFixture) -> None:
-    """Workers that keep dying are replaced at most max_restarts times within the window; then the parent
-    gives up and exits 1 instead of forking forever."""
+    """Workers that keep dying are replaced max_restarts times within the window, then the parent exits 1."""
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     caplog.set_level(logging.WARNING, logger="sidecar.server")
     try:
