@@ -124,11 +124,15 @@ async def test_one_scrape_sees_every_worker(tmp_path: Path) -> None:
 
 
 async def test_a_killed_worker_is_replaced_and_serves(tmp_path: Path) -> None:
-    """SIGKILL one worker: the parent logs it and starts another, which serves sessions; SIGTERM still exits 0."""
-    async with two_workers(tmp_path) as sidecar:
+    """SIGKILL one worker: another takes its place and serves; its live sessions leave the shared live gauge."""
+    async with two_workers(tmp_path) as sidecar, httpx.AsyncClient(base_url=sidecar.http, headers=HEADERS) as http:
         before = workers_of(sidecar.pid)
         assert len(before) == 2
+        held = await sessions_on(sidecar, lambda replicas: len(replicas) == 2)
         victim = min(before)
+        listed = (await http.get("/admin/sessions")).json()["data"]
+        surviving = sum(not s["replica"].endswith(f"-{victim}") for s in listed)
+        assert 0 < surviving < len(held)
         os.kill(victim, signal.SIGKILL)
 
         async def replaced() -> set[int] | None:
@@ -136,9 +140,14 @@ async def test_a_killed_worker_is_replaced_and_serves(tmp_path: Path) -> None:
             return now - before if len(now) == 2 and victim not in now else None
 
         (fresh,) = await poll(replaced, what="a worker in place of the killed one")
-        sessions = await sessions_on(sidecar, lambda replicas: any(r.endswith(f"-{fresh}") for r in replicas))
         assert f"worker {victim} killed by SIGKILL; started worker {fresh} in its place" in sidecar.log.read_text()
-        for ws in sessions:
+
+        async def forgotten() -> bool:
+            return series((await http.get("/metrics")).text, "sidecar_live_sessions") == [surviving]
+
+        await poll(forgotten, what="the killed worker's sessions out of sidecar_live_sessions")
+        sessions = await sessions_on(sidecar, lambda replicas: any(r.endswith(f"-{fresh}") for r in replicas))
+        for ws in held + sessions:
             await ws.close()
         assert await sidecar.terminate() == 0
 
