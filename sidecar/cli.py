@@ -14,9 +14,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sidecar.config import Settings
 from sidecar.errors import ConfigError, SidecarError
@@ -255,15 +255,37 @@ def _version() -> str:
         return "unknown"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (`sidecar serve: argument --port: ...`) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        return value
+
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line."""
-    top = argparse.ArgumentParser(prog="sidecar", description="Realtime sidecar for the LiteLLM proxy")
+    top = _Parser(prog="sidecar", description="Realtime sidecar for the LiteLLM proxy")
     top.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = top.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the relay", description="Run the relay.", epilog=_EPILOGS["serve"])
     serve.add_argument("--host", help="address to listen on (default SIDECAR_HOST, 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to listen on (default SIDECAR_PORT, 8787)")
-    serve.add_argument("--workers", type=int, help="worker processes sharing the port (default SIDECAR_WORKERS, 1)")
+    serve.add_argument("--port", type=_positive(int), help="port to listen on (default SIDECAR_PORT, 8787)")
+    serve.add_argument(
+        "--workers", type=_positive(int), help="worker processes sharing the port (default SIDECAR_WORKERS, 1)"
+    )
     serve.set_defaults(func=cmd_serve)
     consume = sub.add_parser(
         "consume",
@@ -287,7 +309,7 @@ def parser() -> argparse.ArgumentParser:
         epilog=_EPILOGS["smoke"],
     )
     smoke.add_argument("model", help="a public model name of the config")
-    smoke.add_argument("--timeout", type=float, default=10.0, help="seconds per deployment (default 10)")
+    smoke.add_argument("--timeout", type=_positive(float), default=10.0, help="seconds per deployment (default 10)")
     smoke.set_defaults(func=cmd_smoke)
     db = sub.add_parser("db", help="billing database", description="Billing database commands.")
     db_sub = db.add_subparsers(dest="db_command", required=True)

@@ -58,7 +58,7 @@ def refused(result: subprocess.CompletedProcess[str]) -> str:
     """The one stderr line of a refusal (exit 2, nothing else on stderr, no traceback, nothing served)."""
     lines = result.stderr.splitlines()
     assert result.returncode == 2, result.stderr
-    assert len(lines) == 1 and lines[0].startswith("sidecar: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("sidecar"), result.stderr
     assert "Traceback" not in result.stderr
     return lines[0]
 
@@ -139,11 +139,17 @@ def test_serve_non_positive_number_is_one_line(tmp_path: Path, variable: str, va
     assert line == f"sidecar: {variable} must be positive, got {value!r}"
 
 
-def test_serve_zero_workers_is_one_line(tmp_path: Path) -> None:
-    """`--workers 0`: one line, exit 2."""
-    assert (
-        refused(run("serve", "--workers", "0", env=serve_env(tmp_path))) == "sidecar: --workers must be positive, got 0"
-    )
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (("serve", "--workers", "0"), "sidecar serve: argument --workers: must be positive, got '0'"),
+        (("serve", "--port", "-1"), "sidecar serve: argument --port: must be positive, got '-1'"),
+        (("smoke", "gpt-realtime", "--timeout", "0"), "sidecar smoke: argument --timeout: must be positive, got '0'"),
+    ],
+)
+def test_non_positive_option_is_one_line(tmp_path: Path, args: tuple[str, ...], line: str) -> None:
+    """A non-positive `--workers`, `--port` or `--timeout`: one line (not argparse's usage block), exit 2."""
+    assert refused(run(*args, env=serve_env(tmp_path))) == f"{line} (see sidecar {args[0]} --help)"
 
 
 @pytest.mark.parametrize(
