@@ -1199,6 +1199,7 @@ def test_prometheus_rule_has_the_documented_alerts(monitoring: Manifests) -> Non
         "RealtimeSidecarLiteLLMUnreachable",
         "RealtimeSidecarUpstreamErrors",
         "RealtimeSidecarNearSessionLimit",
+        "RealtimeSidecarRedisUnreachable",
     }
     for name, alert in alerts.items():
         assert alert["for"], name
@@ -1225,6 +1226,7 @@ def test_alert_expressions_read_only_what_metrics_exposes(monitoring: Manifests,
         "sidecar_key_check_failures_total",
         "sidecar_sessions_total",
         "sidecar_live_sessions",
+        "sidecar_redis_up",
     } <= read
 
 
