@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import httpx
 import redis.asyncio as aioredis
+import yaml
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -40,8 +41,9 @@ from sidecar.auth import hash_key
 from sidecar.billing import BillingWriter, RealtimeUsage, RealtimeUsageEvent, UsageConsumer, make_engine, upgrade
 from sidecar.publisher import EmbeddedPublisher, RedisPublisher, SpoolingPublisher
 from sidecar.spool import Spool
+from sidecar.testing.fake_provider import FakeProvider
 from sidecar.usage import UsageEvent
-from tests.relay_stack import catalog_for, entry
+from tests.relay_stack import MASTER_KEY, catalog_for, entry
 from tests.support import COMPLETED, chunks, next_of
 
 MODEL = "gpt-realtime-whisper"
@@ -483,3 +485,28 @@ class SidecarProcess:
     @property
     def returncode(self) -> int | None:
         return None if self._process is None else self._process.returncode
+
+
+# ---- a real `sidecar serve` -----------------------------------------------------------------------------
+
+
+def litellm_config(path: Path, provider: FakeProvider, *, master_key: str = MASTER_KEY) -> Path:
+    """A LiteLLM config.yaml serving gpt-realtime-whisper from `provider`, with `master_key`."""
+    config = {
+        "model_list": [entry(MODEL, f"openai/{MODEL}", provider.url, provider.api_key)],
+        "general_settings": {"master_key": master_key},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def serve_env(
+    tmp_path: Path, provider: FakeProvider, *, master_key: str = MASTER_KEY, **settings: str
+) -> dict[str, str]:
+    """The environment of a `sidecar serve` on `provider`: SIDECAR_<NAME> for each `name=value` given."""
+    env = {
+        "SIDECAR_LITELLM_CONFIG": str(litellm_config(tmp_path / "litellm.yaml", provider, master_key=master_key)),
+        "SIDECAR_SPOOL_DIR": str(tmp_path / "spool-serve"),
+        "SIDECAR_DATABASE_URL": f"sqlite:///{tmp_path / 'unused.db'}",
+    }
+    return env | {f"SIDECAR_{name.upper()}": value for name, value in settings.items()}

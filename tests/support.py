@@ -64,8 +64,10 @@ async def serve(
     max_frame_bytes: int = 4 * 1024 * 1024,
     grace_s: float = 5.0,
     ws_ping_interval: float | None = 20.0,
+    **limits: Any,
 ) -> AsyncIterator[Running]:
-    """Serve `app` until the block exits; the lifespan runs first; leaving the block drains like SIGTERM."""
+    """Serve `app` until the block exits; the lifespan runs first; leaving the block drains like SIGTERM.
+    `limits` go to `config_for` (handshake_timeout_s, max_connections)."""
     sock = bound_socket()
     config = config_for(
         app,
@@ -74,6 +76,7 @@ async def serve(
         max_frame_bytes=max_frame_bytes,
         log_level="warning",
         ws_ping_interval=ws_ping_interval,
+        **limits,
     )
     server = DrainingServer(config, app=app, grace_s=grace_s)
     task = asyncio.create_task(server.serve(sockets=[sock]))

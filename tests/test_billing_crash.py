@@ -17,7 +17,6 @@ from pathlib import Path
 import orjson
 import pytest
 import redis.asyncio as aioredis
-import yaml
 from openai import AsyncOpenAI
 from sqlalchemy import Engine
 
@@ -42,10 +41,11 @@ from tests.billing_support import (
     poll,
     quick_redis,
     read_billing,
+    serve_env,
     stream_speech,
     until_closed,
 )
-from tests.relay_stack import MASTER_KEY, USER_KEY, entry, stack
+from tests.relay_stack import MASTER_KEY, USER_KEY, stack
 from tests.support import TRANSCRIBE, chunks
 
 STREAM = "realtime:usage"  # fixed for `sidecar serve`; each test has its own redis-server
@@ -89,26 +89,6 @@ async def until_seq(redis: aioredis.Redis, seq: int) -> None:
                     last = entry_id
                     if UsageEvent.from_fields(fields).seq >= seq:
                         return
-
-
-def litellm_config(path: Path, provider: FakeProvider) -> Path:
-    """A LiteLLM config.yaml serving gpt-realtime-whisper from `provider`."""
-    config = {
-        "model_list": [entry(MODEL, f"openai/{MODEL}", provider.url, provider.api_key)],
-        "general_settings": {"master_key": MASTER_KEY},
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def serve_env(tmp_path: Path, provider: FakeProvider, **settings: str) -> dict[str, str]:
-    """The environment of a `sidecar serve` on `provider`: SIDECAR_<NAME> for each `name=value` given."""
-    env = {
-        "SIDECAR_LITELLM_CONFIG": str(litellm_config(tmp_path / "litellm.yaml", provider)),
-        "SIDECAR_SPOOL_DIR": str(tmp_path / "spool-serve"),
-        "SIDECAR_DATABASE_URL": f"sqlite:///{tmp_path / 'unused.db'}",
-    }
-    return env | {f"SIDECAR_{name.upper()}": value for name, value in settings.items()}
 
 
 async def test_sigkilled_sidecar_is_billed_lost_at_its_last_checkpoint(

@@ -14,11 +14,11 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-import yaml
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from sidecar.testing.fake_provider import FakeProvider
+from tests.billing_support import serve_env
 from tests.support import bound_socket
 
 MASTER = "sk-drain-master"
@@ -54,33 +54,12 @@ async def provider() -> AsyncIterator[FakeProvider]:
 async def test_sigterm_drains_and_bills_every_session(tmp_path: Path, provider: FakeProvider) -> None:
     """On SIGTERM: /readyz 503, new sessions refused, a session closing in the grace ends normally, the rest get
     server_shutdown + 1001; the process exits 0 and every session has one final billing row."""
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "model_list": [
-                    {
-                        "model_name": "gpt-realtime-whisper",
-                        "litellm_params": {
-                            "model": "openai/gpt-realtime-whisper",
-                            "api_base": provider.url,
-                            "api_key": provider.api_key,
-                        },
-                    }
-                ],
-                "general_settings": {"master_key": MASTER},
-            }
-        )
-    )
     port = free_port()
     db = tmp_path / "billing.db"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
-        "SIDECAR_LITELLM_CONFIG": str(config),
-        "SIDECAR_PORT": str(port),
+        **serve_env(tmp_path, provider, master_key=MASTER, port=str(port), drain_grace_s="1.5"),
         "SIDECAR_DATABASE_URL": f"sqlite:///{db}",
-        "SIDECAR_SPOOL_DIR": str(tmp_path / "spool"),
-        "SIDECAR_DRAIN_GRACE_S": "1.5",
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sidecar.cli", "serve", env=env, stderr=asyncio.subprocess.DEVNULL

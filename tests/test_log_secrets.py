@@ -13,13 +13,12 @@ from pathlib import Path
 
 import orjson
 import pytest
-import yaml
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from sidecar.logs import UVICORN_LOGGERS, configure_logging
 from sidecar.testing.fake_provider import FakeProvider
-from tests.billing_support import SidecarProcess
+from tests.billing_support import SidecarProcess, serve_env
 from tests.relay_stack import MASTER_KEY, USER_KEY, stack
 
 SECRET = "sk-live-abcdef123456"  # key-shaped
@@ -146,21 +145,7 @@ async def test_sidecar_serve_stderr_has_no_raw_key(tmp_path: Path) -> None:
     key = "sk-client-put-me-in-the-url-0001"
     master = "sk-serve-master-0001"
     async with FakeProvider() as provider:
-        config = tmp_path / "config.yaml"
-        entry = {"model": "openai/gpt-realtime-whisper", "api_base": provider.url, "api_key": provider.api_key}
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "model_list": [{"model_name": "gpt-realtime-whisper", "litellm_params": entry}],
-                    "general_settings": {"master_key": master},
-                }
-            )
-        )
-        env = {
-            "SIDECAR_LITELLM_CONFIG": str(config),
-            "SIDECAR_SPOOL_DIR": str(tmp_path / "spool"),
-            "SIDECAR_DATABASE_URL": f"sqlite:///{tmp_path / 'billing.db'}",
-        }
+        env = serve_env(tmp_path, provider, master_key=master)
         sidecar = SidecarProcess(env, workdir=tmp_path / "run")
         await sidecar.start()
         try:

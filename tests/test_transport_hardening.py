@@ -36,14 +36,13 @@ from websockets.frames import OP_TEXT, Frame
 from sidecar import tuning
 from sidecar.config import Settings
 from sidecar.errors import ConfigError
-from sidecar.server import DrainingServer, config_for
+from sidecar.server import config_for
 from sidecar.spool import Spool
 from sidecar.testing.fake_provider import FakeProvider
 from sidecar.wsserver import RelayWebSocketProtocol
-from tests.billing_support import DEADLINE_S, MODEL, RedisServer, SidecarProcess, poll, quick_redis
+from tests.billing_support import DEADLINE_S, MODEL, RedisServer, SidecarProcess, poll, quick_redis, serve_env
 from tests.relay_stack import MASTER_KEY, stack
-from tests.support import CHUNK_BYTES, Running, bound_socket, chunks, next_raw
-from tests.test_billing_crash import serve_env
+from tests.support import CHUNK_BYTES, Running, chunks, next_raw, serve
 
 KEY = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
 SESSION_URL = f"/v1/realtime?model={MODEL}&intent=transcription"
@@ -175,17 +174,10 @@ async def healthz(request: Request) -> PlainTextResponse:
 @contextlib.asynccontextmanager
 async def guarded(**limits: Any) -> AsyncIterator[Running]:
     """A one-route app (GET /healthz) served with the sidecar's uvicorn settings and the given transport limits."""
-    app = Starlette(routes=[Route("/healthz", healthz)])
-    sock = bound_socket()
-    config = config_for(app, host="127.0.0.1", port=0, max_frame_bytes=1 << 20, log_level="warning", **limits)
-    server = DrainingServer(config, app=app, grace_s=1.0)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        yield Running(port=sock.getsockname()[1], app=app, server=server)
-    finally:
-        server.begin_drain()
-        await task
-        sock.close()
+    async with serve(
+        Starlette(routes=[Route("/healthz", healthz)]), max_frame_bytes=1 << 20, grace_s=1.0, **limits
+    ) as running:
+        yield running
 
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"

@@ -14,14 +14,13 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from sidecar.server import Workers
 from sidecar.testing.fake_provider import FakeProvider
-from tests.billing_support import RedisServer, SidecarProcess, poll
+from tests.billing_support import RedisServer, SidecarProcess, poll, serve_env
 
 MASTER = "sk-workers-master"
 HEADERS = {"Authorization": f"Bearer {MASTER}"}
@@ -34,23 +33,9 @@ async def two_workers(tmp_path: Path) -> AsyncIterator[SidecarProcess]:
     await redis.start()
     try:
         async with FakeProvider() as provider:
-            config = tmp_path / "config.yaml"
-            entry = {"model": "openai/gpt-realtime-whisper", "api_base": provider.url, "api_key": provider.api_key}
-            config.write_text(
-                yaml.safe_dump(
-                    {
-                        "model_list": [{"model_name": "gpt-realtime-whisper", "litellm_params": entry}],
-                        "general_settings": {"master_key": MASTER},
-                    }
-                )
+            env = serve_env(
+                tmp_path, provider, master_key=MASTER, redis_url=redis.url, workers="2", drain_grace_s="0.5"
             )
-            env = {
-                "SIDECAR_LITELLM_CONFIG": str(config),
-                "SIDECAR_REDIS_URL": redis.url,
-                "SIDECAR_WORKERS": "2",
-                "SIDECAR_DRAIN_GRACE_S": "0.5",
-                "SIDECAR_SPOOL_DIR": str(tmp_path / "spool"),
-            }
             sidecar = SidecarProcess(env, workdir=tmp_path / "run")
             await sidecar.start()
             try:
