@@ -31,33 +31,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-KEY = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+from sidecar.testing.upgrades import malformed
+
 MASTER = "sk-measure-master"
-
-
-def upgrade(
-    *, path: bytes = b"/v1/realtime?model=m", extra: bytes = b"", key: bytes = KEY, version: bytes = b"13"
-) -> bytes:
-    """A WebSocket upgrade request, altered as asked."""
-    head = b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    return head + key + b"Sec-WebSocket-Version: " + version + b"\r\n" + extra + b"\r\n"
-
-
-MALFORMED = {
-    "non-ASCII Sec-WebSocket-Protocol": upgrade(extra=b"Sec-WebSocket-Protocol: r\xe9altime\r\n"),
-    "non-ASCII Sec-WebSocket-Key": upgrade(key=b"Sec-WebSocket-Key: \xff\xfe==\r\n"),
-    "non-ASCII Sec-WebSocket-Version": upgrade(version=b"1\xe9"),
-    "non-ASCII Connection": upgrade(extra=b"").replace(b"Connection: Upgrade", b"Connection: Upgrade, \xe9"),
-    "non-ASCII Authorization": upgrade(extra=b"Authorization: Bearer sk-\xe9\r\n"),
-    "non-ASCII other header": upgrade(extra=b"X-Thing: \xe9\r\n"),
-    "non-ASCII query": upgrade(path=b"/v1/realtime?model=\xe9"),
-    "bad Sec-WebSocket-Key": upgrade(key=b"Sec-WebSocket-Key: nope\r\n"),
-    "no Sec-WebSocket-Key": upgrade(key=b""),
-    "bad Sec-WebSocket-Version": upgrade(version=b"14"),
-    "bad Sec-WebSocket-Protocol": upgrade(extra=b"Sec-WebSocket-Protocol: a b\r\n"),
-    "header line over 8 KiB": upgrade(extra=b"X-Long: " + b"a" * 9000 + b"\r\n"),
-    "over 128 headers": upgrade(extra=b"".join(b"X-H%d: v\r\n" % i for i in range(130))),
-}
+MALFORMED = malformed(b"/v1/realtime?model=m")
 
 
 def rss_kb(pid: int) -> int:

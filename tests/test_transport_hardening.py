@@ -38,41 +38,18 @@ from sidecar.config import Settings
 from sidecar.errors import ConfigError
 from sidecar.server import config_for
 from sidecar.spool import Spool
+from sidecar.testing import upgrades
 from sidecar.testing.fake_provider import FakeProvider
 from sidecar.wsserver import RelayWebSocketProtocol
 from tests.billing_support import DEADLINE_S, MODEL, RedisServer, SidecarProcess, poll, quick_redis, serve_env
 from tests.relay_stack import MASTER_KEY, stack
 from tests.support import CHUNK_BYTES, Running, chunks, next_raw, serve
 
-KEY = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
 SESSION_URL = f"/v1/realtime?model={MODEL}&intent=transcription"
 
 
-def upgrade(
-    *, path: bytes = SESSION_URL.encode(), extra: bytes = b"", key: bytes = KEY, version: bytes = b"13"
-) -> bytes:
-    """A WebSocket upgrade request to the sidecar, altered as asked."""
-    head = b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    return head + key + b"Sec-WebSocket-Version: " + version + b"\r\n" + extra + b"\r\n"
-
-
 #: Every kind of malformed upgrade; the first three made uvicorn's protocol raise (the leak of item 8).
-MALFORMED = {
-    "non-ASCII Sec-WebSocket-Protocol": upgrade(extra=b"Sec-WebSocket-Protocol: r\xe9altime\r\n"),
-    "non-ASCII Sec-WebSocket-Version": upgrade(version=b"1\xe9"),
-    "non-ASCII Connection": upgrade().replace(b"Connection: Upgrade", b"Connection: Upgrade, \xe9"),
-    "non-ASCII Sec-WebSocket-Key": upgrade(key=b"Sec-WebSocket-Key: \xff\xfe==\r\n"),
-    "non-ASCII Authorization": upgrade(extra=b"Authorization: Bearer sk-\xe9\r\n"),
-    "non-ASCII other header": upgrade(extra=b"X-Thing: \xe9\r\n"),
-    "non-ASCII query": upgrade(path=b"/v1/realtime?model=\xe9"),
-    "bad Sec-WebSocket-Key": upgrade(key=b"Sec-WebSocket-Key: nope\r\n"),
-    "no Sec-WebSocket-Key": upgrade(key=b""),
-    "two Sec-WebSocket-Keys": upgrade(extra=KEY),
-    "bad Sec-WebSocket-Version": upgrade(version=b"14"),
-    "bad Sec-WebSocket-Protocol": upgrade(extra=b"Sec-WebSocket-Protocol: a b\r\n"),
-    "header line over 8 KiB": upgrade(extra=b"X-Long: " + b"a" * 9000 + b"\r\n"),
-    "over 128 headers": upgrade(extra=b"".join(b"X-H%d: v\r\n" % i for i in range(130))),
-}
+MALFORMED = upgrades.malformed(SESSION_URL.encode())
 RAISED = list(MALFORMED.values())[:3]
 
 
