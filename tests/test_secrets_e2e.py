@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Close
 
 from sidecar.testing.fake_provider import FakeProvider
-from tests.relay_stack import USER_KEY, entry, stack
+from tests.relay_stack import USER_KEY, Stack, entry, stack
 from tests.support import TRANSCRIBE
 
 PUBLIC = "captions"
@@ -103,6 +104,18 @@ async def test_the_sdk_never_decodes_a_secret_however_the_provider_spells_it(tmp
         assert base64.b64decode(events[-1]["delta"])  # still the audio it was
 
 
+async def close_received(s: Stack, provider: FakeProvider, code: int, reason: str) -> Close:
+    """The close frame the SDK receives when the provider closes with (code, reason) after the first append."""
+    provider.faults.close_after_appends = (1, code, reason)
+    async with s.sidecar.openai(USER_KEY).realtime.connect(model=PUBLIC, extra_query=TRANSCRIBE) as conn:
+        await conn.input_audio_buffer.append(audio="AAAA")
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await conn.recv()
+    assert closed.value.rcvd is not None
+    return closed.value.rcvd
+
+
 async def test_upstream_close_reason_reaches_the_sdk_scrubbed(tmp_path: Path) -> None:
     """A provider closing with its key, host:port and deployment in the reason, cut short inside the key at
     its end: the SDK gets the provider's close code and a reason that names none of them."""
@@ -110,16 +123,9 @@ async def test_upstream_close_reason_reaches_the_sdk_scrubbed(tmp_path: Path) ->
         key = provider.api_key
         reason = f"bye {key} {provider.host_port} {DEPLOY} retry with {key[:12]}"
         assert len(reason.encode()) <= 123
-        provider.faults.close_after_appends = (1, 4400, reason)
-        client = s.sidecar.openai(USER_KEY)
-        async with client.realtime.connect(model=PUBLIC, extra_query=TRANSCRIBE) as conn:
-            await conn.input_audio_buffer.append(audio="AAAA")
-            with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    await conn.recv()
-        assert closed.value.rcvd is not None
-        assert closed.value.rcvd.code == 4400
-        assert closed.value.rcvd.reason == f"bye [redacted] [redacted] {PUBLIC} retry with [redacted]"
+        received = await close_received(s, provider, 4400, reason)
+        assert received.code == 4400
+        assert received.reason == f"bye [redacted] [redacted] {PUBLIC} retry with [redacted]"
 
 
 async def test_upstream_close_reason_grown_by_scrubbing_is_cut_on_a_character_boundary(tmp_path: Path) -> None:
@@ -129,13 +135,6 @@ async def test_upstream_close_reason_grown_by_scrubbing_is_cut_on_a_character_bo
         host = provider.host_port.split(":")[0]
         reason = f"{host} " * 4 + "€" * 27  # 40 + 81 bytes; each host (9 characters) becomes [redacted] (10)
         assert len(reason.encode()) == 121
-        provider.faults.close_after_appends = (1, 4401, reason)
-        client = s.sidecar.openai(USER_KEY)
-        async with client.realtime.connect(model=PUBLIC, extra_query=TRANSCRIBE) as conn:
-            await conn.input_audio_buffer.append(audio="AAAA")
-            with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    await conn.recv()
-        assert closed.value.rcvd is not None
-        assert closed.value.rcvd.code == 4401
-        assert closed.value.rcvd.reason == "[redacted] " * 4 + "€" * 26  # 122 bytes: a 27th would need 125
+        received = await close_received(s, provider, 4401, reason)
+        assert received.code == 4401
+        assert received.reason == "[redacted] " * 4 + "€" * 26  # 122 bytes: a 27th would need 125
