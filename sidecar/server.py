@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -179,8 +180,9 @@ def serve_workers(
     if workers <= 1:
         _serve_one(build, sock)
         return 0
+    parent = os.getpid()
     with _metrics_dir() as directory:
-        code = Workers(lambda: _worker(build, sock), workers, metrics_dir=directory).run()
+        code = Workers(lambda: _worker(build, sock, parent), workers, metrics_dir=directory).run()
     sock.close()
     return code
 
@@ -206,11 +208,29 @@ def _metrics_dir() -> Iterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _worker(build: Callable[[], tuple[Starlette, uvicorn.Config, float]], sock: socket.socket) -> None:
-    """One worker: the parent's signal handlers are not its own (uvicorn installs its own once it serves)."""
+def _worker(build: Callable[[], tuple[Starlette, uvicorn.Config, float]], sock: socket.socket, parent: int) -> None:
+    """One worker: the parent's signal handlers are not its own (uvicorn installs its own once it serves), and
+    it drains when its parent dies."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    _die_with(parent)
     _serve_one(build, sock)
+
+
+PR_SET_PDEATHSIG: Final = 1  # linux/prctl.h
+
+
+def _die_with(parent: int) -> None:
+    """Have Linux send this worker SIGTERM when `parent` dies: a parent killed with SIGKILL would otherwise
+    leave its workers serving (and holding the port) with no one to stop them. SIGTERM drains and bills, as
+    on any stop. A parent already gone by now gets the same SIGTERM at once. Elsewhere, nothing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _describe(exitcode: int | None) -> str:

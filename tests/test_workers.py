@@ -137,6 +137,21 @@ async def test_a_killed_worker_is_replaced_and_serves(tmp_path: Path) -> None:
         assert await sidecar.terminate() == 0
 
 
+async def test_workers_drain_and_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
+    """SIGKILL the parent: both workers get SIGTERM (PR_SET_PDEATHSIG), drain and exit; nothing is left serving."""
+    async with two_workers(tmp_path) as sidecar:
+        workers = workers_of(sidecar.pid)
+        assert len(workers) == 2
+        await sidecar.kill()
+
+        async def gone() -> bool:
+            alive = await asyncio.to_thread(lambda: [pid for pid in workers if Path(f"/proc/{pid}").exists()])
+            return not alive
+
+        await poll(gone, what="the workers of a killed parent to exit")
+    assert "draining" in sidecar.log.read_text()
+
+
 def test_a_crash_loop_stops_after_the_restart_budget(caplog: pytest.LogCaptureFixture) -> None:
     """Workers that keep dying are replaced max_restarts times within the window, then the parent exits 1."""
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
