@@ -15,6 +15,8 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
+from tests.litellm_schema import apply_migrations
+
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_ADMIN_DSN = os.environ.get("TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 DATA = Path(__file__).resolve().parents[1] / "examples" / "audio"
@@ -59,6 +61,31 @@ def pg_url(unique: str) -> Iterator[str]:
         conn.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
     yield f"{base}/{name}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def litellm_template() -> Iterator[str]:
+    """LiteLLM's schema (tests/litellm_schema.py) built once per session; left idle to be a TEMPLATE."""
+    name = f"sidecar_litellm_template_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        apply_migrations(f"{PG_ADMIN_DSN.rsplit('/', 1)[0]}/{name}")
+        yield name
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def litellm_db(litellm_template: str, unique: str) -> Iterator[str]:
+    """A fresh clone of LiteLLM's schema for this test, as a psycopg DSN (`CREATE DATABASE ... TEMPLATE`)."""
+    name = f"sidecar_litellm_{unique}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{litellm_template}"')
+    yield f"{PG_ADMIN_DSN.rsplit('/', 1)[0]}/{name}"
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
