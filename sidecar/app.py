@@ -48,7 +48,7 @@ from sidecar.errors import (
 from sidecar.metering import SessionMeter
 from sidecar.metrics import CONTENT_TYPE_LATEST, Metrics, multiprocess_dir
 from sidecar.pinning import Pin
-from sidecar.publisher import UsagePublisher
+from sidecar.publisher import SpoolingPublisher, UsagePublisher
 from sidecar.relay import Relay
 from sidecar.session import Session
 from sidecar.upstream import OPENAI_HOSTS, Dialer, connect_any, websocket_dialer
@@ -140,6 +140,8 @@ def create_app(
                 max_sessions=settings.max_sessions,
                 max_sessions_per_key=settings.max_sessions_per_key,
             )
+            if isinstance(pub, SpoolingPublisher):
+                metrics.spool_foreign_files.set(pub.foreign_spool_files)
             metrics.watch(
                 live=lambda: len(supervisor.live),
                 failures=lambda: pub.publish_failures,
@@ -203,12 +205,13 @@ def _client_secrets(settings: Settings, redis: aioredis.Redis | None) -> ClientS
 @asynccontextmanager
 async def _default_publisher(settings: Settings, redis: aioredis.Redis | None) -> AsyncIterator[UsagePublisher]:
     """Redis when SIDECAR_REDIS_URL is set, else the embedded writer straight into the billing DB."""
-    from sidecar.publisher import EmbeddedPublisher, RedisPublisher
+    from sidecar.publisher import EmbeddedPublisher, RedisPublisher, database_sink, redis_sink
     from sidecar.spool import Spool
 
-    spool = Spool(settings.spool_dir)
+    # The spool adopts only what a dead process spooled for this same sink (docs/billing.md).
     pub: UsagePublisher
     if redis is not None:
+        spool = Spool(settings.spool_dir, sink=redis_sink(redis, stream=settings.usage_stream))
         pub = RedisPublisher(redis, stream=settings.usage_stream, spool=spool)
     else:
         from sidecar.billing.writer import BillingWriter, make_engine, upgrade
@@ -216,6 +219,7 @@ async def _default_publisher(settings: Settings, redis: aioredis.Redis | None) -
         engine = make_engine(settings.database_url, timeout_s=settings.db_timeout_s)
         upgrade(engine)
         writer = BillingWriter(engine, timeout_s=settings.db_timeout_s)
+        spool = Spool(settings.spool_dir, sink=database_sink(settings.database_url))
         pub = EmbeddedPublisher(lambda events: writer.write_or_dead_letter(events, now=datetime.now(UTC)), spool=spool)
     await pub.start()
     # Embedded mode has no `sidecar consume`: this process closes crashed sessions as `lost` itself.

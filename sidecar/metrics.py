@@ -200,6 +200,12 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        self.spool_foreign_files = Gauge(
+            "sidecar_usage_spool_foreign_files",
+            "Dead processes' usage spool files of another sink, found at start and left in place",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.draining = Gauge("sidecar_draining", "1 while the replica drains", multiprocess_mode="livemax", registry=r)
         self.redis_up = Gauge(
             "sidecar_redis_up",

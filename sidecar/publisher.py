@@ -18,6 +18,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Final, Protocol
 
 import redis.asyncio as aioredis
@@ -34,6 +35,8 @@ DEFAULT_REDIS_TIMEOUT_S: Final = 10.0
 # A replay chunk grows with the spool (up to this many batches): each drop rewrites the spool file, so
 # a long replay stays linear in the spool's size, while one pipeline stays well inside its timeout.
 MAX_REPLAY_BATCHES: Final = 32
+# A database URL without a port means the dialect's default: both forms name one sink.
+DEFAULT_DB_PORTS: Final[dict[str, int]] = {"postgresql": 5432, "mysql": 3306}
 
 
 class UsagePublisher(Protocol):
@@ -88,6 +91,11 @@ class SpoolingPublisher:
     @property
     def publish_failures(self) -> int:
         return self._failures
+
+    @property
+    def foreign_spool_files(self) -> int:
+        """Dead processes' spool files of other sinks, left in place when the spool opened."""
+        return len(self._spool.foreign)
 
     def submit(self, event: UsageEvent) -> None:
         """Enqueue `event`. After aclose it is spooled directly (the next process publishes it)."""
@@ -275,6 +283,33 @@ class RedisPublisher(SpoolingPublisher):
                     # redis-py types fields as dict[FieldT, EncodableT], which dict[str, bytes] (invariant) is not.
                     pipe.xadd(self._stream, stream_fields(event))  # type: ignore[arg-type]
                 await pipe.execute()
+
+
+def redis_sink(redis: aioredis.Redis, *, stream: str) -> str:
+    """The spool's name for `stream` on this server, never its password: `redis:<host>:<port>/<db>#<stream>`
+    (a Unix socket: `redis:<path>/<db>#<stream>`)."""
+    kwargs = redis.connection_pool.connection_kwargs
+    path = kwargs.get("path")
+    where = path or f"{str(kwargs.get('host', 'localhost')).lower()}:{kwargs.get('port') or 6379}"
+    return f"redis:{where}/{kwargs.get('db') or 0}#{stream}"
+
+
+def database_sink(url: str) -> str:
+    """The spool's name for the billing DB at `url`, never its password: `db:<dialect>://<host>:<port>/<database>`,
+    or `db:sqlite:<absolute path>` (relative to the working directory, as SQLAlchemy opens it).
+
+    Raises sqlalchemy.exc.ArgumentError for a malformed URL.
+    """
+    from sqlalchemy.engine import make_url  # embedded mode only: see sidecar/app.py
+
+    parsed = make_url(url)
+    dialect = parsed.get_backend_name()
+    database = parsed.database or ""
+    if dialect == "sqlite":
+        in_memory = database in ("", ":memory:") or database.startswith("file:")
+        return f"db:sqlite:{database or ':memory:'}" if in_memory else f"db:sqlite:{Path(database).resolve()}"
+    port = parsed.port or DEFAULT_DB_PORTS.get(dialect)
+    return f"db:{dialect}://{(parsed.host or '').lower()}:{port or ''}/{database}"
 
 
 def stream_fields(event: UsageEvent) -> dict[str, bytes]:

@@ -4,19 +4,30 @@ billing": every session produces exactly one billing record, so no usage event m
 Pure file I/O with a synchronous API; the publisher calls it from a worker thread. Not thread-safe:
 one caller at a time.
 
-Layout: each process owns two files in the directory, named `<name>.<pid>.<token>.*` (the random token
-keeps names unique across PID namespaces and PID reuse):
+Layout: each process owns two files in the directory, named `<name>.<tag>.<pid>.<token>.*`, where `<tag>` is
+the first 12 hex digits of the sha256 of the spool's sink (see below; the random token keeps names unique
+across PID namespaces and PID reuse):
 
-- `.jsonl`: one event per line, `orjson` of `UsageEvent.to_fields()`, appended with flush + fsync (an event
-  orjson refuses, text with a lone surrogate, is written as ASCII JSON by the standard library instead, so
-  that it is spooled, and later dead-lettered by billing, rather than held in memory);
+- `.jsonl`: a header line `{"spool_sink": "<sink>"}`, then one event per line, `orjson` of
+  `UsageEvent.to_fields()`, appended with flush + fsync (an event orjson refuses, text with a lone surrogate,
+  is written as ASCII JSON by the standard library instead, so that it is spooled, and later dead-lettered
+  by billing, rather than held in memory);
 - `.lock`:  held with `flock(LOCK_EX)` for the life of the `Spool`. The kernel releases it when the
   process dies, so "its lock can be taken" means "its owner is dead". The lock file is created under a
   temporary name, locked, then renamed into place, so nobody can ever see it unlocked while its owner
   lives.
 
-On opening, a `Spool` adopts every file whose owner is dead: holding that owner's lock, it copies the
-readable events into its own file (fsync), then deletes the dead files. Two live processes cannot
+The sink is where the events are meant to be billed, named without secrets (`redis:<host>:<port>/<db>#<stream>`,
+`db:<dialect>://<host>:<port>/<database>`, `db:sqlite:<absolute path>`: sidecar/publisher.py). Every usage event
+reaches the ledger it was written for and no other, so on opening a `Spool` adopts only the files of its own
+sink whose owner is dead: holding that owner's lock, it copies the readable events into its own file (fsync),
+then deletes the dead files. A dead owner's file of another sink, or from before files named their sink
+(`<name>.<pid>.<token>.jsonl`: its sink is unknown), is left in place and reported (`foreign`, one warning
+each): a sidecar of that sink adopts it, or an operator who knows its sink renames it to that sink's tag.
+A dead owner's lock with no data file is removed whatever its sink (there is nothing to bill). Older
+versions ignore tagged names, so a downgrade never adopts them either. Telling a dead foreign owner from a
+live one takes its lock for an instant: a sidecar of that sink starting at that very instant skips the
+file until its next start (it is delayed, never lost or billed elsewhere). Two live processes cannot
 adopt the same file, as only one can hold the lock. A crash between the copy and the delete replays
 those events twice, which the consumer's idempotency on `event_id` absorbs. Adopted files are taken
 oldest (by modification time) first. The directory must be on a local filesystem (flock).
@@ -26,14 +37,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import re
 import secrets
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Final
 
 import orjson
 
@@ -44,28 +58,62 @@ log = logging.getLogger(__name__)
 DATA_SUFFIX = ".jsonl"
 LOCK_SUFFIX = ".lock"
 TMP_SUFFIX = ".tmp"
+HEADER_KEY: Final = "spool_sink"
+HEADER_PREFIX: Final = b'{"spool_sink":'  # how orjson writes the header's first field
+TAG_CHARS: Final = 12
+#: The sink of a Spool that is not told its own: for tests and tools where a directory serves one sink.
+UNNAMED_SINK: Final = "unnamed"
+
+
+def sink_tag(sink: str) -> str:
+    """The short hash of `sink` that names its spool files."""
+    return hashlib.sha256(sink.encode("utf-8")).hexdigest()[:TAG_CHARS]
+
+
+@dataclass(frozen=True)
+class ForeignFile:
+    """A dead process's spool file that belongs to another sink: left in place, not adopted."""
+
+    name: str
+    #: The sink its header names; None when unknown (a file from before spool files named their sink).
+    sink: str | None
+    events: int
 
 
 class Spool:
     """Usage events waiting for publication, oldest first, durable across crashes and restarts."""
 
-    def __init__(self, directory: Path, *, name: str = "usage") -> None:
-        """Create `directory` if needed, take this process's lock and adopt dead processes' files.
+    def __init__(self, directory: Path, *, sink: str = UNNAMED_SINK, name: str = "usage") -> None:
+        """Create `directory` if needed, take this process's lock and adopt the files of dead processes of the
+        same `sink`; the dead processes' files of other sinks are left in place and listed in `foreign`.
 
         Raises OSError when the directory or the files cannot be created.
         """
         self._dir = directory
         self._dir.mkdir(parents=True, exist_ok=True)
-        self._pattern = re.compile(rf"^({re.escape(name)}\.\d+\.[0-9a-f]+)({DATA_SUFFIX}|{LOCK_SUFFIX})$")
-        self._stem = f"{name}.{os.getpid()}.{secrets.token_hex(6)}"
+        # group 1: the stem; group 2: the sink's tag, absent from the names of files older than tags.
+        self._pattern = re.compile(
+            rf"^({re.escape(name)}\.(?:([0-9a-f]{{{TAG_CHARS}}})\.)?\d+\.[0-9a-f]+)({DATA_SUFFIX}|{LOCK_SUFFIX})$"
+        )
+        self._sink = sink
+        self._tag = sink_tag(sink)
+        self._header = orjson.dumps({HEADER_KEY: sink}) + b"\n"
+        self._stem = f"{name}.{self._tag}.{os.getpid()}.{secrets.token_hex(6)}"
         self._path = self._dir / f"{self._stem}{DATA_SUFFIX}"
         self._count = 0
+        #: Dead processes' files of other sinks (or of an unknown one), found on opening, oldest first.
+        self.foreign: tuple[ForeignFile, ...] = ()
         self._lock_fd: int | None = self._take_own_lock()
         try:
             self._adopt()
         except BaseException:
             self.close()
             raise
+
+    @property
+    def sink(self) -> str:
+        """The sink this spool's events are for."""
+        return self._sink
 
     @property
     def path(self) -> Path:
@@ -108,6 +156,7 @@ class Spool:
         tmp = self._path.with_name(self._path.name + TMP_SUFFIX)
         kept = 0
         with open(tmp, "wb") as out:
+            out.write(self._header)
             for index, (line, _) in enumerate(_records(self._path)):
                 if index >= n:
                     out.write(line + b"\n")
@@ -150,16 +199,44 @@ class Spool:
         return fd
 
     def _adopt(self) -> None:
-        stems = {m.group(1) for p in self._dir.iterdir() if (m := self._pattern.match(p.name))}
-        stems.discard(self._stem)
-        for stem in sorted(stems, key=self._age):
+        tags = {m.group(1): m.group(2) for p in self._dir.iterdir() if (m := self._pattern.match(p.name))}
+        tags.pop(self._stem, None)
+        foreign: list[str] = []
+        for stem in sorted(tags, key=self._age):
             fd = _try_lock(self._dir / f"{stem}{LOCK_SUFFIX}")
             if fd is None:
                 continue  # its owner is alive
             try:
-                self._take_over(stem)
+                data = self._dir / f"{stem}{DATA_SUFFIX}"
+                # Own tag without a header: a first write torn by a crash, or a file an operator renamed.
+                if tags[stem] == self._tag and _header_sink(data) in (self._sink, None):
+                    self._take_over(stem)
+                elif not data.exists():
+                    self._remove(stem)  # a dead owner that spooled nothing: nothing to bill, whatever its sink
+                else:
+                    foreign.append(stem)
             finally:
-                os.close(fd)
+                os.close(fd)  # before reading a foreign file: its own sink's sidecar may be adopting it now
+        described = [(stem, f) for stem in foreign if (f := self._describe(stem)) is not None]
+        self.foreign = tuple(f for _, f in described)
+        for stem, f in described:
+            unknown = (
+                "unknown: its header is torn" if tags[stem] else "unknown: written before spool files named their sink"
+            )
+            log.warning(
+                "usage spool file %s holds %d usage events for another sink (%s): not adopted, left in place",
+                f.name,
+                f.events,
+                f.sink or unknown,
+            )
+
+    def _describe(self, stem: str) -> ForeignFile | None:
+        """A foreign file's sink and event count; None when it is gone (its own sink adopted it meanwhile)."""
+        data = self._dir / f"{stem}{DATA_SUFFIX}"
+        try:
+            return ForeignFile(data.name, _header_sink(data), sum(1 for _ in _records(data)))
+        except FileNotFoundError:
+            return None
 
     def _take_over(self, stem: str) -> None:
         data = self._dir / f"{stem}{DATA_SUFFIX}"
@@ -167,6 +244,9 @@ class Spool:
         if lines:
             self._write(b"".join(lines), len(lines))
             log.info("adopted %d spooled usage events from %s", len(lines), data.name)
+        self._remove(stem)
+
+    def _remove(self, stem: str) -> None:
         # Data before lock: a data file never outlives its lock file while it is being adopted.
         for suffix in (DATA_SUFFIX, DATA_SUFFIX + TMP_SUFFIX, LOCK_SUFFIX):
             (self._dir / f"{stem}{suffix}").unlink(missing_ok=True)
@@ -183,6 +263,8 @@ class Spool:
         fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             size = os.fstat(fd).st_size
+            if size == 0:
+                data = self._header + data  # the sink first: nobody ever sees events whose sink is unnamed
             try:
                 _write_all(fd, data)
                 os.fsync(fd)
@@ -202,19 +284,36 @@ class Spool:
 
 
 def _records(path: Path) -> Iterator[tuple[bytes, UsageEvent]]:
-    """(line without its newline, event) for each readable line of `path`; none if it does not exist."""
-    if not path.exists():  # only our own file or a locked dead one: nobody else deletes it meanwhile
+    """(line without its newline, event) for each readable line of `path` after its header; none if it does not
+    exist. Raises FileNotFoundError only when the file goes while being opened (a foreign file being adopted)."""
+    if not path.exists():  # our own file, a locked dead one, or a foreign one (then _describe catches the race)
         return
     with open(path, "rb") as file:
-        for raw in file:
+        for index, raw in enumerate(file):
             line = raw.rstrip(b"\n")
-            if not line:
+            if not line or (index == 0 and line.startswith(HEADER_PREFIX)):
                 continue
             event = _parse(line)
             if event is None:
                 log.warning("skipped an unreadable line in the usage spool %s", path.name)
                 continue
             yield line, event
+
+
+def _header_sink(path: Path) -> str | None:
+    """The sink named by the header of `path`; None without a readable header (or without the file)."""
+    try:
+        with open(path, "rb") as file:
+            first = file.readline().rstrip(b"\n")
+    except FileNotFoundError:
+        return None
+    if not first.startswith(HEADER_PREFIX):
+        return None
+    with contextlib.suppress(ValueError):  # a header torn by a crash (orjson.JSONDecodeError is a ValueError)
+        header = orjson.loads(first)
+        if isinstance(header, dict) and isinstance(sink := header.get(HEADER_KEY), str):
+            return sink
+    return None
 
 
 def _line(event: UsageEvent) -> bytes:

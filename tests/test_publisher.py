@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from sidecar.publisher import EmbeddedPublisher, RedisPublisher, UsagePublisher
+from sidecar.publisher import EmbeddedPublisher, RedisPublisher, UsagePublisher, database_sink, redis_sink
 from sidecar.spool import Spool
 from sidecar.testing.factories import usage_event
 from sidecar.usage import UsageEvent
@@ -336,3 +336,25 @@ async def test_unwritable_spool_keeps_events_in_memory(spool_dir: Path) -> None:
         await guard(publisher.drained())
         await publisher.aclose()
         assert flaky.written == events
+
+
+def test_redis_sink_names_server_db_and_stream_without_the_password() -> None:
+    """A Redis sink is `redis:<host>:<port>/<db>#<stream>` (default port filled in); the password never appears."""
+    with_password = aioredis.Redis.from_url("redis://:s3cret-pw@Redis.Internal:6380/2")
+    default_port = aioredis.Redis.from_url("redis://redis.internal/0")
+    socket_path = aioredis.Redis.from_url("unix:///run/redis.sock?db=1")
+    assert redis_sink(with_password, stream="realtime:usage") == "redis:redis.internal:6380/2#realtime:usage"
+    assert redis_sink(default_port, stream="u") == "redis:redis.internal:6379/0#u"
+    assert redis_sink(socket_path, stream="u") == "redis:/run/redis.sock/1#u"
+
+
+def test_database_sink_names_the_database_without_the_password(tmp_path: Path) -> None:
+    """A DB sink names dialect, host, port and database (driver, password and default port make no difference);
+    an SQLite sink is the file's absolute path."""
+    named = database_sink("postgresql+psycopg://billing:s3cret-pw@DB.internal/billing")
+    assert named == "db:postgresql://db.internal:5432/billing"
+    assert database_sink("postgresql://billing@db.internal:5432/billing") == named
+    assert database_sink("postgresql://billing@db.internal:5433/billing") != named
+    relative = database_sink("sqlite:///billing.db")
+    assert relative == f"db:sqlite:{Path('billing.db').resolve()}"
+    assert database_sink(f"sqlite:///{tmp_path / 'billing.db'}") == f"db:sqlite:{tmp_path / 'billing.db'}"

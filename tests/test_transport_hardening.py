@@ -34,8 +34,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import OP_TEXT, Frame
 
 from sidecar import tuning
-from sidecar.config import Settings
+from sidecar.config import DEFAULT_USAGE_STREAM, Settings
 from sidecar.errors import ConfigError
+from sidecar.publisher import redis_sink
 from sidecar.server import config_for
 from sidecar.spool import Spool
 from sidecar.testing import upgrades
@@ -136,7 +137,8 @@ async def test_sigterm_after_a_malformed_upgrade_exits_0_and_spools_what_redis_c
                     os.kill(redis_pid, signal.SIGCONT)
         finally:
             await sidecar.kill()
-    with Spool(Path(env["SIDECAR_SPOOL_DIR"])) as spool:  # adopts the exited process's file
+    sink = redis_sink(redis, stream=DEFAULT_USAGE_STREAM)  # the exited process's sink: its file is adopted
+    with Spool(Path(env["SIDECAR_SPOOL_DIR"]), sink=sink) as spool:
         spooled = spool.pending()
     # (Redis may still run the XADD that timed out once it continues: a duplicate the consumer ignores.)
     assert [(e.close_reason, e.audio_seconds) for e in spooled if e.type == "final"] == [
