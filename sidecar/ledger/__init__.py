@@ -1,10 +1,24 @@
 """The LiteLLM sink: realtime spend written into LiteLLM's own PostgreSQL ledger (issue 14).
 
 `schema`: what the sink finds in LiteLLM's database before it writes anything; `delta`: what one
-usage event adds after the session's last applied one (pure).
+usage event adds after the session's last applied one (pure); `writer`: one event applied in one
+transaction, exactly once (not yet run by `sidecar consume`).
 """
 
 from sidecar.ledger.delta import Applied, DeadLetter, Delta, Skip, delta
 from sidecar.ledger.schema import LedgerSchema, missing_required, probe
+from sidecar.ledger.writer import Outcome, apply, ensure_sink_tables
 
-__all__ = ["Applied", "DeadLetter", "Delta", "LedgerSchema", "Skip", "delta", "missing_required", "probe"]
+__all__ = [
+    "Applied",
+    "DeadLetter",
+    "Delta",
+    "LedgerSchema",
+    "Outcome",
+    "Skip",
+    "apply",
+    "delta",
+    "ensure_sink_tables",
+    "missing_required",
+    "probe",
+]
