@@ -160,15 +160,28 @@ async def pending(redis: aioredis.Redis, stream: str) -> int:
     return count
 
 
+@contextlib.asynccontextmanager
+async def frozen_writer(pg_url: str) -> AsyncIterator[tuple[Engine, FreezableProxy, BillingWriter]]:
+    """The billing tables in `pg_url`, a direct engine to read them, and a writer whose connections go through a
+    proxy the test can freeze and thaw (with the billing timeouts at TIMEOUT_S)."""
+    direct = make_engine(pg_url)
+    upgrade(direct)
+    try:
+        async with proxied(pg_url) as (proxy, url):
+            engine = make_engine(url, timeout_s=TIMEOUT_S)
+            try:
+                yield direct, proxy, BillingWriter(engine, timeout_s=TIMEOUT_S)
+            finally:
+                engine.dispose()
+    finally:
+        direct.dispose()
+
+
 async def test_consumer_times_out_on_a_frozen_database_logs_retries_and_bills_once(
     pg_url: str, redis_client: aioredis.Redis, usage_stream: str
 ) -> None:
     """A frozen DB mid-run: a warning within the timeout, nothing acked, and once thawed each event stored once."""
-    direct = make_engine(pg_url)
-    upgrade(direct)
-    async with proxied(pg_url) as (proxy, url):
-        engine = make_engine(url, timeout_s=TIMEOUT_S)
-        writer = BillingWriter(engine, timeout_s=TIMEOUT_S)
+    async with frozen_writer(pg_url) as (direct, proxy, writer):
         consumer = UsageConsumer(redis_client, writer, stream=usage_stream, block_ms=50, backoff_s=0.05)
         await xadd_all(redis_client, usage_stream, [usage_event("s0", 1)])
         assert await drain(consumer) == 1  # a pooled connection through the proxy
@@ -186,9 +199,7 @@ async def test_consumer_times_out_on_a_frozen_database_logs_retries_and_bills_on
             stop.set()
             await task
         assert any("retrying in" in line for line in warnings.lines)
-        engine.dispose()
-    assert stored(direct) == (21, 21, 21)
-    direct.dispose()
+        assert stored(direct) == (21, 21, 21)
 
 
 async def _settled(engine: Engine, redis: aioredis.Redis, stream: str, count: int) -> bool:
@@ -201,11 +212,7 @@ async def test_embedded_writer_times_out_on_a_frozen_database_spools_and_bills_o
     pg_url: str, tmp_path: Path
 ) -> None:
     """Embedded mode: a frozen DB fails the write within the timeout (logged), events spool, then land once."""
-    direct = make_engine(pg_url)
-    upgrade(direct)
-    async with proxied(pg_url) as (proxy, url):
-        engine = make_engine(url, timeout_s=TIMEOUT_S)
-        writer = BillingWriter(engine, timeout_s=TIMEOUT_S)
+    async with frozen_writer(pg_url) as (direct, proxy, writer):
         await asyncio.to_thread(writer.write, [usage_event("s0", 1)], now=T0)  # a pooled connection via the proxy
         proxy.freeze()
         with Spool(tmp_path / "spool") as spool, watching(Warnings("no answer"), "sidecar.publisher") as warnings:
@@ -221,9 +228,7 @@ async def test_embedded_writer_times_out_on_a_frozen_database_spools_and_bills_o
             async with asyncio.timeout(DEADLINE_S):
                 await publisher.drained()
             await publisher.aclose()
-        engine.dispose()
-    assert stored(direct) == (11, 11, 11)
-    direct.dispose()
+        assert stored(direct) == (11, 11, 11)
 
 
 async def test_black_holed_listener_fails_the_connect_within_the_timeout() -> None:
