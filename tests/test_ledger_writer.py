@@ -94,6 +94,8 @@ def test_a_session_lands_once_with_its_final_cost(conn: Conn, principal: Princip
     """Checkpoints then final: SpendLogs sum to the final cost; every entity and daily row rose by it; one request."""
     outcomes = [apply(conn, schema, e, now=NOW) for e in session(principal)]
     assert [o.kind for o in outcomes] == ["applied"] * 3
+    charged = {(o.key_exists, o.key_hash, o.user_id, o.team_id, o.organization_id) for o in outcomes}
+    assert charged == {(True, principal.key_hash, principal.user_id, principal.team_id, principal.organization_id)}
     final = float(FINAL_COST)
     assert math.isclose(one(conn, "SELECT sum(spend) FROM \"LiteLLM_SpendLogs\" WHERE session_id = 'sess_w'"), final)
     assert one(conn, "SELECT count(*) FROM \"LiteLLM_SpendLogs\" WHERE call_type = '_arealtime'") == 3
@@ -132,6 +134,7 @@ def test_repeats_out_of_order_and_duplicated_change_nothing(
     before = snapshot(conn)
     outcomes = [apply(conn, schema, e, now=NOW) for e in [*reversed(events), *events]]
     assert {o.kind for o in outcomes} == {"skipped"}
+    assert not any(o.key_exists or o.key_hash for o in outcomes)  # nothing charged: nothing to invalidate
     assert snapshot(conn) == before
 
 
@@ -151,7 +154,7 @@ def test_an_unknown_key_writes_spend_logs_only(conn: Conn, principal: Principal,
     before = snapshot(conn)
     outcome = apply(conn, schema, session(principal)[0].with_changes(key_hash="0" * 64), now=NOW)
     after = snapshot(conn)
-    assert outcome.kind == "applied"
+    assert outcome.kind == "applied" and not outcome.key_exists and outcome.organization_id == ""
     assert len(after.pop("logs")) == 1  # type: ignore[arg-type]
     assert after.pop("markers") == [("sess_w", 1)]
     before.pop("logs"), before.pop("markers")

@@ -75,11 +75,23 @@ _RETRYABLE: Final = (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvai
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What `apply` did: `applied` (with its delta), `skipped` or `dead_letter` (with the reason)."""
+    """What `apply` did: `applied` (with its delta), `skipped` or `dead_letter` (with the reason).
+
+    An applied outcome also says who was charged, as LiteLLM's rows said inside the transaction:
+    `key_exists` (the key's token row was found; when not, only the SpendLogs row was written and the
+    ids below are the event's, no row of theirs touched), `key_hash`, and the `user_id`, `team_id` and
+    `organization_id` whose rows were incremented ('' for none). Post-commit actions (cache
+    invalidation) read them; skipped and dead-lettered outcomes leave them empty: nothing was charged.
+    """
 
     kind: Kind
     reason: str = ""
     delta: Delta | None = None
+    key_exists: bool = False
+    key_hash: str = ""
+    user_id: str = ""
+    team_id: str = ""
+    organization_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +163,15 @@ def _apply_once(
             )
     except _Refused as refused:
         return refused.outcome
-    return Outcome("applied", delta=d)
+    return Outcome(
+        "applied",
+        delta=d,
+        key_exists=owners.key_exists,
+        key_hash=event.key_hash,
+        user_id=owners.user_id,
+        team_id=owners.team_id,
+        organization_id=owners.organization_id,
+    )
 
 
 def _lock_marker(conn: psycopg.Connection[Any], event: UsageEvent) -> Delta:
