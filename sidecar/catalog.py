@@ -10,18 +10,25 @@ Per `model_list` entry:
     lookup key   = model_info.base_model, else litellm_params.model; tried as given, then without an
                    `openai/` prefix, and for Azure entries also as `azure/<bare>` and `<bare>`.
     effective    = price-map entry overridden key by key by model_info (an explicit null clears a field).
-    realtime     = model_info.realtime is not false and (it is true, or "/v1/realtime" is in the
-                   effective supported_endpoints).
-    kind         = realtime-transcription when the effective mode is audio_transcription, else
-                   realtime-conversation.
-Entries sharing a model_name are deployments of one model, in config order; the first realtime entry
-fixes the model's kind and price.
+    routes       = the WebSocket routes the entry serves (`_routes`): a GPT-Live model (`gpt-live-<n>`)
+                   /v1/live/sessions, a translation model (`gpt-realtime-translate...`)
+                   /v1/realtime/translations, any other the routes its effective supported_endpoints
+                   name; then model_info.realtime: false blocks every route, true serves the entry's
+                   own route, and a mapping {route: true|false} forces on or blocks route by route.
+    realtime     = "/v1/realtime" is one of its routes.
+    kind         = on /v1/realtime: realtime-transcription when the effective mode is
+                   audio_transcription, else realtime-conversation; live-session and
+                   realtime-translation on the other two routes (both billed per second).
+Entries sharing a model_name are deployments of one model, in config order; per route, the first entry
+serving it fixes the model's kind and price there. `Catalog.models` is the /v1/realtime table; the other
+routes' tables are in `Catalog.by_route`, not served yet (issue 15).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import importlib.util
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -36,10 +43,26 @@ from sidecar.errors import ConfigError, ModelNotFound, ModelNotRealtime
 from sidecar.pricing import Kind, Price, Unit, to_decimal
 
 ProviderName = Literal["openai", "azure"]
+Route = Literal["/v1/realtime", "/v1/live/sessions", "/v1/realtime/translations"]
 
 PRICE_MAP_FILE: Final = "model_prices_and_context_window_backup.json"
 DEFAULT_TRANSCRIPTION_MODEL: Final = "gpt-realtime-whisper"
 REALTIME_ENDPOINT: Final = "/v1/realtime"
+LIVE_ENDPOINT: Final = "/v1/live/sessions"
+TRANSLATION_ENDPOINT: Final = "/v1/realtime/translations"
+#: Every WebSocket route a model may serve, each speaking its own protocol.
+ROUTES: Final[tuple[Route, ...]] = (REALTIME_ENDPOINT, LIVE_ENDPOINT, TRANSLATION_ENDPOINT)
+#: The routes the app serves today: only entries on these are checked for warnings (skipped provider,
+#: missing api_key). Issue 15 adds the other two when their relays land.
+SERVED_ROUTES: Final[frozenset[Route]] = frozenset({REALTIME_ENDPOINT})
+# The protocol a model speaks, from its name (OpenAI's model names: the SDK's `SessionConfig.model` is
+# `gpt-live-1` / `gpt-live-1.1`; LiteLLM's translation default is `gpt-realtime-translate`). Matched at the
+# start of the bare model name, so dated snapshots match and `gpt-live-transcribe` (a /v1/realtime
+# transcription model) does not.
+_FAMILY_ROUTES: Final[tuple[tuple[re.Pattern[str], Route], ...]] = (
+    (re.compile(r"gpt-live-\d"), LIVE_ENDPOINT),
+    (re.compile(r"gpt-realtime-translate(?:-|$)"), TRANSLATION_ENDPOINT),
+)
 ENV_PREFIX: Final = "os.environ/"
 #: LiteLLM's own fallback for general_settings.master_key (litellm/proxy/proxy_server.py).
 MASTER_KEY_VARIABLE: Final = "LITELLM_MASTER_KEY"
@@ -84,6 +107,9 @@ class RealtimeModel:
     deployments: tuple[Deployment, ...]
 
 
+_NO_MODELS: Final[Mapping[str, RealtimeModel]] = MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class Transcriber:
     """A transcription model a conversation session may name for its input audio transcription
@@ -114,21 +140,37 @@ class Catalog:
     transcribers: Mapping[str, Transcriber] = field(default_factory=dict)
     #: What an operator should know at start, each naming its config entry (no secret): shown, never fatal.
     warnings: tuple[str, ...] = ()
+    #: Route -> public name -> model, for every route in ROUTES (the /v1/realtime table is `models`).
+    by_route: Mapping[Route, Mapping[str, RealtimeModel]] = field(default_factory=dict)
 
     def unpriced(self) -> list[str]:
         """The realtime models with no price at all: their sessions would be billed $0."""
         return [name for name, model in self.models.items() if not _priced(model.price)]
 
-    def resolve(self, name: str) -> RealtimeModel:
-        """The realtime model `name`.
+    def served(self, route: Route) -> Mapping[str, RealtimeModel]:
+        """The models `route` serves, by public name."""
+        return self.models if route == REALTIME_ENDPOINT else self.by_route.get(route, _NO_MODELS)
+
+    def routes_of(self, name: str) -> tuple[Route, ...]:
+        """The routes that serve the model `name`, in ROUTES order (empty when none does)."""
+        return tuple(route for route in ROUTES if name in self.served(route))
+
+    def resolve(self, name: str, *, route: Route = REALTIME_ENDPOINT) -> RealtimeModel:
+        """The model `name` as `route` serves it.
 
         Raises ModelNotFound when the config has no such model_name, ModelNotRealtime when it has one
-        that is not realtime (or is blocked, or has no deployment the sidecar can reach).
+        that `route` does not serve (not realtime, blocked, no deployment the sidecar can reach, or a
+        model of another route's protocol: the message then names the routes that serve it).
         """
-        model = self.models.get(name)
+        model = self.served(route).get(name)
         if model is not None:
             return model
         if name in self.known:
+            elsewhere = self.routes_of(name)
+            if elsewhere:
+                raise ModelNotRealtime(
+                    f"The model `{name}` is not available for sessions on {route}; use {', '.join(elsewhere)}."
+                )
             raise ModelNotRealtime(f"The model `{name}` is not available for realtime sessions.")
         raise ModelNotFound(f"The model `{name}` does not exist or you do not have access to it.")
 
@@ -229,7 +271,11 @@ def build_catalog(
             warnings.append(f"{entry.where} ({entry.name}) skipped: {skipped}")
         if relayed and not entry.params.get("api_key"):
             warnings.append(f"{entry.where} ({entry.name}): {_missing_key(raw_entries[index], environ)}")
-    models = {name: model for name, b in builders.items() if (model := b.build()) is not None}
+    by_route = {
+        route: MappingProxyType({name: model for name, b in builders.items() if (model := b.build(route)) is not None})
+        for route in ROUTES
+    }
+    models = by_route[REALTIME_ENDPOINT]
     transcribers = {name: t for name, b in builders.items() if (t := b.transcriber()) is not None}
     if not models:
         warnings.insert(0, "no realtime model in the config: every session will be refused")
@@ -239,12 +285,13 @@ def build_catalog(
         if not _priced(m.price)
     ]
     return Catalog(
-        models=MappingProxyType(models),
+        models=models,
         known=frozenset(builders),
         master_key=_master_key(resolved, environ),
         default_transcription_model=default_transcription_model,
         transcribers=MappingProxyType(transcribers),
         warnings=tuple(warnings),
+        by_route=MappingProxyType(by_route),
     )
 
 
@@ -380,46 +427,63 @@ def _split_provider(target: str) -> tuple[ProviderName | None, str]:
     return None, target
 
 
+class _Served:
+    """One model_name on one route: the first entry's (kind, price, price key), and its deployments."""
+
+    __slots__ = ("deployments", "head")
+
+    def __init__(self) -> None:
+        self.head: tuple[Kind, Price, str] | None = None
+        self.deployments: list[Deployment] = []
+
+
 class _ModelBuilder:
-    """Collects the entries of one model_name; the first realtime entry fixes kind and price."""
+    """Collects the entries of one model_name; per route, the first entry serving it fixes kind and price."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.count = 0
-        self.head: tuple[Kind, Price, str] | None = None
-        self.deployments: list[Deployment] = []
+        self.served: dict[Route, _Served] = {}
         self.transcription_price: Price | None = None
         self.transcription_deployments: list[Deployment] = []
 
     def add(self, entry: _Entry, price_map: Mapping[str, Mapping[str, Any]]) -> tuple[bool, str]:
-        """Take one entry; return (whether it is a realtime deployment now, why a realtime entry was skipped)."""
+        """Take one entry; return (whether it is a deployment on a served route now, why such an entry was
+        skipped). Entries only on routes not served yet (SERVED_ROUTES) report (False, "")."""
         index, self.count = self.count, self.count + 1
         price_key, info = _effective_info(entry, price_map)
         if entry.provider is not None and _kind(info) == "realtime-transcription":
             if self.transcription_price is None:
                 self.transcription_price = _transcription_price(info, entry.where)
             self.transcription_deployments.append(entry.deployment(index))
-        if not _is_realtime(info, entry.info, entry.where):
-            return False, ""
+        routes = _routes(info, entry.info, price_key or entry.lookup_keys()[0], entry.where)
+        served_now = not routes.isdisjoint(SERVED_ROUTES)
         if entry.provider is None:
             provider = entry.model.partition("/")[0]
-            return False, f"realtime, but the sidecar relays only openai/ and azure/ models, not {provider}/"
-        if self.head is None:
-            kind = _kind(info)
-            self.head = (kind, _price(kind, info, entry.where), price_key)
-        self.deployments.append(entry.deployment(index))
-        return True, ""
+            skipped = f"realtime, but the sidecar relays only openai/ and azure/ models, not {provider}/"
+            return False, skipped if served_now else ""
+        if not routes:
+            return False, ""
+        deployment = entry.deployment(index)
+        for route in (r for r in ROUTES if r in routes):
+            served = self.served.setdefault(route, _Served())
+            if served.head is None:
+                kind = _route_kind(route, info)
+                served.head = (kind, _price(kind, info, entry.where), price_key)
+            served.deployments.append(deployment)
+        return served_now, ""
 
     def transcriber(self) -> Transcriber | None:
         if self.transcription_price is None:
             return None
         return Transcriber(self.name, self.transcription_price, tuple(self.transcription_deployments))
 
-    def build(self) -> RealtimeModel | None:
-        if self.head is None:
+    def build(self, route: Route) -> RealtimeModel | None:
+        served = self.served.get(route)
+        if served is None or served.head is None:
             return None
-        kind, price, price_key = self.head
-        return RealtimeModel(self.name, kind, price, price_key, tuple(self.deployments))
+        kind, price, price_key = served.head
+        return RealtimeModel(self.name, kind, price, price_key, tuple(served.deployments))
 
 
 def _effective_info(entry: _Entry, price_map: Mapping[str, Mapping[str, Any]]) -> tuple[str, dict[str, Any]]:
@@ -435,17 +499,53 @@ def _effective_info(entry: _Entry, price_map: Mapping[str, Mapping[str, Any]]) -
     return price_key, info
 
 
-def _is_realtime(info: Mapping[str, Any], model_info: Mapping[str, Any], where: str) -> bool:
-    """docs/api.md: realtime = not blocked and (forced or /v1/realtime in supported_endpoints)."""
+def family_route(name: str) -> Route | None:
+    """The route whose protocol the model `name` speaks, from its bare name (`azure/gpt-live-1` ->
+    /v1/live/sessions); None for a name of neither the GPT-Live nor the translation family."""
+    bare = name.rsplit("/", 1)[-1]
+    return next((route for pattern, route in _FAMILY_ROUTES if pattern.match(bare)), None)
+
+
+def _routes(info: Mapping[str, Any], model_info: Mapping[str, Any], name: str, where: str) -> frozenset[Route]:
+    """The routes one entry serves (docs/api.md, "Models"). Raises ConfigError for a malformed override.
+
+    LiteLLM decides no such thing per model: its proxy picks the protocol from the URL path alone
+    (litellm/proxy/proxy_server.py `realtime_websocket_endpoint`: `is_translation =
+    websocket.url.path.endswith("/realtime/translations")`; `live_sessions_websocket_endpoint` takes the
+    model from `session.start`), checks only that the key may call the model (`can_key_call_resolved_model`)
+    and then the provider (litellm/realtime_api/main.py `_arealtime`: `_live_session_rejection` wants
+    openai, `_translation_rejection` openai or Azure); its `supported_endpoints` filter
+    (litellm/router_utils/endpoint_eligibility.py) covers chat-style calls only, and its realtime health
+    check reads `supported_endpoints` just to learn that Live models are served "through other endpoints"
+    (`_cost_map_lists_outside_realtime`). Its price map gives gpt-live-1 and gpt-realtime-translate
+    `mode: realtime` and no `supported_endpoints`. So the sidecar, which must refuse a model on another
+    protocol's route before the upgrade, takes the protocol from the model's name (`family_route`), and
+    otherwise LiteLLM's price-map convention: the routes `supported_endpoints` lists.
+    """
     flag = model_info.get("realtime")
-    if flag is not None and not isinstance(flag, bool):
-        raise ConfigError(f"{where}.model_info.realtime must be true or false")
-    if flag is not None:
-        return flag
+    if flag is False:
+        return frozenset()
     endpoints = info.get("supported_endpoints") or []
     if not isinstance(endpoints, list):
         raise ConfigError(f"{where}: supported_endpoints must be a list")
-    return REALTIME_ENDPOINT in endpoints
+    family = family_route(name)
+    routes = {family} if family is not None else {route for route in ROUTES if route in endpoints}
+    if flag is True:
+        return frozenset(routes or {REALTIME_ENDPOINT})
+    if flag is None:
+        return frozenset(routes)
+    if not isinstance(flag, Mapping):
+        raise ConfigError(f"{where}.model_info.realtime must be true, false or a mapping of route to true/false")
+    for route, on in flag.items():
+        if route not in ROUTES or not isinstance(on, bool):
+            raise ConfigError(
+                f"{where}.model_info.realtime: each key is one of {', '.join(ROUTES)}, each value true/false"
+            )
+        if on:
+            routes.add(route)
+        else:
+            routes.discard(route)
+    return frozenset(routes)
 
 
 def _kind(info: Mapping[str, Any]) -> Kind:
@@ -453,8 +553,18 @@ def _kind(info: Mapping[str, Any]) -> Kind:
     return "realtime-transcription" if info.get("mode") == "audio_transcription" else "realtime-conversation"
 
 
+def _route_kind(route: Route, info: Mapping[str, Any]) -> Kind:
+    """The model's kind on `route`: by mode on /v1/realtime; the route's own kind on the other two."""
+    if route == LIVE_ENDPOINT:
+        return "live-session"
+    if route == TRANSLATION_ENDPOINT:
+        return "realtime-translation"
+    return _kind(info)
+
+
 def _price(kind: Kind, info: Mapping[str, Any], where: str) -> Price:
-    """The model's price from its effective info. Raises ConfigError for a non-numeric price."""
+    """The model's price from its effective info: tokens for a conversation model, else audio or session
+    time (input_cost_per_second / input_cost_per_minute). Raises ConfigError for a non-numeric price."""
     if kind == "realtime-conversation":
         tokens = {attr: _decimal(info, name, where) for attr, name in _TOKEN_FIELDS}
         return Price(unit="token", **tokens)

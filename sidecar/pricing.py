@@ -10,7 +10,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
 
-Kind = Literal["realtime-transcription", "realtime-conversation"]
+#: realtime-* are /v1/realtime sessions; live-session (GPT-Live, /v1/live/sessions: billed per second of
+#: session time) and realtime-translation (/v1/realtime/translations: per second of input audio) are the
+#: catalog's kinds for the routes issue 15 adds.
+Kind = Literal["realtime-transcription", "realtime-conversation", "live-session", "realtime-translation"]
 Unit = Literal["second", "minute", "token"]
 
 
