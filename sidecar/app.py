@@ -35,7 +35,7 @@ from sidecar.bodies import BodyLimit
 from sidecar.catalog import Catalog, Deployment, RealtimeModel, describe, load_catalog
 from sidecar.client_secrets import ClientSecrets, Grant, MemoryClaims, RedisClaims, Signer, is_client_secret
 from sidecar.config import Settings
-from sidecar.control import ControlStore, MemoryStore, RedisStore, Supervisor
+from sidecar.control import ControlStore, MemoryStore, RedisStore, Supervisor, budget_windows
 from sidecar.errors import (
     InvalidApiKey,
     KeyCheckError,
@@ -444,6 +444,7 @@ async def _connect(
         pinned=Pin(grant.session) if grant is not None else None,
         transcribers=services.catalog.transcribers,
         default_transcriber=services.catalog.default_transcription_model,
+        budget_windows=budget_windows(principal),
     )
     websocket, receive, send = client
     relay = Relay(

@@ -94,6 +94,23 @@ def window_of(principal: Principal, scope: str) -> str:
     return reset or "all"
 
 
+def budget_windows(principal: Principal) -> str:
+    """The usage event's `budget_windows`: compact JSON scope -> window, '' for a key without a budget.
+
+    Built once per session (sidecar/app.py), never per event: the LiteLLM sink settles the applied spend
+    against these very counters (sidecar/ledger/budget.py; docs/billing.md).
+    """
+    if principal.is_master:
+        return ""
+    found = {scope: window_of(principal, scope) for scope, _ in scopes_of(principal)}
+    return orjson.dumps(found).decode() if found else ""
+
+
+def billed_key(prefix: str, scope: str, window: str) -> str:
+    """The Redis key of a scope's billed-spend counter in one budget window."""
+    return f"{prefix}:billed:{scope}:{window}"
+
+
 class ControlStore(Protocol):
     """Shared state across replicas."""
 
@@ -258,14 +275,14 @@ class RedisStore:
         return out
 
     async def add_billed(self, scope: str, window: str, amount: Decimal) -> None:
-        key = self._k("billed", scope, window)
+        key = billed_key(self._prefix, scope, window)
         pipe = self._redis.pipeline(transaction=True)
         pipe.incrbyfloat(key, float(amount))
         pipe.expire(key, BILLED_TTL_S)
         await self._call(pipe.execute())
 
     async def billed(self, scope: str, window: str) -> Decimal:
-        raw = await self._call(self._redis.get(self._k("billed", scope, window)))
+        raw = await self._call(self._redis.get(billed_key(self._prefix, scope, window)))
         return Decimal(raw.decode()) if raw else Decimal(0)
 
     async def publish(self, message: dict[str, str]) -> None:

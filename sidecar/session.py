@@ -58,6 +58,7 @@ class Session:
         pinned: Pin | None = None,
         transcribers: Mapping[str, Transcriber] = _NO_TRANSCRIBERS,
         default_transcriber: str | None = None,
+        budget_windows: str = "",
     ) -> None:
         self.session_id = session_id
         self.model = model
@@ -67,6 +68,8 @@ class Session:
         self.started_at = started_at
         self.transcription = transcription or model.kind == "realtime-transcription"
         self.seq = 0
+        #: The usage events' `budget_windows` (control.budget_windows), fixed at the session's start.
+        self.budget_windows = budget_windows
         self._public = model.name
         self._upstream_model = deployment.model
         #: Keeps the deployment's key, host and deployment name from the client (sidecar/scrub.py).
@@ -268,6 +271,7 @@ class Session:
             ended_at=now if final else None,
             close_reason=close_reason if final else "",
             upstream_usage=figures.upstream_usage,
+            budget_windows=self.budget_windows,
         )
 
 

@@ -62,6 +62,7 @@ class UsageEvent:
     ended_at: datetime | None = None
     close_reason: str = ""
     upstream_usage: str = ""
+    budget_windows: str = ""
     schema: str = SCHEMA
 
     @staticmethod
@@ -106,9 +107,10 @@ class UsageEvent:
 FIELD_ORDER: Final = (
     "event_id", "schema", "type", "session_id", "seq", "key_hash", "key_alias", "user_id", "team_id", "model",
     "provider_model", "kind", "unit", "quantity", "audio_seconds", "audio_bytes", "input_tokens", "output_tokens",
-    "cost_usd", "started_at", "ended_at", "close_reason", "upstream_usage",
+    "cost_usd", "started_at", "ended_at", "close_reason", "upstream_usage", "budget_windows",
 )  # fmt: skip
-_OPTIONAL: Final = frozenset({"ended_at", "close_reason", "upstream_usage"})
+# Fields an entry may lack: events written before they existed still decode (empty: the default).
+_OPTIONAL: Final = frozenset({"ended_at", "close_reason", "upstream_usage", "budget_windows"})
 _INTS: Final = frozenset({"seq", "audio_bytes", "input_tokens", "output_tokens"})
 _DECIMALS: Final = frozenset({"quantity", "audio_seconds", "cost_usd"})
 

@@ -30,7 +30,7 @@ STARTED = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 CONTRACT_FIELDS = {
     "event_id", "schema", "type", "session_id", "seq", "key_hash", "key_alias", "user_id", "team_id",
     "model", "provider_model", "kind", "unit", "quantity", "audio_seconds", "audio_bytes", "input_tokens",
-    "output_tokens", "cost_usd", "started_at", "ended_at", "close_reason", "upstream_usage",
+    "output_tokens", "cost_usd", "started_at", "ended_at", "close_reason", "upstream_usage", "budget_windows",
 }  # fmt: skip
 
 

@@ -14,6 +14,7 @@ from sidecar.catalog import Deployment, RealtimeModel, Transcriber
 from sidecar.metering import SessionMeter
 from sidecar.pricing import Price
 from sidecar.session import REDACTED, Session
+from sidecar.usage import UsageEvent
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 PRICE = Price(unit="second", per_unit=Decimal("0.000283333333333"))
@@ -184,6 +185,20 @@ def test_usage_events_are_numbered_and_final_carries_the_end() -> None:
     assert final.audio_seconds == Decimal("2.000000")
     assert final.cost_usd == Decimal("0.0005666667")
     assert (final.model, final.provider_model, final.key_hash) == ("captions", "azure/my-deploy", "h" * 64)
+    assert first.budget_windows == final.budget_windows == ""  # the principal has no budget
+
+
+def test_usage_events_carry_the_budget_windows_the_session_started_with() -> None:
+    """Every usage event of a session carries the same `budget_windows` string, given once at its start."""
+    s = make()
+    s.budget_windows = '{"key:h":"all"}'
+    events = [s.usage_event("checkpoint", now=T0), s.usage_event("final", now=T0, close_reason="client_close")]
+    assert [e.budget_windows for e in events] == ['{"key:h":"all"}'] * 2
+    assert all(e.budget_windows is s.budget_windows for e in events)  # no copy, no rebuild per event
+    decoded = UsageEvent.from_fields(events[0].to_fields())
+    assert decoded.budget_windows == '{"key:h":"all"}'
+    legacy = {k: v for k, v in events[0].to_fields().items() if k != "budget_windows"}
+    assert UsageEvent.from_fields(legacy).budget_windows == ""  # an entry written before the field existed
 
 
 def test_model_injection_sets_the_transcription_model() -> None:

@@ -79,7 +79,9 @@ _TEXTS: Final = (
     "close_reason",
     "upstream_usage",
 )
-# The figures a usage row copies from the event of the session's highest seq.
+# The figures a usage row copies from the event of the session's highest seq. `budget_windows` is left out
+# on purpose: it names the sidecar's budget counters for the LiteLLM sink's settle (sidecar/ledger/budget.py),
+# not a billed figure; a dead letter keeps it among the event's stream fields.
 _FIGURES: Final = (
     "key_hash",
     "key_alias",
