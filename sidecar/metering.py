@@ -412,6 +412,32 @@ class SessionMeter:
         return orjson.dumps(record).decode()
 
 
+def bill_time(
+    seconds: Fraction, price: Price, *, rounding: Rounding = "exact", increment: Decimal = Decimal(1)
+) -> tuple[Decimal, Decimal]:
+    """(quantity, cost_usd) of `seconds` at a time `price` (unit second or minute), by the same arithmetic and
+    rounding policy as `SessionMeter` on a time-priced session: for meters that count time some other way
+    (GPT-Live session seconds, sidecar/surfaces/live.py). An unpriced model costs 0.
+
+    Raises ValueError for a token price or a bad rounding / increment (as `SessionMeter` does).
+    """
+    if price.unit == "token":
+        raise ValueError("bill_time needs a time price (unit second or minute)")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if not isinstance(increment, Decimal) or not increment.is_finite() or increment <= 0:
+        raise ValueError(f"increment must be a finite positive Decimal, got {increment!r}")
+    amount = seconds if price.unit == "second" else seconds / 60
+    if rounding == "exact":
+        quantity = _round_places(amount, _SECONDS_PLACES if price.unit == "second" else _MINUTES_PLACES)
+    else:
+        steps = amount / Fraction(increment)
+        whole = ceil(steps) if rounding == "up" else floor(steps + _HALF)
+        quantity = _CTX.multiply(Decimal(whole), increment)
+    cost = _CTX.multiply(quantity, price.per_unit or _ZERO)
+    return quantity, cost.quantize(_COST_QUANTUM, rounding=ROUND_HALF_EVEN, context=_CTX)
+
+
 def _round_places(value: Fraction, places: int) -> Decimal:
     """`value` rounded half-even to `places` decimals, exactly (no float, no double rounding)."""
     return Decimal(round(value * 10**places)).scaleb(-places, context=_CTX)

@@ -1,0 +1,68 @@
+"""The one interface every protocol's session core implements, and what it returns (sans-I/O).
+
+A core is driven by the relay driver, one call per frame, with `now` the driver's monotonic clock in
+nanoseconds (`time.monotonic_ns()`): cores never read a clock, so tests pass any time they like.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from sidecar.catalog import Route
+    from sidecar.metering import Figures
+
+#: Nanoseconds in a second: `now` is monotonic nanoseconds.
+NS_PER_SECOND = 1_000_000_000
+
+
+@dataclass(slots=True)  # not frozen: one per client frame (as session.Reply)
+class Reply:
+    """The outcome of one client frame: text for the upstream and/or for the client (either may be None),
+    and `ending`, an error code of errors.py's endings table when the session must end after `client` is
+    sent (e.g. `invalid_session_start`); None while the session goes on."""
+
+    upstream: str | None
+    client: str | None
+    ending: str | None = None
+
+
+def unchanged(text: str) -> str:
+    """The identity scrubber: a core built without one relays upstream text as it came (tests)."""
+    return text
+
+
+class SurfaceCore(Protocol):
+    """One relayed session of one protocol: what it parses, meters, rewrites and scrubs. Never raises on
+    what a peer sends: a bad frame becomes an error event in the protocol's own shape.
+
+    The /v1/realtime core (session.Session) fits with `now` added to its two frame methods, `opening`
+    returning its model injection / bound settings, and `figures` its meter's snapshot.
+    """
+
+    @property
+    def route(self) -> Route:
+        """The route this core speaks (catalog.ROUTES)."""
+        ...
+
+    def opening(self) -> tuple[str, ...]:
+        """Frames the driver sends upstream first, once it is connected, before any client frame."""
+        ...
+
+    def on_client_text(self, text: str, *, now: int) -> Reply:
+        """Decide what one client text frame becomes."""
+        ...
+
+    def on_upstream_text(self, text: str, *, now: int) -> str:
+        """The text to relay to the client for one upstream text frame: metered, scrubbed."""
+        ...
+
+    def on_end(self, *, now: int) -> None:
+        """The session ended now (either side closed, the upstream dropped, the sidecar ended it): metering
+        stops here. Idempotent: the first call wins."""
+        ...
+
+    def figures(self, *, now: int) -> Figures:
+        """The session's cumulative metering figures at `now` (after `on_end`, the final figures)."""
+        ...
