@@ -107,7 +107,7 @@ def parse_start(text: str | bytes) -> LiveStart | Reply:
 
 def input_bytes_per_second(start: LiveStart) -> int:
     """The byte rate of the startup input audio format (`session.audio.format`), PCM16 24 kHz by default."""
-    audio_format = protocol.dig(dict(start.event), "session", "audio", "format")
+    audio_format = protocol.dig(start.event, "session", "audio", "format")
     if not isinstance(audio_format, dict):
         return _DEFAULT_BPS
     rate = audio_format.get("rate")
