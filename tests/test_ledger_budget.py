@@ -121,7 +121,7 @@ def applied(event: UsageEvent, *, key_exists: bool = True) -> Outcome:
     """An applied outcome charging the event's key, user, team and an organization."""
     return Outcome(
         "applied", key_exists=key_exists, key_hash=event.key_hash, user_id=event.user_id, team_id=event.team_id,
-        organization_id="org-1",
+        organization_id="org-1", tags=("prod",),
     )  # fmt: skip
 
 
@@ -146,7 +146,11 @@ async def test_after_commit_settles_then_invalidates_on_the_namespaced_channel(
         await after(final, applied(final))
         await proxy.publish(invalidation.channel(namespace), invalidation.message("end-of-test"))
         expected = invalidation.cache_keys(
-            key_hash=final.key_hash, user_id=final.user_id, team_id=final.team_id, organization_id="org-1"
+            key_hash=final.key_hash,
+            user_id=final.user_id,
+            team_id=final.team_id,
+            organization_id="org-1",
+            tags=["prod"],
         )
         got: list[str] = []
         while not got or got[-1] != "end-of-test":

@@ -30,6 +30,11 @@ def test_every_charged_object_has_its_cache_keys() -> None:
     ]
 
 
+def test_each_tag_has_its_cache_key() -> None:
+    """The session's tags follow, as `tag:<name>` (their budgets are cached objects too); empty ones name nothing."""
+    assert cache_keys(key_hash="ab12", tags=("prod", "", "voice")) == ["ab12", "tag:prod", "tag:voice"]
+
+
 def test_missing_ids_name_nothing() -> None:
     """A key alone gives its hash only; a user without a team has no membership keys."""
     assert cache_keys(key_hash="ab12") == ["ab12"]

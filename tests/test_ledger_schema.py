@@ -9,6 +9,7 @@ import pytest
 
 from sidecar.ledger.schema import (
     DAILY_TABLES,
+    OPTIONAL_TABLES,
     REQUIRED_TABLES,
     SPEND_LOGS,
     TEAM,
@@ -42,16 +43,19 @@ def test_every_required_table_is_found(conn: psycopg.Connection[tuple[object, ..
     schema = probe(conn)
     assert set(REQUIRED_TABLES) <= schema.tables
     assert set(DAILY_TABLES) <= schema.tables
+    assert set(OPTIONAL_TABLES) <= schema.tables
     assert missing_required(schema) == []
     assert not schema.spend_logs_partitioned
     assert schema.spend_logs_key == ("request_id",)
 
 
 def test_optional_columns_of_the_current_schema_are_found(conn: psycopg.Connection[tuple[object, ...]]) -> None:
-    """The newer optional columns (token total_spend and last_active, SpendLogs session_id) are probed as present."""
+    """The newer optional columns (token total_spend and last_active, SpendLogs session_id and request_tags, key
+    and team metadata) are probed as present."""
     schema = probe(conn)
-    assert schema.optional_columns(TOKEN) == {"total_spend", "last_active"}
-    assert schema.optional_columns(SPEND_LOGS) == {"session_id"}
+    assert schema.optional_columns(TOKEN) == {"total_spend", "last_active", "metadata"}
+    assert schema.optional_columns(SPEND_LOGS) == {"session_id", "request_tags"}
+    assert schema.optional_columns(TEAM) == {"metadata"}
     assert schema.optional_columns(TEAM_MEMBERSHIP) == {"total_spend"}
 
 
@@ -64,13 +68,17 @@ def test_daily_keys_match_the_migration_files(conn: psycopg.Connection[tuple[obj
     assert schema.daily_keys["LiteLLM_DailyUserSpend"] == (
         "user_id", "date", "api_key", "model", "custom_llm_provider", "mcp_namespaced_tool_name", "endpoint"
     )  # fmt: skip
+    # LiteLLM_DailyModelUsage has no unique index: its primary key is its upsert key.
+    assert schema.daily_keys["LiteLLM_DailyModelUsage"] == (
+        "date", "model_group", "model", "custom_llm_provider", "task_type"
+    )  # fmt: skip
 
 
 def test_a_dropped_optional_column_is_probed_absent(conn: psycopg.Connection[tuple[object, ...]]) -> None:
     """An older schema without the token's last_active is probed without it, and nothing required is missing."""
     conn.execute('ALTER TABLE "LiteLLM_VerificationToken" DROP COLUMN last_active')
     schema = probe(conn)
-    assert schema.optional_columns(TOKEN) == {"total_spend"}
+    assert schema.optional_columns(TOKEN) == {"total_spend", "metadata"}
     assert not schema.has_column(TOKEN, "last_active")
     assert missing_required(schema) == []
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 from sidecar.ledger.schema import LedgerSchema, probe
 from sidecar.ledger.writer import Outcome, apply, ensure_sink_tables
@@ -79,6 +80,10 @@ def snapshot(conn: Conn) -> dict[str, object]:
         "org_member": q('SELECT spend FROM "LiteLLM_OrganizationMembership"').fetchall(),
         **{t: q(f'SELECT spend, api_requests, prompt_tokens, completion_tokens FROM "{t}"').fetchall()
            for t in ("LiteLLM_DailyUserSpend", "LiteLLM_DailyTeamSpend", "LiteLLM_DailyOrganizationSpend")},
+        "tags": q('SELECT tag, spend, api_requests, prompt_tokens FROM "LiteLLM_DailyTagSpend" ORDER BY 1').fetchall(),
+        "tag_rows": q('SELECT tag_name, spend FROM "LiteLLM_TagTable" ORDER BY tag_name').fetchall(),
+        "models": q('SELECT model_group, custom_llm_provider, task_type, spend, request_count, successful_requests,'
+                    ' prompt_tokens, completion_tokens FROM "LiteLLM_DailyModelUsage"').fetchall(),
         "markers": q("SELECT session_id, last_seq FROM realtime_sidecar.litellm_sessions").fetchall(),
     }  # fmt: skip
 
@@ -255,3 +260,100 @@ def _wait_for_lock_waiter(conn: Conn, racer: threading.Thread) -> None:
         conn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
     ):
         assert racer.is_alive(), "the racer finished without waiting on the marker"
+
+
+def tag(conn: Conn, principal: Principal, *, key_tags: list[object], team_tags: list[object]) -> None:
+    """Key and team metadata tags as /key/generate and /team/new store them; tag rows for 'prod' and 'voice'."""
+    conn.execute('UPDATE "LiteLLM_VerificationToken" SET metadata = %s', (Jsonb({"tags": key_tags, "x": 1}),))
+    conn.execute('UPDATE "LiteLLM_TeamTable" SET metadata = %s', (Jsonb({"tags": team_tags}),))
+    for name in ("prod", "voice"):
+        conn.execute('INSERT INTO "LiteLLM_TagTable" (tag_name, models) VALUES (%s, %s)', (name, []))
+
+
+def test_the_model_rollup_counts_one_request_with_the_final_totals(
+    conn: Conn, principal: Principal, schema: LedgerSchema
+) -> None:
+    """LiteLLM_DailyModelUsage: one row keyed by date, model group, model, provider and 'uncategorized';
+    the final's spend and tokens; one request, successful, on the first applied event only."""
+    for e in session(principal):
+        apply(conn, schema, e, now=NOW)
+    rows = conn.execute(
+        "SELECT date, model_group, model, custom_llm_provider, task_type, spend, prompt_tokens, completion_tokens,"
+        ' request_count, successful_requests, failed_requests FROM "LiteLLM_DailyModelUsage"'
+    ).fetchall()
+    assert len(rows) == 1
+    date, group, model, provider, task, spend, *counts = rows[0]
+    assert (date, group, model, provider, task) == (
+        "2026-12-01",
+        "gpt-realtime",
+        "gpt-realtime",
+        "openai",
+        "uncategorized",
+    )
+    assert math.isclose(spend, float(FINAL_COST)) and counts == [300, 200, 1, 1, 0]
+
+
+def test_a_model_without_a_provider_rolls_up_under_unknown(
+    conn: Conn, principal: Principal, schema: LedgerSchema
+) -> None:
+    """A provider model without `<provider>/`: 'unknown' in the model rollup (as LiteLLM), '' in the daily rows."""
+    apply(conn, schema, session(principal)[0].with_changes(provider_model="gpt-realtime"), now=NOW)
+    assert one(conn, 'SELECT custom_llm_provider FROM "LiteLLM_DailyModelUsage"') == "unknown"
+    assert one(conn, 'SELECT custom_llm_provider FROM "LiteLLM_DailyUserSpend"') == ""
+
+
+def test_key_and_team_tags_are_the_sessions_tags(conn: Conn, principal: Principal, schema: LedgerSchema) -> None:
+    """The key's then the team's metadata tags (once each; non-strings dropped): SpendLogs' request_tags, one daily
+    tag row per tag with one request, each existing tag row's spend; the outcome names them."""
+    tag(conn, principal, key_tags=["prod", "voice", 7], team_tags=["voice", "team-x", ""])
+    outcomes = [apply(conn, schema, e, now=NOW) for e in session(principal)]
+    assert {o.tags for o in outcomes} == {("prod", "voice", "team-x")}
+    logged = conn.execute('SELECT request_tags FROM "LiteLLM_SpendLogs"').fetchall()
+    assert logged == [(["prod", "voice", "team-x"],)] * 3
+    daily = conn.execute(
+        "SELECT tag, spend, api_requests, successful_requests, prompt_tokens, completion_tokens, api_key, model,"
+        ' request_id FROM "LiteLLM_DailyTagSpend" ORDER BY tag'
+    ).fetchall()
+    assert [r[0] for r in daily] == ["prod", "team-x", "voice"]
+    for row in daily:
+        assert math.isclose(row[1], float(FINAL_COST)), row[0]
+        assert row[2:] == (1, 1, 300, 200, principal.key_hash, "gpt-realtime", "sess_w:1")
+    tag_rows = dict(conn.execute('SELECT tag_name, spend FROM "LiteLLM_TagTable"').fetchall())
+    assert tag_rows.keys() == {"prod", "voice"}  # 'team-x' has no tag row: none is created
+    assert all(math.isclose(spend, float(FINAL_COST)) for spend in tag_rows.values())
+
+
+def test_an_untagged_key_writes_no_tag_rows(conn: Conn, principal: Principal, schema: LedgerSchema) -> None:
+    """No metadata tags: request_tags is [] and no daily tag row is written."""
+    outcome = apply(conn, schema, session(principal)[0], now=NOW)
+    assert outcome.tags == ()
+    assert one(conn, 'SELECT request_tags FROM "LiteLLM_SpendLogs"') == []
+    assert one(conn, 'SELECT count(*) FROM "LiteLLM_DailyTagSpend"') == 0
+
+
+def test_repeated_tagged_events_change_no_tag_or_model_row(
+    conn: Conn, principal: Principal, schema: LedgerSchema
+) -> None:
+    """A tagged session applied, then all of it again: tag rows, tag spend and the model rollup unchanged."""
+    tag(conn, principal, key_tags=["prod"], team_tags=["voice"])
+    events = session(principal)
+    for e in events:
+        apply(conn, schema, e, now=NOW)
+    before = snapshot(conn)
+    assert len(before["tags"]) == 2 and len(before["models"]) == 1  # type: ignore[arg-type]
+    assert {apply(conn, schema, e, now=NOW).kind for e in [*events, *reversed(events)]} == {"skipped"}
+    assert snapshot(conn) == before
+
+
+def test_a_schema_without_the_newer_tables_and_columns_still_applies(conn: Conn, principal: Principal) -> None:
+    """No DailyModelUsage, DailyTagSpend or TagTable, no key or team metadata, no SpendLogs request_tags:
+    the event applies, the rest is written."""
+    tag(conn, principal, key_tags=["prod"], team_tags=[])
+    conn.execute('DROP TABLE "LiteLLM_DailyModelUsage", "LiteLLM_DailyTagSpend", "LiteLLM_TagTable" CASCADE')
+    for table, column in (("LiteLLM_VerificationToken", "metadata"), ("LiteLLM_TeamTable", "metadata"),
+                          ("LiteLLM_SpendLogs", "request_tags")):  # fmt: skip
+        conn.execute(f'ALTER TABLE "{table}" DROP COLUMN {column}')
+    older = probe(conn)
+    outcome = apply(conn, older, session(principal)[0], now=NOW)
+    assert outcome.kind == "applied" and outcome.tags == ()
+    assert math.isclose(one(conn, 'SELECT spend FROM "LiteLLM_DailyUserSpend"'), 0.03)

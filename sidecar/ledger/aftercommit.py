@@ -65,6 +65,7 @@ class AfterCommit:
             user_id=outcome.user_id,
             team_id=outcome.team_id,
             organization_id=outcome.organization_id,
+            tags=outcome.tags,
         )
         assert self._proxy is not None
         pipe = self._proxy.pipeline(transaction=False)

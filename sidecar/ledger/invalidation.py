@@ -11,7 +11,8 @@ The cache keys, as LiteLLM writes them (litellm/proxy/auth/auth_checks.py and
 common_utils/user_api_key_cache.py): the key object under its bare sha256 hex (the sidecar's `key_hash`),
 the team under `team_id:<id>`, the user under its bare id, the organization under `org_id:<id>` and
 `org_id:<id>:with_budget` (with its budget row), and the team member's row under both `<team>_<user>` (the
-admission check) and `team_membership:<user>:<team>` (the budget reservation). The organization
+admission check) and `team_membership:<user>:<team>` (the budget reservation), and each tag (its budget)
+under `tag:<name>`. The organization
 membership is read from the database, not cached, so it needs none; `org_id:<id>:with_budget:last_known`
 is LiteLLM's fallback for when its database is down and is deliberately left alone.
 """
@@ -19,6 +20,7 @@ is LiteLLM's fallback for when its database is down and is deliberately left alo
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Final
 
 CHANNEL: Final = "litellm_proxy.auth_cache_invalidation"
@@ -32,10 +34,12 @@ def channel(namespace: str | None) -> str:
     return f"{namespace}:{CHANNEL}" if namespace else CHANNEL
 
 
-def cache_keys(*, key_hash: str, user_id: str = "", team_id: str = "", organization_id: str = "") -> list[str]:
-    """The auth-cache keys holding the spend of the charged key, user, team, organization and team member.
+def cache_keys(
+    *, key_hash: str, user_id: str = "", team_id: str = "", organization_id: str = "", tags: Iterable[str] = ()
+) -> list[str]:
+    """The auth-cache keys holding the spend of the charged key, user, team, organization, team member and tags.
 
-    Empty ids name nothing; the order is key, team, user, organization, team membership, without repeats.
+    Empty ids name nothing; the order is key, team, user, organization, team membership, tags, without repeats.
     """
     keys = [key_hash] if key_hash else []
     if team_id:
@@ -46,6 +50,7 @@ def cache_keys(*, key_hash: str, user_id: str = "", team_id: str = "", organizat
         keys += [f"org_id:{organization_id}", f"org_id:{organization_id}:with_budget"]
     if team_id and user_id:
         keys += [f"{team_id}_{user_id}", f"team_membership:{user_id}:{team_id}"]
+    keys += [f"tag:{tag}" for tag in tags if tag]
     return list(dict.fromkeys(keys))
 
 

@@ -24,6 +24,7 @@ ORGANIZATION = "LiteLLM_OrganizationTable"
 TEAM_MEMBERSHIP = "LiteLLM_TeamMembership"
 ORGANIZATION_MEMBERSHIP = "LiteLLM_OrganizationMembership"
 END_USER = "LiteLLM_EndUserTable"
+TAG = "LiteLLM_TagTable"
 
 # The tables the sink writes on every applied event: without one of them it refuses to start.
 REQUIRED_TABLES: tuple[str, ...] = (
@@ -36,7 +37,11 @@ REQUIRED_TABLES: tuple[str, ...] = (
     ORGANIZATION_MEMBERSHIP,
     END_USER,
 )
-# Daily rollups, written when present (older schemas lack some; LiteLLM_DailyModelUsage is recent).
+# Entity tables written when present: a tag's `spend` (LiteLLM's tag budgets) rises with its requests.
+OPTIONAL_TABLES: tuple[str, ...] = (TAG,)
+# Daily rollups, written when present (older schemas lack some; LiteLLM_DailyModelUsage is recent, and its
+# upsert key is its primary key (date, model_group, model, custom_llm_provider, task_type): the probe reads
+# primary keys as unique keys, so `daily_key` finds it like the others' unique indexes).
 DAILY_TABLES: tuple[str, ...] = (
     "LiteLLM_DailyUserSpend",
     "LiteLLM_DailyTeamSpend",
@@ -61,8 +66,9 @@ REQUIRED_COLUMNS: Mapping[str, tuple[str, ...]] = MappingProxyType(
 # Columns written only when the schema has them (newer LiteLLM versions added them).
 OPTIONAL_COLUMNS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
-        SPEND_LOGS: ("session_id",),
-        TOKEN: ("total_spend", "last_active"),
+        SPEND_LOGS: ("session_id", "request_tags"),
+        TOKEN: ("total_spend", "last_active", "metadata"),
+        TEAM: ("metadata",),
         TEAM_MEMBERSHIP: ("total_spend",),
     }
 )
@@ -180,7 +186,7 @@ def probe(conn: psycopg.Connection[Any], *, schema: str = "public") -> LedgerSch
     it is not in autocommit they run in the caller's transaction, which the caller ends). psycopg's
     errors propagate: the caller tells a database that is down from one that refuses us.
     """
-    names = [*REQUIRED_TABLES, *DAILY_TABLES]
+    names = [*REQUIRED_TABLES, *OPTIONAL_TABLES, *DAILY_TABLES]
     params = {"schema": schema, "names": names}
     with conn.cursor() as cur:
         cur.execute(_TABLES_SQL, params)

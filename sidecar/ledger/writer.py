@@ -5,9 +5,28 @@
 (sidecar.ledger.delta), and when there is one writes, in the same transaction: one immutable
 SpendLogs row (`request_id` `<session_id>:<seq>`), relative `spend` increments on the entity rows
 that exist, in LiteLLM's own lock order (organization, organization membership, team, user, team
-membership, key; the team's advisory lock first), the daily upserts on the probed unique keys, and
-the advanced marker. A repeat, a late or an older event finds the marker ahead and writes nothing.
-`ensure_sink_tables(conn)` creates the sink's schema and marker table; run it once at start.
+membership, key, tags; the team's advisory lock first), the daily upserts on the probed unique keys
+(user, team, organization, tag, model), and the advanced marker. A repeat, a late or an older event
+finds the marker ahead and writes nothing. `ensure_sink_tables(conn)` creates the sink's schema and
+marker table; run it once at start.
+
+Daily rows, as LiteLLM writes them for one request: a session is one request, counted (`api_requests`,
+`request_count`, `successful_requests`) on its first applied event only; later events add spend and
+tokens. `LiteLLM_DailyModelUsage` is keyed by date, model group, model, provider (`unknown` when the
+event names none, as LiteLLM writes it) and task type: LiteLLM takes the task from a request tag
+`task:<name>` naming one of its known tasks, else `uncategorized` (MODEL_INSIGHTS_DEFAULT_TASK); the
+sink always writes `uncategorized` (it does not carry LiteLLM's task list).
+
+Tags: LiteLLM adds the key's `metadata.tags`, then its team's `metadata.tags`, to every request of the
+key (add_key_level_controls, add_team_and_project_level_controls), so the sink reads both from the
+token and team rows inside the transaction and treats the session as carrying them: SpendLogs'
+`request_tags`, one `LiteLLM_DailyTagSpend` row per tag, and each tag's `LiteLLM_TagTable.spend` (the
+rows that exist). Not applied: a project's `metadata.tags` (LiteLLM adds them for keys in a project)
+and tags a client sends per request (a realtime connect carries none).
+
+No end user: LiteLLM takes a request's end user from its body (`user`) or a configured header; a
+realtime session's connect carries neither through the sidecar, so `LiteLLM_EndUserTable` and
+`LiteLLM_DailyEndUserSpend` are never written.
 """
 
 from __future__ import annotations
@@ -26,6 +45,7 @@ from sidecar.ledger.schema import (
     ORGANIZATION,
     ORGANIZATION_MEMBERSHIP,
     SPEND_LOGS,
+    TAG,
     TEAM,
     TEAM_MEMBERSHIP,
     TOKEN,
@@ -41,6 +61,10 @@ CALL_TYPE: Final = "_arealtime"
 # LiteLLM maps call types to endpoints (ROUTE_ENDPOINT_MAPPING); `_arealtime` has none, so its
 # daily rows carry endpoint ''.
 ENDPOINT: Final = ""
+# LiteLLM's task type for a request without a `task:<name>` tag (litellm.constants.MODEL_INSIGHTS_DEFAULT_TASK).
+TASK_TYPE: Final = "uncategorized"
+# LiteLLM's provider in LiteLLM_DailyModelUsage when a request names none.
+UNKNOWN_PROVIDER: Final = "unknown"
 # As LiteLLM's own spend transactions: a writer waits at most this long for a row lock.
 LOCK_TIMEOUT_MS: Final = 5000
 ATTEMPTS: Final = 3
@@ -80,8 +104,9 @@ class Outcome:
     An applied outcome also says who was charged, as LiteLLM's rows said inside the transaction:
     `key_exists` (the key's token row was found; when not, only the SpendLogs row was written and the
     ids below are the event's, no row of theirs touched), `key_hash`, and the `user_id`, `team_id` and
-    `organization_id` whose rows were incremented ('' for none). Post-commit actions (cache
-    invalidation) read them; skipped and dead-lettered outcomes leave them empty: nothing was charged.
+    `organization_id` whose rows were incremented ('' for none), and the `tags` the session carried
+    (the key's, then its team's). Post-commit actions (cache invalidation) read them; skipped and
+    dead-lettered outcomes leave them empty: nothing was charged.
     """
 
     kind: Kind
@@ -92,6 +117,7 @@ class Outcome:
     user_id: str = ""
     team_id: str = ""
     organization_id: str = ""
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +128,7 @@ class _Owners:
     user_id: str
     team_id: str
     organization_id: str
+    tags: tuple[str, ...] = ()
 
 
 class _Refused(Exception):
@@ -149,7 +176,7 @@ def _apply_once(
         with conn.transaction():
             conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
             d = _lock_marker(conn, event)
-            owners = _owners(conn, event)
+            owners = _owners(conn, schema, event)
             if owners.team_id:
                 conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (owners.team_id,))
             _insert_spend_log(conn, schema, event, d, owners)
@@ -171,6 +198,7 @@ def _apply_once(
         user_id=owners.user_id,
         team_id=owners.team_id,
         organization_id=owners.organization_id,
+        tags=owners.tags,
     )
 
 
@@ -187,19 +215,33 @@ def _lock_marker(conn: psycopg.Connection[Any], event: UsageEvent) -> Delta:
     return outcome
 
 
-def _owners(conn: psycopg.Connection[Any], event: UsageEvent) -> _Owners:
+def _owners(conn: psycopg.Connection[Any], schema: LedgerSchema, event: UsageEvent) -> _Owners:
+    """The key's owners and tags in one read: its row, and its team's (the event's team, else the key's)."""
     row = conn.execute(
-        'SELECT user_id, team_id, organization_id FROM "LiteLLM_VerificationToken" WHERE token = %s',
-        (event.key_hash,),
+        sql.SQL(
+            "SELECT k.user_id, k.team_id, k.organization_id, {key_meta}, t.organization_id, {team_meta}"
+            ' FROM "LiteLLM_VerificationToken" k LEFT JOIN "LiteLLM_TeamTable" t'
+            " ON t.team_id = COALESCE(NULLIF(%s, ''), k.team_id) WHERE k.token = %s"
+        ).format(key_meta=_metadata(schema, TOKEN, "k"), team_meta=_metadata(schema, TEAM, "t")),
+        (event.team_id, event.key_hash),
     ).fetchone()
     if row is None:
         return _Owners(False, event.user_id, event.team_id, "")
     user_id, team_id = event.user_id or (row[0] or ""), event.team_id or (row[1] or "")
-    org = row[2] or ""
-    if not org and team_id:
-        team = conn.execute('SELECT organization_id FROM "LiteLLM_TeamTable" WHERE team_id = %s', (team_id,)).fetchone()
-        org = (team[0] or "") if team else ""
-    return _Owners(True, user_id, team_id, org)
+    org = row[2] or row[4] or ""
+    return _Owners(True, user_id, team_id, org, tuple(dict.fromkeys([*_tags(row[3]), *_tags(row[5])])))
+
+
+def _metadata(schema: LedgerSchema, table: str, alias: str) -> sql.Composable:
+    if schema.has_column(table, "metadata"):
+        return sql.SQL("{}.metadata").format(sql.Identifier(alias))
+    return sql.SQL("NULL")
+
+
+def _tags(metadata: object) -> list[str]:
+    """The tags a row's metadata lists (LiteLLM's `metadata.tags`): its non-empty strings, in order."""
+    tags = metadata.get("tags") if isinstance(metadata, dict) else None
+    return [t for t in tags if isinstance(t, str) and t] if isinstance(tags, list) else []
 
 
 def _provider(event: UsageEvent) -> str:
@@ -244,6 +286,7 @@ def _insert_spend_log(
         "metadata": Jsonb(metadata),
         "session_id": event.session_id,
         "status": "success",
+        "request_tags": Jsonb(list(owners.tags)),
     }
     values = {c: v for c, v in values.items() if schema.has_column(SPEND_LOGS, c)}
     key = schema.spend_logs_key
@@ -296,6 +339,9 @@ def _increment_entities(
     if schema.has_column(TOKEN, "last_active"):
         sets.append(sql.SQL("last_active = {}").format(sql.Literal(_naive_utc(now))))
     _increment(conn, TOKEN, sql.SQL(", ").join(sets), {"token": key_hash})
+    if TAG in schema.tables:  # after the key, as LiteLLM commits them; sorted, so two writers lock alike
+        for tag in sorted(owners.tags):
+            _increment(conn, TAG, spend, {"tag_name": tag})
 
 
 _DAILY_ENTITIES: Final = (
@@ -303,58 +349,97 @@ _DAILY_ENTITIES: Final = (
     ("LiteLLM_DailyTeamSpend", "team_id"),
     ("LiteLLM_DailyOrganizationSpend", "organization_id"),
 )
-_DAILY_COUNTERS: Final = ("prompt_tokens", "completion_tokens", "spend", "api_requests", "successful_requests")
+_DAILY_TAGS: Final = "LiteLLM_DailyTagSpend"
+_DAILY_MODELS: Final = "LiteLLM_DailyModelUsage"
+_DAILY_COUNTERS: Final = (
+    "prompt_tokens", "completion_tokens", "spend", "api_requests", "request_count", "successful_requests",
+)  # fmt: skip
 
 
 def _upsert_daily(
     conn: psycopg.Connection[Any], schema: LedgerSchema, event: UsageEvent, d: Delta, owners: _Owners
 ) -> None:
-    """The user, team and organization daily rows (end user and tag: a realtime session has neither)."""
+    """The user, team, organization, tag and model daily rows (no end user: a realtime session has none)."""
     ids = {"user_id": owners.user_id, "team_id": owners.team_id, "organization_id": owners.organization_id}
-    requests = 1 if d.first else 0
+    fields: dict[str, object] = {
+        "date": event.started_at.astimezone(UTC).date().isoformat(),
+        "api_key": event.key_hash,
+        "model": event.model,
+        "model_group": event.model,
+        "custom_llm_provider": _provider(event),
+        "mcp_namespaced_tool_name": "",
+        "endpoint": ENDPOINT,
+    }
     for table, entity in _DAILY_ENTITIES:
-        key = schema.daily_keys.get(table)
-        if key is None or (entity != "user_id" and not ids[entity]):
+        if entity != "user_id" and not ids[entity]:
             continue  # LiteLLM writes a user row even without a user (''), team and org rows only when set
-        fields: dict[str, object] = {
-            entity: ids[entity],
-            "date": event.started_at.astimezone(UTC).date().isoformat(),
-            "api_key": event.key_hash,
-            "model": event.model,
-            "model_group": event.model,
-            "custom_llm_provider": _provider(event),
-            "mcp_namespaced_tool_name": "",
-            "endpoint": ENDPOINT,
-        }
-        row: dict[str, object] = {c: fields.get(c, "") for c in key}
-        row |= {c: v for c, v in fields.items() if c not in row and schema.has_column(table, c)}
-        counters = {
-            "prompt_tokens": d.input_tokens,
-            "completion_tokens": d.output_tokens,
-            "spend": float(d.cost_usd),
-            "api_requests": requests,
-            "successful_requests": requests,
-        }
-        row |= {c: v for c, v in counters.items() if schema.has_column(table, c)}
-        _upsert(conn, table, key, row, [c for c in _DAILY_COUNTERS if c in row])
+        _upsert_daily_row(conn, schema, table, {entity: ids[entity], **fields}, d)
+    request_id = f"{event.session_id}:{event.seq}"
+    for tag in sorted(owners.tags):
+        _upsert_daily_row(conn, schema, _DAILY_TAGS, {"tag": tag, "request_id": request_id, **fields}, d)
+    model = {
+        "date": fields["date"],
+        "model_group": event.model,
+        "model": event.model,
+        "custom_llm_provider": _provider(event) or UNKNOWN_PROVIDER,
+        "task_type": TASK_TYPE,
+    }
+    _upsert_daily_row(conn, schema, _DAILY_MODELS, model, d)
+
+
+def _upsert_daily_row(
+    conn: psycopg.Connection[Any], schema: LedgerSchema, table: str, fields: dict[str, object], d: Delta
+) -> None:
+    """One daily row on the table's probed key ('' for a key column the event does not fill); skipped when
+    the table or its key is missing. Columns the table lacks are left out."""
+    key = schema.daily_keys.get(table)
+    if key is None:
+        return
+    row: dict[str, object] = {c: fields.get(c, "") for c in key}
+    row |= {c: v for c, v in fields.items() if c not in row and schema.has_column(table, c)}
+    requests = 1 if d.first else 0
+    counters = {
+        "prompt_tokens": d.input_tokens,
+        "completion_tokens": d.output_tokens,
+        "spend": float(d.cost_usd),
+        "api_requests": requests,
+        "request_count": requests,
+        "successful_requests": requests,
+    }
+    row |= {c: v for c, v in counters.items() if schema.has_column(table, c)}
+    _upsert(conn, schema, table, key, row, [c for c in _DAILY_COUNTERS if c in row])
 
 
 def _upsert(
-    conn: psycopg.Connection[Any], table: str, key: tuple[str, ...], row: dict[str, object], counters: list[str]
+    conn: psycopg.Connection[Any],
+    schema: LedgerSchema,
+    table: str,
+    key: tuple[str, ...],
+    row: dict[str, object],
+    counters: list[str],
 ) -> None:
+    """INSERT ... ON CONFLICT (key) DO UPDATE adding `counters`; `id` (a uuid) and `updated_at` when the table
+    has them (LiteLLM_DailyModelUsage is keyed by its columns and has no `id`)."""
     t = sql.Identifier(table)
-    increments = [sql.SQL("{c} = {t}.{c} + EXCLUDED.{c}").format(c=sql.Identifier(c), t=t) for c in counters]
+    cols: list[sql.Composable] = [sql.Identifier(c) for c in row]
+    vals: list[sql.Composable] = [sql.Placeholder()] * len(row)
+    sets: list[sql.Composable] = [
+        sql.SQL("{c} = {t}.{c} + EXCLUDED.{c}").format(c=sql.Identifier(c), t=t) for c in counters
+    ]
+    if schema.has_column(table, "id"):
+        cols.append(sql.Identifier("id"))
+        vals.append(sql.SQL("gen_random_uuid()::text"))
+    if schema.has_column(table, "updated_at"):
+        cols.append(sql.Identifier("updated_at"))
+        vals.append(sql.SQL("now() AT TIME ZONE 'UTC'"))
+        sets.append(sql.SQL("updated_at = now() AT TIME ZONE 'UTC'"))
     conn.execute(
-        sql.SQL(
-            "INSERT INTO {t} (id, {cols}, updated_at)"
-            " VALUES (gen_random_uuid()::text, {vals}, now() AT TIME ZONE 'UTC')"
-            " ON CONFLICT ({key}) DO UPDATE SET {incs}, updated_at = now() AT TIME ZONE 'UTC'"
-        ).format(
+        sql.SQL("INSERT INTO {t} ({cols}) VALUES ({vals}) ON CONFLICT ({key}) DO UPDATE SET {sets}").format(
             t=t,
-            cols=sql.SQL(", ").join(map(sql.Identifier, row)),
-            vals=sql.SQL(", ").join(sql.Placeholder() * len(row)),
+            cols=sql.SQL(", ").join(cols),
+            vals=sql.SQL(", ").join(vals),
             key=sql.SQL(", ").join(map(sql.Identifier, key)),
-            incs=sql.SQL(", ").join(increments),
+            sets=sql.SQL(", ").join(sets),
         ),
         list(row.values()),
     )
