@@ -186,7 +186,8 @@ async def test_the_admission_total_counts_realtime_spend_once_across_the_sink(
     redis_client: aioredis.Redis, unique: str, litellm_db: str
 ) -> None:
     """A budgeted key and team: the admission total is LiteLLM spend + realtime spend, once, before the sink
-    applies a checkpoint, after it (with /key/info showing it), at the end, after the final, after redelivery."""
+    applies a checkpoint, after it (with /key/info showing it), at the end, and after the final is redelivered
+    following a crash between its commit and its settle (twice only in that gap: never less)."""
     clock = [1000.0]
     supervisor = Supervisor(
         store=RedisStore(redis_client, channel=f"test:{unique}:control", prefix=f"test:{unique}"),
@@ -256,11 +257,13 @@ async def test_the_admission_total_counts_realtime_spend_once_across_the_sink(
         clock[0] += 60  # its running cost expires from the registry
         await check(final.cost_usd)  # part in LiteLLM, the rest billed
 
-        await sink(final, "applied")
-        await check(final.cost_usd)  # all in LiteLLM
+        assert apply(conn, schema, final, now=final.started_at).kind == "applied"  # then a crash: no settle
+        await check(final.cost_usd + final.cost_usd - checkpoint.cost_usd)  # the unsettled part counted twice
 
-        for again in (checkpoint, final, checkpoint):  # redelivery after a crash
+        for again in (checkpoint, final, checkpoint):  # redelivery after the crash: skipped, and settled
             await sink(again, "skipped")
+        await check(final.cost_usd)  # all in LiteLLM, once
+        await sink(final, "skipped")  # and once more
         await check(final.cost_usd)
         logged = conn.execute('SELECT sum(spend) FROM "LiteLLM_SpendLogs"').fetchone()
         assert logged is not None and math.isclose(logged[0], float(final.cost_usd))

@@ -2,7 +2,9 @@
 
 `schema`: what the sink finds in LiteLLM's database before it writes anything; `delta`: what one
 usage event adds after the session's last applied one (pure); `writer`: one event applied in one
-transaction, exactly once (not yet run by `sidecar consume`).
+transaction, exactly once; after the commit, `aftercommit.AfterCommit` settles the sidecar's own budget
+counters (`budget`: each applied amount once) and publishes LiteLLM's auth-cache invalidations
+(`invalidation`, pure), best effort, before the entry is acknowledged.
 """
 
 from sidecar.ledger.delta import Applied, DeadLetter, Delta, Skip, delta
