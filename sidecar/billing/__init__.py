@@ -2,7 +2,8 @@
 
 docs/api.md, "Metering and billing": `tables` defines `realtime_usage_event` and `realtime_usage`,
 `writer` stores events idempotently (`BillingWriter`, also used in embedded mode), `consumer` reads the
-`realtime:usage` stream in the `billing` group (`UsageConsumer`, `sidecar consume`).
+`realtime:usage` stream in a consumer group (`UsageConsumer`, `sidecar consume`): `billing` through a
+BillingWriter, `litellm` through sidecar.ledger.sink.LedgerSink; `metrics` are the consumer's own.
 """
 
 from sidecar.billing.consumer import GROUP, BillingStreamError, UsageConsumer

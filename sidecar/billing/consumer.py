@@ -1,9 +1,12 @@
-"""`sidecar consume`: the usage stream's billing consumer group (docs/api.md, "Metering and billing").
+"""`sidecar consume`: a consumer group of the usage stream (docs/api.md, "Metering and billing").
 
+One `UsageConsumer` runs one group through one writer: the `billing` group into the billing database
+(`BillingWriter`), the `litellm` group into LiteLLM's own ledger (`sidecar.ledger.sink.LedgerSink`).
 Delivery is at least once and writes are idempotent: an entry is acknowledged only after the DB
 transaction holding its event commits (or after it was dead-lettered), so a consumer that dies at any
 point leaves its entries pending, and another one reclaims them with XAUTOCLAIM; replaying them changes
-nothing (`BillingWriter.write`). Unparsable entries go to `<stream>:dead` with the reason.
+nothing. Unparsable entries, and events a writer refuses for good, go to `<stream>:dead` with the reason
+and the group that buried them.
 
 The stream is trimmed with XTRIM MINID below the oldest entry any group on it still needs, never by
 length, so no group loses an entry it has not acknowledged or not yet read.
@@ -15,20 +18,24 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
-from typing import Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, runtime_checkable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 from redis.typing import EncodableT, FieldT
 from sqlalchemy.engine import Engine
 
-from sidecar.billing.writer import BillingDataError, BillingError, BillingWriter, check_storable, upgrade
+from sidecar.billing.writer import BillingDataError, BillingError, check_storable, upgrade
 from sidecar.usage import UsageDecodeError, UsageEvent
 
+if TYPE_CHECKING:
+    from sidecar.ledger.writer import Outcome
+
 GROUP: Final = "billing"
+LITELLM_GROUP: Final = "litellm"
 DEFAULT_STREAM: Final = "realtime:usage"
 SWEEP_EVERY_S: Final = 5.0
 BACKOFF_S: Final = 0.5
@@ -37,6 +44,8 @@ IDLE_WAIT_S: Final = 0.1
 """How long `run` pauses between empty polls when `block_ms` is 0 (no server-side blocking)."""
 PROGRESS_EVERY_S: Final = 60.0
 """How often `run` logs a progress line: events written since the last one, the group's lag and pending count."""
+AFTER_COMMIT_TIMEOUT_S: Final = 10.0
+"""The longest the post-commit hook may hold up the acknowledgement of a batch."""
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,36 @@ Entry: TypeAlias = tuple[str, Fields | None]
 
 class BillingStreamError(BillingError):
     """Redis failed under the consumer (unreachable, or a command refused); nothing uncommitted was acked."""
+
+
+class UsageWriter(Protocol):
+    """What a consumer writes through (blocking; run in a worker thread).
+
+    `write` stores the events idempotently and returns either how many were new (`BillingWriter`) or one
+    Outcome per event, in order (`LedgerSink`): a `dead_letter` outcome is buried in `<stream>:dead`, the
+    others are acknowledged. It raises BillingDataError when an event cannot be stored (the consumer then
+    writes one by one and buries the ones that fail), BillingDatabaseError when nothing can be written now.
+    """
+
+    def write(self, events: Sequence[UsageEvent], *, now: datetime) -> int | Sequence[Outcome]: ...
+
+
+@runtime_checkable
+class LostSweeper(Protocol):
+    """A writer that also closes sessions whose replica died (`BillingWriter`; the billing group only)."""
+
+    def close_lost(self, *, now: datetime, horizon_s: float) -> int: ...
+
+
+class ProgressObserver(Protocol):
+    """Told the group's figures at each progress report (the consumer's Prometheus gauges)."""
+
+    def progress(self, group: str, *, lag: int | None, pending: int) -> None: ...
+
+
+AfterCommit: TypeAlias = Callable[[Sequence[UsageEvent], Sequence["Outcome"]], Awaitable[None]]
+"""Called after a batch committed and before it is acknowledged, with its events and their outcomes (empty
+for a writer that returns none); best effort: its failure is logged and never holds back the ack for long."""
 
 
 def utc_now() -> datetime:
@@ -59,18 +98,19 @@ def default_consumer_name() -> str:
 
 
 class UsageConsumer:
-    """Reads usage events from the stream in a consumer group and writes them through a BillingWriter.
+    """Reads usage events from the stream in a consumer group (`billing`, `litellm`) and writes them through a writer.
 
     `block_ms` is how long XREADGROUP waits for new entries; 0 means not at all (unlike Redis's own
     BLOCK 0, which waits forever). Entries pending longer than `claim_idle_ms` in any consumer of the
     group are taken over. Sessions with no stored event for `lost_after_s` are closed as lost by
-    `sweep_lost`, which `run` calls every `sweep_every_s` once the backlog is drained.
+    `sweep_lost`, which `run` calls every `sweep_every_s` once the backlog is drained (writers that are
+    a LostSweeper only). `after_commit` runs after each committed batch, before its XACK.
     """
 
     def __init__(
         self,
         redis: aioredis.Redis,
-        writer: BillingWriter,
+        writer: UsageWriter,
         *,
         stream: str = DEFAULT_STREAM,
         group: str = GROUP,
@@ -83,6 +123,8 @@ class UsageConsumer:
         sweep_every_s: float = SWEEP_EVERY_S,
         backoff_s: float = BACKOFF_S,
         progress_every_s: float = PROGRESS_EVERY_S,
+        after_commit: AfterCommit | None = None,
+        observer: ProgressObserver | None = None,
     ) -> None:
         self._redis = redis
         self._writer = writer
@@ -100,12 +142,19 @@ class UsageConsumer:
         self._claim_cursor = "0-0"
         self._retry_own = False  # after a failure: this consumer's own pending entries come first
         self._progress_every_s = progress_every_s
+        self._after_commit = after_commit
+        self._observer = observer
         self.written = 0  # events stored and acknowledged by this consumer (duplicates included)
 
     @property
     def name(self) -> str:
         """This consumer's name in the group."""
         return self._consumer
+
+    @property
+    def group(self) -> str:
+        """The consumer group it reads in."""
+        return self._group
 
     async def ensure_group(self) -> None:
         """Create the group (from the stream's start, creating the stream) unless it exists.
@@ -145,8 +194,10 @@ class UsageConsumer:
     async def sweep_lost(self) -> int:
         """Close sessions with no stored event for `lost_after_s` as lost; return how many.
 
-        Raises BillingDatabaseError if the DB fails.
+        Returns 0 at once for a writer that is not a LostSweeper. Raises BillingDatabaseError if the DB fails.
         """
+        if not isinstance(self._writer, LostSweeper):
+            return 0
         now = self._clock()
         return await asyncio.to_thread(self._writer.close_lost, now=now, horizon_s=self._lost_after_s)
 
@@ -164,7 +215,7 @@ class UsageConsumer:
         next_sweep = loop.time()
         next_progress, reported = loop.time() + self._progress_every_s, self.written
         ready = False
-        log.info("billing consumer %s started: stream %s, group %s", self._consumer, self._stream, self._group)
+        log.info("%s consumer %s started: stream %s", self._group, self._consumer, self._stream)
         while not stop.is_set():
             try:
                 if not ready:
@@ -180,7 +231,7 @@ class UsageConsumer:
                     next_progress, reported = loop.time() + self._progress_every_s, self.written
                 backoff = self._backoff_s
             except BillingError as exc:
-                log.warning("billing consumer %s: %s; retrying in %.1fs", self._consumer, exc, backoff)
+                log.warning("%s consumer %s: %s; retrying in %.1fs", self._group, self._consumer, exc, backoff)
                 ready = False  # the stream or group may have been deleted with Redis's data
                 self._retry_own = True
                 await _wait(stop, backoff)
@@ -188,7 +239,7 @@ class UsageConsumer:
                 continue
             if handled == 0 and self._block_ms == 0:
                 await _wait(stop, IDLE_WAIT_S)
-        log.info("billing consumer %s stopped: %d events written", self._consumer, self.written)
+        log.info("%s consumer %s stopped: %d events written", self._group, self._consumer, self.written)
 
     async def _report(self, written: int) -> None:
         """The progress line: events written since the last one, and the group's lag (entries never delivered;
@@ -197,8 +248,11 @@ class UsageConsumer:
             groups = await self._redis.xinfo_groups(self._stream)
         mine = next((g for g in groups if _text(g["name"]) == self._group), {})
         lag = mine.get("lag")
+        if self._observer is not None:
+            self._observer.progress(self._group, lag=lag, pending=int(mine.get("pending", 0)))
         log.info(
-            "billing consumer %s: %d events written in the last %.0fs; lag %s, %s pending",
+            "%s consumer %s: %d events written in the last %.0fs; lag %s, %s pending",
+            self._group,
             self._consumer,
             written,
             self._progress_every_s,
@@ -280,33 +334,60 @@ class UsageConsumer:
     async def _write(self, events: Sequence[tuple[str, Fields, UsageEvent]]) -> None:
         now = self._clock()
         try:
-            await asyncio.to_thread(self._writer.write, [event for _, _, event in events], now=now)
+            result = await asyncio.to_thread(self._writer.write, [event for _, _, event in events], now=now)
         except BillingDataError:
             # The DB refused a value check_storable let through: find it, write the rest.
             await self._write_one_by_one(events, now)
             return
-        await self._ack([entry_id for entry_id, _, _ in events])
-        self.written += len(events)
+        await self._settle(events, result)
 
     async def _write_one_by_one(self, events: Sequence[tuple[str, Fields, UsageEvent]], now: datetime) -> None:
-        for entry_id, fields, event in events:
+        for entry in events:
             try:
-                await asyncio.to_thread(self._writer.write, [event], now=now)
+                result = await asyncio.to_thread(self._writer.write, [entry[2]], now=now)
             except BillingDataError as exc:
-                await self._bury([(entry_id, fields, str(exc))], [])
+                await self._bury([(entry[0], entry[1], str(exc))], [])
             else:
-                await self._ack([entry_id])
-                self.written += 1
+                await self._settle([entry], result)
+
+    async def _settle(self, events: Sequence[tuple[str, Fields, UsageEvent]], result: int | Sequence[Outcome]) -> None:
+        """After the commit: bury what the writer refused for good, run the hook on the rest, acknowledge them."""
+        outcomes: list[Outcome | None] = [None] * len(events) if isinstance(result, int) else list(result)
+        dead: list[tuple[str, Fields, str]] = []
+        kept: list[tuple[str, Fields, UsageEvent]] = []
+        kept_outcomes: list[Outcome] = []
+        for entry, outcome in zip(events, outcomes, strict=True):
+            if outcome is not None and outcome.kind == "dead_letter":
+                dead.append((entry[0], entry[1], outcome.reason))
+                continue
+            kept.append(entry)
+            if outcome is not None:
+                kept_outcomes.append(outcome)
+        if self._after_commit is not None and kept:
+            await self._notify([event for _, _, event in kept], kept_outcomes)
+        if dead:
+            await self._bury(dead, [])
+        if kept:
+            await self._ack([entry_id for entry_id, _, _ in kept])
+            self.written += len(kept)
+
+    async def _notify(self, events: Sequence[UsageEvent], outcomes: Sequence[Outcome]) -> None:
+        assert self._after_commit is not None
+        try:
+            async with asyncio.timeout(AFTER_COMMIT_TIMEOUT_S):
+                await self._after_commit(events, outcomes)
+        except Exception as exc:  # best effort: the commit stands and the entries must be acknowledged
+            log.warning("%s consumer %s: after-commit hook failed: %s", self._group, self._consumer, _describe(exc))
 
     async def _bury(self, dead: Sequence[tuple[str, Fields, str]], gone: Sequence[str]) -> None:
         """Dead-letter entries with their reason and acknowledge them, atomically (MULTI/EXEC)."""
         for entry_id, _, reason in dead:
-            log.warning("billing: dead-lettering %s from %s: %s", entry_id, self._stream, reason)
+            log.warning("%s: dead-lettering %s from %s: %s", self._group, entry_id, self._stream, reason)
         with _redis_errors("dead-letter"):
             async with self._redis.pipeline(transaction=True) as pipe:
                 for entry_id, fields, reason in dead:
                     letter: dict[FieldT, EncodableT] = {_key(k): v for k, v in fields.items()}
-                    letter.update({"reason": reason, "original_id": entry_id})
+                    letter.update({"reason": reason, "original_id": entry_id, "group": self._group})
                     pipe.xadd(self._dead_stream, letter)
                 pipe.xack(self._stream, self._group, *(entry_id for entry_id, _, _ in dead), *gone)
                 await pipe.execute()
