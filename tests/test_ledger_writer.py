@@ -14,7 +14,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from sidecar.ledger.schema import LedgerSchema, probe
-from sidecar.ledger.writer import Outcome, apply, ensure_sink_tables
+from sidecar.ledger.writer import Outcome, apply, ensure_sink_tables, known_tasks, task_type
 from sidecar.usage import UsageEvent
 from tests.litellm_schema import Principal, seed_principal
 
@@ -357,3 +357,19 @@ def test_a_schema_without_the_newer_tables_and_columns_still_applies(conn: Conn,
     outcome = apply(conn, older, session(principal)[0], now=NOW)
     assert outcome.kind == "applied" and outcome.tags == ()
     assert math.isclose(one(conn, 'SELECT spend FROM "LiteLLM_DailyUserSpend"'), 0.03)
+
+
+def test_the_task_type_is_the_first_known_task_tag() -> None:
+    """`task:<name>` with a name LiteLLM knows gives that task; unknown names and other tags: 'uncategorized'."""
+    known = {"translation", "conversation"}
+    assert task_type(["prod", "task:nope", "task:translation", "task:conversation"], known) == "translation"
+    assert task_type(["prod", "task:nope"], known) == "uncategorized"
+    assert task_type([], known) == "uncategorized"
+    assert {"translation", "conversation"} <= known_tasks()  # the installed litellm's list is read
+
+
+def test_a_task_tag_on_the_key_types_the_model_rollup(conn: Conn, principal: Principal, schema: LedgerSchema) -> None:
+    """A key tagged `task:translation` rolls its sessions up under that task, as LiteLLM does."""
+    tag(conn, principal, key_tags=["task:translation"], team_tags=[])
+    apply(conn, schema, session(principal)[0], now=NOW)
+    assert one(conn, 'SELECT task_type FROM "LiteLLM_DailyModelUsage"') == "translation"

@@ -13,9 +13,9 @@ marker table; run it once at start.
 Daily rows, as LiteLLM writes them for one request: a session is one request, counted (`api_requests`,
 `request_count`, `successful_requests`) on its first applied event only; later events add spend and
 tokens. `LiteLLM_DailyModelUsage` is keyed by date, model group, model, provider (`unknown` when the
-event names none, as LiteLLM writes it) and task type: LiteLLM takes the task from a request tag
-`task:<name>` naming one of its known tasks, else `uncategorized` (MODEL_INSIGHTS_DEFAULT_TASK); the
-sink always writes `uncategorized` (it does not carry LiteLLM's task list).
+event names none, as LiteLLM writes it) and task type: as LiteLLM, the first of the session's tags
+`task:<name>` naming one of LiteLLM's known tasks (the `model_insights_tasks.json` the installed
+litellm package ships), else `uncategorized` (MODEL_INSIGHTS_DEFAULT_TASK).
 
 Tags: LiteLLM adds the key's `metadata.tags`, then its team's `metadata.tags`, to every request of the
 key (add_key_level_controls, add_team_and_project_level_controls), so the sink reads both from the
@@ -31,11 +31,16 @@ realtime session's connect carries neither through the sidecar, so `LiteLLM_EndU
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Final, Literal
 
+import orjson
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
@@ -63,6 +68,9 @@ CALL_TYPE: Final = "_arealtime"
 ENDPOINT: Final = ""
 # LiteLLM's task type for a request without a `task:<name>` tag (litellm.constants.MODEL_INSIGHTS_DEFAULT_TASK).
 TASK_TYPE: Final = "uncategorized"
+TASK_TAG_PREFIX: Final = "task:"
+# LiteLLM's known tasks, shipped as data in its package (litellm/proxy/model_insights_tasks.json).
+TASKS_FILE: Final = ("proxy", "model_insights_tasks.json")
 # LiteLLM's provider in LiteLLM_DailyModelUsage when a request names none.
 UNKNOWN_PROVIDER: Final = "unknown"
 # As LiteLLM's own spend transactions: a writer waits at most this long for a row lock.
@@ -382,9 +390,31 @@ def _upsert_daily(
         "model_group": event.model,
         "model": event.model,
         "custom_llm_provider": _provider(event) or UNKNOWN_PROVIDER,
-        "task_type": TASK_TYPE,
+        "task_type": task_type(owners.tags, known_tasks()),
     }
     _upsert_daily_row(conn, schema, _DAILY_MODELS, model, d)
+
+
+def task_type(tags: Iterable[str], known: Collection[str]) -> str:
+    """LiteLLM's task type for a request with `tags`: the first `task:<name>` with a known name, else the default."""
+    for tag in tags:
+        if tag.startswith(TASK_TAG_PREFIX) and (name := tag.removeprefix(TASK_TAG_PREFIX)) in known:
+            return name
+    return TASK_TYPE
+
+
+@functools.cache
+def known_tasks() -> frozenset[str]:
+    """The task names the installed litellm knows (read once); none when it has no task list (older versions)."""
+    spec = importlib.util.find_spec("litellm")  # locates the package without executing it
+    locations = None if spec is None else spec.submodule_search_locations
+    if not locations:
+        return frozenset()
+    try:
+        tasks = orjson.loads(Path(next(iter(locations)), *TASKS_FILE).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return frozenset()
+    return frozenset(name for name in tasks if isinstance(name, str)) if isinstance(tasks, dict) else frozenset()
 
 
 def _upsert_daily_row(
