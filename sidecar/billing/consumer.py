@@ -215,7 +215,7 @@ class UsageConsumer:
         next_sweep = loop.time()
         next_progress, reported = loop.time() + self._progress_every_s, self.written
         ready = False
-        log.info("%s consumer %s started: stream %s", self._group, self._consumer, self._stream)
+        log.info("%s consumer %s started: stream %s, group %s", self._group, self._consumer, self._stream, self._group)
         while not stop.is_set():
             try:
                 if not ready:
