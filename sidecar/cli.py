@@ -1,4 +1,4 @@
-"""The `sidecar` command: serve, consume, models, smoke, db upgrade (docs/api.md, "The CLI").
+"""The `sidecar` command: serve, consume, models, smoke, db upgrade, ledger status (docs/api.md, "The CLI").
 
 Misconfiguration (a missing or malformed setting, an unreadable or invalid LiteLLM config, an unpriced
 realtime model, a port already in use) is found before anything is served and reported as one line on stderr
@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -40,9 +41,16 @@ _EPILOGS = {
         "Exit status: 0 after a drain, 2 on misconfiguration."
     ),
     "consume": (
-        "reads SIDECAR_REDIS_URL (required), SIDECAR_DATABASE_URL, SIDECAR_DB_TIMEOUT_S, SIDECAR_LOST_AFTER_S; "
-        "not the LiteLLM config. Retries Redis and the database until they answer. "
-        "Exit status: 0 on SIGINT/SIGTERM, 2 on misconfiguration."
+        "reads SIDECAR_REDIS_URL (required), SIDECAR_DATABASE_URL, SIDECAR_DB_TIMEOUT_S, SIDECAR_LOST_AFTER_S, "
+        "SIDECAR_LITELLM_DATABASE_URL (set: the litellm group runs too), SIDECAR_LITELLM_REDIS_URL, "
+        "SIDECAR_LITELLM_REDIS_NAMESPACE, SIDECAR_CONSUME_METRICS_PORT, SIDECAR_HOST; not the LiteLLM config. "
+        "Retries Redis and the databases until they answer. "
+        "Exit status: 0 on SIGINT/SIGTERM, 1 when a group's consumer failed, 2 on misconfiguration."
+    ),
+    "status": (
+        "reads SIDECAR_REDIS_URL (required), SIDECAR_LITELLM_DATABASE_URL (set: the LiteLLM ledger is shown), "
+        "SIDECAR_DB_TIMEOUT_S. Exit status: 0; 1 when Redis or LiteLLM's database cannot be read; "
+        "2 on misconfiguration."
     ),
     "models": "reads " + _CONFIG_VARS + ". Exit status: 0, 2 on misconfiguration.",
     "smoke": (
@@ -202,42 +210,172 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def consume_groups(sink: str | None, settings: Settings) -> tuple[str, ...]:
+    """The consumer groups `sidecar consume [--sink S]` runs: `billing`, plus `litellm` when LiteLLM's database
+    is set; or the one named. Raises ConfigError for `--sink litellm` without SIDECAR_LITELLM_DATABASE_URL."""
+    if sink == "litellm" and not settings.litellm_database_url:
+        raise ConfigError(
+            "sidecar consume --sink litellm needs SIDECAR_LITELLM_DATABASE_URL (the LiteLLM proxy's DATABASE_URL)"
+        )
+    if sink is not None:
+        return (sink,)
+    return ("billing", "litellm") if settings.litellm_database_url else ("billing",)
+
+
 def cmd_consume(args: argparse.Namespace) -> int:
-    """Read the usage stream into the billing DB until SIGINT/SIGTERM."""
+    """Read the usage stream into the billing DB and/or LiteLLM's ledger until SIGINT/SIGTERM."""
     settings = _settings(require_config=False)
     if not settings.redis_url:
         raise ConfigError("sidecar consume needs SIDECAR_REDIS_URL (embedded mode bills in-process)")
+    groups = consume_groups(args.sink, settings)
+    from sidecar.billing.metrics import ConsumeMetrics
     from sidecar.billing.writer import make_engine
     from sidecar.logs import configure_logging
 
-    engine = make_engine(settings.database_url, timeout_s=settings.db_timeout_s)
+    engine = make_engine(settings.database_url, timeout_s=settings.db_timeout_s) if "billing" in groups else None
+    metrics = ConsumeMetrics() if settings.consume_metrics_port else None
+    if metrics is not None and settings.consume_metrics_port:
+        try:
+            metrics.serve(host=settings.host, port=settings.consume_metrics_port)
+        except OSError as exc:
+            raise ConfigError(
+                f"SIDECAR_CONSUME_METRICS_PORT: cannot listen on {settings.host}:{settings.consume_metrics_port}: "
+                f"{exc.strerror or type(exc).__name__}"
+            ) from exc
     configure_logging()
-    asyncio.run(_consume(settings, engine))
-    return 0
+    return asyncio.run(_consume(settings, groups, engine, metrics))
 
 
-async def _consume(settings: Settings, engine: Any) -> None:
+async def _consume(settings: Settings, groups: Sequence[str], engine: Any, metrics: Any) -> int:
+    """Run one consumer per group, each in its own task: one failing (a bug) is logged and the others go on."""
     import redis.asyncio as aioredis
-
-    from sidecar.billing.consumer import UsageConsumer, upgrade_when_reachable
-    from sidecar.billing.writer import BillingWriter
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if not await upgrade_when_reachable(engine, stop):  # a database down at start is waited for, not fatal
-        return
     # Bounded waits on Redis too (XREADGROUP blocks 1 s, well inside the socket timeout).
     redis = aioredis.Redis.from_url(
         settings.redis_url or "", socket_timeout=10, socket_connect_timeout=5, socket_keepalive=True
     )
+    runners = {"billing": lambda: _run_billing(settings, redis, engine, stop, metrics)}
+    runners["litellm"] = lambda: _run_litellm(settings, redis, stop, metrics)
+    tasks = {asyncio.create_task(runners[group](), name=f"consume-{group}"): group for group in groups}
+    failed = 0
+    try:
+        for task in asyncio.as_completed(tasks):
+            try:
+                await task
+            except Exception:
+                failed += 1
+                log.exception("a consumer group failed; the others go on")
+    finally:
+        await redis.aclose()
+    return 1 if failed else 0
+
+
+async def _run_billing(settings: Settings, redis: Any, engine: Any, stop: asyncio.Event, metrics: Any) -> None:
+    from sidecar.billing.consumer import UsageConsumer, upgrade_when_reachable
+    from sidecar.billing.writer import BillingWriter
+
+    if not await upgrade_when_reachable(engine, stop):  # a database down at start is waited for, not fatal
+        return
     writer = BillingWriter(engine, timeout_s=settings.db_timeout_s)
-    consumer = UsageConsumer(redis, writer, stream=settings.usage_stream, lost_after_s=settings.lost_after_s)
+    consumer = UsageConsumer(
+        redis, writer, stream=settings.usage_stream, lost_after_s=settings.lost_after_s, observer=metrics
+    )
+    await consumer.run(stop)
+
+
+async def _run_litellm(settings: Settings, redis: Any, stop: asyncio.Event, metrics: Any) -> None:
+    """The litellm group: LiteLLM's ledger, then (after each commit, before the ack) the sidecar's budget settle
+    and LiteLLM's cache invalidations on the proxy's Redis (SIDECAR_LITELLM_REDIS_URL; unset: none)."""
+    import redis.asyncio as aioredis
+
+    from sidecar.billing.consumer import LITELLM_GROUP, UsageConsumer
+    from sidecar.ledger.aftercommit import AfterCommit
+    from sidecar.ledger.sink import LedgerSink
+    from sidecar.ledger.writer import Outcome
+    from sidecar.usage import UsageEvent
+
+    proxy_redis = (
+        aioredis.Redis.from_url(settings.litellm_redis_url, socket_timeout=5, socket_connect_timeout=5)
+        if settings.litellm_redis_url
+        else None
+    )
+    after = AfterCommit(
+        redis, prefix=settings.control_prefix, proxy_redis=proxy_redis, namespace=settings.litellm_redis_namespace
+    )
+
+    async def after_commit(events: Sequence[UsageEvent], outcomes: Sequence[Outcome]) -> None:
+        for event, outcome in zip(events, outcomes, strict=True):
+            await after(event, outcome)
+
+    sink = LedgerSink(settings.litellm_database_url or "", timeout_s=settings.db_timeout_s, observer=metrics)
+    consumer = UsageConsumer(
+        redis,
+        sink,
+        stream=settings.usage_stream,
+        group=LITELLM_GROUP,
+        observer=metrics,
+        after_commit=after_commit,
+    )
     try:
         await consumer.run(stop)
     finally:
+        await asyncio.to_thread(sink.close)
+        if proxy_redis is not None:
+            await proxy_redis.aclose()
+
+
+def cmd_ledger_status(args: argparse.Namespace) -> int:
+    """Print each consumer group's lag, pending and dead letters, and the LiteLLM sink's progress."""
+    settings = _settings(require_config=False)
+    if not settings.redis_url:
+        raise ConfigError("sidecar ledger status needs SIDECAR_REDIS_URL (the usage stream)")
+    code: int = asyncio.run(_ledger_status(settings, as_json=args.json))
+    return code
+
+
+async def _ledger_status(settings: Settings, *, as_json: bool) -> int:
+    import psycopg
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
+    from sidecar.billing.consumer import GROUP, LITELLM_GROUP
+    from sidecar.ledger.sink import connect_params
+    from sidecar.ledger.status import LedgerStatus, format_status, ledger_status, stream_status
+    from sidecar.ledger.status import as_json as status_json
+
+    errors: list[str] = []
+    redis = aioredis.Redis.from_url(settings.redis_url or "", socket_timeout=10, socket_connect_timeout=5)
+    try:
+        now = datetime.now(UTC)
+        groups = await stream_status(redis, settings.usage_stream, (GROUP, LITELLM_GROUP), now=now)
+    except (RedisError, OSError) as exc:
+        groups = []
+        errors.append(f"Redis: {type(exc).__name__}: {exc}")
+    finally:
         await redis.aclose()
+    ledger: LedgerStatus | None = None
+    if settings.litellm_database_url:
+        try:
+            params, namespace = connect_params(settings.litellm_database_url, timeout_s=settings.db_timeout_s)
+
+            def read() -> LedgerStatus:
+                with psycopg.connect(autocommit=True, **params) as conn:
+                    return ledger_status(conn, namespace=namespace)
+
+            ledger = await asyncio.to_thread(read)
+        except (psycopg.Error, OSError) as exc:
+            errors.append(f"LiteLLM's database: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
+    if as_json:
+        print(json.dumps({**status_json(settings.usage_stream, groups, ledger), "errors": errors}, indent=2))
+    else:
+        print(format_status(settings.usage_stream, groups, ledger))
+        for error in errors:
+            print(f"sidecar: cannot read {error}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:
@@ -275,6 +413,12 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     return parse
 
 
+def _sink(text: str) -> str:
+    if text not in ("billing", "litellm"):
+        raise argparse.ArgumentTypeError(f"must be billing or litellm, got {text!r}")
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     top = _Parser(prog="sidecar", description="Realtime sidecar for the LiteLLM proxy")
@@ -289,9 +433,18 @@ def parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
     consume = sub.add_parser(
         "consume",
-        help="write the usage stream to the billing DB",
-        description="Write the Redis usage stream into the billing database until SIGINT/SIGTERM.",
+        help="write the usage stream to the billing DB and LiteLLM's ledger",
+        description=(
+            "Write the Redis usage stream into the billing database (group billing) and, when "
+            "SIDECAR_LITELLM_DATABASE_URL is set, into LiteLLM's own ledger (group litellm), until SIGINT/SIGTERM."
+        ),
         epilog=_EPILOGS["consume"],
+    )
+    consume.add_argument(
+        "--sink",
+        type=_sink,
+        metavar="{billing,litellm}",
+        help="run this consumer group alone (default: billing, plus litellm when SIDECAR_LITELLM_DATABASE_URL is set)",
     )
     consume.set_defaults(func=cmd_consume)
     models = sub.add_parser(
@@ -319,6 +472,20 @@ def parser() -> argparse.ArgumentParser:
         description="Create the billing tables that are missing (safe to repeat).",
         epilog=_EPILOGS["upgrade"],
     ).set_defaults(func=cmd_db_upgrade)
+    ledger = sub.add_parser("ledger", help="the LiteLLM ledger sink", description="LiteLLM ledger sink commands.")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
+    status = ledger_sub.add_parser(
+        "status",
+        help="consumer groups' lag, pending and dead letters; the LiteLLM sink's progress",
+        description=(
+            "Show each consumer group of the usage stream (billing, litellm): lag, pending entries, the oldest "
+            "pending entry's age, dead letters; and from LiteLLM's database the sessions the sink applied and "
+            "its schema probe."
+        ),
+        epilog=_EPILOGS["status"],
+    )
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_ledger_status)
     return top
 
 

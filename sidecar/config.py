@@ -48,6 +48,7 @@ DEFAULT_CAPTIONS_PAGE = False
 #: A realtime model with no price is refused at start unless this is set: billing $0 silently is a money leak.
 DEFAULT_ALLOW_UNPRICED = False
 REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
 #: The largest HTTP request body any route accepts (client secrets, the admin API); larger ones get 413.
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 #: The longest a billing DB connect, statement or transaction may take before it is abandoned and retried.
@@ -84,6 +85,15 @@ def _int(environ: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _optional_port(environ: Mapping[str, str], name: str) -> int | None:
+    if _optional(environ, name) is None:
+        return None
+    port = _int(environ, name, 0)
+    if port > 65535:
+        raise ConfigError(f"{name} must be a TCP port (1-65535), got {port}")
+    return port
+
+
 def _bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
     raw = environ.get(name)
     if raw is None:
@@ -110,23 +120,40 @@ def _increment(environ: Mapping[str, str]) -> Decimal:
     return value
 
 
-def _redis_url(environ: Mapping[str, str]) -> str | None:
-    """SIDECAR_REDIS_URL, checked for the form redis-py accepts (it is not dialled here)."""
-    url = _optional(environ, "SIDECAR_REDIS_URL")
+def _redis_url(environ: Mapping[str, str], name: str = "SIDECAR_REDIS_URL") -> str | None:
+    """A Redis URL setting, checked for the form redis-py accepts (it is not dialled here)."""
+    url = _optional(environ, name)
     if url is None:
         return None
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
     except ValueError as exc:
-        raise ConfigError("SIDECAR_REDIS_URL is not a URL (a bad port?)") from exc
+        raise ConfigError(f"{name} is not a URL (a bad port?)") from exc
     if parts.scheme not in REDIS_SCHEMES:
-        raise ConfigError("SIDECAR_REDIS_URL must start with redis://, rediss:// or unix://")
+        raise ConfigError(f"{name} must start with redis://, rediss:// or unix://")
     if parts.scheme != "unix" and not parts.hostname:
-        raise ConfigError("SIDECAR_REDIS_URL names no host (redis://HOST:6379/0)")
+        raise ConfigError(f"{name} names no host (redis://HOST:6379/0)")
     database = parts.path.strip("/")
     if parts.scheme != "unix" and database and not database.isdigit():
-        raise ConfigError("SIDECAR_REDIS_URL's path must be a database number (redis://host:6379/0)")
+        raise ConfigError(f"{name}'s path must be a database number (redis://host:6379/0)")
+    return url
+
+
+def _litellm_database_url(environ: Mapping[str, str]) -> str | None:
+    """SIDECAR_LITELLM_DATABASE_URL: LiteLLM's PostgreSQL, as a postgresql:// or postgres:// URL (not dialled)."""
+    url = _optional(environ, "SIDECAR_LITELLM_DATABASE_URL")
+    if url is None:
+        return None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise ConfigError("SIDECAR_LITELLM_DATABASE_URL is not a URL (a bad port?)") from exc
+    if parts.scheme not in POSTGRES_SCHEMES:
+        raise ConfigError(
+            "SIDECAR_LITELLM_DATABASE_URL must start with postgresql:// or postgres:// (LiteLLM's DATABASE_URL)"
+        )
     return url
 
 
@@ -178,6 +205,14 @@ class Settings:
     db_timeout_s: float = DEFAULT_DB_TIMEOUT_S
     #: Serve realtime models that have no price (billed $0). Off: `sidecar serve` refuses to start with one.
     allow_unpriced: bool = DEFAULT_ALLOW_UNPRICED
+    #: LiteLLM's own database: `sidecar consume` runs the `litellm` group into it (the LiteLLM ledger sink).
+    litellm_database_url: str | None = field(default=None, repr=False)
+    #: The proxy's Redis, where the LiteLLM sink publishes cache invalidations after each commit (unset: none).
+    litellm_redis_url: str | None = field(default=None, repr=False)
+    #: The proxy's Redis cache namespace (its `cache_params.namespace`), prefixing the invalidation channel.
+    litellm_redis_namespace: str | None = None
+    #: `sidecar consume` serves Prometheus metrics on this port (on SIDECAR_HOST) when set.
+    consume_metrics_port: int | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, require_config: bool = True) -> Settings:
@@ -236,6 +271,10 @@ class Settings:
             max_body_bytes=_int(env, "SIDECAR_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
             db_timeout_s=_float(env, "SIDECAR_DB_TIMEOUT_S", DEFAULT_DB_TIMEOUT_S),
             allow_unpriced=_bool(env, "SIDECAR_ALLOW_UNPRICED", DEFAULT_ALLOW_UNPRICED),
+            litellm_database_url=_litellm_database_url(env),
+            litellm_redis_url=_redis_url(env, "SIDECAR_LITELLM_REDIS_URL"),
+            litellm_redis_namespace=_optional(env, "SIDECAR_LITELLM_REDIS_NAMESPACE"),
+            consume_metrics_port=_optional_port(env, "SIDECAR_CONSUME_METRICS_PORT"),
         )
 
     def replace(self, **changes: object) -> Settings:

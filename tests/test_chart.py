@@ -75,6 +75,18 @@ EMBEDDED: dict[str, Any] = {
 CONSUMER_PROBE: dict[str, Any] = {
     "consumer": {"livenessProbe": {"exec": {"command": ["sidecar", "--help"]}, "periodSeconds": 60}},
 }
+# Over the production values: the LiteLLM ledger sink on, its consumer run alone and scraped on its metrics port.
+LEDGER: dict[str, Any] = {
+    "litellmLedger": {
+        "enabled": True,
+        "existingSecret": "litellm-db",
+        "existingSecretKey": "database-url",
+        "redis": {"existingSecret": "litellm-redis", "existingSecretKey": "url"},
+        "redisNamespace": "litellm-prod",
+    },
+    "consumer": {"sink": "litellm"},
+    "config": {"consumeMetricsPort": 9102},
+}
 # Over the production values: the captions page on, with its key's Secret and an Ingress behind oauth2-proxy.
 AUTH_ANNOTATIONS = {
     "nginx.ingress.kubernetes.io/auth-url": "https://oauth2-proxy.example.com/oauth2/auth",
@@ -101,7 +113,14 @@ DASHBOARD = f"{RELEASE}-dashboard"
 # An Ingress on one host (it is off by default, and refused without a host), as `helm template` arguments.
 ONE_HOST = ["--set", "ingress.enabled=true", "--set", "ingress.hosts[0].host=api.example.com"]
 # The variables that carry a secret: never a literal `value`, only a secretKeyRef.
-SECRET_SETTINGS = ("SIDECAR_REDIS_URL", "SIDECAR_DATABASE_URL", "SIDECAR_CLIENT_SECRET_KEY", "SIDECAR_CAPTIONS_KEY")
+SECRET_SETTINGS = (
+    "SIDECAR_REDIS_URL",
+    "SIDECAR_DATABASE_URL",
+    "SIDECAR_CLIENT_SECRET_KEY",
+    "SIDECAR_CAPTIONS_KEY",
+    "SIDECAR_LITELLM_DATABASE_URL",
+    "SIDECAR_LITELLM_REDIS_URL",
+)
 
 
 # --- Helm ---------------------------------------------------------------------------------------------
@@ -244,7 +263,9 @@ def test_helm_lint_strict_passes(helm: Helm, tmp_path: Path, variant: str) -> No
     assert "0 chart(s) failed" in done.stdout
 
 
-@pytest.mark.parametrize("variant", ["default", "production", "embedded", "consumer-probe", "captions", "monitoring"])
+@pytest.mark.parametrize(
+    "variant", ["default", "production", "embedded", "consumer-probe", "captions", "monitoring", "ledger"]
+)
 def test_rendered_objects_match_kubernetes_schemas(helm: Helm, tmp_path: Path, variant: str) -> None:
     """Every object rendered is valid for Kubernetes 1.30, or prometheus-operator's fields (strict: none unknown)."""
     args = {
@@ -254,6 +275,7 @@ def test_rendered_objects_match_kubernetes_schemas(helm: Helm, tmp_path: Path, v
         "consumer-probe": ["-f", str(PRODUCTION), "-f", values_file(tmp_path, CONSUMER_PROBE)],
         "captions": ["-f", str(PRODUCTION), "-f", values_file(tmp_path, CAPTIONS)],
         "monitoring": ["-f", str(PRODUCTION), "-f", values_file(tmp_path, MONITORING)],
+        "ledger": ["-f", str(PRODUCTION), "-f", values_file(tmp_path, LEDGER)],
     }[variant]
     manifests = helm.template(*args)
     assert manifests.docs
@@ -625,7 +647,8 @@ def test_litellm_url_defaults_to_the_litellm_service(production: Manifests, defa
 
 
 def test_every_sidecar_setting_is_settable_from_values(helm: Helm, tmp_path: Path) -> None:
-    """Each SIDECAR_* variable sidecar/config.py reads can be set from values, numbers printed plainly."""
+    """Each SIDECAR_* variable sidecar/config.py reads can be set from values (on the sidecar, or on the consumer
+    for the consumer's own), numbers printed plainly."""
     read = set(re.findall(r'"(SIDECAR_[A-Z_]+)"', (REPO / "sidecar" / "config.py").read_text()))
     assert "SIDECAR_DRAIN_GRACE_S" in read
     config = {
@@ -652,15 +675,22 @@ def test_every_sidecar_setting_is_settable_from_values(helm: Helm, tmp_path: Pat
         "roundingIncrement": "0.1",
         "allowUnpriced": True,
         "workers": 2,
+        "consumeMetricsPort": 9102,
     }
     values = {
         "config": config,
         "clientSecrets": {"existingSecret": "signing", "existingSecretKey": "hmac"},
         "captions": {"enabled": True, "existingSecret": "captions", "existingSecretKey": "litellm-key"},
-    }
+        "litellmLedger": {"enabled": True, "existingSecret": "litellm-db", "redis": {"url": "redis://r:6379/0"},
+                          "redisNamespace": "ns"},
+    }  # fmt: skip
     manifests = helm.template("-f", str(PRODUCTION), "-f", values_file(tmp_path, values))
     env = env_of(manifests.one("Deployment", SIDECAR))
-    assert read <= set(env)
+    consumer_env = env_of(manifests.one("Deployment", CONSUMER))
+    assert read <= set(env) | set(consumer_env)
+    assert consumer_env["SIDECAR_CONSUME_METRICS_PORT"]["value"] == "9102"
+    assert consumer_env["SIDECAR_LITELLM_REDIS_URL"]["value"] == "redis://r:6379/0"
+    assert consumer_env["SIDECAR_LITELLM_REDIS_NAMESPACE"]["value"] == "ns"
     assert env["SIDECAR_CLIENT_SECRET_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "signing", "key": "hmac"}}
     assert env["SIDECAR_CAPTIONS_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "captions", "key": "litellm-key"}}
     assert env["SIDECAR_CAPTIONS_PAGE"]["value"] == "true"
@@ -850,6 +880,30 @@ def test_consumer_runs_consume_without_http(rendered: Manifests) -> None:
     assert not {"OPENAI_API_KEY", "AZURE_API_KEY", "LITELLM_MASTER_KEY"} & set(env)
 
 
+def test_consumer_runs_the_litellm_sink_from_values(helm: Helm, tmp_path: Path) -> None:
+    """litellmLedger: LiteLLM's database URL (and the proxy's Redis) as secretKeyRefs on the consumer only; --sink
+    from consumer.sink; the metrics port declared and scraped."""
+    manifests = helm.template("-f", str(PRODUCTION), "-f", values_file(tmp_path, LEDGER))
+    deployment = manifests.one("Deployment", CONSUMER)
+    consumer = container(deployment)
+    assert consumer["args"] == ["consume", "--sink", "litellm"]
+    env = env_of(deployment)
+    assert env["SIDECAR_LITELLM_DATABASE_URL"]["valueFrom"] == {
+        "secretKeyRef": {"name": "litellm-db", "key": "database-url"}
+    }
+    assert env["SIDECAR_LITELLM_REDIS_URL"]["valueFrom"] == {"secretKeyRef": {"name": "litellm-redis", "key": "url"}}
+    assert env["SIDECAR_LITELLM_REDIS_NAMESPACE"]["value"] == "litellm-prod"
+    assert consumer["ports"] == [{"name": "metrics", "containerPort": 9102, "protocol": "TCP"}]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/port"]) == ("true", "9102")
+    assert not {"SIDECAR_LITELLM_DATABASE_URL", "SIDECAR_LITELLM_REDIS_URL"} & set(
+        env_of(manifests.one("Deployment", SIDECAR))
+    )
+    both = helm.template("-f", str(PRODUCTION), "--set", "litellmLedger.enabled=true", "--set",
+                         "litellmLedger.existingSecret=litellm-db")  # fmt: skip
+    assert container(both.one("Deployment", CONSUMER))["args"] == ["consume"]
+
+
 def test_consumer_replicas_from_values(production: Manifests) -> None:
     """Several consumers may run (they share the consumer group)."""
     assert production.one("Deployment", CONSUMER)["spec"]["replicas"] == 2
@@ -887,6 +941,13 @@ def test_embedded_mode_has_no_consumer(helm: Helm, tmp_path: Path) -> None:
         ),
         (["--set", "clientSecrets.existingSecretKey="], "clientSecrets.existingSecretKey: String length must be"),
         (["--set", "captions.enabled=yes"], "captions.enabled: Invalid type"),
+        (["--set", "litellmLedger.enabled=true"], "litellmLedger.enabled needs litellmLedger.existingSecret"),
+        (["--set", "consumer.sink=litellm"], "consumer.sink=litellm needs litellmLedger.enabled"),
+        (["--set", "consumer.sink=ledger"], "consumer.sink must be one of"),
+        (
+            ["--set", "litellmLedger.redis.url=redis://:hunter2@litellm-redis:6379/0"],
+            "litellmLedger.redis.url carries a password",
+        ),
     ],
     ids=[
         "consumer-without-redis",
@@ -899,6 +960,10 @@ def test_embedded_mode_has_no_consumer(helm: Helm, tmp_path: Path) -> None:
         "path",
         "empty-secret-key",
         "captions-not-bool",
+        "ledger-without-secret",
+        "litellm-sink-without-ledger",
+        "unknown-sink",
+        "ledger-redis-password",
     ],
 )
 def test_inconsistent_values_are_refused(helm: Helm, args: list[str], reason: str) -> None:

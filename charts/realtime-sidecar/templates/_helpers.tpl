@@ -140,6 +140,7 @@ rounding: SIDECAR_ROUNDING
 roundingIncrement: SIDECAR_ROUNDING_INCREMENT
 allowUnpriced: SIDECAR_ALLOW_UNPRICED
 workers: SIDECAR_WORKERS
+consumeMetricsPort: SIDECAR_CONSUME_METRICS_PORT
 {{- end }}
 
 {{/* The environment both Deployments share: the config path, Redis, database, LiteLLM URL, settings. */}}
@@ -200,6 +201,21 @@ workers: SIDECAR_WORKERS
 {{- end }}
 {{- end }}
 
+{{/* The LiteLLM ledger sink's settings, consumer only: LiteLLM's database URL from its Secret, the proxy's
+     Redis (URL or Secret) and cache namespace. */}}
+{{- define "realtime-sidecar.litellmLedgerEnv" -}}
+{{- with .Values.litellmLedger }}
+{{- if .enabled }}
+{{ include "realtime-sidecar.secretRefEnv" (dict "name" "SIDECAR_LITELLM_DATABASE_URL" "secret" .existingSecret "key" .existingSecretKey) }}
+{{- include "realtime-sidecar.urlEnv" (dict "name" "SIDECAR_LITELLM_REDIS_URL" "spec" .redis) }}
+{{- with .redisNamespace }}
+- name: SIDECAR_LITELLM_REDIS_NAMESPACE
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Pod annotations: the inline config's checksum (a change rolls the pods), the Prometheus scrape
      annotations, then the user's: (dict "ctx" $ "extra" MAP "scrape" BOOL). */}}
 {{- define "realtime-sidecar.podAnnotations" -}}
@@ -209,7 +225,7 @@ workers: SIDECAR_WORKERS
 {{- end }}
 {{- if .scrape }}
 {{- $_ := set $annotations "prometheus.io/scrape" "true" }}
-{{- $_ := set $annotations "prometheus.io/port" (.ctx.Values.config.port | int | toString) }}
+{{- $_ := set $annotations "prometheus.io/port" (.port | default .ctx.Values.config.port | int | toString) }}
 {{- $_ := set $annotations "prometheus.io/path" "/metrics" }}
 {{- end }}
 {{- $annotations = merge (deepCopy (.extra | default dict)) $annotations }}
@@ -270,7 +286,16 @@ workers: SIDECAR_WORKERS
 {{- if and (or .Values.consumer.enabled (not (include "realtime-sidecar.hasRedis" .))) (not (include "realtime-sidecar.hasDatabase" .)) }}
 {{- fail "the billing database is not set: database.existingSecret (preferred) or database.url" }}
 {{- end }}
-{{- range $name, $spec := dict "redis" .Values.redis "database" .Values.database }}
+{{- if and .Values.litellmLedger.enabled (not .Values.consumer.enabled) }}
+{{- fail "litellmLedger.enabled needs consumer.enabled: the LiteLLM sink is a consumer group of `sidecar consume`" }}
+{{- end }}
+{{- if and .Values.litellmLedger.enabled (not .Values.litellmLedger.existingSecret) }}
+{{- fail "litellmLedger.enabled needs litellmLedger.existingSecret (and existingSecretKey): a Secret holding LiteLLM's DATABASE_URL (SIDECAR_LITELLM_DATABASE_URL)" }}
+{{- end }}
+{{- if and (eq .Values.consumer.sink "litellm") (not .Values.litellmLedger.enabled) }}
+{{- fail "consumer.sink=litellm needs litellmLedger.enabled (and its existingSecret)" }}
+{{- end }}
+{{- range $name, $spec := dict "redis" .Values.redis "database" .Values.database "litellmLedger.redis" .Values.litellmLedger.redis }}
 {{- if and $spec.url (regexMatch "^[a-zA-Z][a-zA-Z0-9+.-]*://[^/@]*:[^/@]*@" $spec.url) }}
 {{- fail (printf "%s.url carries a password: put the URL in a Secret and set %s.existingSecret" $name $name) }}
 {{- end }}
