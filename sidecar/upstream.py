@@ -11,6 +11,28 @@ litellm/llms/azure/realtime/handler.py) and the provider docs:
   <deployment>` (no `model` on a transcription session, which gets it in its session configuration).
 - Azure OpenAI preview (an `api_version` and no GA protocol): `<api_base>/openai/realtime?api-version=
   <v>&deployment=<deployment>`. Both Azure forms send `api-key: <key>` and pass `intent` on.
+
+The other two voice routes (issue 15; `route_target`), each with one form per provider and the credential
+only in a header, never in the URL:
+
+- GPT-Live (`/v1/live/sessions`): OpenAI and OpenAI-compatible `<api_base>/v1/live/sessions` with no query
+  (the `openai` SDK's `live.connect`: "Connect to Live without query parameters"; the model travels in the
+  client's first message, `session.start`, rewritten to the deployment's name by surfaces/live.py).
+  Azure: `<api_base>/openai/v1/live/sessions`, no query, `api-key: <key>` (Microsoft Learn, "GPT-Live"
+  how-to, learn.microsoft.com/azure/foundry/openai/how-to/gpt-live: `wss://<resource>.openai.azure.com/
+  openai/v1/live/sessions`, model in `session.start`, "an API key or Microsoft Entra ID credentials"; the
+  page's example shows the Entra bearer form, an API key goes in `api-key` as on every Azure v1 route and
+  in LiteLLM's Azure realtime handler). There is no preview form: `api_version` and `realtime_protocol`
+  are ignored.
+- Realtime translation (`/v1/realtime/translations`): OpenAI and OpenAI-compatible
+  `<api_base>/v1/realtime/translations?model=<model>` (the SDK's `realtime.translations.connect(model=)`:
+  "The WebSocket URL requires a `model` query parameter"). Azure: `<api_base>/openai/v1/realtime/
+  translations?model=<deployment>`, `api-key: <key>`, whatever `api_version` / `realtime_protocol` say
+  (LiteLLM 1.110 litellm/llms/azure/realtime/handler.py `_construct_url`, `realtime_mode="translation"`).
+
+A base ending in `/v1` is not given a second one, as on /v1/realtime. (LiteLLM's own OpenAI handlers
+replace the base's path instead; the sidecar keeps one rule for every route, so a gateway mounted under a
+path prefix works on all three.)
 """
 
 from __future__ import annotations
@@ -22,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 from urllib.parse import urlencode, urlsplit
 
-from sidecar.catalog import Deployment
+from sidecar.catalog import LIVE_ENDPOINT, REALTIME_ENDPOINT, TRANSLATION_ENDPOINT, Deployment, Route
 from sidecar.errors import UpstreamError, UpstreamUnavailable
 from sidecar.upstream_conn import open_upstream
 
@@ -40,6 +62,8 @@ class Target:
     headers: tuple[tuple[str, str], ...] = field(repr=False)
     inject_model: bool
     deployment: Deployment
+    #: The route whose protocol the upstream speaks (catalog.ROUTES).
+    route: Route = REALTIME_ENDPOINT
 
     @property
     def safe_url(self) -> str:
@@ -65,13 +89,64 @@ def is_openai_host(api_base: str | None, *, openai_hosts: Sequence[str] = OPENAI
     return any(host == h or host.endswith("." + h) for h in openai_hosts)
 
 
+def _v1(base: str) -> str:
+    """`<base>/v1`, unless the base already ends with it."""
+    return base if base.endswith("/v1") else base + "/v1"
+
+
+def route_target(
+    deployment: Deployment,
+    route: Route,
+    *,
+    transcription: bool = False,
+    openai_hosts: Sequence[str] = OPENAI_HOSTS,
+) -> Target:
+    """The URL and headers of `deployment` for a session on `route` (module docstring). Pure.
+
+    `transcription` matters on /v1/realtime only (a transcription session there; `target`).
+    """
+    if route == LIVE_ENDPOINT:
+        return _live_target(deployment)
+    if route == TRANSLATION_ENDPOINT:
+        return _translation_target(deployment)
+    return target(deployment, transcription=transcription, openai_hosts=openai_hosts)
+
+
+def _api_key_headers(deployment: Deployment) -> tuple[tuple[str, str], ...]:
+    """The credential header of the deployment's provider (none without a key)."""
+    if not deployment.api_key:
+        return ()
+    if deployment.provider == "azure":
+        return (("api-key", deployment.api_key),)
+    return (("Authorization", f"Bearer {deployment.api_key}"),)
+
+
+def _live_target(deployment: Deployment) -> Target:
+    """GPT-Live: no query at all; the model is in the client's `session.start`."""
+    if deployment.provider == "azure":
+        url = f"{_ws_base(deployment.api_base or '')}/openai/v1/live/sessions"
+    else:
+        url = f"{_v1(_ws_base(deployment.api_base or OPENAI_API_BASE))}/live/sessions"
+    return Target(url, _api_key_headers(deployment), False, deployment, LIVE_ENDPOINT)
+
+
+def _translation_target(deployment: Deployment) -> Target:
+    """Realtime translation: the provider's model (Azure: the deployment name) in `?model=`."""
+    query = urlencode({"model": deployment.model})
+    if deployment.provider == "azure":
+        url = f"{_ws_base(deployment.api_base or '')}/openai/v1/realtime/translations?{query}"
+    else:
+        url = f"{_v1(_ws_base(deployment.api_base or OPENAI_API_BASE))}/realtime/translations?{query}"
+    return Target(url, _api_key_headers(deployment), False, deployment, TRANSLATION_ENDPOINT)
+
+
 def target(deployment: Deployment, *, transcription: bool, openai_hosts: Sequence[str] = OPENAI_HOSTS) -> Target:
-    """The URL and headers for one deployment. Pure."""
+    """The /v1/realtime URL and headers for one deployment. Pure."""
     intent = {"intent": "transcription"} if transcription else {}
     if deployment.provider == "azure":
         return _azure_target(deployment, intent)
     base = _ws_base(deployment.api_base or OPENAI_API_BASE)
-    path = base if base.endswith("/v1") else base + "/v1"
+    path = _v1(base)
     drop_model = transcription and is_openai_host(deployment.api_base, openai_hosts=openai_hosts)
     query = {**({} if drop_model else {"model": deployment.model}), **intent}
     headers = (("Authorization", f"Bearer {deployment.api_key}"),) if deployment.api_key else ()
@@ -127,12 +202,13 @@ async def connect_any(
     dial: Dialer,
     *,
     transcription: bool,
+    route: Route = REALTIME_ENDPOINT,
     openai_hosts: Sequence[str] = OPENAI_HOSTS,
     on_failure: Callable[[Deployment, UpstreamError], None] | None = None,
 ) -> Connected:
-    """Open the first deployment that answers, in order. Raises UpstreamUnavailable when all fail."""
+    """Open the first deployment that answers on `route`, in order. Raises UpstreamUnavailable when all fail."""
     for attempt, deployment in enumerate(deployments, start=1):
-        tgt = target(deployment, transcription=transcription, openai_hosts=openai_hosts)
+        tgt = route_target(deployment, route, transcription=transcription, openai_hosts=openai_hosts)
         try:
             return Connected(await dial(tgt), tgt, attempt)
         except UpstreamError as exc:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sidecar.catalog import Deployment
-from sidecar.upstream import is_openai_host, target
+from sidecar.catalog import LIVE_ENDPOINT, REALTIME_ENDPOINT, ROUTES, TRANSLATION_ENDPOINT, Deployment, ProviderName
+from sidecar.upstream import is_openai_host, route_target, target
 
 
 def openai(api_base: str | None = None) -> Deployment:
@@ -78,3 +78,102 @@ def test_openai_host_detection() -> None:
 def test_target_repr_never_shows_the_key() -> None:
     """A Target's repr leaves its credential out."""
     assert "sk-up" not in repr(target(openai(), transcription=False))
+
+
+# --- GPT-Live and realtime translation (issue 15) ----------------------------------------------------
+
+
+def live_model(
+    provider: ProviderName = "openai", api_base: str | None = None, *, version: str | None = None, ga: bool = False
+) -> Deployment:
+    model = "my-live-deployment" if provider == "azure" else "gpt-live-1"
+    protocol = "GA" if ga else None
+    return Deployment(provider, model, api_base, "sk-up", api_version=version, realtime_protocol=protocol)
+
+
+def test_openai_live_url_has_no_query_and_a_bearer() -> None:
+    """GPT-Live on OpenAI: wss://api.openai.com/v1/live/sessions with no query; the model goes in session.start."""
+    t = route_target(live_model(), LIVE_ENDPOINT)
+    assert t.url == "wss://api.openai.com/v1/live/sessions"
+    assert t.headers == (("Authorization", "Bearer sk-up"),)
+    assert t.route == LIVE_ENDPOINT and not t.inject_model
+    assert t.safe_url == "/v1/live/sessions"
+
+
+def test_compatible_live_bases() -> None:
+    """An OpenAI-compatible base gets /v1 once, like /v1/realtime; http(s) becomes ws(s)."""
+    assert route_target(live_model(api_base="ws://10.0.0.5:9000"), LIVE_ENDPOINT).url == (
+        "ws://10.0.0.5:9000/v1/live/sessions"
+    )
+    assert route_target(live_model(api_base="https://gw.example/v1"), LIVE_ENDPOINT).url == (
+        "wss://gw.example/v1/live/sessions"
+    )
+
+
+def test_azure_live_form_ignores_preview_settings() -> None:
+    """Azure GPT-Live: /openai/v1/live/sessions, api-key header, no query even with an api_version."""
+    for version, ga in ((None, False), ("2025-04-01-preview", False), (None, True)):
+        t = route_target(live_model("azure", "https://res.openai.azure.com", version=version, ga=ga), LIVE_ENDPOINT)
+        assert t.url == "wss://res.openai.azure.com/openai/v1/live/sessions"
+        assert t.headers == (("api-key", "sk-up"),)
+
+
+def translator(
+    provider: ProviderName = "openai", api_base: str | None = None, *, version: str | None = None
+) -> Deployment:
+    model = "my-translate-deployment" if provider == "azure" else "gpt-realtime-translate"
+    return Deployment(provider, model, api_base, "sk-up", api_version=version)
+
+
+def test_openai_translation_url_names_the_model() -> None:
+    """Translation on OpenAI: /v1/realtime/translations?model=<provider model>, Bearer; no intent, no injection."""
+    t = route_target(translator(), TRANSLATION_ENDPOINT, transcription=True)
+    assert t.url == "wss://api.openai.com/v1/realtime/translations?model=gpt-realtime-translate"
+    assert t.headers == (("Authorization", "Bearer sk-up"),)
+    assert t.route == TRANSLATION_ENDPOINT and not t.inject_model
+    assert route_target(translator(api_base="http://127.0.0.1:9/v1"), TRANSLATION_ENDPOINT).url == (
+        "ws://127.0.0.1:9/v1/realtime/translations?model=gpt-realtime-translate"
+    )
+
+
+def test_azure_translation_form_names_the_deployment() -> None:
+    """Azure translation: /openai/v1/realtime/translations?model=<deployment>, api-key, preview settings ignored."""
+    for version in (None, "2025-04-01-preview"):
+        t = route_target(translator("azure", "https://res.openai.azure.com/", version=version), TRANSLATION_ENDPOINT)
+        assert t.url == "wss://res.openai.azure.com/openai/v1/realtime/translations?model=my-translate-deployment"
+        assert t.headers == (("api-key", "sk-up"),)
+
+
+def test_realtime_route_is_the_realtime_form() -> None:
+    """route_target on /v1/realtime is exactly `target`, transcription included."""
+    for deployment in (openai(), azure(), azure(protocol="GA")):
+        for transcription in (False, True):
+            assert route_target(deployment, REALTIME_ENDPOINT, transcription=transcription) == target(
+                deployment, transcription=transcription
+            )
+
+
+def test_the_credential_is_only_in_a_header() -> None:
+    """On every route and provider the key is in one header, never in the URL nor the Target's repr."""
+    deployments = [
+        live_model(),
+        live_model("azure", "https://res.openai.azure.com"),
+        translator(),
+        translator("azure", "https://res.openai.azure.com"),
+        openai(),
+        azure(),
+    ]
+    for deployment in deployments:
+        for route in ROUTES:
+            key = deployment.api_key or "unset"
+            t = route_target(deployment, route)
+            assert key not in t.url
+            assert key not in repr(t)
+            assert len(t.headers) == 1 and t.headers[0][1].endswith(key)
+
+
+def test_no_key_no_credential_header() -> None:
+    """A deployment without a key is dialled without a credential header (the upstream refuses it)."""
+    keyless = Deployment(provider="openai", model="gpt-live-1", api_base=None)
+    assert route_target(keyless, LIVE_ENDPOINT).headers == ()
+    assert route_target(Deployment("azure", "d", "https://r"), TRANSLATION_ENDPOINT).headers == ()
