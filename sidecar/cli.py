@@ -217,9 +217,25 @@ def consume_groups(sink: str | None, settings: Settings) -> tuple[str, ...]:
         raise ConfigError(
             "sidecar consume --sink litellm needs SIDECAR_LITELLM_DATABASE_URL (the LiteLLM proxy's DATABASE_URL)"
         )
+    if settings.litellm_database_url:
+        litellm_connect_params(settings)
     if sink is not None:
         return (sink,)
     return ("billing", "litellm") if settings.litellm_database_url else ("billing",)
+
+
+def litellm_connect_params(settings: Settings) -> tuple[dict[str, Any], str]:
+    """libpq parameters and schema for SIDECAR_LITELLM_DATABASE_URL. Raises ConfigError for one libpq cannot
+    parse (an unknown query parameter), naming the problem, never the URL."""
+    import psycopg
+
+    from sidecar.ledger.sink import connect_params
+
+    try:
+        return connect_params(settings.litellm_database_url or "", timeout_s=settings.db_timeout_s)
+    except psycopg.Error as exc:
+        reason = (str(exc).splitlines() or [""])[0]
+        raise ConfigError(f"SIDECAR_LITELLM_DATABASE_URL is not a PostgreSQL URL libpq takes: {reason}") from exc
 
 
 def cmd_consume(args: argparse.Namespace) -> int:
@@ -333,6 +349,8 @@ def cmd_ledger_status(args: argparse.Namespace) -> int:
     settings = _settings(require_config=False)
     if not settings.redis_url:
         raise ConfigError("sidecar ledger status needs SIDECAR_REDIS_URL (the usage stream)")
+    if settings.litellm_database_url:
+        litellm_connect_params(settings)
     code: int = asyncio.run(_ledger_status(settings, as_json=args.json))
     return code
 
@@ -343,7 +361,6 @@ async def _ledger_status(settings: Settings, *, as_json: bool) -> int:
     from redis.exceptions import RedisError
 
     from sidecar.billing.consumer import GROUP, LITELLM_GROUP
-    from sidecar.ledger.sink import connect_params
     from sidecar.ledger.status import LedgerStatus, format_status, ledger_status, stream_status
     from sidecar.ledger.status import as_json as status_json
 
@@ -360,7 +377,7 @@ async def _ledger_status(settings: Settings, *, as_json: bool) -> int:
     ledger: LedgerStatus | None = None
     if settings.litellm_database_url:
         try:
-            params, namespace = connect_params(settings.litellm_database_url, timeout_s=settings.db_timeout_s)
+            params, namespace = litellm_connect_params(settings)
 
             def read() -> LedgerStatus:
                 with psycopg.connect(autocommit=True, **params) as conn:

@@ -218,9 +218,13 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
          "SIDECAR_LITELLM_REDIS_URL must start with redis://"),
         (["consume"], {"SIDECAR_REDIS_URL": "redis://127.0.0.1:1/0", "SIDECAR_CONSUME_METRICS_PORT": "70000"},
          "SIDECAR_CONSUME_METRICS_PORT must be a TCP port"),
+        (["consume"], {"SIDECAR_REDIS_URL": "redis://127.0.0.1:1/0",
+                       "SIDECAR_LITELLM_DATABASE_URL": "postgresql://u:s3cret@db/x?sslmod=require"},
+         'SIDECAR_LITELLM_DATABASE_URL is not a PostgreSQL URL libpq takes: invalid URI query parameter: "sslmod"'),
         (["ledger", "status"], {}, "sidecar: sidecar ledger status needs SIDECAR_REDIS_URL"),
     ],
-    ids=["litellm-without-url", "unknown-sink", "not-postgres", "proxy-redis-not-redis", "bad-port", "status-no-redis"],
+    ids=["litellm-without-url", "unknown-sink", "not-postgres", "proxy-redis-not-redis", "bad-port", "libpq-refuses",
+         "status-no-redis"],
 )  # fmt: skip
 def test_misconfiguration_is_one_line_and_exit_2(args: list[str], env: dict[str, str], message: str) -> None:
     """Each misconfiguration of consume and ledger status: exit 2 and one line naming the problem, no traceback."""
@@ -228,6 +232,7 @@ def test_misconfiguration_is_one_line_and_exit_2(args: list[str], env: dict[str,
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "s3cret" not in result.stderr
 
 
 async def test_ledger_status_shows_pending_dead_letters_and_the_schema(

@@ -361,6 +361,32 @@ async def test_missing_required_table_is_refused_until_restored(
     assert_charged_once(litellm_db, p, [events[-1]])
 
 
+class Clock:
+    """A settable monotonic clock."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_schema_is_probed_again_after_reprobe_s(litellm_db: str) -> None:
+    """A column LiteLLM drops while the sink runs is seen at the next probe, `reprobe_s` after the last, not before."""
+    clock = Clock()
+    sink = LedgerSink(litellm_db, reprobe_s=60, monotonic=clock)
+    try:
+        assert sink.check().has_column("LiteLLM_VerificationToken", "last_active")
+        with psycopg.connect(litellm_db, autocommit=True) as admin:
+            admin.execute('ALTER TABLE "LiteLLM_VerificationToken" RENAME COLUMN last_active TO gone')
+        clock.now += 59.9
+        assert sink.check().has_column("LiteLLM_VerificationToken", "last_active")
+        clock.now += 0.1
+        assert not sink.check().has_column("LiteLLM_VerificationToken", "last_active")
+    finally:
+        sink.close()
+
+
 def test_connect_params_drop_prismas_parameters_and_keep_the_schema() -> None:
     """LiteLLM's DATABASE_URL as Prisma takes it: Prisma-only parameters dropped, `schema=` becomes the search path,
     the URL's libpq parameters win over the derived timeouts."""
