@@ -30,9 +30,15 @@ def test_every_charged_object_has_its_cache_keys() -> None:
     ]
 
 
-def test_each_tag_has_its_cache_key() -> None:
-    """The session's tags follow, as `tag:<name>` (their budgets are cached objects too); empty ones name nothing."""
-    assert cache_keys(key_hash="ab12", tags=("prod", "", "voice")) == ["ab12", "tag:prod", "tag:voice"]
+def test_the_project_and_each_tag_have_their_cache_keys() -> None:
+    """The key's project as `project_id:<id>`, then the session's tags as `tag:<name>` (their budgets are cached
+    objects too); empty ones name nothing."""
+    assert cache_keys(key_hash="ab12", project_id="p1", tags=("prod", "", "voice")) == [
+        "ab12",
+        "project_id:p1",
+        "tag:prod",
+        "tag:voice",
+    ]
 
 
 def test_missing_ids_name_nothing() -> None:

@@ -53,7 +53,7 @@ def test_optional_columns_of_the_current_schema_are_found(conn: psycopg.Connecti
     """The newer optional columns (token total_spend and last_active, SpendLogs session_id and request_tags, key
     and team metadata) are probed as present."""
     schema = probe(conn)
-    assert schema.optional_columns(TOKEN) == {"total_spend", "last_active", "metadata"}
+    assert schema.optional_columns(TOKEN) == {"total_spend", "last_active", "metadata", "project_id"}
     assert schema.optional_columns(SPEND_LOGS) == {"session_id", "request_tags"}
     assert schema.optional_columns(TEAM) == {"metadata"}
     assert schema.optional_columns(TEAM_MEMBERSHIP) == {"total_spend"}
@@ -78,7 +78,7 @@ def test_a_dropped_optional_column_is_probed_absent(conn: psycopg.Connection[tup
     """An older schema without the token's last_active is probed without it, and nothing required is missing."""
     conn.execute('ALTER TABLE "LiteLLM_VerificationToken" DROP COLUMN last_active')
     schema = probe(conn)
-    assert schema.optional_columns(TOKEN) == {"total_spend", "metadata"}
+    assert schema.optional_columns(TOKEN) == {"total_spend", "metadata", "project_id"}
     assert not schema.has_column(TOKEN, "last_active")
     assert missing_required(schema) == []
 

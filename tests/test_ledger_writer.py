@@ -346,12 +346,16 @@ def test_repeated_tagged_events_change_no_tag_or_model_row(
 
 
 def test_a_schema_without_the_newer_tables_and_columns_still_applies(conn: Conn, principal: Principal) -> None:
-    """No DailyModelUsage, DailyTagSpend or TagTable, no key or team metadata, no SpendLogs request_tags:
-    the event applies, the rest is written."""
+    """No DailyModelUsage, DailyTagSpend, TagTable or ProjectTable, no key or team metadata, no key project, no
+    SpendLogs request_tags: the event applies, the rest is written."""
     tag(conn, principal, key_tags=["prod"], team_tags=[])
-    conn.execute('DROP TABLE "LiteLLM_DailyModelUsage", "LiteLLM_DailyTagSpend", "LiteLLM_TagTable" CASCADE')
-    for table, column in (("LiteLLM_VerificationToken", "metadata"), ("LiteLLM_TeamTable", "metadata"),
-                          ("LiteLLM_SpendLogs", "request_tags")):  # fmt: skip
+    conn.execute(
+        'DROP TABLE "LiteLLM_DailyModelUsage", "LiteLLM_DailyTagSpend", "LiteLLM_TagTable", "LiteLLM_ProjectTable"'
+        " CASCADE"
+    )
+    dropped = [("LiteLLM_VerificationToken", "metadata"), ("LiteLLM_TeamTable", "metadata"),
+               ("LiteLLM_SpendLogs", "request_tags"), ("LiteLLM_VerificationToken", "project_id")]  # fmt: skip
+    for table, column in dropped:
         conn.execute(f'ALTER TABLE "{table}" DROP COLUMN {column}')
     older = probe(conn)
     outcome = apply(conn, older, session(principal)[0], now=NOW)
@@ -373,3 +377,31 @@ def test_a_task_tag_on_the_key_types_the_model_rollup(conn: Conn, principal: Pri
     tag(conn, principal, key_tags=["task:translation"], team_tags=[])
     apply(conn, schema, session(principal)[0], now=NOW)
     assert one(conn, 'SELECT task_type FROM "LiteLLM_DailyModelUsage"') == "translation"
+
+
+def test_a_key_in_a_project_charges_the_project_and_carries_its_tags(
+    conn: Conn, principal: Principal, schema: LedgerSchema
+) -> None:
+    """The key's project: its spend rises by the final cost; its tags follow the key's and the team's; the
+    outcome and the SpendLogs metadata name it. A repeat changes nothing."""
+    tag(conn, principal, key_tags=["prod"], team_tags=["voice"])
+    conn.execute(
+        'INSERT INTO "LiteLLM_ProjectTable" (project_id, team_id, metadata, models, created_by, updated_by)'
+        " VALUES ('proj-1', %s, %s, %s, 'admin', 'admin')",
+        (principal.team_id, Jsonb({"tags": ["voice", "proj-tag"]}), []),
+    )
+    conn.execute("UPDATE \"LiteLLM_VerificationToken\" SET project_id = 'proj-1'")
+    events = session(principal)
+    outcomes = [apply(conn, schema, e, now=NOW) for e in events]
+    assert {(o.project_id, o.tags) for o in outcomes} == {("proj-1", ("prod", "voice", "proj-tag"))}
+    assert math.isclose(one(conn, 'SELECT spend FROM "LiteLLM_ProjectTable"'), float(FINAL_COST))
+    assert one(conn, "SELECT metadata->>'user_api_key_project_id' FROM \"LiteLLM_SpendLogs\" LIMIT 1") == "proj-1"
+    assert one(conn, 'SELECT count(*) FROM "LiteLLM_DailyTagSpend"') == 3
+    apply(conn, schema, events[-1], now=NOW)
+    assert math.isclose(one(conn, 'SELECT spend FROM "LiteLLM_ProjectTable"'), float(FINAL_COST))
+
+
+def test_a_key_without_a_project_has_none(conn: Conn, principal: Principal, schema: LedgerSchema) -> None:
+    """No project: the outcome names none and the SpendLogs metadata's project is null."""
+    assert apply(conn, schema, session(principal)[0], now=NOW).project_id == ""
+    assert one(conn, "SELECT metadata->'user_api_key_project_id' FROM \"LiteLLM_SpendLogs\"") is None

@@ -65,6 +65,7 @@ class AfterCommit:
             user_id=outcome.user_id,
             team_id=outcome.team_id,
             organization_id=outcome.organization_id,
+            project_id=outcome.project_id,
             tags=outcome.tags,
         )
         assert self._proxy is not None

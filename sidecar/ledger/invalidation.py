@@ -11,8 +11,8 @@ The cache keys, as LiteLLM writes them (litellm/proxy/auth/auth_checks.py and
 common_utils/user_api_key_cache.py): the key object under its bare sha256 hex (the sidecar's `key_hash`),
 the team under `team_id:<id>`, the user under its bare id, the organization under `org_id:<id>` and
 `org_id:<id>:with_budget` (with its budget row), and the team member's row under both `<team>_<user>` (the
-admission check) and `team_membership:<user>:<team>` (the budget reservation), and each tag (its budget)
-under `tag:<name>`. The organization
+admission check) and `team_membership:<user>:<team>` (the budget reservation), the key's project under
+`project_id:<id>`, and each tag (its budget) under `tag:<name>`. The organization
 membership is read from the database, not cached, so it needs none; `org_id:<id>:with_budget:last_known`
 is LiteLLM's fallback for when its database is down and is deliberately left alone.
 """
@@ -35,11 +35,19 @@ def channel(namespace: str | None) -> str:
 
 
 def cache_keys(
-    *, key_hash: str, user_id: str = "", team_id: str = "", organization_id: str = "", tags: Iterable[str] = ()
+    *,
+    key_hash: str,
+    user_id: str = "",
+    team_id: str = "",
+    organization_id: str = "",
+    project_id: str = "",
+    tags: Iterable[str] = (),
 ) -> list[str]:
-    """The auth-cache keys holding the spend of the charged key, user, team, organization, team member and tags.
+    """The auth-cache keys holding the spend of the charged key, user, team, organization, team member, project
+    and tags.
 
-    Empty ids name nothing; the order is key, team, user, organization, team membership, tags, without repeats.
+    Empty ids name nothing; the order is key, team, user, organization, team membership, project, tags, without
+    repeats.
     """
     keys = [key_hash] if key_hash else []
     if team_id:
@@ -50,6 +58,8 @@ def cache_keys(
         keys += [f"org_id:{organization_id}", f"org_id:{organization_id}:with_budget"]
     if team_id and user_id:
         keys += [f"{team_id}_{user_id}", f"team_membership:{user_id}:{team_id}"]
+    if project_id:
+        keys.append(f"project_id:{project_id}")
     keys += [f"tag:{tag}" for tag in tags if tag]
     return list(dict.fromkeys(keys))
 

@@ -25,6 +25,7 @@ TEAM_MEMBERSHIP = "LiteLLM_TeamMembership"
 ORGANIZATION_MEMBERSHIP = "LiteLLM_OrganizationMembership"
 END_USER = "LiteLLM_EndUserTable"
 TAG = "LiteLLM_TagTable"
+PROJECT = "LiteLLM_ProjectTable"
 
 # The tables the sink writes on every applied event: without one of them it refuses to start.
 REQUIRED_TABLES: tuple[str, ...] = (
@@ -37,8 +38,9 @@ REQUIRED_TABLES: tuple[str, ...] = (
     ORGANIZATION_MEMBERSHIP,
     END_USER,
 )
-# Entity tables written when present: a tag's `spend` (LiteLLM's tag budgets) rises with its requests.
-OPTIONAL_TABLES: tuple[str, ...] = (TAG,)
+# Entity tables written when present (newer LiteLLM versions): a key's project and each tag of its requests
+# have a `spend` (their budgets) that rises with the key's requests.
+OPTIONAL_TABLES: tuple[str, ...] = (PROJECT, TAG)
 # Daily rollups, written when present (older schemas lack some; LiteLLM_DailyModelUsage is recent, and its
 # upsert key is its primary key (date, model_group, model, custom_llm_provider, task_type): the probe reads
 # primary keys as unique keys, so `daily_key` finds it like the others' unique indexes).
@@ -67,9 +69,10 @@ REQUIRED_COLUMNS: Mapping[str, tuple[str, ...]] = MappingProxyType(
 OPTIONAL_COLUMNS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
         SPEND_LOGS: ("session_id", "request_tags"),
-        TOKEN: ("total_spend", "last_active", "metadata"),
+        TOKEN: ("total_spend", "last_active", "metadata", "project_id"),
         TEAM: ("metadata",),
         TEAM_MEMBERSHIP: ("total_spend",),
+        PROJECT: ("metadata",),
     }
 )
 # The column every daily upsert key contains: it tells the upsert key from other unique indexes.

@@ -5,7 +5,7 @@
 (sidecar.ledger.delta), and when there is one writes, in the same transaction: one immutable
 SpendLogs row (`request_id` `<session_id>:<seq>`), relative `spend` increments on the entity rows
 that exist, in LiteLLM's own lock order (organization, organization membership, team, user, team
-membership, key, tags; the team's advisory lock first), the daily upserts on the probed unique keys
+membership, key, project, tags; the team's advisory lock first), the daily upserts on the probed unique keys
 (user, team, organization, tag, model), and the advanced marker. A repeat, a late or an older event
 finds the marker ahead and writes nothing. `ensure_sink_tables(conn)` creates the sink's schema and
 marker table; run it once at start.
@@ -17,12 +17,12 @@ event names none, as LiteLLM writes it) and task type: as LiteLLM, the first of 
 `task:<name>` naming one of LiteLLM's known tasks (the `model_insights_tasks.json` the installed
 litellm package ships), else `uncategorized` (MODEL_INSIGHTS_DEFAULT_TASK).
 
-Tags: LiteLLM adds the key's `metadata.tags`, then its team's `metadata.tags`, to every request of the
-key (add_key_level_controls, add_team_and_project_level_controls), so the sink reads both from the
-token and team rows inside the transaction and treats the session as carrying them: SpendLogs'
+Projects and tags: a key in a project (`project_id`, newer versions) charges the project's `spend` too.
+LiteLLM adds the key's `metadata.tags`, then its team's, then its project's, to every request of the
+key (add_key_level_controls, add_team_and_project_level_controls), so the sink reads them from the
+token, team and project rows inside the transaction and treats the session as carrying them: SpendLogs'
 `request_tags`, one `LiteLLM_DailyTagSpend` row per tag, and each tag's `LiteLLM_TagTable.spend` (the
-rows that exist). Not applied: a project's `metadata.tags` (LiteLLM adds them for keys in a project)
-and tags a client sends per request (a realtime connect carries none).
+rows that exist). Not applied: tags a client sends per request (a realtime connect carries none).
 
 No end user: LiteLLM takes a request's end user from its body (`user`) or a configured header; a
 realtime session's connect carries neither through the sidecar, so `LiteLLM_EndUserTable` and
@@ -49,6 +49,7 @@ from sidecar.ledger.delta import Applied, DeadLetter, Delta, Skip, delta
 from sidecar.ledger.schema import (
     ORGANIZATION,
     ORGANIZATION_MEMBERSHIP,
+    PROJECT,
     SPEND_LOGS,
     TAG,
     TEAM,
@@ -112,9 +113,10 @@ class Outcome:
     An applied outcome also says who was charged, as LiteLLM's rows said inside the transaction:
     `key_exists` (the key's token row was found; when not, only the SpendLogs row was written and the
     ids below are the event's, no row of theirs touched), `key_hash`, and the `user_id`, `team_id` and
-    `organization_id` whose rows were incremented ('' for none), and the `tags` the session carried
-    (the key's, then its team's). Post-commit actions (cache invalidation) read them; skipped and
-    dead-lettered outcomes leave them empty: nothing was charged.
+    `organization_id` whose rows were incremented ('' for none), the key's `project_id` ('' for none)
+    and the `tags` the session carried (the key's, then its team's and its project's). Post-commit
+    actions (cache invalidation) read them; skipped and dead-lettered outcomes leave them empty: nothing
+    was charged.
     """
 
     kind: Kind
@@ -125,6 +127,7 @@ class Outcome:
     user_id: str = ""
     team_id: str = ""
     organization_id: str = ""
+    project_id: str = ""
     tags: tuple[str, ...] = ()
 
 
@@ -136,6 +139,7 @@ class _Owners:
     user_id: str
     team_id: str
     organization_id: str
+    project_id: str = ""
     tags: tuple[str, ...] = ()
 
 
@@ -206,6 +210,7 @@ def _apply_once(
         user_id=owners.user_id,
         team_id=owners.team_id,
         organization_id=owners.organization_id,
+        project_id=owners.project_id,
         tags=owners.tags,
     )
 
@@ -224,25 +229,35 @@ def _lock_marker(conn: psycopg.Connection[Any], event: UsageEvent) -> Delta:
 
 
 def _owners(conn: psycopg.Connection[Any], schema: LedgerSchema, event: UsageEvent) -> _Owners:
-    """The key's owners and tags in one read: its row, and its team's (the event's team, else the key's)."""
+    """The key's owners and tags in one read: its row, its team's (the event's team, else the key's), its project's."""
+    projects = PROJECT in schema.tables and schema.has_column(TOKEN, "project_id")
     row = conn.execute(
         sql.SQL(
-            "SELECT k.user_id, k.team_id, k.organization_id, {key_meta}, t.organization_id, {team_meta}"
+            "SELECT k.user_id, k.team_id, k.organization_id, {key_meta}, t.organization_id, {team_meta},"
+            " {project}, {project_meta}"
             ' FROM "LiteLLM_VerificationToken" k LEFT JOIN "LiteLLM_TeamTable" t'
-            " ON t.team_id = COALESCE(NULLIF(%s, ''), k.team_id) WHERE k.token = %s"
-        ).format(key_meta=_metadata(schema, TOKEN, "k"), team_meta=_metadata(schema, TEAM, "t")),
+            " ON t.team_id = COALESCE(NULLIF(%s, ''), k.team_id) {join} WHERE k.token = %s"
+        ).format(
+            key_meta=_column(schema, TOKEN, "k", "metadata"),
+            team_meta=_column(schema, TEAM, "t", "metadata"),
+            project=sql.SQL("p.project_id" if projects else "NULL"),
+            project_meta=_column(schema, PROJECT, "p", "metadata") if projects else sql.SQL("NULL"),
+            join=sql.SQL('LEFT JOIN "LiteLLM_ProjectTable" p ON p.project_id = k.project_id' if projects else ""),
+        ),
         (event.team_id, event.key_hash),
     ).fetchone()
     if row is None:
         return _Owners(False, event.user_id, event.team_id, "")
     user_id, team_id = event.user_id or (row[0] or ""), event.team_id or (row[1] or "")
     org = row[2] or row[4] or ""
-    return _Owners(True, user_id, team_id, org, tuple(dict.fromkeys([*_tags(row[3]), *_tags(row[5])])))
+    tags = tuple(dict.fromkeys([*_tags(row[3]), *_tags(row[5]), *_tags(row[7])]))
+    return _Owners(True, user_id, team_id, org, row[6] or "", tags)
 
 
-def _metadata(schema: LedgerSchema, table: str, alias: str) -> sql.Composable:
-    if schema.has_column(table, "metadata"):
-        return sql.SQL("{}.metadata").format(sql.Identifier(alias))
+def _column(schema: LedgerSchema, table: str, alias: str, column: str) -> sql.Composable:
+    """`alias.column` when the table has the column, else NULL."""
+    if schema.has_column(table, column):
+        return sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(column))
     return sql.SQL("NULL")
 
 
@@ -270,6 +285,7 @@ def _insert_spend_log(
         "user_api_key_team_id": owners.team_id,
         "user_api_key_user_id": owners.user_id,
         "user_api_key_org_id": owners.organization_id,
+        "user_api_key_project_id": owners.project_id or None,
         "realtime_session_id": event.session_id,
         "realtime_seq": event.seq,
         "audio_seconds": float(d.audio_seconds),
@@ -347,6 +363,8 @@ def _increment_entities(
     if schema.has_column(TOKEN, "last_active"):
         sets.append(sql.SQL("last_active = {}").format(sql.Literal(_naive_utc(now))))
     _increment(conn, TOKEN, sql.SQL(", ").join(sets), {"token": key_hash})
+    if owners.project_id:  # only set when the schema has projects (_owners)
+        _increment(conn, PROJECT, spend, {"project_id": owners.project_id})
     if TAG in schema.tables:  # after the key, as LiteLLM commits them; sorted, so two writers lock alike
         for tag in sorted(owners.tags):
             _increment(conn, TAG, spend, {"tag_name": tag})
