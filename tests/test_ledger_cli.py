@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +20,11 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
+from sidecar import cli
+from sidecar.billing import make_engine
 from sidecar.billing.consumer import LITELLM_GROUP
+from sidecar.config import Settings
+from sidecar.testing.factories import usage_event
 from tests.billing_support import DEADLINE_S, RedisServer, poll
 from tests.test_ledger_consumer import assert_charged_once, principal_of, publish, session_events, spend_log_ids
 
@@ -274,3 +280,32 @@ def test_ledger_status_reports_an_unreachable_redis_with_exit_1() -> None:
     assert result.returncode == 1
     assert "sidecar: cannot read Redis" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_one_group_failing_leaves_the_other_running(
+    redis_client: aioredis.Redis, redis_url: str, usage_stream: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The litellm group dies of a bug (here: a URL libpq refuses, which `consume` checks first in real use); the
+    billing group goes on billing, and the process then exits 1."""
+    settings = Settings(
+        litellm_config=tmp_path / "unused.yaml",
+        redis_url=redis_url,
+        usage_stream=usage_stream,
+        litellm_database_url="postgresql://127.0.0.1:1/x?bogus=1",
+    )
+    engine = make_engine(f"sqlite:///{tmp_path / 'billing.db'}")
+    await publish(redis_client, usage_stream, [usage_event("rs_1", 1), usage_event("rs_1", 2, final=True)])
+    with caplog.at_level(logging.ERROR, logger="sidecar.cli"):
+        task = asyncio.create_task(cli._consume(settings, ("billing", "litellm"), engine, None))
+        await poll(lambda: _billing_acked(redis_client, usage_stream), what="the billing group's acks")
+        assert not task.done()
+        os.kill(os.getpid(), signal.SIGTERM)  # `_consume` stops on SIGTERM, as `sidecar consume` does
+        assert await task == 1
+    engine.dispose()
+    assert "a consumer group failed; the others go on" in caplog.text
+
+
+async def _billing_acked(redis: aioredis.Redis, stream: str) -> bool:
+    groups = {g["name"]: g for g in await redis.xinfo_groups(stream)} if await redis.exists(stream) else {}
+    billing = groups.get(b"billing")
+    return billing is not None and billing["pending"] == 0 and billing["lag"] == 0
