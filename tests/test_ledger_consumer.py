@@ -361,6 +361,21 @@ async def test_missing_required_table_is_refused_until_restored(
     assert_charged_once(litellm_db, p, [events[-1]])
 
 
+def test_a_constraint_the_schema_adds_is_retried_never_dead_lettered(litellm_db: str, sink: LedgerSink) -> None:
+    """A NOT NULL column without default (a LiteLLM upgrade the sink does not know) fails every write as a database
+    error, so the entries stay pending; once the schema accepts the rows again, the same events apply."""
+    p = principal_of(litellm_db)
+    events = session_events(p, "rs_nn")
+    now = datetime.now().astimezone()
+    with psycopg.connect(litellm_db, autocommit=True) as admin:
+        admin.execute('ALTER TABLE "LiteLLM_SpendLogs" ADD COLUMN required_now text NOT NULL')
+        with pytest.raises(BillingDatabaseError, match="NotNullViolation"):
+            sink.write(events, now=now)
+        admin.execute('ALTER TABLE "LiteLLM_SpendLogs" DROP COLUMN required_now')
+    assert [o.kind for o in sink.write(events, now=now)] == ["applied"] * 3
+    assert_charged_once(litellm_db, p, [events[-1]])
+
+
 class Clock:
     """A settable monotonic clock."""
 

@@ -125,8 +125,9 @@ class LedgerSink:
         try:
             with _deadline(conn, self._timeout_s):
                 return apply(conn, schema, event, now=now)
-        except (psycopg.DataError, psycopg.IntegrityError) as exc:
-            # A value LiteLLM's columns refuse (rolled back): retrying cannot help.
+        except psycopg.DataError as exc:
+            # A value LiteLLM's columns refuse (rolled back): retrying cannot help. (An integrity error, e.g. a
+            # NOT NULL column a LiteLLM upgrade added, is the schema's, not the event's: retried, never buried.)
             return Outcome("dead_letter", f"LiteLLM's database refused a value: {_first_line(exc)}")
 
     def _ready(self) -> LedgerSchema:
