@@ -1,19 +1,29 @@
-"""A fake realtime provider: a real WebSocket server speaking enough of the OpenAI Realtime API.
+"""A fake realtime provider: a real WebSocket server speaking enough of OpenAI's three WebSocket voice APIs.
 
-It listens on 127.0.0.1 (port 0 by default) and accepts the three upstream forms the sidecar dials:
+It listens on 127.0.0.1 (port 0 by default) and accepts the upstream forms the sidecar dials:
 
+    Realtime API
     OpenAI          /v1/realtime?model=..&intent=..             Authorization: Bearer <key>
     Azure GA        /openai/v1/realtime?model=..&intent=..      api-key: <key>
     Azure preview   /openai/realtime?api-version=..&deployment=..   api-key: <key>
+    GPT-Live (fake_live.py)
+    OpenAI          /v1/live/sessions (no query)                Authorization: Bearer <key>
+    Azure           /openai/v1/live/sessions (no query)         api-key: <key>
+    Realtime translation (fake_translation.py)
+    OpenAI          /v1/realtime/translations?model=..          Authorization: Bearer <key>
+    Azure           /openai/v1/realtime/translations?model=..   api-key: <key>
 
 Refusals happen before the upgrade, as HTTP responses with an OpenAI-shaped JSON body
 `{"error": {"message", "type", "code", "param"}}`: 404 unknown path, 401 `invalid_api_key`,
-400 `missing_required_parameter` (Azure preview without `api-version`/`deployment`), 400 `invalid_model`
-(OpenAI path with `intent=transcription` and `model=`, as OpenAI itself refuses), or any status injected
-with `Faults.refuse_status`.
+400 `missing_required_parameter` (Azure preview without `api-version`/`deployment`, translation without
+`model`), 400 `unknown_parameter` (a query on GPT-Live: its model belongs in `session.start`), 400
+`invalid_model` (OpenAI path with `intent=transcription` and `model=`, as OpenAI itself refuses), or any
+status injected with `Faults.refuse_status`.
 
-After the upgrade the protocol logic lives in `_Conversation`, a sans-I/O state machine (client text in,
-server events and a drop/close action out); `FakeProvider` only moves frames and applies `Faults`.
+After the upgrade the protocol logic lives in one sans-I/O state machine per protocol (`_Conversation`,
+fake_live.LiveConversation, fake_translation.TranslationConversation: client text and the provider's clock
+in, server events and a drop/close action out); `FakeProvider` only moves frames, keeps time (an injected
+clock) and applies the same `Faults` to all three.
 Every server event carries a unique `event_id`. Nothing here ever crashes a connection on bad input:
 malformed JSON, binary frames, unknown event types and invalid base64 are answered with `error` events.
 
@@ -29,11 +39,10 @@ import base64
 import binascii
 import contextlib
 import http
-import itertools
 import signal
-import uuid
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from types import TracebackType
 from typing import Any, Final, Self
@@ -46,7 +55,24 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-Event = dict[str, Any]
+from sidecar.testing.fake_live import LiveConversation
+from sidecar.testing.fake_translation import DEFAULT_TRANSLATION, TranslationConversation
+from sidecar.testing.fake_wire import (
+    G711_BYTES_PER_SECOND,
+    PCM16_BYTES_PER_SECOND,
+    Conversation,
+    Event,
+    FakeSession,
+    Faults,
+    Handshake,
+    Reply,
+    append_faults,
+)
+from sidecar.testing.fake_wire import deep_merge as _deep_merge
+from sidecar.testing.fake_wire import error as _error
+from sidecar.testing.fake_wire import event as _event
+from sidecar.testing.fake_wire import new_id as _new_id
+from sidecar.testing.fake_wire import word_chunks as _word_chunks
 
 DEFAULT_API_KEY: Final = "sk-fake-provider-key-0123456789"
 DEFAULT_HOST: Final = "127.0.0.1"
@@ -55,11 +81,6 @@ DEFAULT_TRANSCRIPT: Final = (
 )
 #: Incoming frames may be large (a whole recording in one append); 16 MiB like the sidecar's own limit.
 MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
-#: Words per `conversation.item.input_audio_transcription.delta`; the deltas concatenate to the transcript.
-WORDS_PER_DELTA: Final = 3
-#: `audio/pcm` (`pcm16`) 24 kHz 16-bit mono; G.711 (`audio/pcmu`, `audio/pcma`) is 8000 bytes/s.
-PCM16_BYTES_PER_SECOND: Final = 48_000
-G711_BYTES_PER_SECOND: Final = 8_000
 _G711_FORMATS: Final = frozenset({"audio/pcmu", "audio/pcma", "g711_ulaw", "g711_alaw"})
 
 #: Fixed `response.done` usage (OpenAI Realtime `response.done.response.usage` shape).
@@ -77,6 +98,11 @@ RESPONSE_TOTAL_TOKENS: Final = RESPONSE_INPUT_TOKENS + RESPONSE_OUTPUT_TOKENS
 _OPENAI_PATH: Final = "/v1/realtime"
 _AZURE_GA_PATH: Final = "/openai/v1/realtime"
 _AZURE_PREVIEW_PATH: Final = "/openai/realtime"
+_LIVE_PATHS: Final = {"/v1/live/sessions": "authorization", "/openai/v1/live/sessions": "api-key"}
+_TRANSLATION_PATHS: Final = {
+    "/v1/realtime/translations": "authorization",
+    "/openai/v1/realtime/translations": "api-key",
+}
 
 
 def response_usage() -> dict[str, Any]:
@@ -99,69 +125,6 @@ def response_usage() -> dict[str, Any]:
             "audio_tokens": RESPONSE_OUTPUT_AUDIO_TOKENS,
         },
     }
-
-
-@dataclass
-class Faults:
-    """Injected failures. Mutable at runtime: read on each connection (handshake) and each client event.
-
-    `refuse_status` wins over `stall_handshake`. Append counts are per connection and include appends
-    whose base64 is invalid.
-    """
-
-    #: Refuse the handshake with this HTTP status and an OpenAI JSON error body.
-    refuse_status: int | None = None
-    #: Accept TCP but never answer the HTTP upgrade; released (HTTP 503) only when the provider closes.
-    stall_handshake: bool = False
-    #: Abort the TCP connection (no close frame) right after the Nth append.
-    drop_after_appends: int | None = None
-    #: `(n, code, reason)`: close cleanly with that code and reason right after the Nth append.
-    close_after_appends: tuple[int, int, str] | None = None
-    #: Slow reader: sleep this long before each receive.
-    read_delay_s: float = 0.0
-    #: Benchmark mode: answer every append with a transcription delta whose `delta` is the append's
-    #: `event_id` (or, when it has none, its 0-based append index as a string).
-    reply_each_append: bool = False
-    #: Behave like OpenAI itself: refuse `?model=` on an `intent=transcription` session (400 invalid_model).
-    #: Off by default, since an OpenAI-compatible server (which this fake stands for) keeps `?model=`.
-    reject_model_on_transcription: bool = False
-    #: Keep every client event in `FakeSession.events` (benchmarks turn it off to keep memory flat).
-    record_events: bool = True
-    #: Report a commit's duration as its bytes at the format in force at the commit, instead of each append
-    #: at the format in force when it arrived (a provider whose count differs from the sidecar's).
-    duration_at_commit_format: bool = False
-
-
-@dataclass
-class Handshake:
-    """One opening handshake as received, recorded before any check. Header names are lower-cased."""
-
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]
-
-
-@dataclass
-class FakeSession:
-    """What the provider saw on one upgraded connection."""
-
-    handshake: Handshake
-    #: Every client event received, parsed (JSON objects only; malformed frames are not recorded).
-    events: list[Event] = field(default_factory=list)
-    #: Decoded bytes of all valid `input_audio_buffer.append` events.
-    audio_bytes: int = 0
-    #: Seconds of audio decoded, as a real provider decodes it: each append at the input format in force
-    #: when it arrived, PCM at 24 kHz whatever rate the session declares.
-    audio_seconds: Fraction = Fraction(0)
-    #: Binary frames received (the Realtime API defines none; each is answered with an error).
-    binary_frames: int = 0
-    #: The current session config (after every `session.update` / `transcription_session.update`).
-    session: dict[str, Any] = field(default_factory=dict)
-    #: Set when the connection has ended, after `close_code` is final.
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
-    #: The close code in the close frame the client sent (its echo when the provider closed first);
-    #: None when no close frame arrived (abort, drop).
-    close_code: int | None = None
 
 
 @dataclass(frozen=True)
@@ -188,48 +151,6 @@ class _Refusal:
             ]
         )
         return Response(self.status, phrase, headers, body)
-
-
-@dataclass(frozen=True)
-class _Reply:
-    """What one client frame produces: events to send, then at most one action."""
-
-    events: list[Event]
-    drop: bool = False
-    close: tuple[int, str] | None = None
-
-
-_RUN: Final = uuid.uuid4().hex[:12]
-_COUNTER = itertools.count(1)
-
-
-def _new_id(prefix: str) -> str:
-    """A unique id in OpenAI's style, e.g. `event_3f2a..._17`: a per-process prefix and a counter.
-
-    (A uuid4 per id costs a getrandom call per event, a visible share of the fake's CPU in `make bench`.)
-    """
-    return f"{prefix}_{_RUN}{next(_COUNTER)}"
-
-
-def _event(type_: str, **fields: Any) -> Event:
-    """A server event with a fresh unique `event_id`."""
-    return {"type": type_, "event_id": _new_id("event"), **fields}
-
-
-def _error(code: str, message: str, *, client_event_id: Any = None) -> Event:
-    """An `error` server event, type `invalid_request_error`."""
-    detail = {"type": "invalid_request_error", "code": code, "message": message, "param": None}
-    return _event("error", error={**detail, "event_id": client_event_id})
-
-
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> None:
-    """Merge `update` into `base` in place: dicts merge recursively, anything else replaces."""
-    for key, value in update.items():
-        current = base.get(key)
-        if isinstance(value, dict) and isinstance(current, dict):
-            _deep_merge(current, value)
-        else:
-            base[key] = value
 
 
 def _mask_key(key: str) -> str:
@@ -280,6 +201,17 @@ def _refusal(handshake: Handshake, *, api_key: str, faults: Faults) -> _Refusal 
         missing = [name for name in ("api-version", "deployment") if not query.get(name)]
         if refusal is None and missing:
             return _Refusal(400, "missing_required_parameter", f"Missing required query parameter: {missing[0]}.")
+        return refusal
+    if handshake.path in _LIVE_PATHS:
+        refusal = _check_key(handshake, header=_LIVE_PATHS[handshake.path], api_key=api_key)
+        if refusal is None and query:
+            message = f"Unknown query parameter: {next(iter(query))}. Send the model in session.start."
+            return _Refusal(400, "unknown_parameter", message)
+        return refusal
+    if handshake.path in _TRANSLATION_PATHS:
+        refusal = _check_key(handshake, header=_TRANSLATION_PATHS[handshake.path], api_key=api_key)
+        if refusal is None and not query.get("model"):
+            return _Refusal(400, "missing_required_parameter", "Missing required query parameter: model.")
         return refusal
     return _Refusal(404, "not_found", f"Invalid URL (GET {handshake.path})")
 
@@ -342,13 +274,6 @@ def _transcription_usage(model: str, seconds: float) -> dict[str, Any]:
     }
 
 
-def _word_chunks(text: str, *, size: int = WORDS_PER_DELTA) -> list[str]:
-    """`text` in chunks of `size` words; the chunks concatenate back to `text` exactly."""
-    words = text.split(" ")
-    chunks = [" ".join(words[i : i + size]) for i in range(0, len(words), size)]
-    return [chunk + " " for chunk in chunks[:-1]] + chunks[-1:]
-
-
 class _Conversation:
     """Sans-I/O protocol state of one connection: client frames in, server events and actions out.
 
@@ -364,7 +289,7 @@ class _Conversation:
         self._buffer_seconds = Fraction(0)  # the same, as decoded seconds (exact)
         self._appends = 0
         self._item_id = _new_id("item")
-        self._handlers: dict[str, Callable[[Event, Faults], _Reply]] = {
+        self._handlers: dict[str, Callable[[Event, Faults], Reply]] = {
             "session.update": self._update,
             "transcription_session.update": self._update,
             "input_audio_buffer.append": self._append,
@@ -374,39 +299,39 @@ class _Conversation:
             "response.create": self._create_response,
         }
 
-    def opening(self) -> list[Event]:
-        """The events sent as soon as the connection is upgraded."""
+    def opening(self, *, now: float = 0.0) -> list[Event]:
+        """The events sent as soon as the connection is upgraded (the Realtime API fake keeps no time)."""
         return [_event("session.created", session=self.record.session)]
 
-    def receive(self, message: str | bytes, faults: Faults) -> _Reply:
+    def receive(self, message: str | bytes, faults: Faults, *, now: float = 0.0) -> Reply:
         """Handle one client frame; never raises on bad input (it becomes an `error` event)."""
         if isinstance(message, bytes):
             self.record.binary_frames += 1
-            return _Reply([_error("binary_not_supported", "Binary frames are not supported; send JSON text.")])
+            return Reply([_error("binary_not_supported", "Binary frames are not supported; send JSON text.")])
         try:
             event = orjson.loads(message)
         except orjson.JSONDecodeError:
-            return _Reply([_error("invalid_json", "The event is not valid JSON.")])
+            return Reply([_error("invalid_json", "The event is not valid JSON.")])
         if not isinstance(event, dict):
-            return _Reply([_error("invalid_json", "The event must be a JSON object.")])
+            return Reply([_error("invalid_json", "The event must be a JSON object.")])
         self.record.events.append(event)
         handler = self._handlers.get(str(event.get("type")))
         if handler is None:
             message = f"Unknown event type: {event.get('type')!r}."
-            return _Reply([_error("unknown_event", message, client_event_id=event.get("event_id"))])
+            return Reply([_error("unknown_event", message, client_event_id=event.get("event_id"))])
         return handler(event, faults)
 
-    def _update(self, event: Event, faults: Faults) -> _Reply:
+    def _update(self, event: Event, faults: Faults) -> Reply:
         """`session.update` -> `session.updated`; beta `transcription_session.update` likewise."""
         update = event.get("session")
         if not isinstance(update, dict):
             error = _error("invalid_value", "`session` must be an object.", client_event_id=event.get("event_id"))
-            return _Reply([error])
+            return Reply([error])
         _deep_merge(self.record.session, update)
         reply_type = event["type"].replace(".update", ".updated")
-        return _Reply([_event(reply_type, session=self.record.session)])
+        return Reply([_event(reply_type, session=self.record.session)])
 
-    def _append(self, event: Event, faults: Faults) -> _Reply:
+    def _append(self, event: Event, faults: Faults) -> Reply:
         """Count decoded audio (invalid base64 is answered with an error and not counted), then faults."""
         index = self._appends
         self._appends += 1
@@ -427,19 +352,14 @@ class _Conversation:
             events = [self._delta(str(event.get("event_id", index)))] if faults.reply_each_append else []
         return self._apply_append_faults(events, faults)
 
-    def _apply_append_faults(self, events: list[Event], faults: Faults) -> _Reply:
+    def _apply_append_faults(self, events: list[Event], faults: Faults) -> Reply:
         """Drop or close when this append reaches the configured count."""
-        if faults.drop_after_appends is not None and self._appends >= faults.drop_after_appends:
-            return _Reply(events, drop=True)
-        if faults.close_after_appends is not None and self._appends >= faults.close_after_appends[0]:
-            _, code, reason = faults.close_after_appends
-            return _Reply(events, close=(code, reason))
-        return _Reply(events)
+        return append_faults(events, faults, self._appends)
 
-    def _commit(self, event: Event, faults: Faults) -> _Reply:
+    def _commit(self, event: Event, faults: Faults) -> Reply:
         """Empty buffer -> the leaky error; else committed, deltas, completed with duration usage."""
         if self._buffer == 0:
-            return _Reply([self._empty_commit_error(event.get("event_id"))])
+            return Reply([self._empty_commit_error(event.get("event_id"))])
         seconds = float(self._buffer_seconds)
         if faults.duration_at_commit_format:
             seconds = self._buffer / _bytes_per_second(self.record.session)
@@ -454,7 +374,7 @@ class _Conversation:
             transcript=self._transcript,
             usage=usage,
         )
-        return _Reply([*events, completed])
+        return Reply([*events, completed])
 
     def _empty_commit_error(self, client_event_id: Any) -> Event:
         """The commit-empty error, DELIBERATELY naming the key, host:port and deployment (scrub bait)."""
@@ -485,29 +405,29 @@ class _Conversation:
             return str(transcription["model"])
         return str(self.record.session.get("model") or "default")
 
-    def _clear(self, event: Event, faults: Faults) -> _Reply:
+    def _clear(self, event: Event, faults: Faults) -> Reply:
         """`input_audio_buffer.clear` -> `input_audio_buffer.cleared`; the uncommitted audio is gone."""
         self._buffer = 0
-        return _Reply([_event("input_audio_buffer.cleared")])
+        return Reply([_event("input_audio_buffer.cleared")])
 
-    def _create_item(self, event: Event, faults: Faults) -> _Reply:
+    def _create_item(self, event: Event, faults: Faults) -> Reply:
         """`conversation.item.create` -> GA `conversation.item.added` then `conversation.item.done`."""
         raw_item = event.get("item")
         item = {"id": _new_id("item"), **raw_item} if isinstance(raw_item, dict) else {"id": _new_id("item")}
         previous = event.get("previous_item_id")
-        return _Reply(
+        return Reply(
             [
                 _event("conversation.item.added", previous_item_id=previous, item=item),
                 _event("conversation.item.done", previous_item_id=previous, item=item),
             ]
         )
 
-    def _create_response(self, event: Event, faults: Faults) -> _Reply:
+    def _create_response(self, event: Event, faults: Faults) -> Reply:
         """`response.create` -> `response.created`, then `response.done` with the fixed usage."""
         response: dict[str, Any] = {"id": _new_id("resp"), "object": "realtime.response", "output": []}
         created = _event("response.created", response={**response, "status": "in_progress", "usage": None})
         done = _event("response.done", response={**response, "status": "completed", "usage": response_usage()})
-        return _Reply([created, done])
+        return Reply([created, done])
 
     def _delta(self, text: str, *, item_id: str | None = None) -> Event:
         """A transcription delta for the current (or given) item."""
@@ -548,8 +468,11 @@ class FakeProvider:
         host: str = DEFAULT_HOST,
         port: int = 0,
         transcript: str = DEFAULT_TRANSCRIPT,
+        translation: str = DEFAULT_TRANSLATION,
         faults: Faults | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock` (seconds) times GPT-Live sessions (their usage seconds); tests pass one they advance."""
         self.api_key = api_key
         self.faults = faults if faults is not None else Faults()
         self.handshakes: list[Handshake] = []
@@ -557,9 +480,12 @@ class FakeProvider:
         self._host = host
         self._port = port
         self._transcript = transcript
+        self._translation = translation
+        self._clock = clock
         self._server: Server | None = None
         self._connections: set[ServerConnection] = set()
         self._live: dict[ServerConnection, FakeSession] = {}
+        self._conversations: dict[ServerConnection, Conversation] = {}
         self._accepted: dict[ServerConnection, Handshake] = {}  # upgraded, not yet handled
         self._changed = asyncio.Condition()
         self._stopping = asyncio.Event()
@@ -634,6 +560,14 @@ class FakeProvider:
             with contextlib.suppress(ConnectionClosed):
                 await connection.send(text)
 
+    async def report_usage(self) -> None:
+        """Send every started GPT-Live session its `session.usage.updated` (cumulative seconds now)."""
+        for connection, conversation in list(self._conversations.items()):
+            if isinstance(conversation, LiveConversation) and conversation.started:
+                usage = conversation.usage_event(now=self._clock())
+                with contextlib.suppress(ConnectionClosed):
+                    await connection.send(orjson.dumps(usage).decode())
+
     async def send_raw(self, message: str | bytes) -> None:
         """Send `message` to every live session exactly as given: a text frame (str), a binary frame (bytes).
 
@@ -696,32 +630,50 @@ class FakeProvider:
     async def _handle(self, connection: ServerConnection) -> None:
         """Serve one upgraded connection until it ends; never raises on client misbehaviour."""
         handshake = self._accepted.pop(connection)
-        record = FakeSession(handshake=handshake, session=_initial_session(handshake))
-        conversation = _Conversation(
-            record, api_key=self.api_key, host_port=self.host_port, transcript=self._transcript
-        )
+        conversation = self._conversation(handshake)
+        record = conversation.record
         self._live[connection] = record
+        self._conversations[connection] = conversation
         self.sessions.append(record)
         await self._notify()
         try:
-            await self._send(connection, conversation.opening())
+            await self._send(connection, conversation.opening(now=self._clock()))
             await self._serve(connection, conversation)
         except ConnectionClosed:
             pass
         finally:
             del self._live[connection]
+            del self._conversations[connection]
             rcvd = connection.protocol.close_rcvd
             record.close_code = rcvd.code if rcvd is not None else None
             record.closed.set()
 
-    async def _serve(self, connection: ServerConnection, conversation: _Conversation) -> None:
+    def _conversation(self, handshake: Handshake) -> Conversation:
+        """The protocol state machine for the path the handshake was accepted on."""
+        api_key, host_port, transcript = self.api_key, self.host_port, self._transcript
+        if handshake.path in _LIVE_PATHS:
+            record = FakeSession(handshake=handshake)
+            return LiveConversation(record, api_key=api_key, host_port=host_port, transcript=transcript)
+        if handshake.path in _TRANSLATION_PATHS:
+            return TranslationConversation(
+                FakeSession(handshake=handshake),
+                api_key=api_key,
+                host_port=host_port,
+                transcript=transcript,
+                translation=self._translation,
+            )
+        record = FakeSession(handshake=handshake, session=_initial_session(handshake))
+        return _Conversation(record, api_key=api_key, host_port=host_port, transcript=transcript)
+
+    async def _serve(self, connection: ServerConnection, conversation: Conversation) -> None:
         """Receive, reply and apply fault actions until the connection closes."""
         while True:
             if not self._reading.is_set():
                 await self._reading.wait()
             if self.faults.read_delay_s > 0:
                 await asyncio.sleep(self.faults.read_delay_s)
-            reply = conversation.receive(await connection.recv(), self.faults)
+            message = await connection.recv()
+            reply = conversation.receive(message, self.faults, now=self._clock())
             await self._send(connection, reply.events)
             if reply.drop:
                 connection.transport.abort()
