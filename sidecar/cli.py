@@ -309,6 +309,7 @@ async def _run_litellm(settings: Settings, redis: Any, stop: asyncio.Event, metr
     import redis.asyncio as aioredis
 
     from sidecar.billing.consumer import LITELLM_GROUP, UsageConsumer
+    from sidecar.billing.writer import BillingError
     from sidecar.ledger.aftercommit import AfterCommit
     from sidecar.ledger.sink import LedgerSink
     from sidecar.ledger.writer import Outcome
@@ -337,6 +338,10 @@ async def _run_litellm(settings: Settings, redis: Any, stop: asyncio.Event, metr
         after_commit=after_commit,
     )
     try:
+        try:  # the sink's tables and schema probe at start, so a refusal shows before the first entry
+            await asyncio.to_thread(sink.check)
+        except BillingError as exc:  # the consumer retries it with each batch, the entries pending meanwhile
+            log.warning("litellm: LiteLLM's database not ready at start: %s", exc)
         await consumer.run(stop)
     finally:
         await asyncio.to_thread(sink.close)

@@ -309,3 +309,29 @@ async def _billing_acked(redis: aioredis.Redis, stream: str) -> bool:
     groups = {g["name"]: g for g in await redis.xinfo_groups(stream)} if await redis.exists(stream) else {}
     billing = groups.get(b"billing")
     return billing is not None and billing["pending"] == 0 and billing["lag"] == 0
+
+
+async def test_consume_probes_litellms_schema_at_start(
+    redis_server: RedisServer, litellm_db: str, tmp_path: Path, processes: list[ConsumeProcess]
+) -> None:
+    """With nothing to consume yet, `consume --sink litellm` already probes: a missing required table is a warning
+    naming it and `sidecar_ledger_schema_ready` 0; SIGTERM still exits 0."""
+    with psycopg.connect(litellm_db, autocommit=True) as admin:
+        admin.execute('ALTER TABLE "LiteLLM_OrganizationTable" RENAME TO "hidden_orgs"')
+    port = _free_port()
+    env = {
+        "SIDECAR_REDIS_URL": redis_server.url,
+        "SIDECAR_LITELLM_DATABASE_URL": litellm_db,
+        "SIDECAR_CONSUME_METRICS_PORT": str(port),
+    }
+    process = await spawn(processes, env, "--sink", "litellm", workdir=tmp_path / "run")
+    await poll(lambda: _logged(process, "lacks table LiteLLM_OrganizationTable"), what="the start-up probe's warning")
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    assert await process.signal(15) == 0
+    assert "sidecar_ledger_schema_ready 0.0" in metrics
+    assert "billing consumer" not in process.log.read_text()
+
+
+async def _logged(process: ConsumeProcess, needle: str) -> bool:
+    return needle in await asyncio.to_thread(process.log.read_text)
