@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv tools test lint typecheck unit run bench chart clean
+.PHONY: venv tools test lint typecheck unit run bench bench-ledger chart clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,11 @@ run: venv
 # The relay under load against the floor and LiteLLM's own relay (about 10 minutes; see docs/performance.md).
 bench: venv
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# The LiteLLM sink: events/s applied into LiteLLM's real schema (1 and 2 connections), and the lag from a session's
+# final event to its SpendLogs row under `sidecar consume --sink litellm` (about 2 minutes; docs/performance.md).
+bench-ledger: venv
+	$(BIN)/python -m bench.ledger $(BENCH_ARGS)
 
 # Builds the Dockerfile for real (debootstrap base, buildah, podman; no Docker engine) and passes one session
 # through the image (docs/deploy.md, "Building the image"). Needs root; tests/test_image.py runs it too.
