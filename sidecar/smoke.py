@@ -1,10 +1,11 @@
 """`sidecar smoke MODEL`: can the sidecar reach this model's deployments right now? (docs/api.md, "The CLI")
 
 Every deployment of MODEL is tried in config order (the relay's failover order), each reported on its own
-line, including those after one that works (so a broken fallback shows). One attempt does what a relayed
-session does first:
+line, including those after one that works (so a broken fallback shows), on every route that serves MODEL
+(catalog `routes_of`: /v1/realtime, /v1/live/sessions, /v1/realtime/translations), one header and one
+summary per route. One attempt does what a relayed session does first:
 
-1. opens the upstream WebSocket with the relay's URL and headers (`upstream.target`);
+1. opens the upstream WebSocket with the relay's URL and headers for the route (`upstream.route_target`);
 2. waits for the first server event (normally `session.created`);
 3. when the URL carries no model (`Target.inject_model`), sends the relay's model `session.update`;
 4. appends 100 ms of silence (24 kHz PCM16, the session default) and commits it;
@@ -12,11 +13,20 @@ session does first:
    (normally `input_audio_buffer.committed`; a transcription server says nothing before a commit, which is
    why the commit is sent).
 
+On the other two routes steps 2-5 are what their protocol needs before the first server event:
+
+- GPT-Live: sends `session.start` naming the deployment's model (as the relay's first message does), waits
+  for `session.started` (the server's answer before anything else), then sends `session.close`. It costs
+  the provider's price of the session's few seconds (GPT-Live bills session time from `session.started`).
+- Realtime translation: waits for `session.created` (the server speaks first; nothing is sent, nothing is
+  billed: translation bills input audio).
+
 An attempt succeeds when step 5 gets a non-error event; it fails on the first of: an HTTP refusal of the
 upgrade, a DNS, TCP or TLS failure, an `error` event, the upstream closing the connection, or the timeout
 (`timeout_s` for the connect, then `timeout_s` again for steps 2-5). Exit status: 0 when at least one
-deployment succeeded (the relay would serve the model), 1 when none did, 2 for an unknown or non-realtime
-model or an unusable config. A successful attempt costs the provider's price of 0.1 s of audio.
+deployment succeeded on every route of the model (the relay would serve it), 1 otherwise, 2 for an unknown or
+non-realtime model or an unusable config. A successful /v1/realtime attempt costs the provider's price of
+0.1 s of audio.
 
 Output: `ok` / `FAIL` lines naming the deployment's `deployment_id`, provider and upstream host (scheme,
 host and port only: no path, no credentials), then one summary line. Never a secret: upstream text (error
@@ -33,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import errno
 import os
 import socket
@@ -48,11 +59,21 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI, WebSocketException
 
 from sidecar import protocol
-from sidecar.catalog import Catalog, Deployment, RealtimeModel, load_catalog
+from sidecar.catalog import (
+    LIVE_ENDPOINT,
+    REALTIME_ENDPOINT,
+    ROUTES,
+    TRANSLATION_ENDPOINT,
+    Catalog,
+    Deployment,
+    RealtimeModel,
+    Route,
+    load_catalog,
+)
 from sidecar.config import Settings
 from sidecar.errors import SidecarError, UpstreamError
 from sidecar.session import REDACTED, secrets_of
-from sidecar.upstream import OPENAI_HOSTS, Target, target
+from sidecar.upstream import OPENAI_HOSTS, Target, route_target
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -286,6 +307,11 @@ class _Exchange:
 
 async def _converse(exchange: _Exchange, tgt: Target, started: float) -> str:
     """Steps 2-5 of the module docstring. Returns what answered and when; raises UpstreamError."""
+    if tgt.route == LIVE_ENDPOINT:
+        return await _converse_live(exchange, tgt, started)
+    if tgt.route == TRANSLATION_ENDPOINT:
+        first = await exchange.next_event("session.created")
+        return f"{first.get('type')} after {(time.perf_counter() - started) * 1000:.0f} ms"
     first = await exchange.next_event("session.created")
     first_ms = (time.perf_counter() - started) * 1000
     if tgt.inject_model:
@@ -299,11 +325,31 @@ async def _converse(exchange: _Exchange, tgt: Target, started: float) -> str:
     return f"{first.get('type')} after {first_ms:.0f} ms, {answer.get('type')}"
 
 
+async def _converse_live(exchange: _Exchange, tgt: Target, started: float) -> str:
+    """GPT-Live: session.start (the deployment's model, as the relay rewrites it), session.started, then
+    session.close so that the provider stops billing session time."""
+    start = {"type": "session.start", "event_id": protocol.event_id(), "session": {"model": tgt.deployment.model}}
+    await exchange.send(protocol.dumps(start))
+    first = await exchange.next_event("session.started")
+    first_ms = (time.perf_counter() - started) * 1000
+    if first.get("type") != "session.started":
+        raise UpstreamError(f"the upstream answered session.start with {str(first.get('type'))[:64]!r}")
+    with contextlib.suppress(UpstreamError):  # the answer is in; a close that fails changes nothing
+        await exchange.send(protocol.dumps({"type": "session.close", "event_id": protocol.event_id()}))
+    return f"session.started after {first_ms:.0f} ms"
+
+
 async def probe(
-    deployment: Deployment, *, transcription: bool, timeout_s: float, max_frame_bytes: int, secrets: tuple[str, ...]
+    deployment: Deployment,
+    *,
+    transcription: bool,
+    timeout_s: float,
+    max_frame_bytes: int,
+    secrets: tuple[str, ...],
+    route: Route = REALTIME_ENDPOINT,
 ) -> Outcome:
-    """One attempt against one deployment (module docstring, steps 1-5). Never raises a connect failure."""
-    tgt = target(deployment, transcription=transcription, openai_hosts=OPENAI_HOSTS)
+    """One attempt against one deployment on `route` (module docstring). Never raises a connect failure."""
+    tgt = route_target(deployment, route, transcription=transcription, openai_hosts=OPENAI_HOSTS)
     if deployment.provider == "azure" and not deployment.api_base:
         reason = "no api_base configured (Azure needs one: is its os.environ/ variable set?)"
         return Outcome(deployment, host_label(tgt.url), False, reason)
@@ -340,8 +386,9 @@ def _with_hint(reason: str, deployment: Deployment) -> str:
 
 
 def catalog_secrets(catalog: Catalog) -> tuple[str, ...]:
-    """Every provider key of every realtime deployment, and the master key."""
-    keys = {d.api_key for m in catalog.models.values() for d in m.deployments if d.api_key}
+    """Every provider key of every deployment on every route, and the master key."""
+    models = [m for route in ROUTES for m in catalog.served(route).values()]
+    keys = {d.api_key for m in models for d in m.deployments if d.api_key}
     if catalog.master_key:
         keys.add(catalog.master_key)
     return tuple(sorted(keys, key=len, reverse=True))
@@ -378,15 +425,17 @@ async def run_smoke(
     timeout_s: float = 10.0,
     out: Callable[[str], None] = print,
 ) -> int:
-    """Try every deployment of `model_name` and print a line for each, then a summary.
+    """Try every deployment of `model_name` on every route that serves it and print a line for each, then a
+    summary per route.
 
-    Returns EXIT_OK (0) when one answered, EXIT_FAILED (1) when none did, EXIT_USAGE (2) for an unknown
-    or non-realtime model or an unusable config (printed as `FAIL <model>: <reason>`). Never raises a
+    Returns EXIT_OK (0) when one answered on each route, EXIT_FAILED (1) otherwise, EXIT_USAGE (2) for an
+    unknown or non-realtime model or an unusable config (printed as `FAIL <model>: <reason>`). Never raises a
     SidecarError; never prints a secret.
     """
     try:
         catalog = _load(settings)
-        model = catalog.resolve(model_name)
+        routes = catalog.routes_of(model_name) or (REALTIME_ENDPOINT,)
+        models = [(route, catalog.resolve(model_name, route=route)) for route in routes]
     except SidecarError as exc:
         out(f"FAIL {model_name}: {exc}")
         return EXIT_USAGE
@@ -395,19 +444,40 @@ async def run_smoke(
     def say(line: str) -> None:
         out(scrub(line, secrets))
 
-    transcription = model.kind == "realtime-transcription"
+    answered = [
+        await _smoke_route(model, route, settings=settings, timeout_s=timeout_s, secrets=secrets, say=say)
+        for route, model in models
+    ]
+    return EXIT_OK if all(answered) else EXIT_FAILED
+
+
+async def _smoke_route(
+    model: RealtimeModel,
+    route: Route,
+    *,
+    settings: Settings,
+    timeout_s: float,
+    secrets: tuple[str, ...],
+    say: Callable[[str], None],
+) -> bool:
+    """Every deployment of `model` on `route`: a header, a line each, a summary. True when one answered."""
     plural = "s" if len(model.deployments) != 1 else ""
-    say(f"smoke {model.name} ({model.kind}): {len(model.deployments)} deployment{plural}, timeout {timeout_s:g} s")
+    where = "" if route == REALTIME_ENDPOINT else f" on {route}"
+    say(
+        f"smoke {model.name} ({model.kind}{where}): {len(model.deployments)} deployment{plural}, "
+        f"timeout {timeout_s:g} s"
+    )
     outcomes: list[Outcome] = []
     for deployment in model.deployments:
         outcome = await probe(
             deployment,
-            transcription=transcription,
+            transcription=model.kind == "realtime-transcription",
             timeout_s=timeout_s,
             max_frame_bytes=settings.max_frame_bytes,
             secrets=secrets,
+            route=route,
         )
         outcomes.append(outcome)
         say(format_outcome(outcome))
     say(format_summary(model, outcomes))
-    return EXIT_OK if any(o.ok for o in outcomes) else EXIT_FAILED
+    return any(o.ok for o in outcomes)

@@ -3,6 +3,7 @@ in one process, examples/transcribe.py printing the transcript, and one clear li
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -12,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.config import Settings
+from sidecar.smoke import EXIT_OK, run_smoke
+from sidecar.testing.devstack import EXAMPLE_CONFIG, FAKE_KEY, FAKE_URL
 from sidecar.testing.fake_provider import DEFAULT_TRANSCRIPT
 from tests.support import bound_socket
 
@@ -37,10 +41,11 @@ def devstack_env(tmp_path: Path, *, fake_port: int, sidecar_port: int) -> dict[s
 
 
 @pytest.fixture
-def devstack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """`make run`'s process on free ports, up once it printed where the sidecar listens."""
-    port = free_port()
-    env = devstack_env(tmp_path, fake_port=free_port(), sidecar_port=port)
+def devstack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int, int]]:
+    """`make run`'s process on free ports (the sidecar's, the fake provider's), up once it printed where the
+    sidecar listens."""
+    port, fake = free_port(), free_port()
+    env = devstack_env(tmp_path, fake_port=fake, sidecar_port=port)
     proc = subprocess.Popen(
         [sys.executable, "-m", "sidecar.testing.devstack"],
         cwd=ROOT,
@@ -53,14 +58,14 @@ def devstack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
     for line in proc.stdout:
         if line.startswith("sidecar on"):
             break
-    yield proc, port
+    yield proc, port, fake
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=DEADLINE_S)
 
 
-def test_the_readme_example_prints_a_transcript(devstack: tuple[subprocess.Popen[str], int]) -> None:
+def test_the_readme_example_prints_a_transcript(devstack: tuple[subprocess.Popen[str], int, int]) -> None:
     """examples/transcribe.py on the repository's own speech file prints the fake provider's transcript."""
-    _, port = devstack
+    _, port, _ = devstack
     env = {**os.environ, "SIDECAR_URL": f"http://127.0.0.1:{port}/v1"}
     result = subprocess.run(
         [sys.executable, "examples/transcribe.py", "examples/audio/speech_24k_pcm16.wav"],
@@ -73,6 +78,22 @@ def test_the_readme_example_prints_a_transcript(devstack: tuple[subprocess.Popen
     )
     assert result.returncode == 0, result.stderr
     assert f"transcript: {DEFAULT_TRANSCRIPT}" in result.stdout
+
+
+def test_the_fake_serves_gpt_live_and_translation_and_smoke_checks_them(
+    devstack: tuple[subprocess.Popen[str], int, int], tmp_path: Path
+) -> None:
+    """`make run`'s fake provider speaks GPT-Live and realtime translation: `sidecar smoke` on the example
+    config (its port rewritten as `make run` rewrites it) passes for gpt-live-1 and gpt-realtime-translate."""
+    _, _, fake = devstack
+    text = EXAMPLE_CONFIG.read_text(encoding="utf-8").replace(FAKE_URL, f"ws://127.0.0.1:{fake}")
+    config = tmp_path / "config.yaml"
+    config.write_text(text, encoding="utf-8")
+    for model, answer in (("gpt-live-1", "session.started after"), ("gpt-realtime-translate", "session.created")):
+        lines: list[str] = []
+        code = asyncio.run(run_smoke(Settings(litellm_config=config), model, out=lines.append))
+        assert code == EXIT_OK, lines
+        assert answer in lines[1] and FAKE_KEY not in "\n".join(lines)
 
 
 @pytest.mark.parametrize("taken", ["fake", "sidecar"])

@@ -172,6 +172,93 @@ async def test_conversation_model_opens_without_intent(provider: FakeProvider, t
     assert provider.sessions[0].handshake.query == {"model": "gpt-realtime"}
 
 
+# --- GPT-Live and realtime translation (issue 15) ---------------------------------------------------------
+
+
+async def test_live_deployment_answers_session_start(provider: FakeProvider, tmp_path: Path) -> None:
+    """GPT-Live: opened on /v1/live/sessions (no query), session.start with the model, session.started,
+    then session.close so that the session stops costing."""
+    settings = settings_for(tmp_path, entry("gpt-live-1", provider.url, model="openai/gpt-live-1"))
+    report = await smoke(settings, "gpt-live-1")
+    assert report.code == EXIT_OK, report.text
+    assert report.lines[0].startswith("smoke gpt-live-1 (live-session on /v1/live/sessions): 1 deployment")
+    assert "session.started after" in report.line("gpt-live-1#0")
+    assert report.lines[-1].startswith("gpt-live-1: OK, gpt-live-1#0 (openai)")
+    session = provider.sessions[0]
+    await session.closed.wait()
+    assert (session.handshake.path, session.handshake.query) == ("/v1/live/sessions", {})
+    assert session.handshake.headers["authorization"] == f"Bearer {DEFAULT_API_KEY}"
+    assert [event["type"] for event in session.events] == ["session.start", "session.close"]
+    assert session.events[0]["session"] == {"model": "gpt-live-1"}
+
+
+async def test_azure_live_deployment_gets_its_deployment_name(provider: FakeProvider, tmp_path: Path) -> None:
+    """Azure GPT-Live: /openai/v1/live/sessions with api-key; session.start names the deployment."""
+    azure = entry(
+        "live",
+        provider.url.replace("ws://", "http://"),
+        model="azure/my-live-deployment",
+        model_info={"base_model": "azure/gpt-live-1"},
+    )
+    report = await smoke(settings_for(tmp_path, azure), "live")
+    assert report.code == EXIT_OK, report.text
+    session = provider.sessions[0]
+    assert session.handshake.path == "/openai/v1/live/sessions"
+    assert session.handshake.headers["api-key"] == DEFAULT_API_KEY
+    assert session.events[0]["session"]["model"] == "my-live-deployment"
+
+
+@pytest.mark.parametrize(
+    ("model", "path", "query_model"),
+    [
+        ("openai/gpt-realtime-translate", "/v1/realtime/translations", "gpt-realtime-translate"),
+        ("azure/my-translate-deployment", "/openai/v1/realtime/translations", "my-translate-deployment"),
+    ],
+    ids=["openai", "azure"],
+)
+async def test_translation_deployment_answers_session_created(
+    provider: FakeProvider, tmp_path: Path, model: str, path: str, query_model: str
+) -> None:
+    """Translation: opened with ?model=, the first server event is session.created; nothing is sent."""
+    info = {"base_model": "azure/gpt-realtime-translate"} if model.startswith("azure/") else None
+    settings = settings_for(tmp_path, entry("translate", provider.url, model=model, model_info=info))
+    report = await smoke(settings, "translate")
+    assert report.code == EXIT_OK, report.text
+    assert "(realtime-translation on /v1/realtime/translations)" in report.lines[0]
+    assert "session.created after" in report.line("translate#0")
+    session = provider.sessions[0]
+    assert (session.handshake.path, session.handshake.query) == (path, {"model": query_model})
+    assert session.events == []
+
+
+async def test_live_and_translation_failures(provider: FakeProvider, tmp_path: Path) -> None:
+    """A refused GPT-Live key and a translation upgrade refused by a fault are reported as on /v1/realtime."""
+    live = entry("gpt-live-1", provider.url, model="openai/gpt-live-1", key=WRONG_KEY)
+    report = await smoke(settings_for(tmp_path, live), "gpt-live-1")
+    assert report.code == EXIT_FAILED
+    assert "authentication refused (HTTP 401 invalid_api_key" in report.line("gpt-live-1#0")
+    provider.faults = Faults(refuse_status=503)
+    translate = entry("gpt-realtime-translate", provider.url, model="openai/gpt-realtime-translate")
+    report = await smoke(settings_for(tmp_path, translate), "gpt-realtime-translate")
+    assert report.code == EXIT_FAILED
+    assert "upstream refused the WebSocket upgrade (HTTP 503 fault_injected" in report.line("gpt-realtime-translate#0")
+
+
+async def test_live_timeout_waiting_for_session_started(tmp_path: Path) -> None:
+    """A GPT-Live upstream that never answers session.start times out waiting for session.started."""
+
+    async def silent(connection: ServerConnection) -> None:
+        async for _ in connection:
+            pass
+
+    async with serve(silent, "127.0.0.1", 0, compression=None) as server:
+        host, port = next(iter(server.sockets)).getsockname()[:2]
+        settings = settings_for(tmp_path, entry("gpt-live-1", f"ws://{host}:{port}", model="openai/gpt-live-1"))
+        report = await smoke(settings, "gpt-live-1", timeout_s=0.3)
+    assert report.code == EXIT_FAILED
+    assert report.line("gpt-live-1#0").endswith("timed out after 0.3 s waiting for session.started")
+
+
 # --- failures, one kind each ----------------------------------------------------------------------------
 
 

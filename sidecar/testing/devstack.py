@@ -1,9 +1,12 @@
 """`make run`: the bundled fake provider and the sidecar on examples/config.yaml, one process.
 
 No provider account is needed: the example config's default model, gpt-realtime-whisper, points at the
-fake provider (`ws://127.0.0.1:18787`). `FAKE_PROVIDER_PORT` moves the fake provider (the config's address is
-rewritten to match) and `SIDECAR_HOST` / `SIDECAR_PORT` move the sidecar. A port already taken is one clear
-line and exit status 2. Stop with Ctrl-C.
+fake provider (`ws://127.0.0.1:18787`), and so do its gpt-live-1 (GPT-Live, `/v1/live/sessions`) and
+gpt-realtime-translate (realtime translation, `/v1/realtime/translations`): the fake speaks all three
+protocols (fake_provider.py, fake_live.py, fake_translation.py), so `sidecar smoke gpt-live-1` on
+examples/config.yaml checks one while `make run` is up. `FAKE_PROVIDER_PORT` moves the fake provider (the
+config's address is rewritten to match) and `SIDECAR_HOST` / `SIDECAR_PORT` move the sidecar. A port already
+taken is one clear line and exit status 2. Stop with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "config.yaml
 DEFAULT_FAKE_PORT = 18787
 FAKE_URL = f"ws://127.0.0.1:{DEFAULT_FAKE_PORT}"
 FAKE_KEY = "sk-fake-provider-key"
+#: What the fake provider serves (OpenAI's paths; the Azure forms too, under /openai/v1).
+FAKE_ROUTES = ("/v1/realtime", "/v1/live/sessions", "/v1/realtime/translations")
 
 
 class PortTaken(ConfigError):
@@ -74,7 +79,7 @@ async def run(environ: Mapping[str, str]) -> None:
     configure_logging()
     with contextlib.closing(sidecar_socket):
         async with FakeProvider(port=port, api_key=FAKE_KEY) as provider:
-            print(f"fake provider on {provider.url}", flush=True)
+            print(f"fake provider on {provider.url} ({', '.join(FAKE_ROUTES)})", flush=True)
             print(f"sidecar on ws://{settings.host}:{settings.port}/v1/realtime (master key in {EXAMPLE_CONFIG.name})")
             app = create_app(settings, catalog=catalog)
             config = config_for(app, host=settings.host, port=settings.port, max_frame_bytes=settings.max_frame_bytes)
