@@ -9,8 +9,10 @@ import pytest
 import uvloop
 from websockets.exceptions import ConnectionClosed
 
+from sidecar.catalog import LIVE_ENDPOINT, TRANSLATION_ENDPOINT, Deployment
 from sidecar.errors import UpstreamError
 from sidecar.testing.fake_provider import FakeProvider, Faults
+from sidecar.upstream import connect_any, websocket_dialer
 from sidecar.upstream_conn import open_upstream
 
 
@@ -74,3 +76,43 @@ async def test_unreachable_and_bad_url_are_upstream_errors() -> None:
         with pytest.raises(UpstreamError) as failed:
             await open_upstream(url, (), max_frame_bytes=1024, open_timeout_s=2)
         assert "127.0.0.1" not in str(failed.value) and "example" not in str(failed.value)
+
+
+# --- the other two routes (issue 15): the relay's dialer and failover on their upstream forms --------------
+
+
+async def test_connect_any_fails_over_to_a_gpt_live_deployment() -> None:
+    """On /v1/live/sessions: a refused deployment, then one that answers; the session opens with session.start."""
+    async with FakeProvider() as provider:
+        wrong = Deployment("openai", "gpt-live-1", provider.url, "sk-wrong-key-123456", deployment_id="bad")
+        good = Deployment("azure", "my-live-deployment", provider.url, provider.api_key, deployment_id="good")
+        failed: list[str] = []
+        dial = websocket_dialer(max_frame_bytes=1 << 20, connect_timeout_s=5)
+        connected = await connect_any(
+            [wrong, good],
+            dial,
+            transcription=False,
+            route=LIVE_ENDPOINT,
+            on_failure=lambda deployment, exc: failed.append(f"{deployment.deployment_id} {exc.status}"),
+        )
+        start = {"type": "session.start", "session": {"model": "my-live-deployment"}}
+        await connected.connection.send(orjson.dumps(start).decode())
+        started = orjson.loads(await connected.connection.recv())
+        await connected.connection.close()
+    assert failed == ["bad 401"]
+    assert (connected.attempts, connected.target.route, connected.target.deployment) == (2, LIVE_ENDPOINT, good)
+    assert [h.path for h in provider.handshakes] == ["/v1/live/sessions", "/openai/v1/live/sessions"]
+    assert provider.handshakes[1].headers["api-key"] == provider.api_key and provider.handshakes[1].query == {}
+    assert started["type"] == "session.started" and started["session"]["model"] == "my-live-deployment"
+
+
+async def test_connect_any_opens_a_translation_session() -> None:
+    """On /v1/realtime/translations the dialled upstream names the model in its query and opens with session.created."""
+    async with FakeProvider() as provider:
+        deployment = Deployment("openai", "gpt-realtime-translate", provider.url, provider.api_key)
+        dial = websocket_dialer(max_frame_bytes=1 << 20, connect_timeout_s=5)
+        connected = await connect_any([deployment], dial, transcription=False, route=TRANSLATION_ENDPOINT)
+        created = orjson.loads(await connected.connection.recv())
+        await connected.connection.close()
+    assert created["type"] == "session.created" and created["session"]["model"] == "gpt-realtime-translate"
+    assert provider.handshakes[0].query == {"model": "gpt-realtime-translate"}
