@@ -91,13 +91,15 @@ class LiveConversation:
         self._transcript = transcript
         self._started_at: float | None = None
         self._appends = 0
+        #: Whether the client has muted its input (`session.input_audio.mute` without a later unmute).
+        self.muted = False
         self._handlers: dict[str, Callable[[Event, Faults, float], Reply]] = {
             "session.input_audio.append": self._append,
             "session.input_audio.mute": self._mute,
             "session.input_audio.unmute": self._unmute,
             "session.update": self._update,
             "response.create": self._respond,
-            "response.item.create": lambda event_, faults, now: Reply([]),
+            "response.item.create": self._accept,
             "session.close": self._close,
             "session.start": self._start_again,
         }
@@ -208,12 +210,16 @@ class LiveConversation:
     def _ms(self, now: float) -> int:
         return int((now - (self._started_at or now)) * 1000)
 
+    def _accept(self, parsed: Event, faults: Faults, now: float) -> Reply:
+        """Recorded, unanswered (a real server answers on the delegated Responses backend)."""
+        return Reply([])
+
     def _mute(self, parsed: Event, faults: Faults, now: float) -> Reply:
-        self.record.session["muted"] = True
+        self.muted = True
         return Reply([event("session.input_audio.muted", client_event_id=parsed.get("event_id"))])
 
     def _unmute(self, parsed: Event, faults: Faults, now: float) -> Reply:
-        self.record.session["muted"] = False
+        self.muted = False
         return Reply([event("session.input_audio.unmuted", client_event_id=parsed.get("event_id"))])
 
     def _update(self, parsed: Event, faults: Faults, now: float) -> Reply:

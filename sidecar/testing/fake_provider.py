@@ -28,7 +28,8 @@ Every server event carries a unique `event_id`. Nothing here ever crashes a conn
 malformed JSON, binary frames, unknown event types and invalid base64 are answered with `error` events.
 
 The empty-commit `error` DELIBERATELY leaks the provider's api key, host:port and model/deployment
-name in its message, so that tests can prove the sidecar scrubs them (docs/api.md, "After the upgrade").
+name in its message, so that tests can prove the sidecar scrubs them (docs/api.md, "After the upgrade");
+on GPT-Live and translation the refusal of a `session.update` naming the model does the same.
 """
 
 from __future__ import annotations

@@ -76,7 +76,8 @@ class FakeSession:
     #: Decoded bytes of all valid appends (`input_audio_buffer.append`, or the protocol's own append).
     audio_bytes: int = 0
     #: Seconds of audio decoded, as a real provider decodes it: each append at the input format in force
-    #: when it arrived, PCM at 24 kHz whatever rate the session declares.
+    #: when it arrived, PCM at 24 kHz whatever rate the session declares (GPT-Live: at its startup format;
+    #: translation: always 24 kHz PCM16).
     audio_seconds: Fraction = Fraction(0)
     #: Binary frames received (the Realtime API defines none; each is answered with an error).
     binary_frames: int = 0
