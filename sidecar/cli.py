@@ -274,6 +274,11 @@ async def _consume(settings: Settings, groups: Sequence[str], engine: Any, metri
     redis = aioredis.Redis.from_url(
         settings.redis_url or "", socket_timeout=10, socket_connect_timeout=5, socket_keepalive=True
     )
+    from sidecar.billing.consumer import create_groups_when_reachable
+
+    if not await create_groups_when_reachable(redis, settings.usage_stream, groups, stop):
+        await redis.aclose()
+        return 0
     runners = {"billing": lambda: _run_billing(settings, redis, engine, stop, metrics)}
     runners["litellm"] = lambda: _run_litellm(settings, redis, stop, metrics)
     tasks = {asyncio.create_task(runners[group](), name=f"consume-{group}"): group for group in groups}

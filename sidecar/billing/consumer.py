@@ -161,13 +161,7 @@ class UsageConsumer:
 
         Raises BillingStreamError if Redis fails.
         """
-        try:
-            await self._redis.xgroup_create(self._stream, self._group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise BillingStreamError(f"cannot create group {self._group!r}: {exc}") from exc
-        except (RedisError, OSError) as exc:
-            raise BillingStreamError(f"cannot create group {self._group!r}: {_describe(exc)}") from exc
+        await create_group(self._redis, self._stream, self._group)
 
     async def run_once(self) -> int:
         """Handle one batch and trim the stream; return how many entries were handled (0: none waiting).
@@ -395,6 +389,45 @@ class UsageConsumer:
     async def _ack(self, entry_ids: Sequence[str]) -> None:
         with _redis_errors("XACK"):
             await self._redis.xack(self._stream, self._group, *entry_ids)
+
+
+async def create_group(redis: aioredis.Redis, stream: str, group: str) -> None:
+    """Create `group` on `stream` from the stream's start (creating the stream) unless it exists.
+
+    A group created after others trimmed the stream starts from what is left: trimming keeps only what the
+    groups that exist still need. Raises BillingStreamError if Redis fails.
+    """
+    try:
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise BillingStreamError(f"cannot create group {group!r}: {exc}") from exc
+    except (RedisError, OSError) as exc:
+        raise BillingStreamError(f"cannot create group {group!r}: {_describe(exc)}") from exc
+
+
+async def create_groups_when_reachable(
+    redis: aioredis.Redis,
+    stream: str,
+    groups: Sequence[str],
+    stop: asyncio.Event,
+    *,
+    backoff_s: float = BACKOFF_S,
+    max_backoff_s: float = BACKOFF_MAX_S,
+) -> bool:
+    """Create every group before any of them consumes, so that no group's trim removes entries another has
+    not read; retried with a back-off (each failure a warning) while Redis fails. False when `stop` came first."""
+    while not stop.is_set():
+        try:
+            for group in groups:
+                await create_group(redis, stream, group)
+        except BillingStreamError as exc:
+            log.warning("consumer groups not created at start: %s; retrying in %.1fs", exc, backoff_s)
+            await _wait(stop, backoff_s)
+            backoff_s = min(backoff_s * 2, max_backoff_s)
+            continue
+        return True
+    return False
 
 
 async def upgrade_when_reachable(
