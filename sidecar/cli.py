@@ -249,8 +249,9 @@ def cmd_consume(args: argparse.Namespace) -> int:
     from sidecar.logs import configure_logging
 
     engine = make_engine(settings.database_url, timeout_s=settings.db_timeout_s) if "billing" in groups else None
-    metrics = ConsumeMetrics() if settings.consume_metrics_port else None
-    if metrics is not None and settings.consume_metrics_port:
+    metrics = None
+    if settings.consume_metrics_port:
+        metrics = ConsumeMetrics()
         try:
             metrics.serve(host=settings.host, port=settings.consume_metrics_port)
         except OSError as exc:
@@ -266,6 +267,8 @@ async def _consume(settings: Settings, groups: Sequence[str], engine: Any, metri
     """Run one consumer per group, each in its own task: one failing (a bug) is logged and the others go on."""
     import redis.asyncio as aioredis
 
+    from sidecar.billing.consumer import create_groups_when_reachable
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -274,8 +277,6 @@ async def _consume(settings: Settings, groups: Sequence[str], engine: Any, metri
     redis = aioredis.Redis.from_url(
         settings.redis_url or "", socket_timeout=10, socket_connect_timeout=5, socket_keepalive=True
     )
-    from sidecar.billing.consumer import create_groups_when_reachable
-
     if not await create_groups_when_reachable(redis, settings.usage_stream, groups, stop):
         await redis.aclose()
         return 0
