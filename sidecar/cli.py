@@ -23,6 +23,7 @@ from sidecar.config import Settings
 from sidecar.errors import ConfigError, SidecarError
 
 if TYPE_CHECKING:
+    from sidecar.billing.metrics import ConsumeMetrics
     from sidecar.catalog import Catalog
 
 log = logging.getLogger("sidecar.cli")
@@ -263,7 +264,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
     return asyncio.run(_consume(settings, groups, engine, metrics))
 
 
-async def _consume(settings: Settings, groups: Sequence[str], engine: Any, metrics: Any) -> int:
+async def _consume(settings: Settings, groups: Sequence[str], engine: Any, metrics: ConsumeMetrics | None) -> int:
     """Run one consumer per group, each in its own task: one failing (a bug) is logged and the others go on."""
     import redis.asyncio as aioredis
 
@@ -296,7 +297,9 @@ async def _consume(settings: Settings, groups: Sequence[str], engine: Any, metri
     return 1 if failed else 0
 
 
-async def _run_billing(settings: Settings, redis: Any, engine: Any, stop: asyncio.Event, metrics: Any) -> None:
+async def _run_billing(
+    settings: Settings, redis: Any, engine: Any, stop: asyncio.Event, metrics: ConsumeMetrics | None
+) -> None:
     from sidecar.billing.consumer import UsageConsumer, upgrade_when_reachable
     from sidecar.billing.writer import BillingWriter
 
@@ -309,7 +312,7 @@ async def _run_billing(settings: Settings, redis: Any, engine: Any, stop: asynci
     await consumer.run(stop)
 
 
-async def _run_litellm(settings: Settings, redis: Any, stop: asyncio.Event, metrics: Any) -> None:
+async def _run_litellm(settings: Settings, redis: Any, stop: asyncio.Event, metrics: ConsumeMetrics | None) -> None:
     """The litellm group: LiteLLM's ledger, then (after each commit, before the ack) the sidecar's budget settle
     and LiteLLM's cache invalidations on the proxy's Redis (SIDECAR_LITELLM_REDIS_URL; unset: none)."""
     import redis.asyncio as aioredis
