@@ -1,7 +1,8 @@
 """The LiteLLM sink's benchmark: events per second into LiteLLM's real schema, and the lag to SpendLogs.
 
     python -m bench.ledger [--sessions 500] [--checkpoints 4] [--workers 1,2] [--repeats 3]
-                           [--pipeline off|on|both] [--lag-sessions 100] [--lag-repeats 3] [--no-lag]
+                           [--pipeline off|on|both] [--no-consume] [--lag-sessions 100] [--lag-repeats 3]
+                           [--no-throughput] [--no-lag]
 
 Throughput: LiteLLM's schema is built once from the `litellm-proxy-extras` migrations
 (sidecar.testing.litellm_schema) in a scratch database used as a template; each run gets a fresh clone,
@@ -13,6 +14,8 @@ each (a session's events always go to the same worker, in order, as they arrive 
 production), each case with and without psycopg's pipeline mode around `apply` (`--pipeline`). The
 time runs from the start barrier to the last commit; afterwards every figure is checked (one SpendLogs
 row per event, per-session sums equal to the finals, entity and daily totals, one request per session).
+The same sessions also go through a real `sidecar consume --sink litellm` (`run_consume_throughput`:
+XREADGROUP, the sink's connection, the budget settle after each commit, XACK), one process.
 
 Lag: a real `sidecar consume --sink litellm` (SIDECAR_LITELLM_DATABASE_URL on a fresh clone, SIDECAR_REDIS_URL
 on `--lag-redis-url`, a database without realtime:* keys since the stream name realtime:usage is fixed) reads
@@ -41,7 +44,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -54,7 +57,7 @@ import psycopg
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from bench.procs import Procs
+from bench.procs import Proc, Procs
 from sidecar.billing.consumer import LITELLM_GROUP
 from sidecar.config import DEFAULT_USAGE_STREAM
 from sidecar.ledger import LedgerSchema, apply, ensure_sink_tables, probe
@@ -171,6 +174,7 @@ class Throughput:
     applied: int
     skipped: int
     verified: bool
+    via: str = "apply"
 
 
 def _worker(
@@ -242,17 +246,22 @@ def _report(done: Queue[Any], procs: Sequence[multiprocessing.process.BaseProces
     raise TimeoutError("the workers did not finish")
 
 
-def verify(dsn: str, group: Sequence[list[UsageEvent]], principals: Sequence[Principal]) -> bool:
-    """Every event one SpendLogs row; each session's rows sum to its final cost; entity and daily totals."""
+def verify(
+    dsn: str, group: Sequence[list[UsageEvent]], principals: Sequence[Principal], *, others: bool = False
+) -> bool:
+    """Every event one SpendLogs row; each session's rows sum to its final cost; each principal's entity and
+    daily totals (pass none when `others`: other sessions, e.g. a warm-up, also wrote rows)."""
     finals = {s[-1].session_id: s[-1] for s in group}
     with psycopg.connect(dsn, autocommit=True) as conn:
         rows = conn.execute(
             'SELECT session_id, count(*), sum(spend) FROM "LiteLLM_SpendLogs" GROUP BY session_id'
         ).fetchall()
         by_session = {r[0]: (int(r[1]), float(r[2])) for r in rows}
-        ok = set(by_session) == set(finals) and all(
+        found = set(by_session) & set(finals) if others else set(by_session)
+        ok = found == set(finals) and all(
             count == finals[sid].seq and math.isclose(spend, float(finals[sid].cost_usd), rel_tol=1e-9)
             for sid, (count, spend) in by_session.items()
+            if sid in finals
         )
         for p in principals:
             expected = sum(float(e.cost_usd) for e in finals.values() if e.key_hash == p.key_hash)
@@ -299,14 +308,14 @@ def measure_throughput(
 def throughput_table(runs: Sequence[Throughput]) -> str:
     """A markdown table: per case, events/s median, min and max over the runs."""
     lines = [
-        "| connections | psycopg pipeline | runs | events per run | events/s median | min | max | verified |",
-        "|---:|---|---:|---:|---:|---:|---:|---|",
+        "| path | connections | psycopg pipeline | runs | events per run | events/s median | min | max | verified |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|",
     ]
-    for case in sorted({(r.workers, r.pipeline) for r in runs}):
-        mine = [r for r in runs if (r.workers, r.pipeline) == case]
+    for case in sorted({(r.via, r.workers, r.pipeline) for r in runs}):
+        mine = [r for r in runs if (r.via, r.workers, r.pipeline) == case]
         rates = [r.events_per_s for r in mine]
         lines.append(
-            f"| {case[0]} | {'yes' if case[1] else 'no'} | {len(mine)} | {mine[0].events} |"
+            f"| {case[0]} | {case[1]} | {'yes' if case[2] else 'no'} | {len(mine)} | {mine[0].events} |"
             f" {statistics.median(rates):,.0f} | {min(rates):,.0f} | {max(rates):,.0f} |"
             f" {all(r.verified for r in mine)} |"
         )
@@ -404,17 +413,23 @@ async def _session(
     await redis.xadd(DEFAULT_USAGE_STREAM, final.to_fields())  # type: ignore[arg-type]
 
 
-async def run_lag(
-    dsn: str,
-    redis_url: str,
-    *,
-    sessions_count: int,
-    checkpoints: int,
-    checkpoint_s: float,
-    log_dir: Path,
-    poll_s: float,
-) -> Lag:
-    """One `sidecar consume --sink litellm` on a fresh LiteLLM database; `sessions_count` concurrent sessions."""
+@dataclass
+class _Running:
+    """A warmed-up `sidecar consume --sink litellm` and what the bench drives it with."""
+
+    redis: aioredis.Redis
+    consumer: Proc
+    principals: list[Principal]
+    watcher: _Watcher
+    watch_conn: psycopg.AsyncConnection[tuple[Any, ...]]
+    warmup_ms: float
+
+
+@contextlib.asynccontextmanager
+async def consuming(dsn: str, redis_url: str, *, log_dir: Path, poll_s: float) -> AsyncIterator[_Running]:
+    """Seed the LiteLLM database at `dsn`, start `sidecar consume --sink litellm` on it, warm it up with one
+    session (it connects, creates its tables and probes LiteLLM's schema on its first entry), and watch
+    SpendLogs; everything stopped and the Redis keys deleted afterwards."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         principals = seed(conn)
     redis = aioredis.Redis.from_url(redis_url)
@@ -431,45 +446,95 @@ async def run_lag(
                 watcher = _Watcher(watch_conn, every_s=poll_s)
                 stop = asyncio.Event()
                 watching = asyncio.create_task(watcher.run(stop))
-                # Warm-up: the consumer connects, creates its tables and probes LiteLLM's schema on its first write.
                 warm: dict[str, float] = {}
-                warm_events = sessions(1, principals, checkpoints=0)[0]
-                await _session(redis, warm_events, watcher, warm, offset_s=0, checkpoint_s=0)
+                await _session(redis, sessions(1, principals, checkpoints=0)[0], watcher, warm, offset_s=0,
+                               checkpoint_s=0)  # fmt: skip
                 await _until(lambda: _done(watcher, warm, consumer.running), what="the warm-up row", every_s=0.01)
-                group = sessions(sessions_count, principals, checkpoints=checkpoints)
-                finals: dict[str, float] = {}
-                spread = checkpoint_s if checkpoint_s > 0 else 0.0
-                await asyncio.gather(
-                    *(
-                        _session(
-                            redis,
-                            events,
-                            watcher,
-                            finals,
-                            offset_s=random.uniform(0, spread),
-                            checkpoint_s=checkpoint_s,
-                        )
-                        for events in group
-                    )
-                )
-                await _until(
-                    lambda: _done(watcher, finals, consumer.running),
-                    what="every final row",
-                    every_s=0.05,
-                    deadline_s=DEADLINE_S,
-                )
-                stop.set()
-                await watching
+                ((warm_id, warm_t),) = warm.items()
+                warmup_ms = round((watcher.seen[warm_id] - warm_t) * 1000, 2)
+                try:
+                    yield _Running(redis, consumer, principals, watcher, watch_conn, warmup_ms)
+                finally:
+                    stop.set()
+                    await watching
     finally:
         await _clear(redis)
         await redis.aclose()
-    ((warm_id, warm_t),) = warm.items()
+
+
+async def run_lag(
+    dsn: str,
+    redis_url: str,
+    *,
+    sessions_count: int,
+    checkpoints: int,
+    checkpoint_s: float,
+    log_dir: Path,
+    poll_s: float,
+) -> Lag:
+    """One `sidecar consume --sink litellm` on a fresh LiteLLM database; `sessions_count` concurrent sessions."""
+    async with consuming(dsn, redis_url, log_dir=log_dir, poll_s=poll_s) as run:
+        group = sessions(sessions_count, run.principals, checkpoints=checkpoints)
+        finals: dict[str, float] = {}
+        await asyncio.gather(
+            *(
+                _session(run.redis, events, run.watcher, finals, offset_s=random.uniform(0, checkpoint_s),
+                         checkpoint_s=checkpoint_s)
+                for events in group
+            )
+        )  # fmt: skip
+        await _until(
+            lambda: _done(run.watcher, finals, run.consumer.running),
+            what="every final row",
+            every_s=0.05,
+            deadline_s=DEADLINE_S,
+        )
     return Lag(
         sessions=sessions_count,
         events=sum(map(len, group)),
-        lags_ms=[round((watcher.seen[r] - t) * 1000, 2) for r, t in finals.items()],
-        warmup_ms=round((watcher.seen[warm_id] - warm_t) * 1000, 2),
+        lags_ms=[round((run.watcher.seen[r] - t) * 1000, 2) for r, t in finals.items()],
+        warmup_ms=run.warmup_ms,
         poll_ms=poll_s * 1000,
+    )
+
+
+async def run_consume_throughput(
+    dsn: str, redis_url: str, *, sessions_count: int, checkpoints: int, log_dir: Path
+) -> Throughput:
+    """Events/s through a real `sidecar consume --sink litellm` (XREADGROUP, apply, budget settle, XACK):
+    the sessions' events XADDed at once (pipelined) into the stream it reads; timed from the first XADD
+    to the poll (every 10 ms) that counts every SpendLogs row."""
+    async with consuming(dsn, redis_url, log_dir=log_dir, poll_s=0.01) as run:
+        group = sessions(sessions_count, run.principals, checkpoints=checkpoints)
+        events = interleaved(group)
+        expected = len(events) + 1  # and the warm-up's row
+        began = time.perf_counter()
+        for at in range(0, len(events), 1000):
+            async with run.redis.pipeline(transaction=False) as pipe:
+                for event in events[at : at + 1000]:
+                    pipe.xadd(DEFAULT_USAGE_STREAM, event.to_fields())  # type: ignore[arg-type]
+                await pipe.execute()
+
+        async def all_rows() -> bool:
+            if not run.consumer.running:
+                raise RuntimeError("sidecar consume exited")
+            cur = await run.watch_conn.execute('SELECT count(*) FROM "LiteLLM_SpendLogs"')
+            row = await cur.fetchone()
+            return row is not None and row[0] >= expected
+
+        await _until(all_rows, what="every SpendLogs row", every_s=0.01, deadline_s=DEADLINE_S)
+        seconds = time.perf_counter() - began
+    return Throughput(
+        workers=1,
+        pipeline=False,
+        sessions=sessions_count,
+        events=len(events),
+        seconds=round(seconds, 3),
+        events_per_s=round(len(events) / seconds, 1),
+        applied=len(events),
+        skipped=0,
+        verified=verify(dsn, group, [], others=True),
+        via="sidecar consume",
     )
 
 
@@ -514,6 +579,9 @@ def main(argv: list[str] | None = None) -> None:
         "--pipeline", choices=("off", "on", "both"), default="both", help="apply inside conn.pipeline() (psycopg)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="runs per throughput case")
+    parser.add_argument(
+        "--no-consume", dest="consume", action="store_false", help="no throughput run through sidecar consume"
+    )
     parser.add_argument("--lag-sessions", type=int, default=100, help="concurrent sessions per lag run")
     parser.add_argument("--lag-checkpoints", type=int, default=3, help="checkpoints per lag session")
     parser.add_argument("--lag-checkpoint-s", type=float, default=1.0, help="seconds between a session's events")
@@ -542,6 +610,19 @@ def main(argv: list[str] | None = None) -> None:
                 sessions_count=args.sessions,
                 checkpoints=args.checkpoints,
             )
+            for _ in range(args.repeats if args.consume else 0):
+                with database(args.pg_dsn, template=template) as dsn:
+                    run = asyncio.run(
+                        run_consume_throughput(
+                            dsn,
+                            args.lag_redis_url,
+                            sessions_count=args.sessions,
+                            checkpoints=args.checkpoints,
+                            log_dir=log_dir,
+                        )
+                    )
+                print(f"  {asdict(run)}", file=sys.stderr)
+                runs.append(run)
             result["throughput"] = [asdict(r) for r in runs]
             print("Throughput: events applied into LiteLLM's schema, one transaction per event\n")
             print(throughput_table(runs) + "\n")
