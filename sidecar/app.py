@@ -7,13 +7,14 @@ fake LiteLLM, a dialer, a publisher, a Redis client) through `create_app`'s keyw
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,16 +28,27 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketState
 
 from sidecar import admin, captions, client_secrets
 from sidecar.auth import KeyChecker, MasterKeyCheck, Principal, authorize, credentials, hash_key, litellm_client
 from sidecar.bodies import BodyLimit
-from sidecar.catalog import Catalog, Deployment, RealtimeModel, describe, load_catalog
+from sidecar.catalog import (
+    LIVE_ENDPOINT,
+    REALTIME_ENDPOINT,
+    TRANSLATION_ENDPOINT,
+    Catalog,
+    Deployment,
+    RealtimeModel,
+    describe,
+    load_catalog,
+)
+from sidecar.catalog import Route as SessionRoute
 from sidecar.client_secrets import ClientSecrets, Grant, MemoryClaims, RedisClaims, Signer, is_client_secret
 from sidecar.config import Settings
 from sidecar.control import ControlStore, MemoryStore, RedisStore, Supervisor, budget_windows
 from sidecar.errors import (
+    Ending,
     InvalidApiKey,
     KeyCheckError,
     ModelNotFound,
@@ -44,13 +56,21 @@ from sidecar.errors import (
     Refusal,
     ServiceUnavailable,
     UpstreamError,
+    ending,
+    refused,
 )
-from sidecar.metering import SessionMeter
+from sidecar.metering import Rounding, SessionMeter
 from sidecar.metrics import CONTENT_TYPE_LATEST, Metrics, multiprocess_dir
 from sidecar.pinning import Pin
 from sidecar.publisher import SpoolingPublisher, UsagePublisher
 from sidecar.relay import Relay
+from sidecar.scrub import Scrubber
 from sidecar.session import Session
+from sidecar.surfaces.account import Account
+from sidecar.surfaces.core import SurfaceCore
+from sidecar.surfaces.live import INVALID_START, LiveSession, LiveStart, parse_start
+from sidecar.surfaces.live import error_event as live_error_event
+from sidecar.surfaces.translation import TranslationSession
 from sidecar.upstream import OPENAI_HOSTS, Dialer, connect_any, websocket_dialer
 
 if TYPE_CHECKING:  # the billing DB stack (SQLAlchemy, ~25 MB) is imported only in embedded mode
@@ -75,6 +95,8 @@ class Services:
     client_secrets: ClientSecrets
     #: Whether LiteLLM accepts the master key (None: no LiteLLM URL, or a key client passed in).
     master_key_check: MasterKeyCheck | None = None
+    #: The relay driver's monotonic clock in nanoseconds (GPT-Live's session seconds); tests pass their own.
+    clock_ns: Callable[[], int] = time.monotonic_ns
 
 
 def create_app(
@@ -88,8 +110,10 @@ def create_app(
     openai_hosts: Sequence[str] = OPENAI_HOSTS,
     environ: Mapping[str, str] | None = None,
     replica: str | None = None,
+    clock_ns: Callable[[], int] = time.monotonic_ns,
 ) -> Starlette:
-    """The sidecar's ASGI app. Anything not passed in is built from `settings` in the lifespan."""
+    """The sidecar's ASGI app. Anything not passed in is built from `settings` in the lifespan; `clock_ns` is
+    the monotonic clock the relay driver meters session time by."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -164,6 +188,7 @@ def create_app(
                 master_key_check=await _check_master_key(stack, recheck_client, cat.master_key, settings)
                 if key_client is None
                 else None,
+                clock_ns=clock_ns,
             )
             watcher = asyncio.create_task(supervisor.run(), name="supervisor")
             try:
@@ -177,6 +202,8 @@ def create_app(
     routes = [
         WebSocketRoute("/v1/realtime", RealtimeEndpoint()),
         WebSocketRoute("/realtime", RealtimeEndpoint()),
+        WebSocketRoute(TRANSLATION_ENDPOINT, RealtimeEndpoint(TRANSLATION_ENDPOINT)),
+        WebSocketRoute(LIVE_ENDPOINT, LiveEndpoint()),
         Route("/v1/realtime/models", models_endpoint),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
@@ -297,20 +324,23 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _model_label(websocket: WebSocket, catalog: Catalog) -> str:
-    """A refused session's model as a metric label: a realtime model of the config, else "" (never a name a
-    client made up: the label's values stay bounded by the config)."""
+def _model_label(websocket: WebSocket, catalog: Catalog, route: SessionRoute = REALTIME_ENDPOINT) -> str:
+    """A refused session's model as a metric label: a model of the config, else "" (never a name a client
+    made up: the label's values stay bounded by the config)."""
     params = websocket.query_params
-    transcription = params.get("intent") == "transcription"
+    transcription = route == REALTIME_ENDPOINT and params.get("intent") == "transcription"
     name = params.get("model") or (catalog.default_transcription_model if transcription else "")
-    return name if name in catalog.models else ""
+    return name if name in catalog.served(route) else ""
 
 
-def _model_name(websocket: WebSocket, catalog: Catalog) -> tuple[str, bool]:
+def _model_name(websocket: WebSocket, catalog: Catalog, route: SessionRoute) -> tuple[str, bool]:
+    """(the model the connect names, whether it is a transcription session) from the query."""
     params = websocket.query_params
-    transcription = params.get("intent") == "transcription"
+    transcription = route == REALTIME_ENDPOINT and params.get("intent") == "transcription"
     name = params.get("model") or ""
     if not name:
+        if route != REALTIME_ENDPOINT:
+            raise ModelNotFound("A model query parameter is required.")
         if not transcription:
             raise ModelNotFound("A model query parameter is required (or intent=transcription).")
         name = catalog.default_transcription_model
@@ -318,30 +348,107 @@ def _model_name(websocket: WebSocket, catalog: Catalog) -> tuple[str, bool]:
 
 
 class RealtimeEndpoint:
-    """/v1/realtime as a plain ASGI app (Starlette routes a class instance to it as is): the handshake and
-    closing go through Starlette's WebSocket, the relayed frames through the ASGI receive and send
-    themselves, without Starlette's per-message state checks (docs/performance.md)."""
+    """/v1/realtime (or /v1/realtime/translations: the model in the query too) as a plain ASGI app (Starlette
+    routes a class instance to it as is): the handshake and closing go through Starlette's WebSocket, the
+    relayed frames through the ASGI receive and send themselves, without Starlette's per-message state checks
+    (docs/performance.md)."""
+
+    def __init__(self, route: SessionRoute = REALTIME_ENDPOINT) -> None:
+        self.route = route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await realtime_endpoint(WebSocket(scope, receive=receive, send=send), receive, send)
+        await realtime_endpoint(WebSocket(scope, receive=receive, send=send), receive, send, route=self.route)
 
 
-async def realtime_endpoint(websocket: WebSocket, receive: Receive, send: Send) -> None:
-    """/v1/realtime: authenticate, resolve, admit, connect upstream, then relay (docs/api.md, endpoint)."""
+class LiveEndpoint:
+    """/v1/live/sessions as a plain ASGI app (see RealtimeEndpoint)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await live_endpoint(WebSocket(scope, receive=receive, send=send), receive, send)
+
+
+async def realtime_endpoint(
+    websocket: WebSocket, receive: Receive, send: Send, *, route: SessionRoute = REALTIME_ENDPOINT
+) -> None:
+    """/v1/realtime and /v1/realtime/translations: authenticate, resolve, admit, connect upstream, then relay
+    (docs/api.md, endpoint). Every refusal is an HTTP answer before the upgrade."""
     services: Services = websocket.app.state.services
     try:
-        relay, subprotocol, injection = await _open(websocket, services, receive, send)
+        relay, subprotocol = await _open(websocket, services, receive, send, route)
     except Refusal as refusal:
-        services.metrics.refusals.labels(refusal.code, _model_label(websocket, services.catalog)).inc()
+        services.metrics.refusals.labels(refusal.code, _model_label(websocket, services.catalog, route)).inc()
         await websocket.send_denial_response(JSONResponse(refusal.body(), status_code=refusal.status))
         return
+    await _run(websocket, services, relay, accept=True, subprotocol=subprotocol)
+
+
+async def live_endpoint(websocket: WebSocket, receive: Receive, send: Send) -> None:
+    """/v1/live/sessions: authenticate before the upgrade; after it, the first message must be a session.start
+    naming the model (within SIDECAR_HANDSHAKE_TIMEOUT_S); then resolve, authorize, admit, connect and relay.
+    A refusal after the upgrade is an error event and a close (docs/api.md, "/v1/live/sessions")."""
+    services: Services = websocket.app.state.services
+    metrics = services.metrics
+    try:
+        principal, grant, subprotocol = await _authenticate(websocket, services)
+    except Refusal as refusal:
+        metrics.refusals.labels(refusal.code, "").inc()
+        await websocket.send_denial_response(JSONResponse(refusal.body(), status_code=refusal.status))
+        return
+    await websocket.accept(subprotocol=subprotocol)
+    start = await _session_start(websocket, receive, services.settings.handshake_timeout_s)
+    if start is None:
+        return
+    if isinstance(start, Ending):
+        metrics.refusals.labels(start.code, "").inc()
+        await _refuse_live(websocket, start)
+        return
+    label = start.model if start.model in services.catalog.served(LIVE_ENDPOINT) else ""
+    try:
+        name = client_secrets.bound_model(grant, start.model) if grant is not None else start.model
+        model = services.catalog.resolve(name, route=LIVE_ENDPOINT)
+        relay = await _admit((websocket, receive, send), services, model, principal, grant=grant, start=start)
+    except Refusal as refusal:
+        metrics.refusals.labels(refusal.code, label).inc()
+        await _refuse_live(websocket, refused(refusal))
+        return
+    await _run(websocket, services, relay, accept=False, subprotocol=None)
+
+
+async def _session_start(websocket: WebSocket, receive: Receive, timeout_s: float) -> LiveStart | Ending | None:
+    """The client's first message as a LiveStart, the Ending that refuses it (not a session.start, or none
+    within `timeout_s`), or None when the client left first."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            message = await receive()
+    except TimeoutError:
+        return ending("session_start_timeout")
+    if message["type"] == "websocket.disconnect":
+        websocket.client_state = WebSocketState.DISCONNECTED  # as Starlette's receive would record
+        return None
+    text = message.get("text")
+    start = parse_start(text if isinstance(text, str) else "")  # GPT-Live defines no binary frames
+    return start if isinstance(start, LiveStart) else ending(INVALID_START)
+
+
+async def _refuse_live(websocket: WebSocket, how: Ending) -> None:
+    """A GPT-Live error event for a refusal after the upgrade, then the close (never raises)."""
+    with contextlib.suppress(Exception):
+        await websocket.send_text(live_error_event(how.code, how.message, error_type=how.error_type))
+        await websocket.close(code=how.close_code, reason=how.code)
+
+
+async def _run(
+    websocket: WebSocket, services: Services, relay: Relay, *, accept: bool, subprotocol: str | None
+) -> None:
+    """Watch, upgrade (unless done), send the core's opening frames upstream, relay; bill exactly once."""
     supervisor = services.supervisor
     supervisor.attach(relay)
     try:
         await supervisor.register(relay)
-        await websocket.accept(subprotocol=subprotocol)
-        if injection is not None:
-            await relay.upstream.send(injection)
+        if accept:
+            await websocket.accept(subprotocol=subprotocol)
+        for frame in relay.session.core.opening():
+            await relay.upstream.send(frame)
         reason = await relay.run()
         log.info(
             "session ended",
@@ -356,10 +463,9 @@ async def realtime_endpoint(websocket: WebSocket, receive: Receive, send: Send) 
         await supervisor.detach(relay)
 
 
-async def _open(
-    websocket: WebSocket, services: Services, receive: Receive, send: Send
-) -> tuple[Relay, str | None, str | None]:
-    """Everything before the upgrade. Raises a Refusal for each row of the contract's table."""
+async def _authenticate(websocket: WebSocket, services: Services) -> tuple[Principal, Grant | None, str | None]:
+    """(the principal, the client secret's grant if one was used, the subprotocol to select). Raises
+    InvalidApiKey or ServiceUnavailable."""
     subprotocols = websocket.scope.get("subprotocols") or []
     creds = credentials(websocket.headers, subprotocols)
     if creds is None:
@@ -375,32 +481,48 @@ async def _open(
         key_hash = grant.key_hash if grant is not None else hash_key(creds.key)
         log.warning("refused with 503: the key check failed", extra={"reason": str(exc), "key_hash": key_hash})
         raise ServiceUnavailable("The key service is unavailable; try again.") from exc
+    return principal, grant, creds.subprotocol
+
+
+async def _open(
+    websocket: WebSocket, services: Services, receive: Receive, send: Send, route: SessionRoute
+) -> tuple[Relay, str | None]:
+    """Everything before the upgrade. Raises a Refusal for each row of the contract's table."""
+    principal, grant, subprotocol = await _authenticate(websocket, services)
     if grant is not None:
         name = client_secrets.bound_model(grant, websocket.query_params.get("model"))
         transcription = grant.transcription
     else:
-        name, transcription = _model_name(websocket, services.catalog)
-    model = services.catalog.resolve(name)
+        name, transcription = _model_name(websocket, services.catalog, route)
+    model = services.catalog.resolve(name, route=route)
     if transcription and model.kind != "realtime-transcription":
         raise ModelNotTranscription(
             f"The model `{model.name}` is a conversation model; a transcription session needs a transcription model."
         )
+    relay = await _admit(
+        (websocket, receive, send), services, model, principal, grant=grant, transcription=transcription
+    )
+    return relay, subprotocol
+
+
+async def _admit(
+    client: tuple[WebSocket, Receive, Send],
+    services: Services,
+    model: RealtimeModel,
+    principal: Principal,
+    *,
+    grant: Grant | None = None,
+    transcription: bool = False,
+    start: LiveStart | None = None,
+) -> Relay:
+    """Authorize, claim the client secret, take a lease, connect. Raises a Refusal."""
     authorize(principal, model.name, now=datetime.now(UTC))
     if grant is not None:
         await services.client_secrets.claim(grant)
     session_id = "rs_" + uuid.uuid4().hex
     await services.supervisor.admit(principal, session_id)
     try:
-        return await _connect(
-            (websocket, receive, send),
-            services,
-            model,
-            principal,
-            session_id,
-            transcription,
-            creds.subprotocol,
-            grant=grant,
-        )
+        return await _connect(client, services, model, principal, session_id, transcription, grant=grant, start=start)
     except BaseException:
         await services.supervisor.release(principal, session_id)
         raise
@@ -413,12 +535,14 @@ async def _connect(
     principal: Principal,
     session_id: str,
     transcription: bool,
-    subprotocol: str | None,
     *,
     grant: Grant | None = None,
-) -> tuple[Relay, str | None, str | None]:
+    start: LiveStart | None = None,
+) -> Relay:
+    """Open the first deployment that answers (failover) and build the session's core, account and relay."""
     settings = services.settings
     metrics = services.metrics
+    route = _route_of(model)
 
     def failed(deployment: Deployment, error: UpstreamError) -> None:
         metrics.connect_failures.labels(model.name, deployment.deployment_id or deployment.model).inc()
@@ -430,35 +554,115 @@ async def _connect(
         transcription=transcription or model.kind == "realtime-transcription",
         openai_hosts=services.openai_hosts,
         on_failure=failed,
+        route=route,
     )
     metrics.connect_seconds.observe(time.perf_counter() - started)
-    meter = SessionMeter(model.price, rounding=settings.rounding, increment=settings.rounding_increment)  # type: ignore[arg-type]
-    session = Session(
-        session_id=session_id,
-        model=model,
-        deployment=connected.target.deployment,
-        principal=principal,
-        meter=meter,
-        started_at=datetime.now(UTC),
+    deployment = connected.target.deployment
+    account = _account(
+        services,
+        model,
+        deployment,
+        principal,
+        session_id,
         transcription=transcription,
-        pinned=Pin(grant.session) if grant is not None else None,
-        transcribers=services.catalog.transcribers,
-        default_transcriber=services.catalog.default_transcription_model,
-        budget_windows=budget_windows(principal),
+        grant=grant,
+        start=start,
+        inject_model=connected.target.inject_model,
     )
     websocket, receive, send = client
-    relay = Relay(
+    return Relay(
         client=websocket,
         receive=receive,
         send=send,
         upstream=connected.connection,
-        session=session,
+        session=account,
         publisher=services.publisher,
         checkpoint_s=settings.checkpoint_s,
         idle_timeout_s=settings.idle_timeout_s,
         max_session_s=settings.max_session_s,
+        clock_ns=services.clock_ns,
     )
-    injection = session.model_injection() if connected.target.inject_model else None
-    if grant is not None:  # the bound settings go upstream first (they name the model where one is needed)
-        injection = session.on_client_text(client_secrets.session_update(grant)).upstream
-    return relay, subprotocol, injection
+
+
+def _route_of(model: RealtimeModel) -> SessionRoute:
+    """The route a resolved model was resolved on, from its kind (catalog._route_kind)."""
+    if model.kind == "live-session":
+        return LIVE_ENDPOINT
+    if model.kind == "realtime-translation":
+        return TRANSLATION_ENDPOINT
+    return REALTIME_ENDPOINT
+
+
+def _account(
+    services: Services,
+    model: RealtimeModel,
+    deployment: Deployment,
+    principal: Principal,
+    session_id: str,
+    *,
+    transcription: bool,
+    grant: Grant | None,
+    start: LiveStart | None,
+    inject_model: bool,
+) -> Account:
+    """The session's core for its protocol, in the Account the relay bills through."""
+    settings = services.settings
+    rounding: Rounding = settings.rounding  # type: ignore[assignment]
+    increment = settings.rounding_increment
+    windows = budget_windows(principal)
+    started_at = datetime.now(UTC)
+    core: SurfaceCore
+    meter: SessionMeter | None
+    if model.kind == "live-session" or model.kind == "realtime-translation":
+        scrubber = Scrubber.for_deployment(deployment, public_model=model.name)
+        current: Callable[[], Scrubber] = lambda: scrubber  # noqa: E731 (the scrubber never changes)
+        if start is not None:  # the live route always has the client's session.start
+            core = LiveSession(
+                start,
+                upstream_model=deployment.model,
+                price=model.price,
+                scrub=scrubber.text,
+                rounding=rounding,
+                increment=increment,
+            )
+            meter = None
+        else:
+            translation = TranslationSession(
+                public_model=model.name,
+                upstream_model=deployment.model,
+                price=model.price,
+                scrub=scrubber.text,
+                rounding=rounding,
+                increment=increment,
+            )
+            core, meter = translation, translation.meter
+    else:
+        session = Session(
+            session_id=session_id,
+            model=model,
+            deployment=deployment,
+            principal=principal,
+            meter=SessionMeter(model.price, rounding=rounding, increment=increment),
+            started_at=started_at,
+            transcription=transcription,
+            pinned=Pin(grant.session) if grant is not None else None,
+            transcribers=services.catalog.transcribers,
+            default_transcriber=services.catalog.default_transcription_model,
+            budget_windows=windows,
+        )
+        # The bound settings go upstream first (they name the model where one is needed).
+        session.prepare_opening(
+            inject_model=inject_model, bound=client_secrets.session_update(grant) if grant is not None else None
+        )
+        core, meter, current = session, session.meter, lambda: session.scrubber
+    return Account(
+        core,
+        session_id=session_id,
+        model=model,
+        deployment=deployment,
+        principal=principal,
+        started_at=started_at,
+        scrubber=current,
+        meter=meter,
+        budget_windows=windows,
+    )

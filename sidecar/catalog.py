@@ -52,9 +52,9 @@ LIVE_ENDPOINT: Final = "/v1/live/sessions"
 TRANSLATION_ENDPOINT: Final = "/v1/realtime/translations"
 #: Every WebSocket route a model may serve, each speaking its own protocol.
 ROUTES: Final[tuple[Route, ...]] = (REALTIME_ENDPOINT, LIVE_ENDPOINT, TRANSLATION_ENDPOINT)
-#: The routes the app serves today: only entries on these are checked for warnings (skipped provider,
-#: missing api_key). Issue 15 adds the other two when their relays land.
-SERVED_ROUTES: Final[frozenset[Route]] = frozenset({REALTIME_ENDPOINT})
+#: The routes the app serves: only entries on these are checked for warnings (skipped provider, missing
+#: api_key). All three, through one relay driver (sidecar/surfaces).
+SERVED_ROUTES: Final[frozenset[Route]] = frozenset(ROUTES)
 # The protocol a model speaks, from its name (OpenAI's model names: the SDK's `SessionConfig.model` is
 # `gpt-live-1` / `gpt-live-1.1`; LiteLLM's translation default is `gpt-realtime-translate`). Matched at the
 # start of the bare model name, so dated snapshots match and `gpt-live-transcribe` (a /v1/realtime

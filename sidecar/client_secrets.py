@@ -46,6 +46,8 @@ from starlette.routing import BaseRoute, Route
 
 from sidecar import audio_formats, protocol
 from sidecar.auth import Principal, authorize, credentials
+from sidecar.catalog import REALTIME_ENDPOINT
+from sidecar.catalog import Route as SessionRoute
 from sidecar.errors import (
     InvalidApiKey,
     KeyCheckError,
@@ -381,7 +383,7 @@ async def principal_of(services: Services, key: str) -> Principal:
 def mint(services: Services, principal: Principal, body: Any) -> dict[str, Any]:
     """Mint a secret for `principal` from a request body; the response body. Raises a Refusal."""
     request = parse_request(body, default_transcription_model=services.catalog.default_transcription_model)
-    model = services.catalog.resolve(request.model)
+    model = services.catalog.resolve(request.model, route=_route(services, request))
     if request.transcription and model.kind != "realtime-transcription":
         raise ModelNotTranscription(
             f"The model `{model.name}` is a conversation model; a transcription session needs a transcription model."
@@ -397,6 +399,18 @@ def mint(services: Services, principal: Principal, body: Any) -> dict[str, Any]:
     )
     log.info("client secret minted", extra={"key_hash": principal.key_hash, "model": model.name})
     return response_body(grant, value)
+
+
+def _route(services: Services, request: MintRequest) -> SessionRoute:
+    """The route a secret's session will use: its model's, when that is only GPT-Live or translation (the
+    secret then works on that route only: the connect resolves the model on its own route). Such a secret
+    binds its model alone; its session's settings travel on the WebSocket. Raises InvalidRequest."""
+    routes = services.catalog.routes_of(request.model)
+    if not routes or REALTIME_ENDPOINT in routes:
+        return REALTIME_ENDPOINT
+    if set(request.session) - {"type", "model"}:
+        raise InvalidRequest(f"A client secret for a model of {routes[0]} binds only the model.")
+    return routes[0]
 
 
 def _check_bound(services: Services, principal: Principal, request: MintRequest) -> None:

@@ -412,19 +412,19 @@ class Supervisor:
             self._release = asyncio.get_running_loop().call_later(RELEASE_AFTER_S, self._release_memory)
         principal = relay.session.principal
         model = relay.session.model.name
-        meter = relay.session.meter
-        figures = meter.snapshot()  # the final usage event's figures
+        meter = relay.session.meter  # None for a core that meters no audio bytes (GPT-Live)
+        figures = relay.figures()  # the final usage event's figures (the core's meter has stopped)
         if entry is not None:
             self.metrics.fold(relay, entry.folded)
             self.metrics.accrue(model, entry.folded, audio_seconds=figures.audio_seconds, cost_usd=figures.cost_usd)
         self.metrics.sessions.labels(relay.close_reason or "unknown", model).inc()
-        if meter.reported_over_metered:  # billed at the provider's figure (docs/billing.md)
+        if meter is not None and meter.reported_over_metered:  # billed at the provider's figure (docs/billing.md)
             self.metrics.reported_over_metered.inc()
             log.warning(
                 "the provider reported more audio than was metered; billed the reported seconds",
                 extra={"session_id": relay.session.session_id, "model": relay.session.model.name},
             )
-        if meter.transcription_unpriced:
+        if meter is not None and meter.transcription_unpriced:
             self.metrics.transcription_unpriced.inc(meter.transcription_unpriced)
         if principal.is_master:
             return
@@ -509,7 +509,7 @@ class Supervisor:
             p = self.principals.get(relay.session.principal.key_hash, relay.session.principal)
             scopes = scopes_of(p) if not p.is_master else []
             if scopes:
-                entry.cost = relay.session.meter.cost()
+                entry.cost = relay.cost()
                 for scope, _ in scopes:
                     by_scope[scope].append(entry)
         for scope, entries in by_scope.items():
@@ -582,7 +582,7 @@ class Supervisor:
             log.info("Redis reachable again")
 
     def _info(self, session_id: str, relay: Relay) -> SessionInfo:
-        figures = relay.session.meter.snapshot()
+        figures = relay.figures()
         p = relay.session.principal
         return SessionInfo(
             session_id=session_id,

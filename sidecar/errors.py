@@ -17,7 +17,8 @@
     └── KeyCheckError               the LiteLLM proxy could not be asked about a key
 
 Endings after the upgrade are not exceptions: they are `Ending` values (docs/api.md, close codes),
-built by `ending(code)`, each with its close code and error event.
+built by `ending(code)`, each with its close code and error event; a Refusal after the upgrade (GPT-Live's
+model arrives in its first message) becomes one by `refused(refusal)`.
 
 Close reasons and error messages never carry exception text from a foreign library.
 """
@@ -147,7 +148,30 @@ _ENDINGS: Final[dict[str, tuple[int, str, str]]] = {
     "server_shutdown": (1001, "server_error", "The server is shutting down."),
     "upstream_error": (1011, "server_error", "The upstream realtime connection failed."),
     "frame_too_large": (1009, "invalid_request_error", "The frame exceeds the maximum frame size."),
+    # GPT-Live (/v1/live/sessions): the session must open with session.start (LiteLLM's code and close code).
+    "invalid_session_start": (
+        1008,
+        "invalid_request_error",
+        "The first message must be a session.start JSON object with a non-empty session.model.",
+    ),
+    "session_start_timeout": (1008, "invalid_request_error", "No session.start within the handshake timeout."),
 }
+
+# A refusal after the upgrade (GPT-Live names its model in session.start, after it): the refusal's code and
+# message as an error event, then this close code (docs/api.md, "/v1/live/sessions"); 1008 for the rest.
+_REFUSAL_CLOSE_CODES: Final[dict[str, int]] = {
+    "budget_exceeded": 4002,
+    "concurrency_limit": 1013,
+    "service_unavailable": 1013,
+    "upstream_unavailable": 1011,
+}
+
+
+def refused(refusal: Refusal) -> Ending:
+    """The ending of a session refused after the upgrade: the refusal's code, type and message, closed with
+    the refusal's close code (policy refusals 1008)."""
+    close_code = _REFUSAL_CLOSE_CODES.get(refusal.code, 1008)
+    return Ending(close_code=close_code, code=refusal.code, error_type=refusal.error_type, message=str(refusal))
 
 
 def ending(code: str) -> Ending:

@@ -1,8 +1,13 @@
-"""The asyncio driver of one session: a direct path, two pumps, a ticker, and one way out.
+"""The asyncio driver of one session, for every protocol: a direct path, two pumps, a ticker, one way out.
 
-    client WebSocket --direct or pump_client--> Session.on_client_text --> upstream
-    client WebSocket <--direct or pump_upstream-- Session.on_upstream_text <-- upstream
+    client WebSocket --direct or pump_client--> core.on_client_text --> upstream
+    client WebSocket <--direct or pump_upstream-- core.on_upstream_text <-- upstream
     Supervisor (control.py, one task for all sessions) --poll()--> checkpoints, idle and length limits
+
+The core is the session's protocol (surfaces.core.SurfaceCore: /v1/realtime's session.Session, GPT-Live's
+surfaces.live.LiveSession, translation's surfaces.translation.TranslationSession); the driver knows no event
+name. It passes each core its monotonic clock (`clock_ns`, injectable), and builds every usage event through
+the session's Account (surfaces.account): one driver, one billing path.
 
 Direct path: when both connections offer it (sidecar.wsserver's protocol, sidecar.upstream_conn's
 connection), a data frame is relayed inside the read callback that received it, with no task switch, as
@@ -21,22 +26,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Final
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Final
 
 from starlette.types import Receive, Send
 from starlette.websockets import WebSocket, WebSocketState
 from websockets.exceptions import ConnectionClosed
 
-from sidecar import protocol
 from sidecar.errors import Ending, ending
 from sidecar.publisher import UsagePublisher
-from sidecar.session import Session
+from sidecar.surfaces.account import Account
 from sidecar.upstream import Upstream
 from sidecar.upstream_conn import UpstreamConnection
 from sidecar.usage import UsageEvent
 from sidecar.wsserver import DIRECT, RelayWebSocketProtocol
+
+if TYPE_CHECKING:
+    from sidecar.metering import Figures
 
 log = logging.getLogger("sidecar.relay")
 
@@ -75,19 +84,25 @@ class Relay:
         receive: Receive,
         send: Send,
         upstream: Upstream,
-        session: Session,
+        session: Account,
         publisher: UsagePublisher,
         checkpoint_s: float,
         idle_timeout_s: float,
         max_session_s: float,
         clock: Callable[[], datetime] = utcnow,
+        clock_ns: Callable[[], int] = time.monotonic_ns,
     ) -> None:
+        """`clock` is the wall clock of the usage events' timestamps; `clock_ns` the monotonic clock the core
+        meters by (GPT-Live's session seconds)."""
         self.client = client
         # The relayed frames use the ASGI channel itself; `client` (Starlette) does the handshake and closing.
         self._receive = receive
         self._send = send
         self.upstream = upstream
+        #: Who the session belongs to and its usage events (the control path reads it).
         self.session = session
+        self._core = session.core
+        self.clock_ns = clock_ns
         self.publisher = publisher
         self.checkpoint_s = checkpoint_s
         self.idle_timeout_s = idle_timeout_s
@@ -130,10 +145,18 @@ class Relay:
             self.end("max_duration")
         if now >= self._next_checkpoint and not self.close_reason:
             self._next_checkpoint = now + self.checkpoint_s
-            event = self.session.usage_event("checkpoint", now=self.clock())
+            event = self.session.usage_event("checkpoint", now=self.clock(), mono=self.clock_ns())
             self.publisher.submit(event)
             return event
         return None
+
+    def figures(self) -> Figures:
+        """The session's cumulative figures now."""
+        return self.session.figures(now=self.clock_ns())
+
+    def cost(self) -> Decimal:
+        """The session's running cost now (budgets in flight)."""
+        return self.session.cost(now=self.clock_ns())
 
     # ---- the session ------------------------------------------------------------------------------
 
@@ -143,7 +166,7 @@ class Relay:
         A first checkpoint (seq 1) is published at once, so a session whose process dies before its first
         interval still leaves a record for the consumer to close as `lost`.
         """
-        self.publisher.submit(self.session.usage_event("checkpoint", now=self.clock()))
+        self.publisher.submit(self.session.usage_event("checkpoint", now=self.clock(), mono=self.clock_ns()))
         self._open_direct()
         tasks: set[asyncio.Future[object]] = {
             asyncio.create_task(self._pump_client(), name="pump_client"),
@@ -152,6 +175,7 @@ class Relay:
         try:
             waiting: list[asyncio.Future[object]] = [*tasks, self._ended]  # type: ignore[list-item]
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            self._core.on_end(now=self.clock_ns())  # metering stops when the session does, not when billed
             if self._ended.done() and not self.close_reason:
                 await self._finish(self._ended.result())
         finally:
@@ -172,7 +196,9 @@ class Relay:
     def _bill(self, reason: str) -> None:
         """The one final usage event of this session."""
         self.close_reason = reason
-        self.publisher.submit(self.session.usage_event("final", now=self.clock(), close_reason=reason))
+        mono = self.clock_ns()
+        self._core.on_end(now=mono)
+        self.publisher.submit(self.session.usage_event("final", now=self.clock(), mono=mono, close_reason=reason))
         self.done.set_result(reason)
 
     # ---- the direct path ----------------------------------------------------------------------------
@@ -227,18 +253,20 @@ class Relay:
         self.frames_in += 1
         self.bytes_in += len(message)
         if isinstance(message, str):
-            reply = self.session.on_client_text(message)
+            reply = self._core.on_client_text(message, now=self.clock_ns())
+            if reply.ending is not None:
+                self.end(reply.ending)
             return reply.client, reply.upstream
-        # The Realtime API defines no binary client frames: refused, not forwarded unmetered (docs/billing.md).
-        return protocol.error_event("binary_not_supported", "Send events as JSON text frames, not binary."), None
+        # No voice API defines binary client frames: refused, not forwarded unmetered (docs/billing.md).
+        return self._core.error("binary_not_supported", "Send events as JSON text frames, not binary."), None
 
     def _upstream_frame(self, message: str | bytes) -> str | bytes:
         """Count one upstream data frame and return what the client gets (metered, scrubbed)."""
         self.frames_out += 1
         self.bytes_out += len(message)
         if isinstance(message, str):
-            return self.session.on_upstream_text(message)
-        return self.session.scrub_bytes(message)
+            return self._core.on_upstream_text(message, now=self.clock_ns())
+        return self.session.scrubber.data(message)
 
     # ---- the pumps ----------------------------------------------------------------------------------
 
@@ -305,7 +333,7 @@ class Relay:
         """Send the error event, then close the client with the ending's code."""
         self.close_reason = how.close_reason
         with contextlib.suppress(Exception):
-            await self._send_text(protocol.error_event(how.code, how.message, error_type=how.error_type))
+            await self._send_text(self._core.error(how.code, how.message, error_type=how.error_type))
         await self._close_client(how.close_code, how.code)
 
     async def _close_client(self, code: int, reason: str) -> None:

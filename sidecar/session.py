@@ -11,20 +11,21 @@ upstream frame is passed on as the same string after a substring check for secre
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
 from typing import Any, Final
 
 from sidecar import audio_formats, protocol
 from sidecar.auth import Principal, may_use
-from sidecar.catalog import Deployment, RealtimeModel, Transcriber
-from sidecar.metering import SessionMeter
+from sidecar.catalog import REALTIME_ENDPOINT, Deployment, RealtimeModel, Route, Transcriber
+from sidecar.metering import Figures, SessionMeter
 from sidecar.pinning import Pin
 from sidecar.pricing import Price
 from sidecar.scrub import REDACTED as REDACTED
 from sidecar.scrub import Scrubber
 from sidecar.scrub import secrets_of as secrets_of
+from sidecar.surfaces.account import usage_event
+from sidecar.surfaces.core import Reply as Reply
 from sidecar.usage import EventType, UsageEvent
 
 # Substrings that mark an upstream frame the session must parse (cheap `in` checks on the raw text).
@@ -34,16 +35,9 @@ _NO_TRANSCRIBERS: Final[Mapping[str, Transcriber]] = MappingProxyType({})
 _UNPRICED: Final = Price(unit="second")
 
 
-@dataclass(slots=True)  # not frozen: one per client frame, and a frozen __init__ costs twice as much
-class Reply:
-    """The outcome of one client frame: text for the upstream and/or for the client (either may be None)."""
-
-    upstream: str | None
-    client: str | None
-
-
 class Session:
-    """The sidecar's view of one relayed session."""
+    """The sidecar's view of one relayed /v1/realtime session (implements surfaces.core.SurfaceCore: it reads
+    no time, so `now` is accepted and ignored)."""
 
     def __init__(
         self,
@@ -85,10 +79,40 @@ class Session:
         self.transcriber = transcribers.get(default_transcriber) if default_transcriber else None
         #: (upstream name, public name) of the transcription model named upstream, when they differ.
         self._transcriber_alias: tuple[str, str] | None = None
+        #: What goes upstream before any client frame (`prepare_opening`).
+        self._opening: tuple[str, ...] = ()
+
+    @property
+    def route(self) -> Route:
+        return REALTIME_ENDPOINT
+
+    def prepare_opening(self, *, inject_model: bool, bound: str | None = None) -> None:
+        """Fix the frames sent upstream first: the transcription model's injection when the upstream URL
+        carries no model, or instead a client secret's bound settings (`bound`, a session.update that names
+        the model where one is needed), checked and rewritten like a client's."""
+        first = self.model_injection() if inject_model else None
+        if bound is not None:
+            first = self.on_client_text(bound).upstream
+        self._opening = (first,) if first is not None else ()
+
+    def opening(self) -> tuple[str, ...]:
+        """The frames prepared by `prepare_opening` (none by default)."""
+        return self._opening
+
+    def error(self, code: str, message: str, *, error_type: str = "invalid_request_error") -> str:
+        """A Realtime API `error` event."""
+        return protocol.error_event(code, message, error_type=error_type)
+
+    def on_end(self, *, now: int = 0) -> None:
+        """Nothing to stop: the meter counts audio and tokens, not time."""
+
+    def figures(self, *, now: int = 0) -> Figures:
+        """The meter's cumulative figures."""
+        return self.meter.snapshot()
 
     # ---- client -> upstream -------------------------------------------------------------------
 
-    def on_client_text(self, text: str) -> Reply:
+    def on_client_text(self, text: str, *, now: int = 0) -> Reply:
         """Decide what one client text frame becomes. Never raises on bad input."""
         try:
             event = protocol.loads(text)
@@ -204,7 +228,7 @@ class Session:
 
     # ---- upstream -> client -------------------------------------------------------------------
 
-    def on_upstream_text(self, text: str) -> str:
+    def on_upstream_text(self, text: str, *, now: int = 0) -> str:
         """The text to relay for one upstream frame: metered, identifiers scrubbed. Never raises."""
         if not (_ERROR in text or _SESSION in text or _DONE in text or _COMPLETED in text):
             return self._scrub(text)
@@ -244,33 +268,20 @@ class Session:
     # ---- usage ----------------------------------------------------------------------------------
 
     def usage_event(self, kind: EventType, *, now: datetime, close_reason: str = "") -> UsageEvent:
-        """The next cumulative usage event (seq 1, 2, ...). A final carries ended_at and close_reason."""
+        """The next cumulative usage event (seq 1, 2, ...), built as the relay's Account builds it
+        (surfaces.account.usage_event). A final carries ended_at and close_reason."""
         self.seq += 1
-        figures = self.meter.snapshot()
-        final = kind == "final"
-        return UsageEvent(
-            event_id=UsageEvent.new_id(),
-            type=kind,
-            session_id=self.session_id,
+        return usage_event(
+            kind,
+            self.meter.snapshot(),
             seq=self.seq,
-            key_hash=self.principal.key_hash,
-            key_alias=self.principal.key_alias,
-            user_id=self.principal.user_id,
-            team_id=self.principal.team_id,
-            model=self._public,
-            provider_model=f"{self.deployment.provider}/{self._upstream_model}",
-            kind=self.model.kind,
-            unit=figures.unit,
-            quantity=figures.quantity,
-            audio_seconds=figures.audio_seconds,
-            audio_bytes=figures.audio_bytes,
-            input_tokens=figures.input_tokens,
-            output_tokens=figures.output_tokens,
-            cost_usd=figures.cost_usd,
+            session_id=self.session_id,
+            principal=self.principal,
+            model=self.model,
+            deployment=self.deployment,
             started_at=self.started_at,
-            ended_at=now if final else None,
-            close_reason=close_reason if final else "",
-            upstream_usage=figures.upstream_usage,
+            now=now,
+            close_reason=close_reason,
             budget_windows=self.budget_windows,
         )
 

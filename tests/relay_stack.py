@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,6 +85,7 @@ async def stack(
     redis: Any = None,
     replica: str | None = None,
     ws_ping_interval: float | None = 20.0,
+    clock_ns: Callable[[], int] = time.monotonic_ns,
     **settings: Any,
 ) -> AsyncIterator[Stack]:
     """Start a fake provider (unless given), a fake LiteLLM with USER_KEY, and the sidecar."""
@@ -114,6 +116,7 @@ async def stack(
             openai_hosts=openai_hosts,
             redis=redis,
             replica=replica,
+            clock_ns=clock_ns,
         )
         if publisher is None:
             await pub.start()

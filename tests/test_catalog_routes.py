@@ -162,9 +162,9 @@ def test_malformed_route_override_is_config_error(price_map: PriceMap, flag: obj
         catalog_of(price_map, entry("m", "openai/gpt-live-1", {"realtime": flag}))
 
 
-def test_entries_on_unserved_routes_raise_no_warnings(price_map: PriceMap) -> None:
-    """A GPT-Live entry without an api_key, or on a provider the sidecar does not relay, warns of nothing yet:
-    its route is not served (only /v1/realtime is)."""
+def test_entries_on_every_served_route_raise_warnings(price_map: PriceMap) -> None:
+    """Every route is served now: a GPT-Live entry without an api_key, or on a provider the sidecar does not
+    relay, is warned of like a /v1/realtime one."""
     catalog = build_catalog(
         {
             "model_list": [
@@ -176,7 +176,9 @@ def test_entries_on_unserved_routes_raise_no_warnings(price_map: PriceMap) -> No
         price_map=price_map,
         environ={},
     )
-    assert catalog.warnings == ()
+    assert len(catalog.warnings) == 2
+    assert catalog.warnings[0].startswith("model_list[1] (live): no litellm_params.api_key")
+    assert "model_list[2] (g)" in catalog.warnings[1] and "gemini/" in catalog.warnings[1]
     assert catalog.routes_of("g") == ()
     assert [row["id"] for row in describe(catalog)] == ["rt"]
 

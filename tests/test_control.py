@@ -356,7 +356,15 @@ async def test_heartbeat_in_slices_registers_every_session() -> None:
         session.session_id = f"rs_{n}"
         session.principal = replace(session.principal, max_budget=Decimal(100))
         session.on_client_text(append(bytes(48_000)))  # 1 s of audio each
-        relay = SimpleNamespace(session=session, frames_in=1, frames_out=0, bytes_in=1, bytes_out=0)
+        relay = SimpleNamespace(
+            session=session,
+            figures=session.figures,
+            cost=session.meter.cost,
+            frames_in=1,
+            frames_out=0,
+            bytes_in=1,
+            bytes_out=0,
+        )
         supervisor.attach(relay)  # type: ignore[arg-type]
         relays.append(relay)
     original = store.heartbeat

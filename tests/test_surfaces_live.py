@@ -198,7 +198,7 @@ def test_billed_by_session_seconds_from_started_to_closed() -> None:
     assert (mid.quantity, mid.cost_usd) == bill_time(Fraction(5, 2), PRICE)
     core.on_upstream_text(closed(900), now=T0 + 61_250_000_000)  # the provider's figure is not the bill
     final = core.figures(now=T0 + 999 * NS_PER_SECOND)  # later calls see the end, not `now`
-    assert (final.unit, final.quantity) == ("second", Decimal("61.250000"))
+    assert (final.unit, final.quantity) == ("session_second", Decimal("61.250000"))
     assert final.cost_usd == (Decimal("61.25") * PRICE.per_unit).quantize(Decimal("1e-10"))
     assert orjson.loads(final.upstream_usage) == {"duration_seconds": 900, "events": 3}
     assert (core.provider_session_id, core.provider_seconds, core.closed_reason) == (

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 NS_PER_SECOND = 1_000_000_000
 
 
-@dataclass(slots=True)  # not frozen: one per client frame (as session.Reply)
+@dataclass(slots=True)  # not frozen: one per client frame, and a frozen __init__ costs twice as much
 class Reply:
     """The outcome of one client frame: text for the upstream and/or for the client (either may be None),
     and `ending`, an error code of errors.py's endings table when the session must end after `client` is
@@ -37,8 +37,8 @@ class SurfaceCore(Protocol):
     """One relayed session of one protocol: what it parses, meters, rewrites and scrubs. Never raises on
     what a peer sends: a bad frame becomes an error event in the protocol's own shape.
 
-    The /v1/realtime core (session.Session) fits with `now` added to its two frame methods, `opening`
-    returning its model injection / bound settings, and `figures` its meter's snapshot.
+    The /v1/realtime core is session.Session; GPT-Live's live.LiveSession; translation's
+    translation.TranslationSession. The relay driver (relay.py) drives any of them the same way.
     """
 
     @property
@@ -61,6 +61,10 @@ class SurfaceCore(Protocol):
     def on_end(self, *, now: int) -> None:
         """The session ended now (either side closed, the upstream dropped, the sidecar ended it): metering
         stops here. Idempotent: the first call wins."""
+        ...
+
+    def error(self, code: str, message: str, *, error_type: str = "invalid_request_error") -> str:
+        """An `error` server event in the protocol's own shape, serialised (the driver's endings and refusals)."""
         ...
 
     def figures(self, *, now: int) -> Figures:

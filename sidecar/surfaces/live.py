@@ -56,6 +56,9 @@ _UPSTREAM_READS: Final = (f'"{STARTED}"', f'"{USAGE}"', f'"{CLOSED}"')
 # G.711 one. The Live default is PCM16 at 24 kHz.
 _DEFAULT_BPS: Final = 48000
 _SECONDS_PLACES: Final = 6
+#: The usage event's unit for session time, by the price's unit: never plain `second`, which is audio time
+#: (docs/api.md, "Metering and billing").
+UNITS: Final = {"second": "session_second", "minute": "session_minute", "token": "token"}
 
 
 def error_event(code: str, message: str, *, ref: object = None, error_type: str = "invalid_request_error") -> str:
@@ -193,6 +196,10 @@ class LiveSession:
         """The reason of the provider's `session.closed`, None before it."""
         return self._closed_reason
 
+    def error(self, code: str, message: str, *, error_type: str = "invalid_request_error") -> str:
+        """A GPT-Live `error` event (no client event to refer to)."""
+        return error_event(code, message, error_type=error_type)
+
     def opening(self) -> tuple[str, ...]:
         """The client's `session.start`, its model rewritten to the deployment's name: sent upstream first."""
         event = dict(self._start.event)
@@ -313,7 +320,7 @@ class LiveSession:
         )
         audio_seconds = Fraction(self._audio_bytes, self._bps)
         return Figures(
-            unit=self._price.unit,
+            unit=UNITS[self._price.unit],
             quantity=quantity,
             audio_seconds=Decimal(round(audio_seconds * 10**_SECONDS_PLACES)).scaleb(-_SECONDS_PLACES),
             audio_bytes=self._audio_bytes,

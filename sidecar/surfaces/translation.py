@@ -74,6 +74,10 @@ class TranslationSession:
         """Whether the provider has sent `session.closed`."""
         return self._closed
 
+    def error(self, code: str, message: str, *, error_type: str = "invalid_request_error") -> str:
+        """A translation `error` event (the Realtime API's shape)."""
+        return protocol.error_event(code, message, error_type=error_type)
+
     def opening(self) -> tuple[str, ...]:
         """Nothing: the model travels in the upstream URL's query."""
         return ()
