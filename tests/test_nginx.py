@@ -252,13 +252,17 @@ async def test_sdk_transcribes_speech_through_nginx(tmp_path: Path, speech_pcm16
 
 
 async def test_refusals_pass_through_nginx_unchanged(tmp_path: Path) -> None:
-    """A refused upgrade reaches the client through nginx with the sidecar's own status and JSON body."""
+    """A refused upgrade reaches the client through nginx with the sidecar's own status and JSON body, on every
+    voice route."""
     async with front(tmp_path) as f:
         cases: list[tuple[str, dict[str, str], int, str]] = [
             ("/v1/realtime?model=gpt-realtime-whisper&intent=transcription", {}, 401, "invalid_api_key"),
             ("/realtime?intent=transcription", {"Authorization": "Bearer sk-unknown"}, 401, "invalid_api_key"),
             ("/v1/realtime?model=nope", {"Authorization": f"Bearer {USER_KEY}"}, 404, "model_not_found"),
             ("/v1/realtime?model=whisper-1", {"api-key": USER_KEY}, 400, "model_not_realtime"),
+            # The other voice routes reach the sidecar too (the stand-in LiteLLM would accept any upgrade).
+            ("/v1/live/sessions", {}, 401, "invalid_api_key"),
+            ("/v1/realtime/translations?model=nope", {"Authorization": f"Bearer {USER_KEY}"}, 404, "model_not_found"),
         ]
         for path, headers, status, code in cases:
             proxied = await refusal(f"{f.nginx.ws}{path}", headers)
