@@ -17,6 +17,7 @@ from pathlib import Path
 import orjson
 import pytest
 import redis.asyncio as aioredis
+import yaml
 from openai import AsyncOpenAI
 from sqlalchemy import Engine
 
@@ -45,7 +46,7 @@ from tests.billing_support import (
     stream_speech,
     until_closed,
 )
-from tests.relay_stack import MASTER_KEY, USER_KEY, stack
+from tests.relay_stack import MASTER_KEY, USER_KEY, entry, stack
 from tests.support import TRANSCRIBE, chunks
 
 STREAM = "realtime:usage"  # fixed for `sidecar serve`; each test has its own redis-server
@@ -135,6 +136,48 @@ async def test_sigkilled_sidecar_is_billed_lost_at_its_last_checkpoint(
     loss = sent - row.audio_bytes
     print(f"\nSIGKILL: streamed {sent} bytes, billed {row.audio_bytes} (seq {last.seq}), lost {loss} bytes")
     assert 0 <= loss <= PCM16_BYTES_PER_SECOND * 1, "at most one checkpoint interval (1 s) of audio is lost"
+
+
+async def test_sigkilled_sidecar_bills_a_gpt_live_session_lost_at_its_last_checkpoint(
+    tmp_path: Path, redis_server: RedisServer, redis: aioredis.Redis, pg_url: str
+) -> None:
+    """`sidecar serve` SIGKILLed during a GPT-Live session (the SDK's live.connect): its checkpoints carry the
+    session seconds so far (unit session_second), and the consumer closes it `lost` at the last one."""
+    async with FakeProvider() as provider:
+        env = serve_env(tmp_path, provider, redis_url=redis_server.url, checkpoint_s="1")
+        config = {
+            "model_list": [entry("gpt-live-1", "openai/gpt-live-1", provider.url, provider.api_key)],
+            "general_settings": {"master_key": MASTER_KEY},
+        }
+        (tmp_path / "live.yaml").write_text(yaml.safe_dump(config))
+        env["SIDECAR_LITELLM_CONFIG"] = str(tmp_path / "live.yaml")
+        sidecar = SidecarProcess(env, workdir=tmp_path / "serve")
+        await sidecar.start()
+        try:
+            client = AsyncOpenAI(base_url=f"{sidecar.http}/v1", api_key=MASTER_KEY, max_retries=0)
+            async with client.live.connect() as conn:
+                await conn.session.start(session={"model": "gpt-live-1"})
+                await next_event(conn, "session.started")
+                await until_seq(redis, 3)  # seq 1 at the start, then two interval checkpoints
+                await sidecar.kill()
+        finally:
+            await sidecar.kill()
+    published = await stream_events(redis)
+    assert [e.type for e in published] == ["checkpoint"] * len(published), "no final from a killed process"
+    last = published[-1]
+    assert (last.model, last.kind, last.unit) == ("gpt-live-1", "live-session", "session_second")
+    assert last.quantity > 0 and last.cost_usd > 0
+    engine = make_engine(pg_url)
+    upgrade(engine)
+    clock = FakeClock(T0)
+    consumer = UsageConsumer(redis, BillingWriter(engine), stream=STREAM, block_ms=0, lost_after_s=5.0, clock=clock)
+    await drain(consumer)
+    clock.now = T0 + timedelta(seconds=6)
+    assert await consumer.sweep_lost() == 1
+    rows = read_billing(engine).rows
+    engine.dispose()
+    assert [(r.status, r.close_reason, r.last_seq) for r in rows] == [("lost", "lost", last.seq)]
+    assert (rows[0].unit, rows[0].quantity, rows[0].cost_usd) == ("session_second", last.quantity, last.cost_usd)
 
 
 async def test_sigterm_drains_and_bills_the_live_session_before_exit(
