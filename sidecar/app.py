@@ -432,6 +432,7 @@ async def _session_start(websocket: WebSocket, receive: Receive, timeout_s: floa
 
 async def _refuse_live(websocket: WebSocket, how: Ending) -> None:
     """A GPT-Live error event for a refusal after the upgrade, then the close (never raises)."""
+    log.info("refused after the upgrade", extra={"reason": how.code})
     with contextlib.suppress(Exception):
         await websocket.send_text(live_error_event(how.code, how.message, error_type=how.error_type))
         await websocket.close(code=how.close_code, reason=how.code)
