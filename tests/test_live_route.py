@@ -17,7 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from sidecar.auth import hash_key
-from sidecar.testing.fake_provider import FakeProvider
+from sidecar.testing.fake_provider import FakeProvider, Faults
 from tests.relay_stack import MASTER_KEY, USER_KEY, Stack, entry, stack
 
 MODEL = "gpt-live-1"
@@ -338,3 +338,25 @@ async def test_a_client_secret_for_a_live_model_works_on_the_live_route_only(tmp
         assert (last["error"]["code"], code) == ("model_not_allowed", 1008)
         row = await s.final_row()
     assert (row.key_hash, row.model) == (hash_key(USER_KEY), MODEL)
+
+
+async def test_failover_to_the_next_deployment_and_1011_when_all_refuse(tmp_path: Path) -> None:
+    """A refusing first deployment fails over to the second (which gets the session.start); when every
+    deployment refuses, the client gets upstream_unavailable and close 1011, no provider host in it."""
+    async with FakeProvider(faults=Faults(refuse_status=500)) as bad, FakeProvider() as good:
+        entries = [
+            entry(MODEL, f"openai/{MODEL}", bad.url, bad.api_key),
+            entry(MODEL, f"openai/{MODEL}", good.url, good.api_key),
+            entry("live-broken", f"openai/{MODEL}", bad.url, bad.api_key),
+        ]
+        async with stack(tmp_path, provider=good, entries=entries) as s:
+            ws = await started(s)
+            await ws.close()
+            assert len(bad.handshakes) == 1 and good.sessions[0].protocol == "live"
+            ws = await raw(s)
+            await ws.send(start("live-broken"))
+            last, code = await ending_of(ws)
+            assert (last["error"]["code"], code) == ("upstream_unavailable", 1011)
+            assert bad.host_port not in orjson.dumps(last).decode()
+            row = await s.final_row()
+    assert row.model == MODEL

@@ -14,7 +14,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from sidecar.testing.fake_provider import FakeProvider
+from sidecar.testing.fake_provider import FakeProvider, Faults
 from sidecar.testing.fake_translation import FRAME_BYTES
 from tests.relay_stack import MASTER_KEY, USER_KEY, Stack, entry, stack
 from tests.support import next_raw
@@ -222,3 +222,19 @@ async def ending_of(ws: ClientConnection) -> tuple[dict[str, Any], int]:
             last = orjson.loads(await ws.recv())
     assert closed.value.rcvd is not None
     return last, closed.value.rcvd.code
+
+
+async def test_failover_to_the_next_deployment(tmp_path: Path) -> None:
+    """A refusing first translation deployment fails over to the second; all refusing is 502 before the upgrade."""
+    async with FakeProvider(faults=Faults(refuse_status=500)) as bad, FakeProvider() as good:
+        entries = [
+            entry(MODEL, f"openai/{MODEL}", bad.url, bad.api_key),
+            entry(MODEL, f"openai/{MODEL}", good.url, good.api_key),
+            entry("translate-broken", f"openai/{MODEL}", bad.url, bad.api_key),
+        ]
+        async with stack(tmp_path, provider=good, entries=entries) as s:
+            ws = await raw(s)
+            await ws.close()
+            assert len(bad.handshakes) == 1 and good.sessions[0].protocol == "translation"
+            status, body = await refusal(s, f"{PATH}?model=translate-broken")
+            assert (status, body["code"]) == (502, "upstream_unavailable")
