@@ -360,3 +360,36 @@ async def test_failover_to_the_next_deployment_and_1011_when_all_refuse(tmp_path
             assert bad.host_port not in orjson.dumps(last).decode()
             row = await s.final_row()
     assert row.model == MODEL
+
+
+async def test_an_azure_deployment_gets_the_azure_form_and_its_name_stays_hidden(tmp_path: Path) -> None:
+    """An Azure GPT-Live deployment: <api_base>/openai/v1/live/sessions with the key in `api-key`, the
+    deployment's name in the session.start upstream; the client sees only the public name; billed as usual."""
+    clock = Clock()
+    provider = FakeProvider()
+    async with provider:
+        entries = [
+            entry(
+                MODEL,
+                "azure/my-live-deployment",
+                provider.url,
+                provider.api_key,
+                model_info={"base_model": "azure/gpt-live-1"},
+            )
+        ]
+        async with stack(tmp_path, provider=provider, entries=entries, clock_ns=clock) as s:
+            ws = await raw(s)
+            await ws.send(start())
+            text = await ws.recv()
+            assert isinstance(text, str) and "my-live-deployment" not in text
+            clock.advance(1.5)
+            await ws.close()
+            row = await s.final_row()
+    handshake = provider.sessions[0].handshake
+    assert (handshake.path, handshake.query) == ("/openai/v1/live/sessions", {})
+    assert handshake.headers["api-key"] == provider.api_key and "authorization" not in handshake.headers
+    assert (row.provider_model, row.unit, Decimal(row.quantity)) == (
+        "azure/my-live-deployment",
+        "session_second",
+        Decimal("1.5"),
+    )
