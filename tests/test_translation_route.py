@@ -9,11 +9,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from sidecar.auth import hash_key
 from sidecar.testing.fake_provider import FakeProvider, Faults
 from sidecar.testing.fake_translation import FRAME_BYTES
 from tests.relay_stack import MASTER_KEY, USER_KEY, Stack, entry, stack
@@ -238,3 +240,36 @@ async def test_failover_to_the_next_deployment(tmp_path: Path) -> None:
             assert len(bad.handshakes) == 1 and good.sessions[0].protocol == "translation"
             status, body = await refusal(s, f"{PATH}?model=translate-broken")
             assert (status, body["code"]) == (502, "upstream_unavailable")
+
+
+async def test_revocation_in_flight_ends_the_session_billed_once(tmp_path: Path) -> None:
+    """An admin revocation of the key ends a translation session: key_revoked, close 4001, one final."""
+    provider = FakeProvider()
+    async with provider, stack(tmp_path, provider=provider, entries=voice_entries(provider)) as s:
+        ws = await raw(s)
+        await ws.send(append(FRAME_BYTES))
+        await next_raw(ws, "session.output_audio.delta")
+        async with httpx.AsyncClient(
+            base_url=s.sidecar.http, headers={"Authorization": f"Bearer {MASTER_KEY}"}
+        ) as admin:
+            answer = await admin.post("/admin/revocations", json={"key_hash": hash_key(USER_KEY)})
+        assert answer.status_code == 202
+        last, code = await ending_of(ws)
+        assert (last["error"]["code"], code) == ("key_revoked", 4001)
+        row = await s.final_row()
+    assert (row.close_reason, row.audio_bytes) == ("key_revoked", FRAME_BYTES)
+
+
+async def test_budget_cut_off_in_flight_counts_input_audio(tmp_path: Path) -> None:
+    """A key with budget for 1 s of translation: once the appended audio's running cost reaches it, the session
+    ends with budget_exceeded, close 4002, billed once for what was appended."""
+    provider = FakeProvider()
+    async with provider, stack(tmp_path, provider=provider, entries=voice_entries(provider)) as s:
+        s.litellm.add_key("sk-budget", max_budget=float(PRICE))
+        ws = await raw(s, key="sk-budget")
+        for _ in range(10):  # 2 s in 200 ms frames
+            await ws.send(append(FRAME_BYTES))
+        last, code = await ending_of(ws)
+        assert (last["error"]["code"], code) == ("budget_exceeded", 4002)
+        row = await s.final_row()
+    assert row.close_reason == "budget_exceeded" and Decimal(row.cost_usd) >= PRICE
