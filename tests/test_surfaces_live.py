@@ -311,3 +311,21 @@ def test_bill_time_is_the_meters_arithmetic(
     seconds = Fraction(count % 10**6, 48000)
     figures = meter.snapshot()
     assert (figures.quantity, figures.cost_usd) == bill_time(seconds, price, rounding=rounding, increment=increment)  # type: ignore[arg-type]
+
+
+def test_the_providers_active_and_paused_breakdown_is_recorded_not_billed() -> None:
+    """SessionUsage's active / paused seconds (the latest) go to upstream_usage beside the total; the bill is
+    still the sidecar's own session time."""
+    core = opened()
+    core.on_upstream_text(started(), now=T0)
+    breakdown = SessionUsage(seconds=10, active_seconds=7, paused_seconds=3)
+    text = wire(SessionUsageUpdatedEvent(type="session.usage.updated", event_id="ev_9", usage=breakdown))
+    core.on_upstream_text(text, now=T0 + 4 * NS_PER_SECOND)
+    figures = core.figures(now=T0 + 4 * NS_PER_SECOND)
+    assert figures.quantity == Decimal(4)
+    assert orjson.loads(figures.upstream_usage) == {
+        "duration_seconds": 10,
+        "events": 1,
+        "active_seconds": 7,
+        "paused_seconds": 3,
+    }

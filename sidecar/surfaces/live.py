@@ -128,6 +128,7 @@ class LiveSession:
     __slots__ = (
         "_audio_bytes",
         "_bps",
+        "_breakdown",
         "_closed_reason",
         "_ended_at",
         "_increment",
@@ -174,6 +175,8 @@ class LiveSession:
         self._session_id: str | None = None
         self._provider_seconds: Decimal | None = None
         self._usage_events = 0
+        #: The provider's latest active / paused breakdown of its seconds (SessionUsage, when it sends one).
+        self._breakdown: dict[str, int] = {}
         self._closed_reason: str | None = None
 
     @property
@@ -274,22 +277,30 @@ class LiveSession:
             session_id = protocol.dig(event, "session", "id")
             self._session_id = session_id if isinstance(session_id, str) else None
         elif kind == USAGE:
-            self._record_usage(protocol.dig(event, "usage", "seconds"))
+            self._record_usage(event.get("usage"))
         elif kind == CLOSED:
-            self._record_usage(protocol.dig(event, "usage", "seconds"))
+            self._record_usage(event.get("usage"))
             reason = event.get("reason")
             self._closed_reason = reason if isinstance(reason, str) else ""
             self.on_end(now=now)
         return self._scrub(text)
 
-    def _record_usage(self, seconds: object) -> None:
-        """Keep the provider's latest cumulative seconds (a finite number >= 0; anything else is ignored)."""
+    def _record_usage(self, usage: object) -> None:
+        """Keep the provider's latest cumulative seconds (a finite number >= 0; anything else is ignored) and
+        its active / paused breakdown (SessionUsage.active_seconds / paused_seconds, whole seconds)."""
+        if not isinstance(usage, dict):
+            return
+        seconds = usage.get("seconds")
         if isinstance(seconds, bool) or not isinstance(seconds, int | float):
             return
         if not isfinite(seconds) or seconds < 0:
             return
         self._provider_seconds = Decimal(repr(seconds)) if isinstance(seconds, float) else Decimal(seconds)
         self._usage_events += 1
+        for name in ("active_seconds", "paused_seconds"):
+            part = usage.get(name)
+            if isinstance(part, int) and not isinstance(part, bool) and part >= 0:
+                self._breakdown[name] = part
 
     # ---- the end and the figures --------------------------------------------------------------
 
@@ -336,7 +347,7 @@ class LiveSession:
             return ""
         seconds = self._provider_seconds
         shown = int(seconds) if seconds == seconds.to_integral_value() else float(seconds)
-        return orjson.dumps({"duration_seconds": shown, "events": self._usage_events}).decode()
+        return orjson.dumps({"duration_seconds": shown, "events": self._usage_events, **self._breakdown}).decode()
 
 
 if TYPE_CHECKING:
