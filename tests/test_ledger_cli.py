@@ -24,6 +24,7 @@ from sidecar import cli
 from sidecar.billing import make_engine
 from sidecar.billing.consumer import LITELLM_GROUP
 from sidecar.config import Settings
+from sidecar.ledger.writer import BATCH_MAX
 from sidecar.testing.factories import usage_event
 from tests.billing_support import DEADLINE_S, RedisServer, poll
 from tests.test_ledger_consumer import assert_charged_once, principal_of, publish, session_events, spend_log_ids
@@ -97,9 +98,11 @@ async def test_sigkill_between_commit_and_ack_then_another_consumer_changes_no_t
     redis_server: RedisServer, litellm_db: str, tmp_path: Path, processes: list[ConsumeProcess]
 ) -> None:
     """A real `sidecar consume --sink litellm` is SIGKILLed after some SpendLogs rows committed while every entry
-    is still pending (a row lock held by the test stalls the batch); the next consumer leaves every total exact."""
+    is still pending (a row lock held by the test stalls the batch's second transaction: the sink commits BATCH_MAX
+    events a transaction, a's fill the first); the next consumer leaves every total exact."""
     a, b = principal_of(litellm_db, 1), principal_of(litellm_db, 2)
-    first, second = session_events(a, "rs_a"), session_events(b, "rs_b")
+    first, second = session_events(a, "rs_a", seqs=BATCH_MAX), session_events(b, "rs_b")
+    everything = len(first) + len(second)
     redis = aioredis.Redis.from_url(redis_server.url)
     env = {"SIDECAR_REDIS_URL": redis_server.url, "SIDECAR_LITELLM_DATABASE_URL": litellm_db,
            "SIDECAR_DB_TIMEOUT_S": "60"}  # fmt: skip
@@ -109,10 +112,10 @@ async def test_sigkill_between_commit_and_ack_then_another_consumer_changes_no_t
             holder.execute('SELECT 1 FROM "LiteLLM_TeamTable" WHERE team_id = %s FOR UPDATE', (b.team_id,))
             await publish(redis, "realtime:usage", first + second)
             doomed = await spawn(processes, env, "--sink", "litellm", workdir=tmp_path / "run")
-            await poll(lambda: _rows(litellm_db, 3), what="a's three SpendLogs rows committed")
-            assert (await redis.xpending("realtime:usage", LITELLM_GROUP))["pending"] == 6  # none acknowledged
+            await poll(lambda: _rows(litellm_db, len(first)), what="a's SpendLogs rows committed")
+            assert (await redis.xpending("realtime:usage", LITELLM_GROUP))["pending"] == everything  # none acked
             assert await doomed.signal(9) == -9
-            assert (await redis.xpending("realtime:usage", LITELLM_GROUP))["pending"] == 6
+            assert (await redis.xpending("realtime:usage", LITELLM_GROUP))["pending"] == everything
             holder.rollback()
         ids = [entry_id for entry_id, _ in await redis.xrange("realtime:usage")]
         # As if the dead consumer's entries had waited past the claim time (30 s): the next one takes them at once.
@@ -123,7 +126,7 @@ async def test_sigkill_between_commit_and_ack_then_another_consumer_changes_no_t
         await redis.aclose()
     assert_charged_once(litellm_db, a, [first[-1]])
     assert_charged_once(litellm_db, b, [second[-1]])
-    assert len(spend_log_ids(litellm_db)) == 6
+    assert len(spend_log_ids(litellm_db)) == everything
 
 
 async def _rows(dsn: str, count: int) -> bool:

@@ -7,9 +7,11 @@ and never answered). Before the first write, every `reprobe_s` and after any dat
 sink's own tables and probes LiteLLM's schema; while a required table or column is missing it refuses every
 write with `LedgerSchemaError`, naming what is missing, so the consumer leaves the entries pending and warns.
 
-`write(events, now=...)` applies each event in order with `sidecar.ledger.writer.apply` (one transaction
-each) and returns their Outcomes: `applied`, `skipped` (already applied: a repeat, a late checkpoint) or
-`dead_letter` (never to be applied; the consumer buries it in `<stream>:dead`). Blocking: run it in a thread.
+`write(events, now=...)` applies the events with `sidecar.ledger.writer.apply_many`, BATCH_MAX (200) events a
+transaction, and returns their Outcomes: `applied`, `skipped` (already applied: a repeat, a late checkpoint) or
+`dead_letter` (never to be applied; the consumer buries it in `<stream>:dead`). When LiteLLM's columns refuse a
+value of a batch (a DataError, the batch rolled back), its events are applied again one transaction each, so
+that only the event carrying the value is dead-lettered. Blocking: run it in a thread.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from psycopg.conninfo import conninfo_to_dict
 from sidecar.billing.writer import BillingDatabaseError, BillingTimeoutError, pg_connect_args
 from sidecar.config import DEFAULT_DB_TIMEOUT_S
 from sidecar.ledger.schema import LedgerSchema, missing_required, probe
-from sidecar.ledger.writer import Outcome, apply, ensure_sink_tables
+from sidecar.ledger.writer import BATCH_MAX, Outcome, apply, apply_many, ensure_sink_tables
 from sidecar.usage import UsageEvent
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ class LedgerSink:
     """Writes usage events into LiteLLM's ledger through one connection; thread-confined (the consumer's worker).
 
     `dsn` is a `postgresql://` or `postgres://` URL (libpq parameters in its query win over the derived ones).
-    Does not connect until the first `write` or `check`.
+    `batch_max` caps the events of one transaction. Does not connect until the first `write` or `check`.
     """
 
     def __init__(
@@ -71,12 +73,14 @@ class LedgerSink:
         reprobe_s: float = REPROBE_S,
         observer: LedgerObserver | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        batch_max: int = BATCH_MAX,
     ) -> None:
         self._params, self._namespace = connect_params(dsn, timeout_s=timeout_s)
         self._timeout_s = timeout_s
         self._reprobe_s = reprobe_s
         self._observer = observer
         self._monotonic = monotonic
+        self._batch_max = max(1, batch_max)
         self._conn: Conn | None = None
         self._schema: LedgerSchema | None = None
         self._missing: list[str] = []
@@ -97,22 +101,25 @@ class LedgerSink:
             return self._ready()
 
     def write(self, events: Sequence[UsageEvent], *, now: datetime) -> list[Outcome]:
-        """Apply the events in order, one transaction each; return their outcomes (same order).
+        """Apply the events in order, `batch_max` a transaction; return their outcomes (same order).
 
-        A failure part-way leaves the events before it applied: the caller retries the whole batch, and
-        those are then `skipped`. Raises LedgerSchemaError or BillingDatabaseError (nothing more written;
-        the connection is replaced and the schema probed again on the next call).
+        A failure part-way leaves the transactions before it committed: the caller retries the whole batch,
+        and their events are then `skipped`. Raises LedgerSchemaError or BillingDatabaseError (nothing more
+        written; the connection is replaced and the schema probed again on the next call).
         """
         outcomes: list[Outcome] = []
         with self._translated("write"):
             schema = self._ready()
             conn = self._connection()
-            for event in events:
+            for at in range(0, len(events), self._batch_max):
+                batch = events[at : at + self._batch_max]
                 started = time.perf_counter()
-                outcome = self._apply(conn, schema, event, now)
+                done = self._apply_many(conn, schema, batch, now)
                 if self._observer is not None:
-                    self._observer.applied(outcome, time.perf_counter() - started)
-                outcomes.append(outcome)
+                    share = (time.perf_counter() - started) / len(batch)  # each event's share of its transaction
+                    for outcome in done:
+                        self._observer.applied(outcome, share)
+                outcomes += done
         return outcomes
 
     def close(self) -> None:
@@ -120,6 +127,17 @@ class LedgerSink:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+    def _apply_many(
+        self, conn: Conn, schema: LedgerSchema, events: Sequence[UsageEvent], now: datetime
+    ) -> list[Outcome]:
+        if len(events) > 1:
+            try:
+                with _deadline(conn, self._timeout_s):
+                    return apply_many(conn, schema, events, now=now)
+            except psycopg.DataError:
+                pass  # rolled back, and it names no event: one transaction each finds it
+        return [self._apply(conn, schema, event, now) for event in events]
 
     def _apply(self, conn: Conn, schema: LedgerSchema, event: UsageEvent, now: datetime) -> Outcome:
         try:
