@@ -321,8 +321,6 @@ async def _run_litellm(settings: Settings, redis: Any, stop: asyncio.Event, metr
     from sidecar.billing.writer import BillingError
     from sidecar.ledger.aftercommit import AfterCommit
     from sidecar.ledger.sink import LedgerSink
-    from sidecar.ledger.writer import Outcome
-    from sidecar.usage import UsageEvent
 
     proxy_redis = (
         aioredis.Redis.from_url(settings.litellm_redis_url, socket_timeout=5, socket_connect_timeout=5)
@@ -333,10 +331,6 @@ async def _run_litellm(settings: Settings, redis: Any, stop: asyncio.Event, metr
         redis, prefix=settings.control_prefix, proxy_redis=proxy_redis, namespace=settings.litellm_redis_namespace
     )
 
-    async def after_commit(events: Sequence[UsageEvent], outcomes: Sequence[Outcome]) -> None:
-        for event, outcome in zip(events, outcomes, strict=True):
-            await after(event, outcome)
-
     sink = LedgerSink(settings.litellm_database_url or "", timeout_s=settings.db_timeout_s, observer=metrics)
     consumer = UsageConsumer(
         redis,
@@ -344,7 +338,7 @@ async def _run_litellm(settings: Settings, redis: Any, stop: asyncio.Event, metr
         stream=settings.usage_stream,
         group=LITELLM_GROUP,
         observer=metrics,
-        after_commit=after_commit,
+        after_commit=after.batch,
     )
     try:
         try:  # the sink's tables and schema probe at start, so a refusal shows before the first entry

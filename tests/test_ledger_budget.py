@@ -8,6 +8,7 @@ import math
 import random
 from dataclasses import replace
 from decimal import Decimal
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,6 +27,7 @@ from sidecar.ledger.writer import Outcome, apply, ensure_sink_tables
 from sidecar.metrics import Metrics
 from sidecar.testing.factories import usage_event
 from sidecar.usage import UsageEvent
+from tests.billing_support import RedisServer
 from tests.litellm_schema import seed_principal
 from tests.test_session import append, make
 
@@ -98,6 +100,63 @@ async def test_any_order_with_repeats_settles_the_final_cost_once(redis_client: 
     key, team = await counters(redis_client, prefix)
     expected = -float(events(n=4)[-1].cost_usd) * len(orders)
     assert math.isclose(key, expected) and math.isclose(team, expected)
+
+
+async def test_a_batch_settles_what_its_events_settle_one_by_one(tmp_path: Path) -> None:
+    """Several sessions' events, repeated and out of order, in one `settle_many` (one pipeline): each event settles
+    what it settles alone, in the same order, and the counters match; on a fresh Redis without the script (NOSCRIPT)
+    the script is loaded and the batch settled once."""
+    server = RedisServer(tmp_path / "redis")
+    await server.start()
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        rng = random.Random(15)
+        delivered = [e for n in range(4) for e in events(f"rs_m{n}", 3) for _ in range(rng.randint(1, 2))]
+        rng.shuffle(delivered)
+        delivered.append(usage_event("rs_free", 1))  # no budget scope: settles nothing, touches nothing
+        assert await client.script_exists(BudgetSettler(client, prefix="x")._script.sha) == [False]
+        batched = await BudgetSettler(client, prefix="batch").settle_many(delivered)
+        one_by_one = BudgetSettler(client, prefix="single")
+        assert batched == [await one_by_one.settle(e) for e in delivered]
+        assert sum(batched) == 4 * events(n=3)[-1].cost_usd
+        assert await counters(client, "batch") == await counters(client, "single")
+        assert await BudgetSettler(client, prefix="batch").settle_many(delivered) == [Decimal(0)] * len(delivered)
+    finally:
+        await client.aclose()
+        await server.stop()
+
+
+async def test_a_batch_publishes_each_cache_key_once(redis_client: aioredis.Redis, redis_url: str, unique: str) -> None:
+    """Several applied events of the same key, user and team in one batch: each cache key published once; skipped,
+    dead-lettered and unknown-key outcomes publish nothing."""
+    prefix, namespace = f"test:{unique}", f"test-{unique}"
+    listener, pubsub = await subscribed(redis_url, invalidation.channel(namespace))
+    proxy = aioredis.Redis.from_url(redis_url)
+    try:
+        after = AfterCommit(redis_client, prefix=prefix, proxy_redis=proxy, namespace=namespace)
+        first, second, final = events()
+        stranger = final.with_changes(key_hash="cd" * 32, session_id="rs_stranger", budget_windows="")
+        await after.batch(
+            [first, second, final, second, stranger],
+            [applied(first), applied(second), applied(final), Outcome("skipped"), applied(stranger, key_exists=False)],
+        )
+        await proxy.publish(invalidation.channel(namespace), invalidation.message("end-of-test"))
+        got: list[str] = []
+        while not got or got[-1] != "end-of-test":
+            item = await pubsub.get_message(timeout=5)
+            assert item is not None, f"the end marker never arrived (got {got})"
+            got.append(orjson.loads(item["data"])["cache_key"])
+        expected = invalidation.cache_keys(
+            key_hash=final.key_hash, user_id=final.user_id, team_id=final.team_id, organization_id="org-1",
+            tags=["prod"],
+        )  # fmt: skip
+        assert got == [*expected, "end-of-test"]
+        key, team = await counters(redis_client, prefix)
+        assert math.isclose(key, -float(final.cost_usd)) and math.isclose(team, -float(final.cost_usd))
+    finally:
+        await pubsub.aclose()
+        await listener.aclose()
+        await proxy.aclose()
 
 
 async def test_no_budget_scope_settles_nothing(redis_client: aioredis.Redis, unique: str) -> None:

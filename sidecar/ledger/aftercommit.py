@@ -1,4 +1,4 @@
-"""What the LiteLLM sink does after an event's transaction commits and before it acknowledges the entry.
+"""What the LiteLLM sink does after a batch's transaction commits and before it acknowledges the entries.
 
 Two nudges, both best effort: the budget settle on the sidecar's own Redis (sidecar/ledger/budget.py),
 for applied and skipped outcomes, so the sidecar's budget total counts the spend once; and, for an
@@ -9,11 +9,15 @@ raised: the ledger is already committed, and acknowledging must not wait on eith
 that failed is repaired when a later event of the session is settled (the figure is cumulative); one
 that failed on the session's last event leaves that spend counted twice in the sidecar's own budget
 total (never less) until the counter's window ends.
+
+A batch costs at most two round trips, one per Redis: the settles pipelined in the batch's order, and the
+invalidations of every charged key, user, team, ... published once each.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -27,7 +31,8 @@ log = logging.getLogger("sidecar.ledger")
 
 
 class AfterCommit:
-    """The post-commit step of the LiteLLM sink: `await after_commit(event, outcome)`; never raises for Redis.
+    """The post-commit step of the LiteLLM sink: `await after_commit.batch(events, outcomes)` (what the consumer
+    calls), or `await after_commit(event, outcome)` for one; never raises for Redis.
 
     `redis` is the sidecar's own Redis (its budget counters, under `prefix`, the control prefix);
     `proxy_redis` the LiteLLM proxy's Redis, None when the proxy has none (then nothing is published);
@@ -48,25 +53,37 @@ class AfterCommit:
 
     async def __call__(self, event: UsageEvent, outcome: Outcome) -> None:
         """Settle the budget (applied, skipped), then publish the invalidations (applied, key known)."""
-        if outcome.kind in ("applied", "skipped"):
-            try:
-                await self._settler.settle(event)
-            except (RedisError, OSError) as exc:
-                self._failed("budget settle", event, exc)
-        if outcome.kind == "applied" and outcome.key_exists and self._proxy is not None:
-            try:
-                await self._publish(outcome)
-            except (RedisError, OSError) as exc:
-                self._failed("cache invalidation", event, exc)
+        await self.batch([event], [outcome])
 
-    async def _publish(self, outcome: Outcome) -> None:
-        keys = invalidation.cache_keys(
-            key_hash=outcome.key_hash,
-            user_id=outcome.user_id,
-            team_id=outcome.team_id,
-            organization_id=outcome.organization_id,
-            project_id=outcome.project_id,
-            tags=outcome.tags,
+    async def batch(self, events: Sequence[UsageEvent], outcomes: Sequence[Outcome]) -> None:
+        """Settle the budget of the applied and skipped events (one round trip), then publish the invalidations
+        of the applied ones whose key LiteLLM knows, each cache key once (one round trip)."""
+        pairs = list(zip(events, outcomes, strict=True))
+        settled = [e for e, o in pairs if o.kind in ("applied", "skipped")]
+        if settled:
+            try:
+                await self._settler.settle_many(settled)
+            except (RedisError, OSError) as exc:
+                self._failed("budget settle", settled, exc)
+        charged = [(e, o) for e, o in pairs if o.kind == "applied" and o.key_exists]
+        if charged and self._proxy is not None:
+            try:
+                await self._publish([o for _, o in charged])
+            except (RedisError, OSError) as exc:
+                self._failed("cache invalidation", [e for e, _ in charged], exc)
+
+    async def _publish(self, outcomes: Sequence[Outcome]) -> None:
+        keys = dict.fromkeys(
+            key
+            for o in outcomes
+            for key in invalidation.cache_keys(
+                key_hash=o.key_hash,
+                user_id=o.user_id,
+                team_id=o.team_id,
+                organization_id=o.organization_id,
+                project_id=o.project_id,
+                tags=o.tags,
+            )
         )
         assert self._proxy is not None
         pipe = self._proxy.pipeline(transaction=False)
@@ -75,12 +92,13 @@ class AfterCommit:
         await pipe.execute()
 
     @staticmethod
-    def _failed(what: str, event: UsageEvent, exc: BaseException) -> None:
+    def _failed(what: str, events: Sequence[UsageEvent], exc: BaseException) -> None:
         log.warning(
-            "LiteLLM sink: %s failed after commit (%s); the entry is acknowledged anyway",
+            "LiteLLM sink: %s failed after commit (%s) for %d events; the entries are acknowledged anyway",
             what,
             type(exc).__name__,
-            extra={"session_id": event.session_id, "key_hash": event.key_hash},
+            len(events),
+            extra={"session_id": events[0].session_id, "key_hash": events[0].key_hash},
         )
 
 

@@ -12,20 +12,24 @@ which keeps the counter at "realtime spend not yet in LiteLLM". While a session 
 may go below zero by what its checkpoints already put into LiteLLM; the session's running cost makes
 up for it, and its final cost, added at its end, brings it back.
 
-Exactly once: one Lua script (one round trip) keeps, per session, the cumulative cost already settled
+Exactly once: one Lua script keeps, per session, the cumulative cost already settled
 (`<prefix>:ledger:settled:<session_id>`, expiring with the billed counters) and takes off only what an
 event's cumulative cost adds to it. A duplicate, a redelivery, an older checkpoint settle nothing; the
 sink calls it for applied and skipped outcomes alike, so an event whose commit went through but whose
 settle did not (a crash, Redis down) is settled when it or a later event of the session comes again.
+`settle_many` settles a batch in one round trip: the script's calls pipelined (EVALSHA), in the batch's order,
+so it settles exactly what the same events settled one by one would.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from decimal import Decimal
-from typing import Final
+from typing import Any, Final
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from sidecar.control import BILLED_TTL_S, billed_key
 from sidecar.usage import UsageEvent
@@ -69,6 +73,7 @@ class BudgetSettler:
     """Settles applied realtime spend against the sidecar's billed counters (module docstring)."""
 
     def __init__(self, redis: aioredis.Redis, *, prefix: str, ttl_s: int = BILLED_TTL_S) -> None:
+        self._redis = redis
         self._prefix = prefix
         self._ttl_s = ttl_s
         self._script = redis.register_script(_SETTLE)
@@ -79,13 +84,46 @@ class BudgetSettler:
         Returns the amount newly settled (0 when nothing was: no budget scope, or not more than settled).
         Redis errors (redis.exceptions.RedisError, OSError) propagate; nothing is half-done by one.
         """
+        (settled,) = await self.settle_many([event])
+        return settled
+
+    async def settle_many(self, events: Sequence[UsageEvent]) -> list[Decimal]:
+        """`settle` for each event, in order, in one round trip (none for events without a budget scope); returns
+        what each newly settled.
+
+        Redis errors (redis.exceptions.RedisError, OSError) propagate; each event's settle is whole or not done,
+        and one that was done is not done again when the batch is retried (the figure is cumulative).
+        """
+        calls = {i: keys for i, e in enumerate(events) if (keys := self._keys(e))}
+        settled = [Decimal(0)] * len(events)
+        if not calls:
+            return settled
+        for attempt in (1, 2):
+            pipe = self._redis.pipeline(transaction=False)
+            for i, keys in calls.items():
+                pipe.evalsha(self._script.sha, len(keys), *keys, format(events[i].cost_usd, "f"), self._ttl_s)
+            replies = await pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
+                await self._redis.script_load(_SETTLE)  # a restarted or flushed Redis: load, then all again
+                continue
+            if failed := next((r for r in replies if isinstance(r, Exception)), None):
+                raise failed
+            for i, raw in zip(calls, replies, strict=True):
+                settled[i] = _decimal(raw)
+            break
+        return settled
+
+    def _keys(self, event: UsageEvent) -> list[str]:
+        """The script's keys for `event`: its settled figure, then its scopes' billed counters (none: no settle)."""
         scopes = windows(event.budget_windows)
         if not scopes or event.cost_usd <= 0:
-            return Decimal(0)
+            return []
         keys = [settled_key(self._prefix, event.session_id)]
-        keys += [billed_key(self._prefix, scope, window) for scope, window in scopes.items()]
-        raw = await self._script(keys=keys, args=[format(event.cost_usd, "f"), self._ttl_s])
-        return Decimal(raw.decode() if isinstance(raw, bytes) else str(raw))
+        return keys + [billed_key(self._prefix, scope, window) for scope, window in scopes.items()]
+
+
+def _decimal(raw: Any) -> Decimal:
+    return Decimal(raw.decode() if isinstance(raw, bytes) else str(raw))
 
 
 __all__ = ["BudgetSettler", "settled_key", "windows"]
