@@ -1,6 +1,6 @@
 """The LiteLLM sink's benchmark: events per second into LiteLLM's real schema, and the lag to SpendLogs.
 
-    python -m bench.ledger [--sessions 500] [--checkpoints 4] [--workers 1,2] [--repeats 3]
+    python -m bench.ledger [--sessions 500] [--checkpoints 4] [--workers 1,2] [--batches 1,200] [--repeats 3]
                            [--pipeline off|on|both] [--no-consume] [--lag-sessions 100] [--lag-repeats 3]
                            [--no-throughput] [--no-lag]
 
@@ -9,13 +9,15 @@ Throughput: LiteLLM's schema is built once from the `litellm-proxy-extras` migra
 the sink's tables (`ensure_sink_tables`) and a few seeded principals (a key, its user, team and
 organization each). `sessions` sessions of `checkpoints` checkpoints and a final, cumulative figures,
 interleaved as a stream holds them (every session's seq 1, then every seq 2, ...), are applied with
-`sidecar.ledger.apply`, one event per transaction, from 1 and from 2 worker processes with a connection
-each (a session's events always go to the same worker, in order, as they arrive seconds apart in
-production), each case with and without psycopg's pipeline mode around `apply` (`--pipeline`). The
-time runs from the start barrier to the last commit; afterwards every figure is checked (one SpendLogs
-row per event, per-session sums equal to the finals, entity and daily totals, one request per session).
-The same sessions also go through a real `sidecar consume --sink litellm` (`run_consume_throughput`:
-XREADGROUP, the sink's connection, the budget settle after each commit, XACK), one process.
+`sidecar.ledger.apply_many`, `--batches` events a transaction (1: one event per transaction; 200: the
+sink's BATCH_MAX), from 1 and from 2 worker processes with a connection each (a session's events always
+go to the same worker, in order, as they arrive seconds apart in production), optionally inside psycopg's
+pipeline mode (`--pipeline`; the writer pipelines its writes itself). The time runs from the start barrier
+to the last commit; afterwards every figure is checked (one SpendLogs row per event, per-session sums
+equal to the finals, entity and daily totals, one request per session). The same sessions also go
+through a real `sidecar consume --sink litellm` (`run_consume_throughput`: XREADGROUP of 500 entries, the
+sink's connection writing them 200 a transaction, the budget settles and cache invalidations after each
+commit, XACK), one process.
 
 Lag: a real `sidecar consume --sink litellm` (SIDECAR_LITELLM_DATABASE_URL on a fresh clone, SIDECAR_REDIS_URL
 on `--lag-redis-url`, a database without realtime:* keys since the stream name realtime:usage is fixed) reads
@@ -60,7 +62,8 @@ from redis.exceptions import ResponseError
 from bench.procs import Proc, Procs
 from sidecar.billing.consumer import LITELLM_GROUP
 from sidecar.config import DEFAULT_USAGE_STREAM
-from sidecar.ledger import LedgerSchema, apply, ensure_sink_tables, probe
+from sidecar.ledger import LedgerSchema, ensure_sink_tables, probe
+from sidecar.ledger.writer import BATCH_MAX, apply_many
 from sidecar.testing.litellm_schema import Principal, apply_migrations, seed_principal
 from sidecar.usage import UsageEvent
 
@@ -175,23 +178,35 @@ class Throughput:
     skipped: int
     verified: bool
     via: str = "apply"
+    batch: int = 1
 
 
 def _worker(
-    dsn: str, schema: LedgerSchema, events: list[UsageEvent], start: Barrier, done: Queue[Any], *, pipeline: bool
+    dsn: str,
+    schema: LedgerSchema,
+    events: list[UsageEvent],
+    start: Barrier,
+    done: Queue[Any],
+    *,
+    pipeline: bool,
+    batch: int,
 ) -> None:
-    """One worker process: its own connection, its events in order; reports (kinds, end time)."""
+    """One worker process: its own connection, its events in order, `batch` a transaction; reports (kinds, end time)."""
     kinds = []
     with psycopg.connect(dsn, autocommit=True) as conn:
         start.wait()
-        for event in events:
+        for at in range(0, len(events), batch):
             with conn.pipeline() if pipeline else contextlib.nullcontext():
-                kinds.append(apply(conn, schema, event, now=datetime.now(UTC)).kind)
+                outcomes = apply_many(conn, schema, events[at : at + batch], now=datetime.now(UTC))
+            kinds += [o.kind for o in outcomes]
         done.put((kinds, time.perf_counter()))  # CLOCK_MONOTONIC: comparable across processes
 
 
-def run_throughput(dsn: str, *, workers: int, sessions_count: int, checkpoints: int, pipeline: bool) -> Throughput:
-    """Apply `sessions_count` sessions from `workers` processes (one connection each) into the database at `dsn`.
+def run_throughput(
+    dsn: str, *, workers: int, sessions_count: int, checkpoints: int, pipeline: bool, batch: int = BATCH_MAX
+) -> Throughput:
+    """Apply `sessions_count` sessions from `workers` processes (one connection each), `batch` events a transaction,
+    into the database at `dsn`.
 
     Processes, not threads: the writer spends most of its time in Python (psycopg), so threads would
     measure the GIL; and a second `sidecar consume` is a second process. Forked, so the events are
@@ -205,7 +220,9 @@ def run_throughput(dsn: str, *, workers: int, sessions_count: int, checkpoints: 
     ctx = multiprocessing.get_context("fork")
     start, done = ctx.Barrier(workers + 1), ctx.Queue()
     procs = [
-        ctx.Process(target=_worker, args=(dsn, schema, share, start, done), kwargs={"pipeline": pipeline})
+        ctx.Process(
+            target=_worker, args=(dsn, schema, share, start, done), kwargs={"pipeline": pipeline, "batch": batch}
+        )
         for share in shares
     ]
     for p in procs:
@@ -232,6 +249,7 @@ def run_throughput(dsn: str, *, workers: int, sessions_count: int, checkpoints: 
         applied=kinds.count("applied"),
         skipped=kinds.count("skipped"),
         verified=verify(dsn, group, principals) and len(kinds) == events,
+        batch=batch,
     )
 
 
@@ -290,32 +308,37 @@ def measure_throughput(
     repeats: int,
     sessions_count: int,
     checkpoints: int,
+    batches: Sequence[int] = (BATCH_MAX,),
 ) -> list[Throughput]:
-    """`repeats` rounds of every (workers, pipeline) case, interleaved, each run in a fresh clone of the template."""
+    """`repeats` rounds of every (workers, batch, pipeline) case, interleaved, each run in a fresh clone of the
+    template."""
     runs = []
     for _ in range(repeats):
         for w in workers:
-            for pipeline in pipelines:
-                with database(admin_dsn, template=template) as dsn:
-                    run = run_throughput(
-                        dsn, workers=w, sessions_count=sessions_count, checkpoints=checkpoints, pipeline=pipeline
-                    )
-                print(f"  {asdict(run)}", file=sys.stderr)
-                runs.append(run)
+            for batch in batches:
+                for pipeline in pipelines:
+                    with database(admin_dsn, template=template) as dsn:
+                        run = run_throughput(
+                            dsn, workers=w, sessions_count=sessions_count, checkpoints=checkpoints,
+                            pipeline=pipeline, batch=batch,
+                        )  # fmt: skip
+                    print(f"  {asdict(run)}", file=sys.stderr)
+                    runs.append(run)
     return runs
 
 
 def throughput_table(runs: Sequence[Throughput]) -> str:
     """A markdown table: per case, events/s median, min and max over the runs."""
     lines = [
-        "| path | connections | psycopg pipeline | runs | events per run | events/s median | min | max | verified |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---|",
+        "| path | connections | events a transaction | psycopg pipeline | runs | events per run | events/s median |"
+        " min | max | verified |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
-    for case in sorted({(r.via, r.workers, r.pipeline) for r in runs}):
-        mine = [r for r in runs if (r.via, r.workers, r.pipeline) == case]
+    for case in sorted({(r.via, r.workers, r.batch, r.pipeline) for r in runs}):
+        mine = [r for r in runs if (r.via, r.workers, r.batch, r.pipeline) == case]
         rates = [r.events_per_s for r in mine]
         lines.append(
-            f"| {case[0]} | {case[1]} | {'yes' if case[2] else 'no'} | {len(mine)} | {mine[0].events} |"
+            f"| {case[0]} | {case[1]} | {case[2]} | {'yes' if case[3] else 'no'} | {len(mine)} | {mine[0].events} |"
             f" {statistics.median(rates):,.0f} | {min(rates):,.0f} | {max(rates):,.0f} |"
             f" {all(r.verified for r in mine)} |"
         )
@@ -535,6 +558,7 @@ async def run_consume_throughput(
         skipped=0,
         verified=verify(dsn, group, [], others=True),
         via="sidecar consume",
+        batch=BATCH_MAX,
     )
 
 
@@ -575,8 +599,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sessions", type=int, default=500, help="sessions per throughput run")
     parser.add_argument("--checkpoints", type=int, default=4, help="checkpoints per session (then a final)")
     parser.add_argument("--workers", default="1,2", help="connection (process) counts, comma-separated")
+    parser.add_argument("--batches", default=f"1,{BATCH_MAX}", help="events a transaction, comma-separated")
     parser.add_argument(
-        "--pipeline", choices=("off", "on", "both"), default="both", help="apply inside conn.pipeline() (psycopg)"
+        "--pipeline", choices=("off", "on", "both"), default="off", help="apply inside conn.pipeline() (psycopg)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="runs per throughput case")
     parser.add_argument(
@@ -605,6 +630,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.pg_dsn,
                 template=template,
                 workers=[int(w) for w in args.workers.split(",") if w],
+                batches=[int(b) for b in args.batches.split(",") if b],
                 pipelines={"off": [False], "on": [True], "both": [False, True]}[args.pipeline],
                 repeats=args.repeats,
                 sessions_count=args.sessions,
@@ -624,7 +650,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {asdict(run)}", file=sys.stderr)
                 runs.append(run)
             result["throughput"] = [asdict(r) for r in runs]
-            print("Throughput: events applied into LiteLLM's schema, one transaction per event\n")
+            print("Throughput: events applied into LiteLLM's schema\n")
             print(throughput_table(runs) + "\n")
         if not args.no_lag:
             lags = []

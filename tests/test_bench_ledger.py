@@ -1,6 +1,7 @@
 """`make bench-ledger` in miniature: each part runs end to end and checks its own figures.
 
-A few sessions through `bench.ledger`'s throughput run (2 worker processes, with and without the pipeline),
+A few sessions through `bench.ledger`'s throughput run (2 worker processes, one event or a batch a transaction,
+with and without the pipeline),
 its `sidecar consume --sink litellm` run and its lag run, on clones of the session's LiteLLM template and a
 throwaway redis-server (the sidecar's stream name is fixed). No timing is asserted.
 """
@@ -26,13 +27,14 @@ async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
     await server.stop()
 
 
-@pytest.mark.parametrize("pipeline", [False, True])
-def test_throughput_run_applies_every_event_once(litellm_template: str, pipeline: bool) -> None:
-    """Two workers apply 6 sessions of 2 checkpoints and a final: 18 events applied, the ledger verified."""
+@pytest.mark.parametrize(("pipeline", "batch"), [(False, 1), (True, 1), (False, 4), (True, 4)])
+def test_throughput_run_applies_every_event_once(litellm_template: str, pipeline: bool, batch: int) -> None:
+    """Two workers apply 6 sessions of 2 checkpoints and a final, `batch` events a transaction: 18 events applied,
+    the ledger verified."""
     with ledger.database(PG_ADMIN_DSN, template=litellm_template) as dsn:
-        run = ledger.run_throughput(dsn, workers=2, sessions_count=6, checkpoints=2, pipeline=pipeline)
-    assert (run.events, run.applied, run.skipped, run.verified) == (18, 18, 0, True)
-    assert "| apply | 2 |" in ledger.throughput_table([run])
+        run = ledger.run_throughput(dsn, workers=2, sessions_count=6, checkpoints=2, pipeline=pipeline, batch=batch)
+    assert (run.events, run.applied, run.skipped, run.verified, run.batch) == (18, 18, 0, True, batch)
+    assert f"| apply | 2 | {batch} |" in ledger.throughput_table([run])
 
 
 async def test_consume_and_lag_runs_see_every_row(
