@@ -581,6 +581,7 @@ async def _connect(
         checkpoint_s=settings.checkpoint_s,
         idle_timeout_s=settings.idle_timeout_s,
         max_session_s=settings.max_session_s,
+        walkout_wait_s=settings.walkout_wait_s,
         clock_ns=services.clock_ns,
     )
 

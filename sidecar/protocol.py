@@ -16,6 +16,7 @@ APPEND: Final = "input_audio_buffer.append"
 SESSION_UPDATE: Final = "session.update"
 BETA_TRANSCRIPTION_UPDATE: Final = "transcription_session.update"
 SESSION_UPDATES: Final = frozenset({SESSION_UPDATE, BETA_TRANSCRIPTION_UPDATE})
+RESPONSE_CREATED: Final = "response.created"
 RESPONSE_DONE: Final = "response.done"
 TRANSCRIPTION_COMPLETED: Final = "conversation.item.input_audio_transcription.completed"
 SERVER_SESSION_EVENTS: Final = frozenset(

@@ -39,6 +39,7 @@ from websockets.exceptions import ConnectionClosed
 from sidecar.errors import Ending, ending
 from sidecar.publisher import UsagePublisher
 from sidecar.surfaces.account import Account
+from sidecar.surfaces.core import WalkoutOutcome
 from sidecar.upstream import Upstream
 from sidecar.upstream_conn import UpstreamConnection
 from sidecar.usage import UsageEvent
@@ -89,11 +90,13 @@ class Relay:
         checkpoint_s: float,
         idle_timeout_s: float,
         max_session_s: float,
+        walkout_wait_s: float = 5.0,
         clock: Callable[[], datetime] = utcnow,
         clock_ns: Callable[[], int] = time.monotonic_ns,
     ) -> None:
         """`clock` is the wall clock of the usage events' timestamps; `clock_ns` the monotonic clock the core
-        meters by (GPT-Live's session seconds)."""
+        meters by (GPT-Live's session seconds). `walkout_wait_s` bounds a walk-out's wait for the provider's
+        answer (SIDECAR_WALKOUT_WAIT_S; see `_walk_out`)."""
         self.client = client
         # The relayed frames use the ASGI channel itself; `client` (Starlette) does the handshake and closing.
         self._receive = receive
@@ -107,6 +110,9 @@ class Relay:
         self.checkpoint_s = checkpoint_s
         self.idle_timeout_s = idle_timeout_s
         self.max_session_s = max_session_s
+        self.walkout_wait_s = walkout_wait_s
+        #: The client left while the core awaited usage (a response in progress): `run` waits for it.
+        self._walking_out = False
         self.clock = clock
         self.close_reason = ""
         self._ended: asyncio.Future[Ending] = asyncio.get_running_loop().create_future()
@@ -175,6 +181,8 @@ class Relay:
         try:
             waiting: list[asyncio.Future[object]] = [*tasks, self._ended]  # type: ignore[list-item]
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if self._walking_out:
+                await self._walk_out(tasks)
             self._core.on_end(now=self.clock_ns())  # metering stops when the session does, not when billed
             if self._ended.done() and not self.close_reason:
                 await self._finish(self._ended.result())
@@ -289,6 +297,9 @@ class Relay:
                 self.close_reason = (
                     "client_abort" if _aborted(message) else "frame_too_large" if code == 1009 else "client_close"
                 )
+                if self._core.awaiting:  # a response in progress: `run` asks for its usage first
+                    self._walking_out = True
+                    return
                 with contextlib.suppress(Exception):
                     await self.upstream.close(sendable(code))
                 return
@@ -326,6 +337,33 @@ class Relay:
                 await self._close_client(sendable(received.code), self.session.scrubber.reason(received.reason))
             else:
                 await self._finish(ending("upstream_error"))
+
+    # ---- walk-outs ---------------------------------------------------------------------------------
+
+    async def _walk_out(self, tasks: set[asyncio.Future[object]]) -> None:
+        """The client is gone while usage is still to come (a response in progress, whose usage only its
+        `response.done` carries): send the core's `walkout()` frames (`response.cancel`) and feed upstream
+        frames to the core, relaying none, until it awaits nothing more, the upstream closes, or
+        `walkout_wait_s` passes. How it ended goes into the final event (docs/billing.md, "Walk-outs")."""
+        self._close_direct()
+        for task in tasks:  # the upstream pump stops: from here every upstream frame is the walk-out's
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        outcome: WalkoutOutcome = "response_done"
+        try:
+            async with asyncio.timeout(self.walkout_wait_s):
+                for cancel in self._core.walkout():
+                    await self.upstream.send(cancel)
+                while self._core.awaiting:
+                    frame = await self.upstream.recv()
+                    if isinstance(frame, str):
+                        self._core.on_upstream_text(frame, now=self.clock_ns())
+        except TimeoutError:
+            outcome = "timed_out"
+        except Exception:  # the upstream closed or failed before answering: bill what is known
+            outcome = "upstream_closed"
+        self._core.on_walkout_end(outcome)
+        log.info("walk-out ended: %s", outcome)
 
     # ---- endings ----------------------------------------------------------------------------------
 

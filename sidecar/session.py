@@ -11,6 +11,7 @@ upstream frame is passed on as the same string after a substring check for secre
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import datetime
 from types import MappingProxyType
 from typing import Any, Final
@@ -26,11 +27,15 @@ from sidecar.scrub import Scrubber
 from sidecar.scrub import secrets_of as secrets_of
 from sidecar.surfaces.account import usage_event
 from sidecar.surfaces.core import Reply as Reply
+from sidecar.surfaces.core import WalkoutOutcome
 from sidecar.usage import EventType, UsageEvent
 
 # Substrings that mark an upstream frame the session must parse (cheap `in` checks on the raw text).
 # An upstream frame with none of these is relayed without being parsed (checked unrolled: no generator).
 _ERROR, _SESSION, _DONE, _COMPLETED = '"error"', "session.", "response.done", "transcription.completed"
+# `response.created` is looked for only in a frame's first characters, where its `type` is (OpenAI and Azure
+# send `type` first, `event_id` second): a bounded search, so a large audio frame costs no extra scan.
+_CREATED, _HEAD = '"response.created"', 96
 _NO_TRANSCRIBERS: Final[Mapping[str, Transcriber]] = MappingProxyType({})
 _UNPRICED: Final = Price(unit="second")
 
@@ -81,6 +86,10 @@ class Session:
         self._transcriber_alias: tuple[str, str] | None = None
         #: What goes upstream before any client frame (`prepare_opening`).
         self._opening: tuple[str, ...] = ()
+        #: Responses the provider announced (`response.created`) and has not finished (`response.done`): their
+        #: usage is still to come (a walk-out waits for it).
+        self._responding: set[str] = set()
+        self._walkout: WalkoutOutcome | None = None
 
     @property
     def route(self) -> Route:
@@ -107,8 +116,32 @@ class Session:
         """Nothing to stop: the meter counts audio and tokens, not time."""
 
     def figures(self, *, now: int = 0) -> Figures:
-        """The meter's cumulative figures."""
-        return self.meter.snapshot()
+        """The meter's cumulative figures (after a walk-out, `upstream_usage` says how its wait ended)."""
+        figures = self.meter.snapshot()
+        if self._walkout is None:
+            return figures
+        record = protocol.loads(figures.upstream_usage) if figures.upstream_usage else {}
+        record["walkout"] = self._walkout
+        return replace(figures, upstream_usage=protocol.dumps(record))
+
+    # ---- walk-outs: a client gone while a response is in progress ----------------------------------
+
+    @property
+    def awaiting(self) -> bool:
+        """True while a response is in progress: its usage arrives only with its `response.done`."""
+        return bool(self._responding)
+
+    def walkout(self) -> tuple[str, ...]:
+        """The frames that ask the provider to finish what is in progress when the client is gone: one
+        `response.cancel` per response in progress (GA `response.cancel.response_id`)."""
+        return tuple(
+            protocol.dumps({"type": "response.cancel", "event_id": protocol.event_id(), "response_id": response_id})
+            for response_id in sorted(self._responding)
+        )
+
+    def on_walkout_end(self, outcome: WalkoutOutcome) -> None:
+        """Record how the walk-out's wait ended (in the figures' `upstream_usage.walkout`)."""
+        self._walkout = outcome
 
     # ---- client -> upstream -------------------------------------------------------------------
 
@@ -230,7 +263,13 @@ class Session:
 
     def on_upstream_text(self, text: str, *, now: int = 0) -> str:
         """The text to relay for one upstream frame: metered, identifiers scrubbed. Never raises."""
-        if not (_ERROR in text or _SESSION in text or _DONE in text or _COMPLETED in text):
+        if not (
+            _ERROR in text
+            or _SESSION in text
+            or _DONE in text
+            or _COMPLETED in text
+            or text.find(_CREATED, 0, _HEAD) >= 0
+        ):
             return self._scrub(text)
         try:
             event = protocol.loads(text)
@@ -240,7 +279,12 @@ class Session:
         if kind == "error":
             self.meter.on_update_refused(protocol.dig(event, "error", "event_id"))
             return self._scrub(text)
-        if kind == protocol.RESPONSE_DONE:
+        if kind == protocol.RESPONSE_CREATED:
+            response_id = protocol.dig(event, "response", "id")
+            if isinstance(response_id, str):
+                self._responding.add(response_id)
+        elif kind == protocol.RESPONSE_DONE:
+            self._responding.discard(str(protocol.dig(event, "response", "id")))
             usage = protocol.dig(event, "response", "usage")
             if isinstance(usage, dict):
                 self.meter.on_response_done(usage)

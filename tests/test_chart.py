@@ -669,6 +669,7 @@ def test_every_sidecar_setting_is_settable_from_values(helm: Helm, tmp_path: Pat
         "connectTimeoutS": 6,
         "dbTimeoutS": 20,
         "handshakeTimeoutS": 5,
+        "walkoutWaitS": 3,
         "maxConnections": 3000,
         "defaultTranscriptionModel": "my-whisper",
         "rounding": "up",

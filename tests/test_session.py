@@ -321,3 +321,22 @@ def test_a_transcriber_that_is_unknown_or_not_allowed_is_refused(name: str, mode
         sent, answer = client(s, update(session))
         assert sent is None and answer is not None
         assert answer["error"]["code"] == code  # type: ignore[index]
+
+
+def test_a_response_in_progress_is_awaited_until_its_done_and_a_walkout_cancels_it() -> None:
+    """response.created marks a response in progress (its usage still to come); its response.done ends it; a
+    walk-out asks for `response.cancel` of each one and the figures record how the wait ended."""
+    s = conversation()
+    assert not s.awaiting and s.walkout() == ()
+    upstream(s, {"type": "response.created", "event_id": "e1", "response": {"id": "resp_1", "usage": None}})
+    assert s.awaiting
+    (cancel,) = s.walkout()
+    assert orjson.loads(cancel) | {"event_id": "x"} == {
+        "type": "response.cancel",
+        "event_id": "x",
+        "response_id": "resp_1",
+    }
+    upstream(s, {"type": "response.done", "event_id": "e2", "response": {"id": "resp_1", "status": "cancelled"}})
+    assert not s.awaiting
+    s.on_walkout_end("timed_out")
+    assert orjson.loads(s.figures().upstream_usage) == {"walkout": "timed_out"}

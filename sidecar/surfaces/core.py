@@ -7,11 +7,14 @@ nanoseconds (`time.monotonic_ns()`): cores never read a clock, so tests pass any
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
     from sidecar.catalog import Route
     from sidecar.metering import Figures
+
+#: How a walk-out's wait ended: the provider answered, the wait timed out, or the upstream closed first.
+WalkoutOutcome = Literal["response_done", "timed_out", "upstream_closed"]
 
 #: Nanoseconds in a second: `now` is monotonic nanoseconds.
 NS_PER_SECOND = 1_000_000_000
@@ -70,3 +73,40 @@ class SurfaceCore(Protocol):
     def figures(self, *, now: int) -> Figures:
         """The session's cumulative metering figures at `now` (after `on_end`, the final figures)."""
         ...
+
+    # A walk-out (docs/billing.md, "Walk-outs"): the client is gone while usage the provider reports only at
+    # a response's end is still to come. The driver sends `walkout()` upstream and relays upstream frames to
+    # the core (not to the client) until `awaiting` is False or its wait times out, then `on_walkout_end`.
+    # Read only when the client disconnects: nothing per frame.
+
+    @property
+    def awaiting(self) -> bool:
+        """True while usage is still to come that only the provider's answer to `walkout()` would bring."""
+        ...
+
+    def walkout(self) -> tuple[str, ...]:
+        """The frames that ask the provider to finish what is in progress (e.g. `response.cancel`)."""
+        ...
+
+    def on_walkout_end(self, outcome: WalkoutOutcome) -> None:
+        """How the walk-out's wait ended: recorded in the figures' `upstream_usage.walkout`."""
+        ...
+
+
+class PaidAsItGoes:
+    """The walk-out half of SurfaceCore for a core whose usage is counted as it goes (session seconds, input
+    audio): a client that walks out leaves nothing still to come, so the session closes at once."""
+
+    __slots__ = ()
+
+    @property
+    def awaiting(self) -> bool:
+        """Never: nothing is billed only at a response's end."""
+        return False
+
+    def walkout(self) -> tuple[str, ...]:
+        """Nothing to ask the provider for."""
+        return ()
+
+    def on_walkout_end(self, outcome: WalkoutOutcome) -> None:
+        """Never called (`awaiting` is never True)."""

@@ -35,7 +35,7 @@ from sidecar import protocol
 from sidecar.catalog import LIVE_ENDPOINT, Route
 from sidecar.metering import Figures, Rounding, bill_time, decoded_length
 from sidecar.pricing import Price
-from sidecar.surfaces.core import NS_PER_SECOND, Reply, unchanged
+from sidecar.surfaces.core import NS_PER_SECOND, PaidAsItGoes, Reply, unchanged
 
 START: Final = "session.start"
 STARTED: Final = "session.started"
@@ -122,7 +122,7 @@ def input_bytes_per_second(start: LiveStart) -> int:
     return _DEFAULT_BPS
 
 
-class LiveSession:
+class LiveSession(PaidAsItGoes):
     """The sidecar's view of one GPT-Live session (implements core.SurfaceCore)."""
 
     __slots__ = (

@@ -29,7 +29,7 @@ from sidecar import audio_formats, protocol
 from sidecar.catalog import TRANSLATION_ENDPOINT, Route
 from sidecar.metering import Figures, Rounding, SessionMeter
 from sidecar.pricing import Price
-from sidecar.surfaces.core import Reply, unchanged
+from sidecar.surfaces.core import PaidAsItGoes, Reply, unchanged
 
 UPDATE: Final = "session.update"
 APPEND: Final = "session.input_audio_buffer.append"
@@ -40,7 +40,7 @@ CLIENT_EVENTS: Final = frozenset({UPDATE, APPEND, CLOSE})
 _CLOSED_TYPE: Final = f'"{CLOSED}"'  # the only upstream event parsed (after this cheap check)
 
 
-class TranslationSession:
+class TranslationSession(PaidAsItGoes):
     """The sidecar's view of one realtime translation session (implements core.SurfaceCore)."""
 
     __slots__ = ("_closed", "_ended_at", "_public", "_scrub", "_upstream_model", "meter")

@@ -298,7 +298,10 @@ class _Conversation:
             "input_audio_buffer.clear": self._clear,
             "conversation.item.create": self._create_item,
             "response.create": self._create_response,
+            "response.cancel": self._cancel_response,
         }
+        #: Responses created and not done (Faults.hold_responses), by id.
+        self._in_progress: dict[str, dict[str, Any]] = {}
 
     def opening(self, *, now: float = 0.0) -> list[Event]:
         """The events sent as soon as the connection is upgraded (the Realtime API fake keeps no time)."""
@@ -424,11 +427,26 @@ class _Conversation:
         )
 
     def _create_response(self, event: Event, faults: Faults) -> Reply:
-        """`response.create` -> `response.created`, then `response.done` with the fixed usage."""
+        """`response.create` -> `response.created`, then `response.done` with the fixed usage (unless
+        Faults.hold_responses keeps it in progress until a `response.cancel`)."""
         response: dict[str, Any] = {"id": _new_id("resp"), "object": "realtime.response", "output": []}
         created = _event("response.created", response={**response, "status": "in_progress", "usage": None})
+        if faults.hold_responses:
+            self._in_progress[response["id"]] = response
+            return Reply([created])
         done = _event("response.done", response={**response, "status": "completed", "usage": response_usage()})
         return Reply([created, done])
+
+    def _cancel_response(self, event: Event, faults: Faults) -> Reply:
+        """`response.cancel` -> `response.done` (status `cancelled`, the fixed usage) for the response it names
+        (else the oldest in progress); nothing when none is in progress or Faults.ignore_cancel."""
+        if faults.ignore_cancel or not self._in_progress:
+            return Reply([])
+        named = event.get("response_id")
+        response_id = named if isinstance(named, str) and named in self._in_progress else next(iter(self._in_progress))
+        response = self._in_progress.pop(response_id)
+        usage = response_usage()
+        return Reply([_event("response.done", response={**response, "status": "cancelled", "usage": usage})])
 
     def _delta(self, text: str, *, item_id: str | None = None) -> Event:
         """A transcription delta for the current (or given) item."""

@@ -55,6 +55,11 @@ class Faults:
     #: Report a commit's duration as its bytes at the format in force at the commit, instead of each append
     #: at the format in force when it arrived (a provider whose count differs from the sidecar's).
     duration_at_commit_format: bool = False
+    #: Realtime API: keep each response in progress: `response.create` gets only `response.created`, and its
+    #: `response.done` (status `cancelled`, with the fixed usage) comes when the client sends `response.cancel`.
+    hold_responses: bool = False
+    #: Realtime API: never answer `response.cancel` (a provider that does not finish what a walk-out cancels).
+    ignore_cancel: bool = False
 
 
 @dataclass
