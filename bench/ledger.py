@@ -1,6 +1,6 @@
 """The LiteLLM sink's benchmark: events per second into LiteLLM's real schema, and the lag to SpendLogs.
 
-    python -m bench.ledger [--sessions 500] [--checkpoints 4] [--workers 1,2] [--batches 1,200] [--repeats 3]
+    python -m bench.ledger [--sessions 2000] [--checkpoints 4] [--workers 1,2] [--batches 1,200] [--repeats 3]
                            [--pipeline off|on|both] [--no-consume] [--lag-sessions 100] [--lag-repeats 3]
                            [--no-throughput] [--no-lag]
 
@@ -455,7 +455,8 @@ async def consuming(dsn: str, redis_url: str, *, log_dir: Path, poll_s: float) -
     SpendLogs; everything stopped and the Redis keys deleted afterwards."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         principals = seed(conn)
-    redis = aioredis.Redis.from_url(redis_url)
+    # Blocking: thousands of sessions publishing at once wait for one of a few connections instead of failing.
+    redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=32))
     await _redis_is_ours(redis)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
     env |= {"SIDECAR_REDIS_URL": redis_url, "SIDECAR_LITELLM_DATABASE_URL": dsn}
@@ -596,7 +597,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the benchmark; tables on stdout, then one JSON line."""
     doc = __doc__ or ""
     parser = argparse.ArgumentParser(prog="python -m bench.ledger", description=doc.split("\n")[0])
-    parser.add_argument("--sessions", type=int, default=500, help="sessions per throughput run")
+    parser.add_argument("--sessions", type=int, default=2000, help="sessions per throughput run")
     parser.add_argument("--checkpoints", type=int, default=4, help="checkpoints per session (then a final)")
     parser.add_argument("--workers", default="1,2", help="connection (process) counts, comma-separated")
     parser.add_argument("--batches", default=f"1,{BATCH_MAX}", help="events a transaction, comma-separated")
