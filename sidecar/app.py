@@ -199,11 +199,13 @@ def create_app(
                 watcher.cancel()
                 await asyncio.gather(watcher, return_exceptions=True)
 
+    # Each voice route under every path LiteLLM serves it at (litellm/proxy/proxy_server.py's @app.websocket
+    # paths, litellm/types/utils.py's route table): a client moved from the proxy keeps its URL.
+    realtime, translation, live = RealtimeEndpoint(), RealtimeEndpoint(TRANSLATION_ENDPOINT), LiveEndpoint()
     routes = [
-        WebSocketRoute("/v1/realtime", RealtimeEndpoint()),
-        WebSocketRoute("/realtime", RealtimeEndpoint()),
-        WebSocketRoute(TRANSLATION_ENDPOINT, RealtimeEndpoint(TRANSLATION_ENDPOINT)),
-        WebSocketRoute(LIVE_ENDPOINT, LiveEndpoint()),
+        *(WebSocketRoute(path, realtime) for path in ("/v1/realtime", "/realtime", "/openai/v1/realtime")),
+        *(WebSocketRoute(path, translation) for path in (TRANSLATION_ENDPOINT, "/realtime/translations")),
+        *(WebSocketRoute(path, live) for path in (LIVE_ENDPOINT, "/live/sessions", "/openai/v1/live/sessions")),
         Route("/v1/realtime/models", models_endpoint),
         Route("/healthz", healthz),
         Route("/readyz", readyz),

@@ -332,7 +332,7 @@ class Relay:
                 return
             received = exc.rcvd
             if received is not None:
-                self.close_reason = "upstream_close"
+                self.close_reason = "client_close" if self._core.client_closing else "upstream_close"
                 # Never the provider's reason as it came: it may name the key, host or deployment.
                 await self._close_client(sendable(received.code), self.session.scrubber.reason(received.reason))
             else:

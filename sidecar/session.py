@@ -127,6 +127,11 @@ class Session:
     # ---- walk-outs: a client gone while a response is in progress ----------------------------------
 
     @property
+    def client_closing(self) -> bool:
+        """Never: the Realtime API has no client event that ends the session."""
+        return False
+
+    @property
     def awaiting(self) -> bool:
         """True while a response is in progress: its usage arrives only with its `response.done`."""
         return bool(self._responding)

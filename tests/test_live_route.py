@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from openai import AsyncOpenAI
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -114,6 +115,7 @@ async def test_a_live_session_with_the_sdk_bills_session_seconds_muted_time_incl
     assert Decimal(row.cost_usd) == (Decimal("5.5") * PRICE).quantize(Decimal("1e-10"))
     assert (row.audio_bytes, Decimal(row.audio_seconds)) == (4800, Decimal("0.1"))
     assert orjson.loads(row.upstream_usage) == {"duration_seconds": 6, "events": 1}
+    assert row.close_reason == "client_close"  # the client's session.close, though the provider closed first
     assert row.key_hash == hash_key(USER_KEY)
     session = provider.sessions[0]
     assert session.protocol == "live" and session.handshake.path == PATH and session.handshake.query == {}
@@ -393,3 +395,20 @@ async def test_an_azure_deployment_gets_the_azure_form_and_its_name_stays_hidden
         "session_second",
         Decimal("1.5"),
     )
+
+
+@pytest.mark.parametrize("prefix", ["", "/openai/v1"])
+async def test_litellm_aliases_of_the_route_serve_the_same_session(tmp_path: Path, prefix: str) -> None:
+    """/live/sessions and /openai/v1/live/sessions (LiteLLM's aliases) serve GPT-Live like /v1/live/sessions; a
+    client's session.close ends it as client_close."""
+    provider = FakeProvider()
+    async with provider, stack(tmp_path, provider=provider, entries=voice_entries(provider)) as s:
+        client = AsyncOpenAI(base_url=f"{s.sidecar.http}{prefix}", api_key=USER_KEY, max_retries=0)
+        async with client.live.connect() as conn:
+            await conn.session.start(session={"model": MODEL})
+            assert (await conn.recv()).type == "session.started"
+            await conn.session.close()
+            assert [e async for e in conn][-1].type == "session.closed"
+        row = await s.final_row()
+    assert (row.model, row.close_reason) == (MODEL, "client_close")
+    assert provider.sessions[0].handshake.path == PATH

@@ -263,6 +263,11 @@ async def test_refusals_pass_through_nginx_unchanged(tmp_path: Path) -> None:
             # The other voice routes reach the sidecar too (the stand-in LiteLLM would accept any upgrade).
             ("/v1/live/sessions", {}, 401, "invalid_api_key"),
             ("/v1/realtime/translations?model=nope", {"Authorization": f"Bearer {USER_KEY}"}, 404, "model_not_found"),
+            # LiteLLM's aliases of the three routes reach the sidecar as well.
+            ("/openai/v1/realtime?model=nope", {"api-key": USER_KEY}, 404, "model_not_found"),
+            ("/realtime/translations?model=nope", {"Authorization": f"Bearer {USER_KEY}"}, 404, "model_not_found"),
+            ("/live/sessions", {}, 401, "invalid_api_key"),
+            ("/openai/v1/live/sessions", {}, 401, "invalid_api_key"),
         ]
         for path, headers, status, code in cases:
             proxied = await refusal(f"{f.nginx.ws}{path}", headers)

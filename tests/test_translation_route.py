@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from openai import AsyncOpenAI
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -79,6 +80,7 @@ async def test_a_translation_session_with_the_sdk_is_billed_by_its_input_audio(
     assert Decimal(row.quantity) == Decimal(row.audio_seconds) == Decimal("6.667125")
     assert Decimal(row.cost_usd) == (Decimal("6.667125") * PRICE).quantize(Decimal("1e-10"))
     assert row.provider_model == f"openai/{MODEL}"
+    assert row.close_reason == "client_close"  # the client's session.close, though the provider closed first
     assert provider.sessions[0].protocol == "translation"
     assert provider.sessions[0].handshake.query == {"model": MODEL}
     assert provider.sessions[0].audio_bytes == len(speech_pcm16)
@@ -273,3 +275,17 @@ async def test_budget_cut_off_in_flight_counts_input_audio(tmp_path: Path) -> No
         assert (last["error"]["code"], code) == ("budget_exceeded", 4002)
         row = await s.final_row()
     assert row.close_reason == "budget_exceeded" and Decimal(row.cost_usd) >= PRICE
+
+
+async def test_litellm_alias_of_the_route_serves_the_same_session(tmp_path: Path) -> None:
+    """/realtime/translations (LiteLLM's alias) serves translation like /v1/realtime/translations."""
+    provider = FakeProvider()
+    async with provider, stack(tmp_path, provider=provider, entries=voice_entries(provider)) as s:
+        client = AsyncOpenAI(base_url=s.sidecar.http, api_key=USER_KEY, max_retries=0)
+        async with client.realtime.translations.connect(model=MODEL) as conn:
+            assert (await conn.recv()).type == "session.created"
+            await conn.session.close()
+            assert [e.type async for e in conn][-1] == "session.closed"
+        row = await s.final_row()
+    assert (row.model, row.close_reason) == (MODEL, "client_close")
+    assert provider.sessions[0].handshake.path == PATH

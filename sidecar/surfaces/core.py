@@ -66,6 +66,12 @@ class SurfaceCore(Protocol):
         stops here. Idempotent: the first call wins."""
         ...
 
+    @property
+    def client_closing(self) -> bool:
+        """True once the client asked the provider to end the session (GPT-Live's and translation's
+        `session.close`): the provider's close that follows ends it as `client_close`, not `upstream_close`."""
+        ...
+
     def error(self, code: str, message: str, *, error_type: str = "invalid_request_error") -> str:
         """An `error` server event in the protocol's own shape, serialised (the driver's endings and refusals)."""
         ...

@@ -44,6 +44,7 @@ APPEND: Final = "session.input_audio.append"
 MUTE: Final = "session.input_audio.mute"
 UNMUTE: Final = "session.input_audio.unmute"
 USAGE: Final = "session.usage.updated"
+CLOSE: Final = "session.close"
 CLOSED: Final = "session.closed"
 #: The refusal of a first message that is not a usable `session.start`: LiteLLM's own code for it
 #: (litellm/proxy/proxy_server.py `_reject_invalid_live_session_start`, close 1008).
@@ -129,6 +130,7 @@ class LiveSession(PaidAsItGoes):
         "_audio_bytes",
         "_bps",
         "_breakdown",
+        "_client_closing",
         "_closed_reason",
         "_ended_at",
         "_increment",
@@ -178,6 +180,7 @@ class LiveSession(PaidAsItGoes):
         #: The provider's latest active / paused breakdown of its seconds (SessionUsage, when it sends one).
         self._breakdown: dict[str, int] = {}
         self._closed_reason: str | None = None
+        self._client_closing = False
 
     @property
     def route(self) -> Route:
@@ -193,6 +196,11 @@ class LiveSession(PaidAsItGoes):
         """The provider's latest cumulative billable seconds (`session.usage.updated` / `session.closed`):
         recorded for reconciliation, never billed. None until it reports any."""
         return self._provider_seconds
+
+    @property
+    def client_closing(self) -> bool:
+        """True once the client sent `session.close` (core.SurfaceCore.client_closing)."""
+        return self._client_closing
 
     @property
     def closed_reason(self) -> str | None:
@@ -229,6 +237,8 @@ class LiveSession(PaidAsItGoes):
             self._unmute(now)
         elif kind == UPDATE:
             return self._on_update(event)
+        elif kind == CLOSE:
+            self._client_closing = True
         elif kind == START:
             message = "This session has started; session.start is sent once, first."
             return Reply(None, error_event("session_already_started", message, ref=event.get("event_id")))

@@ -43,7 +43,7 @@ _CLOSED_TYPE: Final = f'"{CLOSED}"'  # the only upstream event parsed (after thi
 class TranslationSession(PaidAsItGoes):
     """The sidecar's view of one realtime translation session (implements core.SurfaceCore)."""
 
-    __slots__ = ("_closed", "_ended_at", "_public", "_scrub", "_upstream_model", "meter")
+    __slots__ = ("_client_closing", "_closed", "_ended_at", "_public", "_scrub", "_upstream_model", "meter")
 
     def __init__(
         self,
@@ -63,11 +63,17 @@ class TranslationSession(PaidAsItGoes):
         self._scrub = scrub
         self._ended_at: int | None = None
         self._closed = False
+        self._client_closing = False
         self.meter = SessionMeter(price, rounding=rounding, increment=increment)
 
     @property
     def route(self) -> Route:
         return TRANSLATION_ENDPOINT
+
+    @property
+    def client_closing(self) -> bool:
+        """True once the client sent `session.close` (core.SurfaceCore.client_closing)."""
+        return self._client_closing
 
     @property
     def closed_by_provider(self) -> bool:
@@ -102,6 +108,7 @@ class TranslationSession(PaidAsItGoes):
         if kind == UPDATE:
             return self._on_update(event)
         if kind == CLOSE:
+            self._client_closing = True
             return Reply(text, None)
         name = (kind if isinstance(kind, str) else repr(kind))[:64]  # the client's own text, bounded
         message = (
