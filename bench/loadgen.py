@@ -2,17 +2,24 @@
 
     python -m bench.loadgen --url ws://127.0.0.1:8787/v1/realtime?intent=transcription \
         --sessions 1000 --connect-at T --rate 200 --window W0 W1 --deadline TD --rtt-out rtt.bin
+    python -m bench.loadgen --surface live --model gpt-live-1 --url ws://127.0.0.1:8787/v1/live/sessions ...
+    python -m bench.loadgen --surface translation --url ws://.../v1/realtime/translations?model=... ...
+
+`--surface` picks the protocol (`SURFACES`): /v1/realtime (the default), GPT-Live or realtime translation.
+The load is the same on each: the same chunks at the same pace, one reply per chunk matched the same way;
+only the event names differ, and a GPT-Live session opens with the client's `session.start` (naming
+`--model`) answered by `session.started` where the others wait for the server's `session.created`.
 
 Headers to send (the key) come from the environment variable `BENCH_HEADERS` (a JSON object), so no key
 shows in a process listing. All times are `time.monotonic()` seconds, which every process on the machine
 shares (CLOCK_MONOTONIC), so the orchestrator can place the measurement window for every process at once.
 
 Per session (one task, plus the reader task it starts): connect at `connect_at + i / rate`, wait for
-`session.created` (the setup time), then send one `input_audio_buffer.append` every 100 ms until the
-window ends, each with `event_id` `e<n>`. The fake provider answers every append with a transcription
-delta whose `delta` is that event_id, so a reply is matched to its append by index; the round trip is
-from the send to the reply's arrival. Round trips are recorded for appends sent inside the window
-`[W0, W1]`; appends and replies are counted inside it too. Sessions stay open until the window ends,
+the opening event (`session.created`, or GPT-Live's `session.started`: the setup time), then send one
+append every 100 ms until the window ends, each with `event_id` `e<n>`. The fake provider answers every
+append with a transcript delta whose `delta` is that event_id, so a reply is matched to its append by
+index; the round trip is from the send to the reply's arrival. Round trips are recorded for appends sent
+inside the window `[W0, W1]`; appends and replies are counted inside it too. Sessions stay open until the window ends,
 then wait (at most `--drain` s) for their outstanding replies, close with 1000 and record the close code.
 
 One process on one core has to drive ~1000 sessions (20,000 frames a second) and leave room for the fake
@@ -55,14 +62,44 @@ SETUP_TIMEOUT_S: Final = 15.0
 CLOSE_TIMEOUT_S: Final = 3.0
 
 
-def append_frame_parts(*, chunk_bytes: int = CHUNK_BYTES) -> tuple[bytes, bytes]:
+@dataclass(frozen=True)
+class Surface:
+    """One protocol's event names: what an append is, the reply matched to it, the session's opening."""
+
+    name: str
+    append: str  # the client's append event
+    delta: str  # the provider's reply to each append (its `delta` is the append's event_id)
+    opened: str  # the server event that opens the session (the setup time ends there)
+    starts: bool = False  # the client speaks first (GPT-Live's session.start naming the model)
+
+
+SURFACES: Final = {
+    "realtime": Surface("realtime", "input_audio_buffer.append", DELTA_TYPE, CREATED_TYPE),
+    # GPT-Live (openai types/live): session.start -> session.started; input_transcript.delta per append.
+    "live": Surface(
+        "live", "session.input_audio.append", "session.input_transcript.delta", "session.started", starts=True
+    ),
+    # Realtime translation (openai types/realtime/realtime_translation_*).
+    "translation": Surface(
+        "translation", "session.input_audio_buffer.append", "session.output_transcript.delta", CREATED_TYPE
+    ),
+}
+
+
+def append_frame_parts(*, chunk_bytes: int = CHUNK_BYTES, surface: str = "realtime") -> tuple[bytes, bytes]:
     """The append event's JSON as bytes before and after its event_id (the audio is a low-level tone)."""
     samples = bytes((n * 7) & 0x0F for n in range(chunk_bytes))
     audio = base64.b64encode(samples).decode()
     placeholder = "\x00EVENT_ID\x00"
-    text = orjson.dumps({"type": "input_audio_buffer.append", "event_id": placeholder, "audio": audio}).decode()
+    append = SURFACES[surface].append
+    text = orjson.dumps({"type": append, "event_id": placeholder, "audio": audio}).decode()
     before, after = text.split(orjson.dumps(placeholder).decode()[1:-1])
     return before.encode(), after.encode()
+
+
+def start_frame(model: str) -> bytes:
+    """GPT-Live's first client message: `session.start` naming the model (PCM16 24 kHz, the default)."""
+    return orjson.dumps({"type": "session.start", "event_id": "start", "session": {"model": model}})
 
 
 @dataclass
@@ -77,6 +114,8 @@ class Plan:
     window: tuple[float, float]
     drain_s: float
     deadline: float
+    surface: Surface = SURFACES["realtime"]
+    model: str = ""  # named by GPT-Live's session.start (the other surfaces carry it in the URL)
 
 
 @dataclass
@@ -118,8 +157,9 @@ class Session(WSListener):
         loop = asyncio.get_running_loop()
         self.plan, self.report = plan, report
         self.before, self.after = parts
+        self.delta_type, self.opened_type = plan.surface.delta, plan.surface.opened
         self.transport: WSTransport | None = None
-        self.created: asyncio.Future[bool] = loop.create_future()  # session.created (True) or closed (False)
+        self.created: asyncio.Future[bool] = loop.create_future()  # opened (True) or closed (False)
         self.streamed: asyncio.Future[bool] = loop.create_future()  # the window ended (True) or closed (False)
         self.quiet = asyncio.Event()  # set when no append waits for its reply
         self.quiet.set()
@@ -133,6 +173,8 @@ class Session(WSListener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+        if self.plan.surface.starts:
+            transport.send(WSMsgType.TEXT, start_frame(self.plan.model))
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
@@ -144,9 +186,9 @@ class Session(WSListener):
         now = time.monotonic()
         event = orjson.loads(frame.get_payload_as_bytes())
         kind_ = event.get("type") if isinstance(event, dict) else None
-        if kind_ == DELTA_TYPE:
+        if kind_ == self.delta_type:
             self._reply(event.get("delta", ""), now)
-        elif kind_ == CREATED_TYPE:
+        elif kind_ == self.opened_type:
             if not self.created.done():
                 self.created.set_result(True)
         elif kind_ == "error":
@@ -221,7 +263,7 @@ async def _sleep_until(moment: float) -> None:
 
 
 async def _open(plan: Plan, report: Report, parts: tuple[bytes, bytes]) -> Session | None:
-    """Connect and wait for `session.created`; None (counted) on failure."""
+    """Connect and wait for the session's opening event; None (counted) on failure."""
     started = time.monotonic()
     made: list[Session] = []
 
@@ -292,7 +334,7 @@ async def _session(index: int, plan: Plan, report: Report, parts: tuple[bytes, b
 async def run(plan: Plan) -> Report:
     """Run every session of `plan`, stopping at its deadline; return the report."""
     report = Report(sessions=len(plan.sessions))
-    parts = append_frame_parts()
+    parts = append_frame_parts(surface=plan.surface.name)
     tasks = [asyncio.create_task(_session(i, plan, report, parts)) for i in plan.sessions]
     done, pending = await asyncio.wait(tasks, timeout=max(0.0, plan.deadline - time.monotonic()))
     report.unfinished = len(pending)
@@ -308,6 +350,8 @@ async def run(plan: Plan) -> Report:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.split("\n")[0])
     parser.add_argument("--url", required=True)
+    parser.add_argument("--surface", choices=sorted(SURFACES), default="realtime", help="the protocol spoken")
+    parser.add_argument("--model", default="gpt-live-1", help="the model GPT-Live's session.start names")
     parser.add_argument("--sessions", type=int, required=True, help="sessions across all shards")
     parser.add_argument("--shard", type=int, default=0, help="this process runs sessions shard, shard+shards, ...")
     parser.add_argument("--shards", type=int, default=1)
@@ -335,6 +379,8 @@ def main(argv: list[str] | None = None) -> None:
         window=(args.window[0], args.window[1]),
         drain_s=args.drain,
         deadline=args.deadline,
+        surface=SURFACES[args.surface],
+        model=args.model,
     )
     import uvloop
 

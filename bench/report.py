@@ -12,11 +12,16 @@ Definitions (docs/performance.md repeats them):
   session has been let go after it. KB per session: (peak - start) / sessions.
 - Repeated bursts (`--bursts`, sidecar at `--bursts-level`): the same load again on the same process, RSS
   after each; kept KB per session: what the last burst added, (RSS after it - after the one before) / sessions.
+- Surfaces (`surfaces`): the sidecar at one level on /v1/realtime, GPT-Live and translation, several rounds;
+  per surface the median of each figure over its rounds and its spread (min to max), and the ratio of a new
+  surface's median to /v1/realtime's median in the same run: CPU µs per chunk+reply and KB per session
+  each pass when the ratio is at most 1 + SURFACE_TOLERANCE.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +43,12 @@ GOAL_RETAINED_SHARE: Final = 0.10  # "nothing kept", one burst only: at most thi
 # session's live state is about 40 KB: under 1 KB means no session's state outlives it).
 GOAL_KEPT_KB_PER_SESSION: Final = 1.0
 GOAL_EVENTS_PER_S: Final = 5000.0
+SURFACE_TOLERANCE: Final = 0.10  # a new surface's CPU per frame and memory per session vs /v1/realtime's
+SURFACE_ROUTES: Final = {
+    "realtime": "/v1/realtime",
+    "live": "/v1/live/sessions",
+    "translation": "/v1/realtime/translations",
+}
 
 
 def _percentile(ordered: Sequence[float], share: float) -> float | None:
@@ -238,6 +249,7 @@ def goals(document: dict[str, Any]) -> list[dict[str, Any]]:
         kb = relay["kb_per_session"]
         out.append(_goal(_RELAY_GOALS[2], f"{kb} KB at {n} sessions", kb < GOAL_KB_PER_SESSION))
         out.append(_goal_retained(rows, relay, n))
+    out.append(_goal_surfaces(document))
     consumer = document.get("consumer") or {}
     rate = consumer.get("events_per_s")
     measured = f"{rate} events/s ({consumer.get('events')} events)" if rate else consumer.get("error", "not measured")
@@ -251,6 +263,22 @@ _RELAY_GOALS: Final = (
     "< 50 KB per live session",
     "nothing kept after sessions end",
 )
+
+
+def _goal_surfaces(document: dict[str, Any]) -> dict[str, Any]:
+    """GPT-Live and translation within 10 % of /v1/realtime per frame and per session (issue 15)."""
+    goal = "GPT-Live and translation within 10 % of /v1/realtime (CPU per chunk+reply, KB per session)"
+    block = document.get("surfaces")
+    others = [s for s in (block or {}).get("summary", []) if s["surface"] != "realtime"]
+    if not others:
+        return _goal(goal, "not measured (no surface rounds)", None)
+    measured = "; ".join(
+        f"{s['surface']}: CPU {_cell(s.get('cpu_ratio'))}x, KB {_cell(s.get('kb_ratio'))}x, {s['errors']} errors"
+        for s in others
+    )
+    verdicts = [s.get("pass") for s in others]
+    met = None if None in verdicts else all(verdicts)
+    return _goal(goal, f"{measured} (medians of {block['rounds'] if block else 0} rounds)", met)
 
 
 def _goal(goal: str, measured: str, met: bool | None) -> dict[str, Any]:
@@ -304,6 +332,91 @@ def _goal_retained(rows: Sequence[dict[str, Any]], relay: dict[str, Any], sessio
     return _goal(
         _RELAY_GOALS[3], f"{kept_mb:.1f} MB of {growth:.1f} MB kept after {sessions} sessions; {released}", met
     )
+
+
+# ---- surfaces ------------------------------------------------------------------------------------------
+
+
+def _spread(values: Sequence[float | None]) -> dict[str, Any]:
+    """Median, min and max of the measured values (None when there are none), and how many there were."""
+    got = sorted(v for v in values if v is not None)
+    if not got:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": round(statistics.median(got), 2), "min": got[0], "max": got[-1], "n": len(got)}
+
+
+def _ratio(mine: float | None, base: float | None) -> float | None:
+    return round(mine / base, 3) if mine is not None and base else None
+
+
+def surfaces(rows: Sequence[dict[str, Any]], *, level: int, rounds: int) -> dict[str, Any] | None:
+    """Each surface's figures over its rounds (median and spread) and its ratios to /v1/realtime's medians.
+
+    `pass` per new surface: CPU per chunk+reply and KB per session both within SURFACE_TOLERANCE of
+    /v1/realtime's, and no errors (None when a figure is missing)."""
+    if not rows:
+        return None
+    summary: list[dict[str, Any]] = []
+    for surface in dict.fromkeys(r["surface"] for r in rows):
+        mine = [r for r in rows if r["surface"] == surface]
+        relays = [r.get("relay") or {} for r in mine]
+        summary.append(
+            {
+                "surface": surface,
+                "route": SURFACE_ROUTES.get(surface, surface),
+                "runs": len(mine),
+                "cpu_us_per_chunk_reply": _spread([x.get("cpu_us_per_chunk_reply") for x in relays]),
+                "kernel_us_per_chunk_reply": _spread([x.get("kernel_us_per_chunk_reply") for x in relays]),
+                "rtt_p50_ms": _spread([r["rtt_ms"]["p50"] for r in mine]),
+                "rtt_p99_ms": _spread([r["rtt_ms"]["p99"] for r in mine]),
+                "errors": sum(int(r["errors"]) for r in mine),
+                "kb_per_session": _spread([x.get("kb_per_session") for x in relays]),
+                "rss_start_mb": _spread([x.get("rss_start_mb") for x in relays]),
+            }
+        )
+    base = next((s for s in summary if s["surface"] == "realtime"), None)
+    for item in summary:
+        if base is None or item is base:
+            continue
+        cpu = _ratio(item["cpu_us_per_chunk_reply"]["median"], base["cpu_us_per_chunk_reply"]["median"])
+        kb = _ratio(item["kb_per_session"]["median"], base["kb_per_session"]["median"])
+        item["cpu_ratio"], item["kb_ratio"] = cpu, kb
+        limit = 1 + SURFACE_TOLERANCE
+        item["pass"] = None if cpu is None or kb is None else cpu <= limit and kb <= limit and item["errors"] == 0
+    return {"level": level, "rounds": rounds, "tolerance": SURFACE_TOLERANCE, "summary": summary, "runs": list(rows)}
+
+
+def _spread_cell(spread: dict[str, Any]) -> str:
+    if spread["median"] is None:
+        return "-"
+    return f"{spread['median']:g} ({spread['min']:g} to {spread['max']:g})"
+
+
+def surfaces_table(document: dict[str, Any]) -> str:
+    """The surfaces' comparison as markdown ('' when the run had none)."""
+    block = document.get("surfaces")
+    if not block:
+        return ""
+    marks = {True: "pass", False: "**fail**", None: "-"}
+    lines = [
+        f"Surfaces: the sidecar at {block['level']} sessions on each route, {block['rounds']} round(s) with the "
+        f"order rotated, the same load on each; median (min to max) over the rounds; ratio = the surface's "
+        f"median / /v1/realtime's; pass = CPU per chunk+reply and KB per session within "
+        f"{100 * block['tolerance']:g} % of /v1/realtime's, no errors.\n",
+        "| surface | runs | CPU µs per chunk+reply | kernel µs | ratio | RTT p50 (ms) | RTT p99 (ms) | errors "
+        "| KB per session | ratio | within 10 % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for s in block["summary"]:
+        cpu_ratio = "1 (base)" if s["surface"] == "realtime" else _cell(s.get("cpu_ratio"))
+        kb_ratio = "1 (base)" if s["surface"] == "realtime" else _cell(s.get("kb_ratio"))
+        lines.append(
+            f"| `{s['route']}` | {s['runs']} | {_spread_cell(s['cpu_us_per_chunk_reply'])} "
+            f"| {_spread_cell(s['kernel_us_per_chunk_reply'])} | {cpu_ratio} | {_spread_cell(s['rtt_p50_ms'])} "
+            f"| {_spread_cell(s['rtt_p99_ms'])} | {s['errors']} | {_spread_cell(s['kb_per_session'])} "
+            f"| {kb_ratio} | {marks[s.get('pass')] if s['surface'] != 'realtime' else ''} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 # ---- outputs -------------------------------------------------------------------------------------------
@@ -365,6 +478,7 @@ def markdown(document: dict[str, Any]) -> str:
         f"Python {m['python']}. Pinned: relay on CPU {place['relay']}, load generator on CPU {place['load']}, "
         f"fake provider on CPU {place['provider']} (sidecar-2w: nothing pinned).\n",
         table(document["results"]),
+        surfaces_table(document),
         _goals_table(document.get("goals", [])),
     ]
     consumer = document.get("consumer")

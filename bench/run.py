@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.run [--levels 1,100,500,1000,1500] [--duration 20]
                                   [--targets sidecar,direct,litellm,sidecar-2w,consumer]
+                                  [--surfaces live,translation] [--surface-level 1000] [--surface-rounds 3]
 
 Loopback only, bounded, stops by itself. For each target and level a fresh stack is started: the fake
 provider (bench.provider), the relay under test (none for `direct`), then the load generator
@@ -17,6 +18,13 @@ Targets:
   sidecar-2w  `sidecar serve --workers 2` (for revisions without it: `uvicorn --factory
               bench.sidecar_app:app --workers 2`), at --workers2-level
   consumer    bench.consumer_bench: N usage events through UsageConsumer into a fresh PostgreSQL database
+
+Surfaces: after the levels above, the sidecar at --surface-level (default 1000) on each of its three
+routes, /v1/realtime, GPT-Live (/v1/live/sessions, model gpt-live-1) and realtime translation
+(/v1/realtime/translations, model gpt-realtime-translate), with the same load (chunk size, pace, connect
+rate, window), --surface-rounds times (default 3) with the order rotated each round, a fresh stack each
+time. The report gives each surface's median and spread, and its ratio to /v1/realtime's median in the same
+run: CPU per chunk+reply and KB per session, each passing when within 10 % (report.SURFACE_TOLERANCE).
 
 Placement on a 2-core machine (taskset): the relay alone on the first CPU, the load generator and the
 fake provider on the second (so `direct` puts exactly the same work on the second CPU as the relayed
@@ -80,6 +88,14 @@ DOCS: Final = REPO / "docs" / "performance.md"
 CONFIG: Final = BENCH / "litellm_config.yaml"
 LITELLM_VENV: Final = BENCH / ".litellm-venv"
 MODEL: Final = "gpt-realtime-whisper"
+# Each surface's route (path and query, as the client sends it) and the bench config's model for it.
+SURFACE_ROUTES: Final = {
+    "realtime": f"/v1/realtime?model={MODEL}&intent=transcription",
+    "live": "/v1/live/sessions",
+    "translation": "/v1/realtime/translations?model=gpt-realtime-translate",
+}
+SURFACE_MODELS: Final = {"realtime": MODEL, "live": "gpt-live-1", "translation": "gpt-realtime-translate"}
+NEW_SURFACES: Final = ("live", "translation")
 PROVIDER_KEY: Final = "sk-bench-provider-key-0000"
 LAUNCH: Final = (sys.executable, "-m", "bench.launch")  # runs a module, `sidecar` from --rev's tree if any
 RELAY_TARGETS: Final = ("sidecar", "direct", "nginx", "litellm", "sidecar-2w")
@@ -117,6 +133,9 @@ class Options:
     update_docs: bool
     rev: str | None = None
     tree: Path | None = None  # where --rev was extracted (set by run)
+    surfaces: tuple[str, ...] = NEW_SURFACES  # compared with /v1/realtime at surface_level
+    surface_level: int = 1000
+    surface_rounds: int = 3
 
 
 @dataclass(frozen=True)
@@ -168,6 +187,7 @@ class Stack:
     provider_port: int = 0
     key_hash: str = ""  # of the relay's master key: tags the usage events this level published
     command: str = ""  # how the relay was started (for the report)
+    surface: str = "realtime"  # the protocol the load generator speaks (SURFACE_ROUTES)
 
 
 class StackError(Exception):
@@ -217,19 +237,26 @@ def _relay_env(provider_url: str, master_key: str, port: int, work: Path, redis_
     }
 
 
-async def start_stack(target: str, procs: Procs, where: Placement, opts: Options) -> Stack:
+async def start_stack(
+    target: str, procs: Procs, where: Placement, opts: Options, *, surface: str = "realtime"
+) -> Stack:
     """Start the fake provider and the relay for `target`; return once both answer."""
+    stack = await _start_stack(target, procs, where, opts, route=SURFACE_ROUTES[surface])
+    stack.surface = surface
+    return stack
+
+
+async def _start_stack(target: str, procs: Procs, where: Placement, opts: Options, *, route: str) -> Stack:
     provider, provider_url = await _start_provider(procs, where)
     provider_port = int(provider_url.rsplit(":", 1)[1])
     if target == "direct":
-        url = f"{provider_url}/v1/realtime?model={MODEL}&intent=transcription"
-        return Stack(url, {"Authorization": f"Bearer {PROVIDER_KEY}"}, None, provider)
+        return Stack(f"{provider_url}{route}", {"Authorization": f"Bearer {PROVIDER_KEY}"}, None, provider)
     master_key = "sk-bench-master-" + secrets.token_hex(8)
     key_hash = hashlib.sha256(master_key.encode()).hexdigest()
     port = free_port()
     env = _relay_env(provider_url, master_key, port, procs.cwd, opts.redis_url)
     headers = {"Authorization": f"Bearer {master_key}"}
-    url = f"ws://127.0.0.1:{port}/v1/realtime?model={MODEL}&intent=transcription"
+    url = f"ws://127.0.0.1:{port}{route}"
     if target == "sidecar":
         command = [*LAUNCH, "sidecar.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
         relay = await procs.start("sidecar", pinned(command, where.relay), env=env)
@@ -416,6 +443,7 @@ async def _run_loadgen(
             *("--shard", str(shard), "--shards", str(shards), "--connect-at", repr(timeline.connect_at)),
             *("--rate", str(opts.rate), "--window", repr(timeline.window[0]), repr(timeline.window[1])),
             *("--drain", str(DRAIN_S), "--deadline", repr(timeline.deadline), "--rtt-out", str(rtt)),
+            *("--surface", stack.surface, "--model", SURFACE_MODELS[stack.surface]),
         ]
         env = {"BENCH_HEADERS": json.dumps(stack.headers)}
         started.append(await procs.start(f"loadgen-{shard}", pinned(command, where.load), env=env, pipe_stdout=True))
@@ -470,6 +498,7 @@ class LevelOutcome:
     #: RSS after each burst of the same sessions on the same relay (the first is `after`), when repeated.
     after_bursts: list[Usage] = field(default_factory=list)
     burst_errors: int = 0  # failed sessions in the extra bursts
+    surface: str = "realtime"
 
 
 async def run_level(
@@ -481,6 +510,7 @@ async def run_level(
     log_dir: Path,
     profile_to: Path | None = None,
     bursts: int = 1,
+    surface: str = "realtime",
 ) -> LevelOutcome:
     """One target at one level, on a fresh stack that is torn down at the end whatever happens.
 
@@ -489,13 +519,14 @@ async def run_level(
     """
     with tempfile.TemporaryDirectory(prefix=f"bench-{target}-{sessions}-") as tmp:
         work = Path(tmp)
-        level_logs = log_dir / f"{target}-{sessions}{'-profiled' if profile_to else ''}"
+        name = f"{target}-{sessions}" if surface == "realtime" else f"{target}-{surface}-{sessions}"
+        level_logs = log_dir / f"{name}{'-profiled' if profile_to else ''}"
         level_logs.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         if opts.tree is not None:
             env[TREE_VARIABLE] = str(opts.tree)
         async with Procs(level_logs, env=env, cwd=work) as procs:
-            stack = await start_stack(target, procs, where, opts)
+            stack = await start_stack(target, procs, where, opts, surface=surface)
             await asyncio.sleep(1.0)
             idle = usage(stack.relay_pids()) if stack.relay else None
             timeline = Timeline.plan(sessions, rate=opts.rate, duration_s=opts.duration_s)
@@ -538,6 +569,7 @@ async def run_level(
                 events,
                 profile,
                 command,
+                surface=surface,
             )
             if after is not None and bursts > 1:
                 outcome.after_bursts = [after]
@@ -728,7 +760,8 @@ def machine(where: Placement) -> dict[str, Any]:
 
 
 async def measure(opts: Options, stamp: str, log_dir: Path, notes: list[str]) -> list[dict[str, Any]]:
-    """Every relay target at every level (then the two-worker level); one result row each."""
+    """Every relay target at every level (then the two-worker level); one result row each. The surface
+    rounds (`measure_surfaces`) follow, their rows marked with `surface` and `round`."""
     where = placement(pin=opts.pin)
     rows: list[dict[str, Any]] = []
     targets = [t for t in opts.targets if t in ("sidecar", "direct", "nginx", "litellm")]
@@ -748,15 +781,46 @@ async def measure(opts: Options, stamp: str, log_dir: Path, notes: list[str]) ->
                 row["profile"] = await _profiled(sessions, opts, where, stamp, log_dir, notes)
     if "sidecar-2w" in opts.targets and opts.workers2_level > 0:
         rows.append(await _measured_row("sidecar-2w", opts.workers2_level, opts, unpinned(), log_dir))
+    return rows + await measure_surfaces(opts, where, log_dir)
+
+
+def surface_order(surfaces: Sequence[str], rounds: int) -> list[list[str]]:
+    """/v1/realtime and `surfaces`, once per round, the order rotated each round (so that no surface always
+    runs first, or right after another): [[r, l, t], [l, t, r], [t, r, l], ...]."""
+    every = ["realtime", *(s for s in surfaces if s != "realtime")]
+    return [every[n % len(every) :] + every[: n % len(every)] for n in range(rounds)]
+
+
+async def measure_surfaces(opts: Options, where: Placement, log_dir: Path) -> list[dict[str, Any]]:
+    """The sidecar at --surface-level on each surface, --surface-rounds times interleaved; a row each."""
+    if "sidecar" not in opts.targets or not opts.surfaces or opts.surface_level < 1:
+        return []
+    rows: list[dict[str, Any]] = []
+    for number, order in enumerate(surface_order(opts.surfaces, opts.surface_rounds), start=1):
+        for surface in order:
+            row = await _measured_row("sidecar", opts.surface_level, opts, where, log_dir, surface=surface)
+            rows.append(row | {"surface": surface, "round": number})
     return rows
 
 
-async def _measured_row(target: str, sessions: int, opts: Options, where: Placement, log_dir: Path) -> dict[str, Any]:
-    print(f"bench: {target} x {sessions} sessions ...", file=sys.stderr, flush=True)
+async def _measured_row(
+    target: str,
+    sessions: int,
+    opts: Options,
+    where: Placement,
+    log_dir: Path,
+    *,
+    surface: str | None = None,
+) -> dict[str, Any]:
+    """One level's row. With `surface` (a surface round), on that route and never repeated in bursts."""
+    shown = f"{target} ({surface})" if surface else target
+    print(f"bench: {shown} x {sessions} sessions ...", file=sys.stderr, flush=True)
     others = foreign_benchmarks()
-    bursts = opts.bursts if target == "sidecar" and sessions == opts.bursts_level else 1
+    bursts = opts.bursts if target == "sidecar" and sessions == opts.bursts_level and surface is None else 1
     try:
-        outcome = await run_level(target, sessions, opts, where, log_dir=log_dir, bursts=bursts)
+        outcome = await run_level(
+            target, sessions, opts, where, log_dir=log_dir, bursts=bursts, surface=surface or "realtime"
+        )
     except StackError as exc:
         return report.failed_row(target, sessions, str(exc))
     row = report.row(outcome, duration_s=opts.duration_s)
@@ -828,10 +892,16 @@ async def run(opts: Options) -> dict[str, Any]:
             "profile_level": opts.profile_level,
             "bursts": opts.bursts,
             "bursts_level": opts.bursts_level,
+            "surfaces": list(opts.surfaces),
+            "surface_level": opts.surface_level,
+            "surface_rounds": opts.surface_rounds,
         },
         "machine": machine(placement(pin=opts.pin)),
         "code": code,
-        "results": rows,
+        "results": [r for r in rows if "surface" not in r],
+        "surfaces": report.surfaces(
+            [r for r in rows if "surface" in r], level=opts.surface_level, rounds=opts.surface_rounds
+        ),
         "consumer": consumer,
         "notes": notes,
     }
@@ -857,6 +927,16 @@ def _targets(text: str) -> tuple[str, ...]:
     return targets
 
 
+def _surfaces(text: str) -> tuple[str, ...]:
+    if text.strip() == "none":
+        return ()
+    surfaces = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [s for s in surfaces if s not in NEW_SURFACES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"surfaces are some of {','.join(NEW_SURFACES)} (or none); unknown: {unknown}")
+    return surfaces
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     """The command line as Options."""
     parser = argparse.ArgumentParser(
@@ -876,6 +956,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--bursts", type=int, default=3, help="run the sidecar's --bursts-level this many times on one process"
     )
     parser.add_argument("--bursts-level", type=int, default=1000, help="the level repeated by --bursts (0: never)")
+    parser.add_argument(
+        "--surfaces",
+        type=_surfaces,
+        default=NEW_SURFACES,
+        help="surfaces compared with /v1/realtime (default live,translation; 'none': skip)",
+    )
+    parser.add_argument("--surface-level", type=int, default=1000, help="sessions of each surface level (0: skip)")
+    parser.add_argument("--surface-rounds", type=int, default=3, help="rounds of the surface levels (default 3)")
     parser.add_argument("--consumer-events", type=int, default=20_000, help="events for the consumer benchmark")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14", help="the sidecar's Redis (a spare db)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
@@ -904,6 +992,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         pin=not args.no_pin,
         rev=args.rev,
         update_docs=args.docs == "yes" or (args.docs == "auto" and out == DEFAULT_OUT.resolve()),
+        surfaces=args.surfaces,
+        surface_level=args.surface_level,
+        surface_rounds=max(1, args.surface_rounds),
     )
 
 
