@@ -397,7 +397,9 @@ async def live_endpoint(websocket: WebSocket, receive: Receive, send: Send) -> N
         await websocket.send_denial_response(JSONResponse(refusal.body(), status_code=refusal.status))
         return
     await websocket.accept(subprotocol=subprotocol)
-    start = await _session_start(websocket, receive, services.settings.handshake_timeout_s)
+    start = await _session_start(
+        websocket, receive, services.settings.handshake_timeout_s, draining=services.supervisor.drain_started
+    )
     if start is None:
         return
     if isinstance(start, Ending):
@@ -416,14 +418,25 @@ async def live_endpoint(websocket: WebSocket, receive: Receive, send: Send) -> N
     await _run(websocket, services, relay, accept=False, subprotocol=None)
 
 
-async def _session_start(websocket: WebSocket, receive: Receive, timeout_s: float) -> LiveStart | Ending | None:
-    """The client's first message as a LiveStart, the Ending that refuses it (not a session.start, or none
-    within `timeout_s`), or None when the client left first."""
+async def _session_start(
+    websocket: WebSocket, receive: Receive, timeout_s: float, *, draining: asyncio.Event
+) -> LiveStart | Ending | None:
+    """The client's first message as a LiveStart, the Ending that refuses it (not a session.start, none within
+    `timeout_s`, or the drain started first: `service_unavailable`, 1013, at once), or None when the client left
+    first."""
+    first = asyncio.ensure_future(receive())
+    drained = asyncio.ensure_future(draining.wait())
     try:
-        async with asyncio.timeout(timeout_s):
-            message = await receive()
-    except TimeoutError:
+        done, _ = await asyncio.wait((first, drained), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        drained.cancel()
+        if not first.done():
+            first.cancel()
+    if first not in done:
+        if drained in done:
+            return refused(ServiceUnavailable("The server is draining; reconnect to another replica."))
         return ending("session_start_timeout")
+    message = first.result()
     if message["type"] == "websocket.disconnect":
         websocket.client_state = WebSocketState.DISCONNECTED  # as Starlette's receive would record
         return None

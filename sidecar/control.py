@@ -345,6 +345,9 @@ class Supervisor:
         self.live: dict[str, _Live] = {}
         self.principals: dict[str, Principal] = {}
         self.draining = False
+        #: Set when the drain starts: connections not yet sessions (a GPT-Live client before its session.start)
+        #: are refused at once rather than holding the drain up.
+        self.drain_started = asyncio.Event()
         self._static: dict[str, Decimal] = {}  # scope -> LiteLLM spend + realtime billed in window
         self._remote: dict[str, Decimal] = {}  # scope -> running cost of this scope's sessions elsewhere
         self._polled = asyncio.Event()
@@ -681,6 +684,7 @@ class Supervisor:
     async def drain(self, grace_s: float) -> None:
         """Refuse new sessions, give live ones `grace_s` to finish, then end them (1001) and wait for them."""
         self.draining = True
+        self.drain_started.set()
         self.metrics.draining.set(1)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s

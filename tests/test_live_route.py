@@ -161,6 +161,21 @@ async def test_no_first_message_within_the_handshake_timeout_is_1008(tmp_path: P
         assert provider.sessions == []
 
 
+async def test_a_drain_refuses_a_client_waiting_for_session_start_at_once(tmp_path: Path) -> None:
+    """A drain does not wait out the handshake timeout (an hour here) for a client that has not sent its
+    session.start: it is answered service_unavailable and closed 1013 as soon as the drain starts."""
+    provider = FakeProvider()
+    async with (
+        provider,
+        stack(tmp_path, provider=provider, entries=voice_entries(provider), handshake_timeout_s=3600.0) as s,
+    ):
+        ws = await raw(s)
+        await s.sidecar.app.state.services.supervisor.drain(0)
+        last, close_code = await ending_of(ws)
+        assert (last["error"]["code"], close_code) == ("service_unavailable", 1013)
+        assert provider.sessions == []
+
+
 async def test_a_live_model_is_refused_on_realtime_before_the_upgrade(tmp_path: Path) -> None:
     """/v1/realtime?model=gpt-live-1 is refused 400 model_not_realtime, naming the live route."""
     provider = FakeProvider()
