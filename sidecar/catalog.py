@@ -605,14 +605,21 @@ def _plain(value: Decimal) -> str:
 
 
 def describe(catalog: Catalog) -> list[dict[str, Any]]:
-    """Public rows for GET /v1/realtime/models and `sidecar models --json`, in config order.
+    """Public rows for GET /v1/realtime/models and `sidecar models --json`: one per model any route serves, the
+    /v1/realtime models first in config order, then the others route by route (ROUTES order). `routes` names the
+    routes that serve the model; kind, unit and price are those of the first of them.
 
     Carries no api_base, api_key or upstream deployment name.
     """
-    return [_describe_model(model) for model in catalog.models.values()]
+    rows: dict[str, dict[str, Any]] = {}
+    for route in ROUTES:
+        for name, model in catalog.served(route).items():
+            if name not in rows:
+                rows[name] = _describe_model(model, routes=catalog.routes_of(name))
+    return list(rows.values())
 
 
-def _describe_model(model: RealtimeModel) -> dict[str, Any]:
+def _describe_model(model: RealtimeModel, *, routes: tuple[Route, ...]) -> dict[str, Any]:
     fields = _price_fields(model.price)
     return {
         "id": model.name,
@@ -622,6 +629,7 @@ def _describe_model(model: RealtimeModel) -> dict[str, Any]:
         "pricing": {name: _plain(value) for name, value in fields.items() if value is not None},
         "deployments": len(model.deployments),
         "providers": sorted({d.provider for d in model.deployments}),
+        "routes": list(routes),
     }
 
 

@@ -366,6 +366,7 @@ def test_describe_row_shape(price_map: PriceMap) -> None:
         "pricing": {"input_cost_per_second": "0.000283333333333"},
         "deployments": 2,
         "providers": ["azure", "openai"],
+        "routes": ["/v1/realtime"],
     }
     assert [row["id"] for row in rows] == ["asr", "conv"]
     assert rows[1]["pricing"]["cache_read_input_token_cost"] == "0.0000004"

@@ -180,7 +180,27 @@ def test_entries_on_every_served_route_raise_warnings(price_map: PriceMap) -> No
     assert catalog.warnings[0].startswith("model_list[1] (live): no litellm_params.api_key")
     assert "model_list[2] (g)" in catalog.warnings[1] and "gemini/" in catalog.warnings[1]
     assert catalog.routes_of("g") == ()
-    assert [row["id"] for row in describe(catalog)] == ["rt"]
+    assert [(row["id"], row["routes"]) for row in describe(catalog)] == [
+        ("rt", ["/v1/realtime"]),
+        ("live", ["/v1/live/sessions"]),
+    ]
+
+
+def test_models_listing_names_each_models_routes(price_map: PriceMap) -> None:
+    """GET /v1/realtime/models rows: the /v1/realtime models first (as before), then GPT-Live and translation
+    models, each with the routes that serve it (a model forced on two routes lists both)."""
+    catalog = catalog_of(
+        price_map,
+        entry("tr", "openai/gpt-realtime-translate"),
+        entry("live", "openai/gpt-live-1"),
+        entry("rt", "openai/gpt-realtime"),
+        entry("both", "openai/gpt-live-1", {"realtime": {"/v1/realtime": True}}),
+    )
+    rows = {row["id"]: row for row in describe(catalog)}
+    assert list(rows) == ["rt", "both", "live", "tr"]
+    assert rows["both"]["routes"] == ["/v1/realtime", "/v1/live/sessions"]
+    assert (rows["live"]["kind"], rows["live"]["routes"]) == ("live-session", ["/v1/live/sessions"])
+    assert (rows["tr"]["kind"], rows["tr"]["routes"]) == ("realtime-translation", ["/v1/realtime/translations"])
 
 
 def test_deployments_per_route_in_config_order(price_map: PriceMap) -> None:

@@ -366,6 +366,7 @@ async def test_models_endpoint_lists_realtime_models(tmp_path: Path) -> None:
         ids = [row["id"] for row in body["data"]]
         assert ids == ["gpt-realtime-whisper", "gpt-realtime"]
         assert body["data"][0]["unit"] == "second"
+        assert [row["routes"] for row in body["data"]] == [["/v1/realtime"], ["/v1/realtime"]]
         assert s.provider.api_key not in str(body) and s.provider.host_port not in str(body)
         assert (await http.get("/healthz")).status_code == 200
         assert (await http.get("/readyz")).status_code == 200
