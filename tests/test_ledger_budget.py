@@ -295,7 +295,14 @@ async def test_the_admission_total_counts_realtime_spend_once_across_the_sink(
         session.session_id, session.principal = f"rs_{unique}", base
         session.budget_windows = budget_windows(base)
         relay = SimpleNamespace(
-            session=session, frames_in=1, frames_out=0, bytes_in=1, bytes_out=0, close_reason="client_close"
+            session=session,
+            frames_in=1,
+            frames_out=0,
+            bytes_in=1,
+            bytes_out=0,
+            close_reason="client_close",
+            figures=session.figures,  # what the supervisor reads of a relay (relay.Relay.figures / cost)
+            cost=lambda: session.figures().cost_usd,
         )
         supervisor.attach(relay)  # type: ignore[arg-type]
         session.on_client_text(append(bytes(48_000 * 3)))
