@@ -442,7 +442,7 @@ async def _session_start(
         return None
     text = message.get("text")
     start = parse_start(text if isinstance(text, str) else "")  # GPT-Live defines no binary frames
-    return start if isinstance(start, LiveStart) else ending(INVALID_START)
+    return start if isinstance(start, LiveStart) else ending(start.ending or INVALID_START)
 
 
 async def _refuse_live(websocket: WebSocket, how: Ending) -> None:

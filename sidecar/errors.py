@@ -155,6 +155,13 @@ _ENDINGS: Final[dict[str, tuple[int, str, str]]] = {
         "The first message must be a session.start JSON object with a non-empty session.model.",
     ),
     "session_start_timeout": (1008, "invalid_request_error", "No session.start within the handshake timeout."),
+    # GPT-Live: a session.start that delegates to a Responses or Decisions backend, or sets transcript triggers,
+    # which the sidecar can neither authorize nor meter exactly (docs/api.md, "/v1/live/sessions").
+    "delegation_not_supported": (
+        1008,
+        "invalid_request_error",
+        "GPT-Live delegation to a Responses or Decisions backend, and transcript triggers, are not supported here.",
+    ),
 }
 
 # A refusal after the upgrade (GPT-Live names its model in session.start, after it): the refusal's code and

@@ -130,8 +130,51 @@ async def test_a_live_session_with_the_sdk_bills_session_seconds_muted_time_incl
         (start("no-such-model"), "model_not_found"),
         (start("gpt-realtime"), "model_not_realtime"),
         (start("gpt-realtime-translate"), "model_not_realtime"),
+        (
+            event(
+                "session.start",
+                session={"model": MODEL, "delegation": {"type": "responses", "responses": {"model": "gpt-5"}}},
+            ),
+            "delegation_not_supported",
+        ),
+        (
+            event(
+                "session.start",
+                session={
+                    "model": MODEL,
+                    "delegation": {"type": "decisions", "decisions": {"model": "d", "questions": []}},
+                },
+            ),
+            "delegation_not_supported",
+        ),
+        (
+            event(
+                "session.start",
+                session={
+                    "model": MODEL,
+                    "triggers": [
+                        {
+                            "type": "decisions",
+                            "event_type": "session.input_transcript.delta",
+                            "decisions": {"questions": []},
+                        }
+                    ],
+                },
+            ),
+            "delegation_not_supported",
+        ),
     ],
-    ids=["append-first", "not-json", "empty-model", "unknown-model", "realtime-model", "translation-model"],
+    ids=[
+        "append-first",
+        "not-json",
+        "empty-model",
+        "unknown-model",
+        "realtime-model",
+        "translation-model",
+        "responses-delegation",
+        "decisions-delegation",
+        "decision-triggers",
+    ],
 )
 async def test_a_bad_first_message_is_an_error_event_and_1008(tmp_path: Path, first: str, code: str) -> None:
     """No session.start first, an unknown model, or a model of another route: GPT-Live's error event with the
@@ -159,6 +202,27 @@ async def test_no_first_message_within_the_handshake_timeout_is_1008(tmp_path: P
         last, close_code = await ending_of(ws)
         assert (last["error"]["code"], close_code) == ("session_start_timeout", 1008)
         assert provider.sessions == []
+
+
+async def test_delegation_in_a_session_update_is_refused_and_the_session_goes_on(tmp_path: Path) -> None:
+    """With the SDK: client delegation is relayed; a session.update delegating to a Responses backend is answered
+    delegation_not_supported and not forwarded; the session goes on and bills its seconds."""
+    provider = FakeProvider()
+    async with provider, stack(tmp_path, provider=provider, entries=voice_entries(provider)) as s:
+        async with s.sidecar.openai(USER_KEY).live.connect() as conn:
+            await conn.session.start(session={"model": MODEL, "delegation": {"type": "client"}})
+            assert (await conn.recv()).type == "session.started"
+            delegation: Any = {"type": "responses", "responses": {"model": "gpt-5", "tools": [{"type": "web_search"}]}}
+            await conn.session.update(session={"delegation": delegation}, event_id="upd-1")
+            refusal = await conn.recv()
+            assert refusal.type == "error" and refusal.error.code == "delegation_not_supported"
+            assert refusal.client_event_id == "upd-1"
+            await conn.session.close()
+            assert [e async for e in conn][-1].type == "session.closed"
+        row = await s.final_row()
+    assert row.close_reason == "client_close"
+    sent = [e.get("type") for e in provider.sessions[0].events]
+    assert "session.update" not in sent and sent[0] == "session.start"
 
 
 async def test_a_drain_refuses_a_client_waiting_for_session_start_at_once(tmp_path: Path) -> None:

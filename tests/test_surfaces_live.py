@@ -329,3 +329,32 @@ def test_the_providers_active_and_paused_breakdown_is_recorded_not_billed() -> N
         "active_seconds": 7,
         "paused_seconds": 3,
     }
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"delegation": {"type": "responses", "responses": {"model": "gpt-5"}}},
+        {"delegation": {"type": "decisions", "decisions": {"model": "d", "questions": []}}},
+        {"delegation": "responses"},
+        {"triggers": [{"type": "decisions", "event_type": "session.input_transcript.delta"}]},
+    ],
+)
+def test_delegation_to_models_the_sidecar_cannot_meter_is_refused(config: dict[str, Any]) -> None:
+    """A Responses or Decisions delegation, or transcript triggers: refused in session.start (ending the session
+    before any upstream) and in session.update (not forwarded; the session goes on)."""
+    refused = parse_start(orjson.dumps({"type": "session.start", "session": {"model": "gpt-live-1", **config}}))
+    assert isinstance(refused, Reply) and refused.ending == "delegation_not_supported"
+    assert error_of(refused).error.code == "delegation_not_supported"
+    reply = opened().on_client_text(orjson.dumps({"type": "session.update", "session": config}).decode(), now=T0)
+    assert error_of(reply).error.code == "delegation_not_supported" and reply.ending is None
+
+
+def test_client_delegation_and_no_triggers_are_relayed() -> None:
+    """Client delegation (the application runs the tools) and `triggers: []` / `delegation: null` go through."""
+    for config in ({"delegation": {"type": "client"}}, {"delegation": None, "triggers": []}):
+        assert isinstance(
+            parse_start(orjson.dumps({"type": "session.start", "session": {"model": "m", **config}})), LiveStart
+        )
+        reply = opened().on_client_text(orjson.dumps({"type": "session.update", "session": config}).decode(), now=T0)
+        assert reply.client is None and orjson.loads(reply.upstream or "")["session"] == config

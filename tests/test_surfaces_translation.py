@@ -177,3 +177,12 @@ def test_bill_is_exactly_the_valid_appended_audio(chunks: list[int], bad: list[b
     figures = session.figures(now=0)
     assert figures.audio_bytes == total
     assert (figures.quantity, figures.cost_usd) == bill_time(Fraction(total, BYTES_PER_SECOND), PRICE)
+
+
+def test_source_transcription_is_refused_unless_turned_off() -> None:
+    """audio.input.transcription naming a model is refused (no usage to bill it by); null turns it off and goes."""
+    update = {"type": "session.update", "session": {"audio": {"input": {"transcription": {"model": "whisper-1"}}}}}
+    reply = core().on_client_text(orjson.dumps(update).decode(), now=0)
+    assert error_of(reply).error.code == "transcription_not_supported" and reply.ending is None
+    off = {"type": "session.update", "session": {"audio": {"input": {"transcription": None}}}}
+    assert core().on_client_text(orjson.dumps(off).decode(), now=0).upstream is not None

@@ -289,3 +289,24 @@ async def test_litellm_alias_of_the_route_serves_the_same_session(tmp_path: Path
         row = await s.final_row()
     assert (row.model, row.close_reason) == (MODEL, "client_close")
     assert provider.sessions[0].handshake.path == PATH
+
+
+async def test_source_transcription_is_refused_and_the_session_goes_on(tmp_path: Path) -> None:
+    """A session.update naming a source transcription model (unbillable: the provider reports no usage for it)
+    is answered transcription_not_supported and not forwarded; the session goes on."""
+    provider = FakeProvider()
+    async with provider, stack(tmp_path, provider=provider, entries=voice_entries(provider)) as s:
+        async with s.sidecar.openai(USER_KEY).realtime.translations.connect(model=MODEL) as conn:
+            assert (await conn.recv()).type == "session.created"
+            transcription: Any = {"input": {"transcription": {"model": "gpt-realtime-whisper"}}}
+            await conn.session.update(session={"audio": transcription}, event_id="upd-1")
+            refusal = await conn.recv()
+            assert refusal.type == "error" and refusal.error.code == "transcription_not_supported"
+            await conn.session.update(session={"audio": {"output": {"language": "fr"}}})
+            assert (await conn.recv()).type == "session.updated"
+            await conn.session.close()
+            assert [e.type async for e in conn][-1] == "session.closed"
+        row = await s.final_row()
+    assert row.close_reason == "client_close"
+    updates = [e for e in provider.sessions[0].events if e.get("type") == "session.update"]
+    assert [u["session"] for u in updates] == [{"audio": {"output": {"language": "fr"}}}]

@@ -50,6 +50,17 @@ CLOSED: Final = "session.closed"
 #: (litellm/proxy/proxy_server.py `_reject_invalid_live_session_start`, close 1008).
 INVALID_START: Final = "invalid_session_start"
 START_MESSAGE: Final = "The first message must be a session.start JSON object with a non-empty session.model."
+#: The refusal of a configuration that would run models the sidecar cannot authorize and meter exactly: a
+#: Responses or Decisions delegation (`session.delegation`, types/live/session_config.py) or Decision triggers
+#: (`session.triggers`). Their usage arrives as token usage of another model inside `response.event` /
+#: `decision.event`, and tool calls (web search, file search, code interpreter containers, image generation)
+#: are billed per call, not in tokens: not metered, so refused, never relayed unbilled.
+NO_DELEGATION: Final = "delegation_not_supported"
+NO_DELEGATION_MESSAGE: Final = (
+    "This gateway does not support GPT-Live delegation to a Responses or Decisions backend, nor transcript "
+    "triggers: their models and tool calls cannot be authorized and billed here. Use client delegation "
+    '(session.delegation.type "client") and run tools in your application.'
+)
 
 # Upstream frames that may be an event the meter reads; any other is scrubbed and relayed unparsed.
 _UPSTREAM_READS: Final = (f'"{STARTED}"', f'"{USAGE}"', f'"{CLOSED}"')
@@ -106,7 +117,22 @@ def parse_start(text: str | bytes) -> LiveStart | Reply:
     if not isinstance(model, str) or not model.strip() or not isinstance(event, dict):
         ref = event.get("event_id") if isinstance(event, dict) else None
         return Reply(None, error_event(INVALID_START, START_MESSAGE, ref=ref), ending=INVALID_START)
+    if isinstance(session, dict) and delegates(session):
+        return Reply(
+            None, error_event(NO_DELEGATION, NO_DELEGATION_MESSAGE, ref=event.get("event_id")), ending=NO_DELEGATION
+        )
     return LiveStart(model=model, event=event)
+
+
+def delegates(session: Mapping[str, Any]) -> bool:
+    """True when a session.start / session.update configuration hands work to models the sidecar cannot
+    authorize and meter: a delegation other than `client` (Responses, Decisions), or any transcript trigger.
+    `delegation: null` and `triggers: []` (none) are fine."""
+    delegation = session.get("delegation")
+    if delegation is not None and not (isinstance(delegation, dict) and delegation.get("type") == "client"):
+        return True
+    triggers = session.get("triggers")
+    return triggers is not None and triggers != []
 
 
 def input_bytes_per_second(start: LiveStart) -> int:
@@ -257,6 +283,8 @@ class LiveSession(PaidAsItGoes):
         """The model is fixed at session.start: an update may name this session's public model (rewritten
         to the deployment's name) or none; naming another is refused and not forwarded."""
         session = event.get("session")
+        if isinstance(session, dict) and delegates(session):
+            return Reply(None, error_event(NO_DELEGATION, NO_DELEGATION_MESSAGE, ref=event.get("event_id")))
         if not isinstance(session, dict) or "model" not in session:
             return Reply(protocol.dumps(event), None)
         if session["model"] != self._public:

@@ -37,6 +37,15 @@ CLOSE: Final = "session.close"
 CLOSED: Final = "session.closed"
 #: Every client event the translation API defines (RealtimeTranslationClientEvent).
 CLIENT_EVENTS: Final = frozenset({UPDATE, APPEND, CLOSE})
+#: The refusal of source-language transcription (`session.audio.input.transcription`, a transcription model run
+#: beside the translation): the provider reports no usage for it (only `session.input_transcript.delta`), so it
+#: cannot be priced at its model's price (a token-priced transcriber has no tokens to count) nor its model
+#: authorized as billed: refused, never relayed unbilled (`transcription: null` is fine).
+NO_TRANSCRIPTION: Final = "transcription_not_supported"
+NO_TRANSCRIPTION_MESSAGE: Final = (
+    "This gateway does not support source-language transcription on realtime translation: the provider reports "
+    "no usage for it, so it cannot be billed. Leave session.audio.input.transcription unset."
+)
 _CLOSED_TYPE: Final = f'"{CLOSED}"'  # the only upstream event parsed (after this cheap check)
 
 
@@ -141,6 +150,8 @@ class TranslationSession(PaidAsItGoes):
             return "invalid_audio_format", str(exc)
         if rate is not None and rate != audio_formats.PCM_BYTES_PER_SECOND:
             return "invalid_audio_format", "Realtime translation input audio is audio/pcm at 24000 Hz."
+        if protocol.dig(session, "audio", "input", "transcription") is not None:
+            return NO_TRANSCRIPTION, NO_TRANSCRIPTION_MESSAGE
         return None
 
     # ---- upstream -> client -------------------------------------------------------------------
