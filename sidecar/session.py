@@ -33,6 +33,21 @@ from sidecar.usage import EventType, UsageEvent
 # Substrings that mark an upstream frame the session must parse (cheap `in` checks on the raw text).
 # An upstream frame with none of these is relayed without being parsed (checked unrolled: no generator).
 _ERROR, _SESSION, _DONE, _COMPLETED = '"error"', "session.", "response.done", "transcription.completed"
+# The bulk of upstream frames by count and bytes: deltas the session never reads (tokens come with response.done,
+# transcription usage with its .completed). Recognised by their head, where OpenAI and Azure put `type`, so they
+# skip the substring scans below (four scans of a 5 KB audio frame cost more than a startswith of all these).
+_RELAY_ONLY: Final = tuple(
+    f'{{"type":"{kind}"'
+    for kind in (
+        "response.output_audio.delta",
+        "response.output_audio_transcript.delta",
+        "conversation.item.input_audio_transcription.delta",
+        "response.output_text.delta",
+        "response.audio.delta",  # the beta names
+        "response.audio_transcript.delta",
+        "response.text.delta",
+    )
+)
 # `response.created` is looked for only in a frame's first characters, where its `type` is (OpenAI and Azure
 # send `type` first, `event_id` second): a bounded search, so a large audio frame costs no extra scan.
 _CREATED, _HEAD = '"response.created"', 96
@@ -268,6 +283,8 @@ class Session:
 
     def on_upstream_text(self, text: str, *, now: int = 0) -> str:
         """The text to relay for one upstream frame: metered, identifiers scrubbed. Never raises."""
+        if text.startswith(_RELAY_ONLY):
+            return self._scrub(text)
         if not (
             _ERROR in text
             or _SESSION in text

@@ -340,3 +340,13 @@ def test_a_response_in_progress_is_awaited_until_its_done_and_a_walkout_cancels_
     assert not s.awaiting
     s.on_walkout_end("timed_out")
     assert orjson.loads(s.figures().upstream_usage) == {"walkout": "timed_out"}
+
+
+def test_deltas_skip_the_scans_but_are_still_scrubbed() -> None:
+    """Audio and transcript deltas (recognised by their head) are relayed unparsed, yet scrubbed like any frame."""
+    s = conversation()
+    for kind in ("response.output_audio.delta", "conversation.item.input_audio_transcription.delta"):
+        leak = "key az-secret-key at res.openai.azure.com:8443"
+        out = upstream(s, {"type": kind, "event_id": "e1", "item_id": leak, "delta": "AAAA"})
+        assert "az-secret-key" not in str(out) and "res.openai.azure.com" not in str(out)
+        assert out["type"] == kind
