@@ -363,7 +363,9 @@ class Relay:
         except Exception:  # the upstream closed or failed before answering: bill what is known
             outcome = "upstream_closed"
         self._core.on_walkout_end(outcome)
-        log.info("walk-out ended: %s", outcome)
+        session = self.session
+        extra = {"session_id": session.session_id, "key_hash": session.principal.key_hash, "reason": outcome}
+        log.info("walk-out: waited for the response in progress", extra=extra)  # reason: the outcome
 
     # ---- endings ----------------------------------------------------------------------------------
 

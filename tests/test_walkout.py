@@ -88,6 +88,21 @@ async def test_walkout_wait_times_out_billed_with_what_is_known_and_marked(tmp_p
     assert orjson.loads(row.upstream_usage) == {"walkout": "timed_out"}
 
 
+async def test_walkout_ends_when_the_upstream_closes_instead_of_answering(tmp_path: Path) -> None:
+    """A provider that closes on the cancel: no wait for the timeout (an hour here), billed with what was known,
+    marked `walkout: upstream_closed`."""
+    faults = Faults(hold_responses=True, close_on_cancel=(1000, "bye"))
+    async with FakeProvider(faults=faults) as provider:
+        async with stack(tmp_path, provider=provider, entries=_entries(provider), walkout_wait_s=3600.0) as s:
+            client = s.sidecar.openai(USER_KEY)
+            async with client.realtime.connect(model="gpt-realtime") as conn:
+                await _response_in_progress(conn)
+                await _leave(conn, "abort")
+            row = await s.final_row()
+    assert row.close_reason == "client_abort"
+    assert orjson.loads(row.upstream_usage) == {"walkout": "upstream_closed"}
+
+
 async def test_abort_with_no_response_in_progress_closes_at_once(tmp_path: Path) -> None:
     """No response in progress: no cancel, no wait (a wait of an hour would hang this test), no walk-out mark."""
     async with FakeProvider(faults=Faults(hold_responses=True)) as provider:

@@ -440,6 +440,8 @@ class _Conversation:
     def _cancel_response(self, event: Event, faults: Faults) -> Reply:
         """`response.cancel` -> `response.done` (status `cancelled`, the fixed usage) for the response it names
         (else the oldest in progress); nothing when none is in progress or Faults.ignore_cancel."""
+        if faults.close_on_cancel is not None:
+            return Reply([], close=faults.close_on_cancel)
         if faults.ignore_cancel or not self._in_progress:
             return Reply([])
         named = event.get("response_id")

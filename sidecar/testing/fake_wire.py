@@ -60,6 +60,8 @@ class Faults:
     hold_responses: bool = False
     #: Realtime API: never answer `response.cancel` (a provider that does not finish what a walk-out cancels).
     ignore_cancel: bool = False
+    #: Realtime API: answer `response.cancel` by closing cleanly with this `(code, reason)`, no response.done.
+    close_on_cancel: tuple[int, str] | None = None
 
 
 @dataclass
