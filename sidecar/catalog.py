@@ -29,7 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.util
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -221,6 +221,17 @@ def load_catalog(
 
     Raises ConfigError when the file cannot be read or parsed, or as `build_catalog` does.
     """
+    return build_catalog(
+        read_config(path),
+        price_map=load_price_map() if price_map is None else price_map,
+        environ=environ,
+        default_transcription_model=default_transcription_model,
+    )
+
+
+def read_config(path: Path) -> Mapping[str, Any]:
+    """The LiteLLM config.yaml at `path`, parsed (an empty file is {}). Raises ConfigError when it cannot be
+    read or parsed, or is not a mapping; the message never quotes the file's text."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -235,12 +246,7 @@ def load_catalog(
         config = {}
     if not isinstance(config, Mapping):
         raise ConfigError(f"the LiteLLM config {path} is not a mapping")
-    return build_catalog(
-        config,
-        price_map=load_price_map() if price_map is None else price_map,
-        environ=environ,
-        default_transcription_model=default_transcription_model,
-    )
+    return config
 
 
 # --- building (pure) --------------------------------------------------------------------------------
@@ -252,11 +258,13 @@ def build_catalog(
     price_map: Mapping[str, Mapping[str, Any]],
     environ: Mapping[str, str],
     default_transcription_model: str = DEFAULT_TRANSCRIPTION_MODEL,
+    labels: Sequence[str] | None = None,
 ) -> Catalog:
     """The catalog of a parsed LiteLLM config. Pure.
 
     `os.environ/NAME` string values resolve from `environ` (a missing variable becomes None). Raises
-    ConfigError for a malformed config; the message names the offending entry and field.
+    ConfigError for a malformed config; the message names the offending entry and field: `labels[i]` names
+    model_list[i] when given (entries that come from elsewhere, e.g. LiteLLM's database), else `model_list[i]`.
     """
     resolved = _resolve_env(config, environ)
     entries = _list(resolved.get("model_list"), "model_list")
@@ -264,7 +272,7 @@ def build_catalog(
     builders: dict[str, _ModelBuilder] = {}
     warnings: list[str] = []
     for index, raw in enumerate(entries):
-        entry = _Entry.parse(raw, where=f"model_list[{index}]")
+        entry = _Entry.parse(raw, where=labels[index] if labels is not None else f"model_list[{index}]")
         builder = builders.setdefault(entry.name, _ModelBuilder(entry.name))
         relayed, skipped = builder.add(entry, price_map)
         if skipped:
@@ -353,6 +361,12 @@ def _text(value: Any, where: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ConfigError(f"{where} must be a string")
     return value or None
+
+
+def master_key(config: Mapping[str, Any], environ: Mapping[str, str]) -> str | None:
+    """The proxy's master key from a parsed config (its `os.environ/` reference resolved), as `build_catalog`
+    reads it. Raises ConfigError for a general_settings that is not a mapping or a master_key that is not text."""
+    return _master_key(_resolve_env(config, environ), environ)
 
 
 def _master_key(config: Mapping[str, Any], environ: Mapping[str, str]) -> str | None:

@@ -1,0 +1,342 @@
+"""Models from LiteLLM's database: the proxy's `LiteLLM_ProxyModelTable` rows (models added in its admin UI under
+`store_model_in_db`) become config.yaml `model_list` entries, merged with the config's as the proxy merges them.
+
+What LiteLLM does (litellm 1.110; read, not copied):
+    write    proxy/management_endpoints/model_management_endpoints.py `_add_model_to_db` (and the update paths)
+             seal every string value of litellm_params with `encrypt_value_helper` (proxy/common_utils/
+             encrypt_decrypt_utils.py); model_info is stored as plain JSON, the deployment id is the row's
+             `model_id`, and `blocked` is the admin's pause switch.
+    seal     key = sha256(salt key). Default: nacl SecretBox (XSalsa20-Poly1305), nonce(24) || box, urlsafe base64.
+             With general_settings.encryption_algorithm: aes-256-gcm: "v2:gcm:" + urlsafe base64 of
+             nonce(12) || ciphertext || tag(16). Opening goes by the prefix, whatever the setting
+             (`_decrypt_with_signing_key`); a legacy value is urlsafe-base64 decoded, else standard base64.
+    salt key `get_salt_key`: the environment's LITELLM_SALT_KEY when set (even empty), else the proxy's master key.
+    read     proxy/proxy_server.py `ProxyConfig.get_models_from_db` takes every row; `decrypt_model_list_from_db`
+             and `_add_deployment` pass each string value through `decrypt_value_helper(return_original_value=
+             True)` (a value that does not open is kept as stored), then resolve `os.environ/` references;
+             `get_model_info_with_id` sets model_info.id = model_id, db_model = true, blocked = the column.
+             Only when store_model_in_db is on: STORE_MODEL_IN_DB=true, general_settings.store_model_in_db:
+             true, or the same setting in the `LiteLLM_Config` row `general_settings` (`proxy_startup_event`).
+    merge    the router starts with config.yaml's deployments, then upserts each row by id
+             (router_rust/surface/registry.py `_core_upsert_deployment`): a row whose model_id is a config
+             deployment's model_info.id replaces it (and now comes after the config's); any other row is one
+             more deployment, of its own model or, sharing a model_name, of a config model (load balanced).
+             A blocked deployment stays listed but is never routed to (`_core_is_deployment_blocked`).
+
+Where the sidecar differs, on purpose: a row whose model does not open under the salt key (a changed key) is
+skipped with one warning naming it (the proxy would keep the ciphertext as model name and credential); a
+blocked row is not a deployment. Everything here is pure except `read_database` and `load_catalog`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Final
+
+import nacl.exceptions
+import nacl.secret
+import orjson
+import psycopg
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from sidecar.catalog import Catalog, build_catalog, load_price_map, master_key, read_config
+from sidecar.config import Settings
+from sidecar.errors import SidecarError
+from sidecar.ledger.sink import connect_params
+
+log = logging.getLogger(__name__)
+
+SALT_KEY_VARIABLE: Final = "LITELLM_SALT_KEY"
+STORE_MODEL_IN_DB_VARIABLE: Final = "STORE_MODEL_IN_DB"
+TABLE: Final = "LiteLLM_ProxyModelTable"
+V2_GCM_PREFIX: Final = "v2:gcm:"
+_GCM_NONCE_BYTES: Final = 12
+# The shortest legacy ciphertext: a nonce and the MAC around an empty message. Model names are shorter.
+_SEALED_MIN_BYTES: Final = nacl.secret.SecretBox.NONCE_SIZE + nacl.secret.SecretBox.MACBYTES
+
+# Every row, whatever columns this LiteLLM version has (`blocked` came later), in the order they were added.
+_ROWS: Final = f'SELECT to_jsonb(m) FROM "{TABLE}" m ORDER BY m.created_at, m.model_id'
+_GENERAL_SETTINGS: Final = "SELECT param_value FROM \"LiteLLM_Config\" WHERE param_name = 'general_settings' LIMIT 1"
+
+
+class ProxyModelsUnavailable(SidecarError):
+    """LiteLLM's database could not be read for its models. The message names no credential."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyModelRow:
+    """One `LiteLLM_ProxyModelTable` row as stored: litellm_params still sealed (never in repr)."""
+
+    model_id: str
+    model_name: str
+    litellm_params: Mapping[str, Any] = field(repr=False)
+    model_info: Mapping[str, Any] = field(default_factory=dict)
+    blocked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseModels:
+    """What LiteLLM's database says about models: whether the proxy serves its rows, and the rows."""
+
+    enabled: bool
+    rows: tuple[ProxyModelRow, ...] = ()
+
+
+# --- the proxy's crypto (pure) ----------------------------------------------------------------------
+
+
+def salt_key(environ: Mapping[str, str], master: str | None) -> str | None:
+    """The key LiteLLM seals with: LITELLM_SALT_KEY when set (an empty value counts, as in LiteLLM), else the
+    proxy's master key; None when neither is."""
+    value = environ.get(SALT_KEY_VARIABLE)
+    return master if value is None else value
+
+
+def open_value(value: str, key: str) -> str | None:
+    """`value` opened under `key` as LiteLLM's `decrypt_value_helper` opens it; None when it does not open
+    (a plaintext value, or a ciphertext under another key). A value that decodes to no bytes opens to ""."""
+    try:
+        if value.startswith(V2_GCM_PREFIX):
+            sealed = base64.urlsafe_b64decode(value[len(V2_GCM_PREFIX) :])
+            nonce, body = sealed[:_GCM_NONCE_BYTES], sealed[_GCM_NONCE_BYTES:]
+            return AESGCM(_derived(key)).decrypt(nonce, body, None).decode("utf-8")
+        sealed = _legacy_bytes(value)
+        if not sealed:
+            return ""
+        return nacl.secret.SecretBox(_derived(key)).decrypt(sealed).decode("utf-8")
+    except (binascii.Error, ValueError, InvalidTag, nacl.exceptions.CryptoError):
+        return None  # UnicodeDecodeError is a ValueError; a too-short box is a CryptoError or ValueError
+
+
+def looks_sealed(value: str) -> bool:
+    """Whether `value` has the form of a LiteLLM ciphertext (a `v2:gcm:` value, or strict base64 of at least
+    a nonce and a MAC); model names and plaintext URLs do not."""
+    if value.startswith(V2_GCM_PREFIX):
+        return True
+    for altchars in (b"-_", None):
+        try:
+            return len(base64.b64decode(value, altchars=altchars, validate=True)) >= _SEALED_MIN_BYTES
+        except binascii.Error:
+            continue
+    return False
+
+
+def _derived(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _legacy_bytes(value: str) -> bytes:
+    """LiteLLM's `_legacy_ciphertext_bytes`: urlsafe base64 first, standard base64 as the fallback."""
+    try:
+        return base64.urlsafe_b64decode(value)
+    except (binascii.Error, ValueError):
+        return base64.b64decode(value)
+
+
+# --- rows -> model_list entries (pure) --------------------------------------------------------------
+
+
+def row_label(row: ProxyModelRow) -> str:
+    """How warnings and config errors name a row: the table and its model_id (no secret)."""
+    return f"{TABLE}[{row.model_id}]"
+
+
+def opened_entry(row: ProxyModelRow, key: str | None) -> tuple[dict[str, Any] | None, list[str]]:
+    """The row as a config model_list entry (values opened, model_info.id = model_id), or None when it is
+    not served, and the warnings (each naming the row's model, never a value).
+
+    Not served: a blocked row (silently, as the proxy never routes to it), and a row whose model is sealed but
+    does not open under `key` (or there is no key). Another sealed value that does not open is kept as stored,
+    as the proxy keeps it, with a warning.
+    """
+    where = f"{row_label(row)} ({row.model_name})"
+    if row.blocked:
+        return None, []
+    model = row.litellm_params.get("model")
+    if isinstance(model, str) and looks_sealed(model) and (key is None or open_value(model, key) is None):
+        why = "no LITELLM_SALT_KEY or master key is set" if key is None else "it was sealed with another key"
+        return None, [
+            f"{where} skipped: its litellm_params do not open under LITELLM_SALT_KEY (else the master key): {why}"
+        ]
+    params: dict[str, Any] = {}
+    kept: list[str] = []
+    for name, value in row.litellm_params.items():
+        opened = open_value(value, key) if isinstance(value, str) and key is not None else None
+        if opened is None and isinstance(value, str) and looks_sealed(value):
+            kept.append(name)
+        params[name] = value if opened is None else opened
+    info = {**row.model_info, "id": row.model_id, "db_model": True}
+    entry = {"model_name": row.model_name, "litellm_params": params, "model_info": info}
+    warnings = [f"{where}: litellm_params.{name} does not open under the salt key; used as stored" for name in kept]
+    return entry, warnings
+
+
+def merge_model_list(config_list: Sequence[Any], db_entries: Sequence[Mapping[str, Any]]) -> list[tuple[str, Any]]:
+    """The proxy's deployments, each with its label: the config's (`model_list[i]`, its place in the file), less
+    those whose model_info.id a DB entry has, then the DB's (`LiteLLM_ProxyModelTable[<model_id>]`)."""
+    db_ids = {str(entry["model_info"]["id"]) for entry in db_entries}
+    merged = [(f"model_list[{i}]", entry) for i, entry in enumerate(config_list) if _config_id(entry) not in db_ids]
+    return merged + [(f"{TABLE}[{entry['model_info']['id']}]", entry) for entry in db_entries]
+
+
+def _config_id(entry: Any) -> str | None:
+    info = entry.get("model_info") if isinstance(entry, Mapping) else None
+    ident = info.get("id") if isinstance(info, Mapping) else None
+    return None if ident is None else str(ident)
+
+
+def store_model_in_db(config: Mapping[str, Any], environ: Mapping[str, str], db_setting: Any) -> bool:
+    """Whether the proxy serves its DB models: STORE_MODEL_IN_DB=true, general_settings.store_model_in_db: true,
+    or that setting true in the database's general_settings (`db_setting`), as `proxy_startup_event` decides."""
+    settings = config.get("general_settings")
+    in_config = isinstance(settings, Mapping) and settings.get("store_model_in_db") is True
+    in_env = environ.get(STORE_MODEL_IN_DB_VARIABLE, "").strip().lower() == "true"
+    in_db = db_setting is True or (isinstance(db_setting, str) and db_setting.lower() == "true")
+    return in_config or in_env or in_db
+
+
+def build_merged_catalog(
+    config: Mapping[str, Any],
+    database: DatabaseModels,
+    *,
+    price_map: Mapping[str, Mapping[str, Any]],
+    environ: Mapping[str, str],
+    default_transcription_model: str,
+) -> Catalog:
+    """The catalog of the config's models and the database's, merged as the proxy merges them. Pure.
+
+    Raises ConfigError as `build_catalog` does (a DB entry's error names its row). The rows' warnings come
+    after the config's in `Catalog.warnings`.
+    """
+    config_list = config.get("model_list") or []
+    if not database.enabled or not database.rows or not isinstance(config_list, list):
+        # Nothing to merge (a model_list that is not a list is build_catalog's to refuse).
+        return build_catalog(
+            config, price_map=price_map, environ=environ, default_transcription_model=default_transcription_model
+        )
+    key = salt_key(environ, master_key(config, environ))
+    entries: list[dict[str, Any]] = []
+    warnings: list[str] = []
+    for row in database.rows:
+        entry, found = opened_entry(row, key)
+        warnings += found
+        if entry is not None:
+            entries.append(entry)
+    merged = merge_model_list(config_list, entries)
+    catalog = build_catalog(
+        {**config, "model_list": [entry for _, entry in merged]},
+        price_map=price_map,
+        environ=environ,
+        default_transcription_model=default_transcription_model,
+        labels=[label for label, _ in merged],
+    )
+    return replace(catalog, warnings=(*catalog.warnings, *warnings))
+
+
+# --- the database (I/O) -----------------------------------------------------------------------------
+
+
+def read_database(dsn: str, *, timeout_s: float) -> tuple[Any, tuple[ProxyModelRow, ...]]:
+    """The database's general_settings.store_model_in_db (None when unset) and every model row, in one
+    read-only transaction bounded by `timeout_s` (connect, statement).
+
+    Raises ProxyModelsUnavailable when the database cannot be reached or read, or holds no LiteLLM schema.
+    """
+    try:
+        params, _ = connect_params(dsn, timeout_s=timeout_s)
+    except psycopg.ProgrammingError as exc:  # its text may quote the URL, password included
+        raise ProxyModelsUnavailable("SIDECAR_LITELLM_DATABASE_URL is not a URL libpq accepts") from exc
+    try:
+        with psycopg.connect(**params) as conn:
+            conn.read_only = True
+            setting = conn.execute(_GENERAL_SETTINGS).fetchone()
+            rows = conn.execute(_ROWS).fetchall()
+    except psycopg.errors.UndefinedTable as exc:
+        raise ProxyModelsUnavailable(
+            f"LiteLLM's database has no {TABLE} (is SIDECAR_LITELLM_DATABASE_URL the proxy's database, migrated?)"
+        ) from exc
+    except (psycopg.Error, OSError) as exc:
+        raise ProxyModelsUnavailable(f"cannot read LiteLLM's models from its database: {_first_line(exc)}") from exc
+    general = _json(setting[0]) if setting else None
+    db_setting = general.get("store_model_in_db") if isinstance(general, Mapping) else None
+    return db_setting, tuple(row for (raw,) in rows if (row := _row(raw)) is not None)
+
+
+def _row(raw: Any) -> ProxyModelRow | None:
+    """A row from its JSON; None for one the proxy would refuse too (litellm_params not an object)."""
+    params = _json(raw.get("litellm_params"))
+    if not isinstance(params, Mapping):
+        log.warning("%s[%s] skipped: litellm_params is not an object", TABLE, raw.get("model_id"))
+        return None
+    info = _json(raw.get("model_info"))
+    return ProxyModelRow(
+        model_id=str(raw["model_id"]),
+        model_name=str(raw["model_name"]),
+        litellm_params=params,
+        model_info=info if isinstance(info, Mapping) else {},
+        blocked=raw.get("blocked") is True,
+    )
+
+
+def _json(value: Any) -> Any:
+    """A Json column's value: an object as stored, or a JSON text some writers stored instead."""
+    if isinstance(value, str):
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return None
+    return value
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+def load_catalog(
+    settings: Settings,
+    *,
+    environ: Mapping[str, str],
+    price_map: Mapping[str, Mapping[str, Any]] | None = None,
+    config_path: Path | None = None,
+) -> Catalog:
+    """The catalog of the LiteLLM config and, when SIDECAR_LITELLM_DATABASE_URL is set and the proxy stores
+    models in its database, of its DB models too. Blocks (run it in a thread from the event loop).
+
+    Raises ConfigError (the config), ProxyModelsUnavailable (the database; a reload keeps its last catalog).
+    """
+    config = read_config(config_path or settings.litellm_config)
+    database = DatabaseModels(enabled=False)
+    if settings.litellm_database_url:
+        db_setting, rows = read_database(settings.litellm_database_url, timeout_s=settings.db_timeout_s)
+        database = DatabaseModels(store_model_in_db(config, environ, db_setting), rows)
+    return build_merged_catalog(
+        config,
+        database,
+        price_map=load_price_map() if price_map is None else price_map,
+        environ=environ,
+        default_transcription_model=settings.default_transcription_model,
+    )
+
+
+__all__ = [
+    "DatabaseModels",
+    "ProxyModelRow",
+    "ProxyModelsUnavailable",
+    "build_merged_catalog",
+    "load_catalog",
+    "looks_sealed",
+    "merge_model_list",
+    "open_value",
+    "opened_entry",
+    "read_database",
+    "salt_key",
+    "store_model_in_db",
+]
