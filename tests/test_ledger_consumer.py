@@ -421,6 +421,23 @@ def test_connect_params_drop_prismas_parameters_and_keep_the_schema() -> None:
     assert connect_params("postgresql://u@db/litellm", timeout_s=3)[1] == "public"
 
 
+def test_prisma_pgbouncer_flag_turns_prepared_statements_off(litellm_db: str) -> None:
+    """`pgbouncer=true` (PgBouncer in transaction mode cannot keep prepared statements): psycopg prepares none, and
+    the sink still writes; without it psycopg's default applies."""
+    params, _ = connect_params(f"{litellm_db}?pgbouncer=true", timeout_s=3)
+    assert params["prepare_threshold"] is None
+    assert "prepare_threshold" not in connect_params(litellm_db, timeout_s=3)[0]
+    p = principal_of(litellm_db)
+    sink = LedgerSink(f"{litellm_db}?pgbouncer=true")
+    try:
+        events = [e for n in range(3) for e in session_events(p, f"rs_pgb{n}")]
+        assert {o.kind for o in sink.write(events, now=datetime.now().astimezone())} == {"applied"}
+        assert sink.write(events, now=datetime.now().astimezone())[0].kind == "skipped"
+    finally:
+        sink.close()
+    assert_charged_once(litellm_db, p, [session_events(p, f"rs_pgb{n}")[-1] for n in range(3)])
+
+
 def test_a_database_failure_never_names_the_password() -> None:
     """The error the consumer logs names the cause, never the URL's password."""
     sink = LedgerSink("postgresql://u:s3cret-pw@127.0.0.1:1/x", timeout_s=TIMEOUT_S)

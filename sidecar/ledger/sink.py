@@ -206,8 +206,9 @@ def connect_params(dsn: str, *, timeout_s: float) -> tuple[dict[str, Any], str]:
 
     The URL's own libpq parameters win over those derived from `timeout_s` (`pg_connect_args`). Prisma's
     parameters, which libpq refuses, are dropped; Prisma's `schema=` becomes the search path (the sink's
-    statements name LiteLLM's tables unqualified, as Prisma does). Raises psycopg.ProgrammingError for a
-    malformed URL.
+    statements name LiteLLM's tables unqualified, as Prisma does); Prisma's `pgbouncer=true` (a PgBouncer in
+    transaction mode, which cannot keep a session's prepared statements) turns psycopg's prepared statements
+    off (`prepare_threshold` None). Raises psycopg.ProgrammingError for a malformed URL.
     """
     parts = urlsplit(dsn)
     query = parse_qsl(parts.query, keep_blank_values=True)
@@ -217,6 +218,8 @@ def connect_params(dsn: str, *, timeout_s: float) -> tuple[dict[str, Any], str]:
     params: dict[str, Any] = {**pg_connect_args(timeout_s), **given}
     if namespace != "public":
         params["options"] = f"{params.get('options', '')} -c search_path={namespace},public".strip()
+    if any(k == "pgbouncer" and v.lower() == "true" for k, v in query):
+        params["prepare_threshold"] = None
     return params, namespace
 
 
