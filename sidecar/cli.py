@@ -105,13 +105,19 @@ def check_spool(settings: Settings) -> None:
 
 
 def startup_warnings(settings: Settings, catalog: Catalog) -> list[str]:
-    """The catalog's warnings, and a LiteLLM URL with no master key to ask it with."""
+    """The catalog's warnings, a LiteLLM URL with no master key to ask it with, and Azure's preview URL form."""
     found = list(catalog.warnings)
     if settings.litellm_url and catalog.master_key is None:
         found.append(
             "SIDECAR_LITELLM_URL is set but there is no master key (general_settings.master_key or "
             "LITELLM_MASTER_KEY): client secrets and live-key re-checks cannot be checked"
         )
+    from sidecar.catalog import ROUTES
+    from sidecar.upstream import preview_warning
+
+    deployments = [d for route in ROUTES for m in catalog.served(route).values() for d in m.deployments]
+    if (preview := preview_warning(deployments)) is not None:
+        found.append(preview)
     return found
 
 

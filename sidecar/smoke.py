@@ -5,7 +5,8 @@ line, including those after one that works (so a broken fallback shows), on ever
 (catalog `routes_of`: /v1/realtime, /v1/live/sessions, /v1/realtime/translations), one header and one
 summary per route. One attempt does what a relayed session does first:
 
-1. opens the upstream WebSocket with the relay's URL and headers for the route (`upstream.route_target`);
+1. opens the upstream WebSocket with the relay's URL and headers for the route (`upstream.route_target`;
+   for an Azure transcription deployment, after the relay's client-secret exchange, sidecar/azure_auth.py);
 2. waits for the first server event (normally `session.created`);
 3. when the URL carries no model (`Target.inject_model`), sends the relay's model `session.update`;
 4. appends 100 ms of silence (24 kHz PCM16, the session default) and commits it;
@@ -26,7 +27,7 @@ upgrade, a DNS, TCP or TLS failure, an `error` event, the upstream closing the c
 (`timeout_s` for the connect, then `timeout_s` again for steps 2-5). Exit status: 0 when at least one
 deployment succeeded on every route of the model (the relay would serve it), 1 otherwise, 2 for an unknown or
 non-realtime model or an unusable config. A successful /v1/realtime attempt costs the provider's price of
-0.1 s of audio.
+0.1 s of audio. Azure deployments on the deprecated preview URL form get one `warning:` line first.
 
 Output: `ok` / `FAIL` lines naming the deployment's `deployment_id`, provider and upstream host (scheme,
 host and port only: no path, no credentials), then one summary line. Never a secret: upstream text (error
@@ -58,7 +59,7 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI, WebSocketException
 
-from sidecar import protocol
+from sidecar import azure_auth, protocol
 from sidecar.catalog import (
     LIVE_ENDPOINT,
     REALTIME_ENDPOINT,
@@ -73,7 +74,7 @@ from sidecar.catalog import (
 from sidecar.config import Settings
 from sidecar.errors import SidecarError, UpstreamError
 from sidecar.session import REDACTED, secrets_of
-from sidecar.upstream import OPENAI_HOSTS, Target, route_target
+from sidecar.upstream import OPENAI_HOSTS, Target, preview_warning, route_target
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -248,11 +249,18 @@ def _connection_class(progress: _Progress) -> type[ClientConnection]:
     return _Connection
 
 
-async def _dial(tgt: Target, *, timeout_s: float, max_frame_bytes: int, progress: _Progress) -> ClientConnection:
+async def _dial(
+    tgt: Target,
+    headers: tuple[tuple[str, str], ...],
+    *,
+    timeout_s: float,
+    max_frame_bytes: int,
+    progress: _Progress,
+) -> ClientConnection:
     """Open the upstream WebSocket as the relay's dialer does (upstream.websocket_dialer), keeping the phase."""
     return await connect(
         tgt.url,
-        additional_headers=list(tgt.headers),
+        additional_headers=list(headers),
         max_size=max_frame_bytes,
         open_timeout=timeout_s,
         close_timeout=timeout_s,
@@ -356,8 +364,15 @@ async def probe(
     upstream_secrets = (*secrets_of(deployment), *secrets)
     progress = _Progress()
     started = time.perf_counter()
+    headers = tgt.headers
+    if tgt.client_secret is not None:  # Azure transcription: the relay's client-secret exchange first
+        try:
+            secret = await azure_auth.mint(tgt.client_secret, timeout_s=timeout_s)
+        except UpstreamError as exc:
+            return Outcome(deployment, host_label(tgt.url), False, str(exc))
+        headers, upstream_secrets = secret.headers, (secret.value, *upstream_secrets)
     try:
-        connection = await _dial(tgt, timeout_s=timeout_s, max_frame_bytes=max_frame_bytes, progress=progress)
+        connection = await _dial(tgt, headers, timeout_s=timeout_s, max_frame_bytes=max_frame_bytes, progress=progress)
     except (OSError, WebSocketException, EOFError) as exc:
         reason = connect_reason(
             exc, url=tgt.url, timeout_s=timeout_s, transport_up=progress.transport_up, secrets=upstream_secrets
@@ -443,6 +458,9 @@ async def run_smoke(
 
     def say(line: str) -> None:
         out(scrub(line, secrets))
+
+    if (warning := preview_warning([d for _, m in models for d in m.deployments])) is not None:
+        say(f"warning: {warning}")
 
     answered = [
         await _smoke_route(model, route, settings=settings, timeout_s=timeout_s, secrets=secrets, say=say)

@@ -7,10 +7,16 @@ litellm/llms/azure/realtime/handler.py) and the provider docs:
   OpenAI itself reads `?model=` as a conversation session and refuses it on `intent=transcription`, so
   for a transcription session on an OpenAI host the model is left out of the URL and put in the session
   configuration instead (`Target.inject_model`). Other hosts keep `?model=`: a gateway may route on it.
-- Azure OpenAI GA (`realtime_protocol: GA`/`v1`, or no `api_version`): `<api_base>/openai/v1/realtime?model=
-  <deployment>` (no `model` on a transcription session, which gets it in its session configuration).
-- Azure OpenAI preview (an `api_version` and no GA protocol): `<api_base>/openai/realtime?api-version=
-  <v>&deployment=<deployment>`. Both Azure forms send `api-key: <key>` and pass `intent` on.
+- Azure OpenAI GA, the default (no `realtime_protocol`, or `GA`/`v1`; an `api_version` alone no longer
+  selects the preview form, as in LiteLLM's `azure_realtime_protocol_for_client`): `<api_base>/openai/v1/
+  realtime?model=<deployment>`, `api-key: <key>`. A transcription session there is opened as Azure wants it
+  now (sidecar/azure_auth.py): a client secret minted with the api-key first, then `<api_base>/openai/v1/
+  realtime?intent=transcription` with `Authorization: Bearer ek_...`, no api-key and no `?model=` (Azure
+  refuses both), the deployment name as the transcription model in the session configuration.
+- Azure OpenAI preview (`realtime_protocol` set to anything else, e.g. `beta`/`preview`, with an
+  `api_version`): `<api_base>/openai/realtime?api-version=<v>&deployment=<deployment>`, `api-key: <key>`,
+  `intent` passed on. Azure deprecated this form on 2026-04-30 (`preview_deployments`: serve and smoke
+  warn).
 
 The other two voice routes (issue 15; `route_target`), each with one form per provider and the credential
 only in a header, never in the URL:
@@ -44,6 +50,8 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 from urllib.parse import urlencode, urlsplit
 
+from sidecar import azure_auth
+from sidecar.azure_auth import SecretRequest
 from sidecar.catalog import LIVE_ENDPOINT, REALTIME_ENDPOINT, TRANSLATION_ENDPOINT, Deployment, Route
 from sidecar.errors import UpstreamError, UpstreamUnavailable
 from sidecar.upstream_conn import open_upstream
@@ -64,6 +72,8 @@ class Target:
     deployment: Deployment
     #: The route whose protocol the upstream speaks (catalog.ROUTES).
     route: Route = REALTIME_ENDPOINT
+    #: Azure transcription: the client-secret exchange whose secret becomes the handshake's credential.
+    client_secret: SecretRequest | None = field(default=None, repr=False)
 
     @property
     def safe_url(self) -> str:
@@ -153,12 +163,37 @@ def target(deployment: Deployment, *, transcription: bool, openai_hosts: Sequenc
     return Target(f"{path}/realtime?{urlencode(query)}", headers, drop_model, deployment)
 
 
+def azure_preview(deployment: Deployment) -> bool:
+    """True when an Azure deployment is configured for the deprecated preview URL form (module docstring)."""
+    protocol = (deployment.realtime_protocol or "").upper()
+    return deployment.provider == "azure" and protocol not in ("", "GA", "V1")
+
+
+def preview_deployments(deployments: Sequence[Deployment]) -> list[str]:
+    """The deployment ids (else names) of the Azure deployments on the preview form, once each, in order."""
+    names = (d.deployment_id or d.model for d in deployments if azure_preview(d))
+    return list(dict.fromkeys(names))
+
+
+def preview_warning(deployments: Sequence[Deployment]) -> str | None:
+    """The one warning for every Azure deployment on the preview form (`sidecar serve`, `sidecar smoke`)."""
+    names = preview_deployments(deployments)
+    if not names:
+        return None
+    return (
+        f"Azure deployment(s) {', '.join(names)} use the preview realtime URL form (/openai/realtime?api-version=), "
+        "which Azure deprecated on 2026-04-30: remove realtime_protocol (or set it to GA) to use /openai/v1/realtime"
+    )
+
+
 def _azure_target(deployment: Deployment, intent: dict[str, str]) -> Target:
     base = _ws_base(deployment.api_base or "")
-    protocol = (deployment.realtime_protocol or "").upper()
-    ga = protocol in ("GA", "V1") or (not protocol and deployment.api_version is None)
     headers = (("api-key", deployment.api_key),) if deployment.api_key else ()
-    if ga:
+    if not azure_preview(deployment):
+        if intent and deployment.api_key:
+            exchange = azure_auth.secret_request(deployment, api_key=deployment.api_key)
+            url = f"{base}/openai/v1/realtime?{urlencode(intent)}"
+            return Target(url, (), True, deployment, client_secret=exchange)
         query = {**({} if intent else {"model": deployment.model}), **intent}
         url = f"{base}/openai/v1/realtime" + (f"?{urlencode(query)}" if query else "")
         return Target(url, headers, bool(intent), deployment)
@@ -178,12 +213,18 @@ Dialer = Callable[[Target], Awaitable[Upstream]]
 
 
 def websocket_dialer(*, max_frame_bytes: int, connect_timeout_s: float) -> Dialer:
-    """A dialer over the lean sans-I/O client (upstream_conn.py). Failures are UpstreamError (no secrets)."""
+    """A dialer over the lean sans-I/O client (upstream_conn.py). Failures are UpstreamError (no secrets).
+
+    A target with a client-secret exchange (Azure transcription) mints its secret first, within the same
+    connect timeout, and opens the socket with it; a failed exchange fails that deployment alone.
+    """
 
     async def dial(tgt: Target) -> Upstream:
-        return await open_upstream(
-            tgt.url, tgt.headers, max_frame_bytes=max_frame_bytes, open_timeout_s=connect_timeout_s
-        )
+        headers = tgt.headers
+        if tgt.client_secret is not None:
+            secret = await azure_auth.mint(tgt.client_secret, timeout_s=connect_timeout_s)
+            headers = secret.headers
+        return await open_upstream(tgt.url, headers, max_frame_bytes=max_frame_bytes, open_timeout_s=connect_timeout_s)
 
     return dial
 

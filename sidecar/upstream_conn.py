@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import os
 import ssl
 from collections.abc import Callable
@@ -46,6 +47,10 @@ CLOSE_TIMEOUT_S: Final = 5.0
 MAX_HEAD_BYTES: Final = 65536  # a handshake response longer than this is left to websockets (which refuses it)
 _MASKS: Final = PooledSecrets()  # client frame masks: os.urandom bytes, pooled (see sidecar.tuning)
 OK_CODES: Final = frozenset({1000, 1001})
+#: websockets logs every handshake header at DEBUG, the upstream credential (api-key, Bearer key or ek_
+#: secret) included: the client protocol logs to a logger of ours that never debugs.
+_WIRE_LOG: Final = logging.getLogger("sidecar.upstream.wire")
+_WIRE_LOG.setLevel(logging.INFO)
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -321,7 +326,7 @@ async def open_upstream(
         uri = parse_uri(url)
     except WebSocketException as exc:
         raise UpstreamError("upstream URL is not a WebSocket URL") from exc
-    protocol = ClientProtocol(uri, max_size=max_frame_bytes)
+    protocol = ClientProtocol(uri, max_size=max_frame_bytes, logger=_WIRE_LOG)
     loop = asyncio.get_running_loop()
     connection: UpstreamConnection | None = None
     try:

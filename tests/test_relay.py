@@ -372,21 +372,9 @@ async def test_models_endpoint_lists_realtime_models(tmp_path: Path) -> None:
         assert (await http.get("/readyz")).status_code == 200
 
 
-@pytest.mark.parametrize(
-    ("params", "path", "query"),
-    [
-        (
-            {"api_version": "2025-04-01-preview"},
-            "/openai/realtime",
-            {"api-version": "2025-04-01-preview", "deployment": "my-whisper", "intent": "transcription"},
-        ),
-        ({"realtime_protocol": "GA"}, "/openai/v1/realtime", {"intent": "transcription"}),
-    ],
-)
-async def test_azure_forms_reach_the_provider_exactly(
-    tmp_path: Path, params: dict[str, str], path: str, query: dict[str, str]
-) -> None:
-    """Azure preview and GA sessions use their exact path, query and api-key header; GA gets the model in-session."""
+async def test_azure_preview_form_reaches_the_provider_exactly(tmp_path: Path) -> None:
+    """An Azure deployment on the preview form (realtime_protocol beta) uses its exact path, query and
+    api-key header. (The GA form, the default, is in test_azure_transcription.py.)"""
     async with FakeProvider() as provider:
         entries = [
             entry(
@@ -395,7 +383,8 @@ async def test_azure_forms_reach_the_provider_exactly(
                 provider.url,
                 provider.api_key,
                 model_info={"base_model": "azure/gpt-realtime-whisper"},
-                **params,
+                api_version="2025-04-01-preview",
+                realtime_protocol="beta",
             )
         ]
         async with stack(tmp_path, entries=entries, provider=provider) as s:
@@ -404,9 +393,7 @@ async def test_azure_forms_reach_the_provider_exactly(
                 created = await next_of(conn, "session.created")
                 assert "my-whisper" not in created.model_dump_json()
             handshake = provider.handshakes[0]
-            assert (handshake.path, handshake.query) == (path, query)
+            query = {"api-version": "2025-04-01-preview", "deployment": "my-whisper", "intent": "transcription"}
+            assert (handshake.path, handshake.query) == ("/openai/realtime", query)
             assert handshake.headers["api-key"] == provider.api_key
             assert "authorization" not in handshake.headers
-            if path == "/openai/v1/realtime":
-                first = provider.sessions[0].events[0]
-                assert first["session"]["audio"]["input"]["transcription"]["model"] == "my-whisper"

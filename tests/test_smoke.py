@@ -145,20 +145,26 @@ async def test_sends_a_little_silence_and_commits_it(provider: FakeProvider, tmp
     assert session.audio_bytes == len(SILENCE) == 4800
 
 
-async def test_model_is_injected_when_the_url_carries_none(provider: FakeProvider, tmp_path: Path) -> None:
-    """Azure GA transcription: no model in the URL, so the relay's session.update names the deployment."""
-    azure = entry(
-        "azure-whisper",
-        provider.url.replace("ws://", "http://"),
-        model="azure/my-whisper-deployment",
-        realtime_protocol="GA",
-        model_info={"base_model": "azure/gpt-realtime-whisper"},
-    )
-    report = await smoke(settings_for(tmp_path, azure), "azure-whisper")
+async def test_model_is_injected_when_the_url_carries_none(tmp_path: Path) -> None:
+    """Azure GA transcription: no model in the URL, so the relay's session.update names the deployment (after
+    the relay's client-secret exchange, which Azure's transcription socket wants instead of the api-key)."""
+    async with FakeProvider(azure_deployments=["my-whisper-deployment"]) as provider:
+        azure = entry(
+            "azure-whisper",
+            provider.url.replace("ws://", "http://"),
+            model="azure/my-whisper-deployment",
+            realtime_protocol="GA",
+            model_info={"base_model": "azure/gpt-realtime-whisper"},
+        )
+        report = await smoke(settings_for(tmp_path, azure), "azure-whisper")
     assert report.code == EXIT_OK, report.text
     session = provider.sessions[0]
     assert session.handshake.path == "/openai/v1/realtime"
     assert session.handshake.query == {"intent": "transcription"}
+    assert provider.azure is not None and session.handshake.headers["authorization"] == (
+        f"Bearer {provider.azure.minted[0]}"
+    )
+    assert provider.azure.minted[0] not in report.text and "warning" not in report.text
     update = session.events[0]
     assert update["type"] == "session.update"
     assert update["session"]["audio"]["input"]["transcription"]["model"] == "my-whisper-deployment"

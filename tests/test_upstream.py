@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import orjson
+
 from sidecar.catalog import LIVE_ENDPOINT, REALTIME_ENDPOINT, ROUTES, TRANSLATION_ENDPOINT, Deployment, ProviderName
-from sidecar.upstream import is_openai_host, route_target, target
+from sidecar.upstream import azure_preview, is_openai_host, preview_warning, route_target, target
 
 
 def openai(api_base: str | None = None) -> Deployment:
@@ -47,24 +49,51 @@ def test_compatible_server_keeps_model_on_transcription() -> None:
 
 
 def test_azure_preview_form() -> None:
-    """Azure preview: /openai/realtime?api-version=...&deployment=..., api-key header, intent passed on."""
-    t = target(azure(), transcription=True)
-    assert t.url == (
-        "wss://res.openai.azure.com/openai/realtime?api-version=2025-04-01-preview"
-        "&deployment=my-deploy&intent=transcription"
-    )
-    assert t.headers == (("api-key", "az-key"),)
-    assert not t.inject_model
+    """Azure preview (realtime_protocol beta): /openai/realtime?api-version=...&deployment=..., api-key header,
+    intent passed on; it is the one deprecated form."""
+    for protocol in ("beta", "preview"):
+        t = target(azure(protocol=protocol), transcription=True)
+        assert t.url == (
+            "wss://res.openai.azure.com/openai/realtime?api-version=2025-04-01-preview"
+            "&deployment=my-deploy&intent=transcription"
+        )
+        assert t.headers == (("api-key", "az-key"),)
+        assert not t.inject_model and t.client_secret is None
+        assert azure_preview(t.deployment)
 
 
-def test_azure_ga_form() -> None:
-    """Azure GA: /openai/v1/realtime?model=<deployment>; transcription sessions take the model in-session."""
-    conv = target(azure(protocol="GA"), transcription=False)
-    assert conv.url == "wss://res.openai.azure.com/openai/v1/realtime?model=my-deploy"
-    assert conv.headers == (("api-key", "az-key"),)
-    trans = target(azure(api_version=None), transcription=True)
+def test_azure_ga_is_the_default_form() -> None:
+    """Azure GA: /openai/v1/realtime?model=<deployment>, api-key, with or without an api_version (LiteLLM's
+    `azure_realtime_protocol_for_client` default), unless realtime_protocol names another form."""
+    for deployment in (azure(), azure(api_version=None), azure(protocol="GA"), azure(protocol="v1")):
+        conv = target(deployment, transcription=False)
+        assert conv.url == "wss://res.openai.azure.com/openai/v1/realtime?model=my-deploy"
+        assert conv.headers == (("api-key", "az-key"),) and conv.client_secret is None
+        assert not azure_preview(deployment)
+
+
+def test_azure_ga_transcription_mints_a_client_secret() -> None:
+    """Azure GA transcription: no api-key and no ?model= on the socket; the api-key goes only into the
+    client-secret exchange, whose session names the deployment as its transcription model."""
+    trans = target(azure(), transcription=True)
     assert trans.url == "wss://res.openai.azure.com/openai/v1/realtime?intent=transcription"
-    assert trans.inject_model
+    assert trans.headers == () and trans.inject_model
+    exchange = trans.client_secret
+    assert exchange is not None
+    assert exchange.url == "https://res.openai.azure.com/openai/v1/realtime/client_secrets"
+    assert dict(exchange.headers) == {"api-key": "az-key", "Content-Type": "application/json"}
+    assert orjson.loads(exchange.body) == {
+        "session": {"type": "transcription", "audio": {"input": {"transcription": {"model": "my-deploy"}}}}
+    }
+    assert "az-key" not in repr(trans)
+
+
+def test_preview_warning_names_each_preview_deployment_once() -> None:
+    """One warning for every Azure deployment on the preview form, none without one."""
+    preview = azure(protocol="beta")
+    assert preview_warning([azure(), azure(protocol="GA")]) is None
+    warning = preview_warning([preview, azure(), preview])
+    assert warning is not None and warning.count("my-deploy") == 1 and "2026-04-30" in warning
 
 
 def test_openai_host_detection() -> None:

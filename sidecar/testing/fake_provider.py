@@ -6,6 +6,8 @@ It listens on 127.0.0.1 (port 0 by default) and accepts the upstream forms the s
     OpenAI          /v1/realtime?model=..&intent=..             Authorization: Bearer <key>
     Azure GA        /openai/v1/realtime?model=..&intent=..      api-key: <key>
     Azure preview   /openai/realtime?api-version=..&deployment=..   api-key: <key>
+    Azure GA transcription, with `azure_deployments` (fake_azure.py): POST /openai/v1/realtime/client_secrets
+                    (api-key) mints an `ek_...`; /openai/v1/realtime?intent=transcription   Bearer ek_...
     GPT-Live (fake_live.py)
     OpenAI          /v1/live/sessions (no query)                Authorization: Bearer <key>
     Azure           /openai/v1/live/sessions (no query)         api-key: <key>
@@ -42,7 +44,7 @@ import contextlib
 import http
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from types import TracebackType
@@ -56,6 +58,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from sidecar.testing.fake_azure import CLIENT_SECRETS_PATH, AzureTranscription, posted
 from sidecar.testing.fake_live import LiveConversation
 from sidecar.testing.fake_translation import DEFAULT_TRANSLATION, TranslationConversation
 from sidecar.testing.fake_wire import (
@@ -139,19 +142,21 @@ class _Refusal:
 
     def to_response(self) -> Response:
         """The HTTP response carrying `{"error": {...}}` as JSON."""
-        body = orjson.dumps({"error": {"message": self.message, "type": self.type, "code": self.code, "param": None}})
-        try:
-            phrase = http.HTTPStatus(self.status).phrase
-        except ValueError:
-            phrase = "Error"
-        headers = Headers(
-            [
-                ("Content-Type", "application/json"),
-                ("Content-Length", str(len(body))),
-                ("Connection", "close"),
-            ]
-        )
-        return Response(self.status, phrase, headers, body)
+        error = {"message": self.message, "type": self.type, "code": self.code, "param": None}
+        return _json_response(self.status, {"error": error})
+
+
+def _json_response(status: int, body: dict[str, Any]) -> Response:
+    """An HTTP response with a JSON body (refusals; fake_azure's answers)."""
+    data = orjson.dumps(body)
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    headers = Headers(
+        [("Content-Type", "application/json"), ("Content-Length", str(len(data))), ("Connection", "close")]
+    )
+    return Response(status, phrase, headers, data)
 
 
 def _mask_key(key: str) -> str:
@@ -281,9 +286,18 @@ class _Conversation:
     Records into its `FakeSession`; reads no clock and does no I/O.
     """
 
-    def __init__(self, record: FakeSession, *, api_key: str, host_port: str, transcript: str) -> None:
+    def __init__(
+        self,
+        record: FakeSession,
+        *,
+        api_key: str,
+        host_port: str,
+        transcript: str,
+        azure: AzureTranscription | None = None,
+    ) -> None:
         self.record = record
         self._api_key = api_key
+        self._azure = azure  # an Azure transcription socket: its transcription model must be a deployment
         self._host_port = host_port
         self._transcript = transcript
         self._buffer = 0  # uncommitted decoded bytes
@@ -331,6 +345,8 @@ class _Conversation:
         if not isinstance(update, dict):
             error = _error("invalid_value", "`session` must be an object.", client_event_id=event.get("event_id"))
             return Reply([error])
+        if self._azure is not None and (problem := self._azure.model_error(update)) is not None:
+            return Reply([_error("invalid_value", problem, client_event_id=event.get("event_id"))])
         _deep_merge(self.record.session, update)
         reply_type = event["type"].replace(".update", ".updated")
         return Reply([_event(reply_type, session=self.record.session)])
@@ -468,9 +484,25 @@ def _tracking_connection_class(registry: set[ServerConnection]) -> type[ServerCo
     """
 
     class _TrackedConnection(ServerConnection):
+        #: A plain HTTP POST's body (fake_azure.posted), its request handed on as a GET for process_request.
+        posted_body: bytes | None = None
+        _post: bytes | None = None
+
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
             registry.add(self)
+
+        def data_received(self, data: bytes) -> None:
+            if self._post is None and self.request is None and self.posted_body is None and data[:5] == b"POST ":
+                self._post = b""
+            if self._post is None:
+                super().data_received(data)
+                return
+            self._post += data
+            if (done := posted(self._post)) is not None:
+                head, self.posted_body = done
+                self._post = None
+                super().data_received(head)
 
         def connection_lost(self, exc: Exception | None) -> None:
             registry.discard(self)
@@ -492,9 +524,13 @@ class FakeProvider:
         translation: str = DEFAULT_TRANSLATION,
         faults: Faults | None = None,
         clock: Callable[[], float] = time.monotonic,
+        azure_deployments: Collection[str] | None = None,
     ) -> None:
-        """`clock` (seconds) times GPT-Live sessions (their usage seconds); tests pass one they advance."""
+        """`clock` (seconds) times GPT-Live sessions (their usage seconds); tests pass one they advance.
+        `azure_deployments` turns on the Azure transcription mode (fake_azure.py) with those deployments."""
         self.api_key = api_key
+        #: The Azure transcription mode's state, when on.
+        self.azure = AzureTranscription(api_key, azure_deployments) if azure_deployments is not None else None
         self.faults = faults if faults is not None else Faults()
         self.handshakes: list[Handshake] = []
         self.sessions: list[FakeSession] = []
@@ -621,9 +657,15 @@ class FakeProvider:
     async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """Record the handshake, then stall, refuse (HTTP + JSON body) or accept (None)."""
         handshake = _parse_handshake(request)
+        body = getattr(connection, "posted_body", None)
+        if body is not None:  # a plain HTTP POST (fake_azure.posted), not a handshake
+            return self._post(handshake, body)
         self.handshakes.append(handshake)
         await self._notify()
-        refusal = _refusal(handshake, api_key=self.api_key, faults=self.faults)
+        azure = self._azure_refusal(handshake)
+        if azure is not None:
+            return azure
+        refusal = None if self._ephemeral(handshake) else _refusal(handshake, api_key=self.api_key, faults=self.faults)
         if refusal is None and self.faults.stall_handshake:
             await self._stall(connection)
             refusal = _Refusal(503, "server_shutting_down", "The server is shutting down.", "server_error")
@@ -631,6 +673,28 @@ class FakeProvider:
             return refusal.to_response()
         self._accepted[connection] = handshake
         return None
+
+    def _ephemeral(self, handshake: Handshake) -> bool:
+        """An Azure transcription socket in the Azure transcription mode (its credential is fake_azure's)."""
+        intent = handshake.query.get("intent") == "transcription"
+        return self.azure is not None and handshake.path == _AZURE_GA_PATH and intent
+
+    def _azure_refusal(self, handshake: Handshake) -> Response | None:
+        """Injected refusals first, then fake_azure's rules, for an Azure transcription socket."""
+        if self.azure is None or not self._ephemeral(handshake):
+            return None
+        if self.faults.refuse_status is not None:
+            refusal = _refusal(handshake, api_key=self.api_key, faults=self.faults)
+            return refusal.to_response() if refusal is not None else None
+        answer = self.azure.refusal(handshake)
+        return _json_response(answer.status, answer.body) if answer is not None else None
+
+    def _post(self, request: Handshake, body: bytes) -> Response:
+        """Answer a plain HTTP POST: the client-secret exchange in the Azure transcription mode, else 404."""
+        if self.azure is None or request.path != CLIENT_SECRETS_PATH:
+            return _Refusal(404, "not_found", f"Invalid URL (POST {request.path})").to_response()
+        answer = self.azure.client_secret(request.headers, body, now=time.time())
+        return _json_response(answer.status, answer.body)
 
     async def _stall(self, connection: ServerConnection) -> None:
         """Wait until the provider closes (then return) or the peer goes away (then abandon the handshake).
@@ -684,7 +748,8 @@ class FakeProvider:
                 translation=self._translation,
             )
         record = FakeSession(handshake=handshake, session=_initial_session(handshake))
-        return _Conversation(record, api_key=api_key, host_port=host_port, transcript=transcript)
+        azure = self.azure if self._ephemeral(handshake) else None
+        return _Conversation(record, api_key=api_key, host_port=host_port, transcript=transcript, azure=azure)
 
     async def _serve(self, connection: ServerConnection, conversation: Conversation) -> None:
         """Receive, reply and apply fault actions until the connection closes."""
