@@ -35,7 +35,7 @@ class ConsumeMetrics:
         )
         self.ledger_apply_seconds = Histogram(
             "sidecar_ledger_apply_seconds",
-            "Time to apply one usage event to LiteLLM's ledger (its transaction, retries included)",
+            "Time to apply a usage event to LiteLLM's ledger: its share of its batch's transaction, retries included",
             buckets=APPLY_BUCKETS,
             registry=r,
         )
