@@ -25,7 +25,7 @@ from sidecar.testing.fake_azure import EPHEMERAL_REQUIRED
 from sidecar.testing.fake_provider import DEFAULT_TRANSCRIPT, FakeProvider
 from sidecar.upstream import target
 from tests.relay_stack import USER_KEY, catalog_for, entry, stack
-from tests.support import sdk_transcript
+from tests.support import next_of, sdk_transcript
 
 DEPLOYMENT = "my-live-transcribe"
 PUBLIC = "captions"
@@ -211,3 +211,18 @@ async def test_preview_form_still_works_and_serve_and_smoke_warn(tmp_path: Path)
         assert provider.handshakes[0].headers["api-key"] == provider.api_key
         assert provider.handshakes[0].path == "/openai/realtime"
         assert "authorization" in provider.handshakes[1].headers
+
+
+async def test_a_conversation_session_on_the_same_azure_resource_keeps_the_api_key(tmp_path: Path) -> None:
+    """Conversation sessions are not transcription sessions: GA `?model=<deployment>` with the api-key, as
+    LiteLLM's Azure realtime handler sends it; no client secret is minted."""
+    async with FakeProvider(azure_deployments=[DEPLOYMENT]) as provider:
+        info = {"base_model": "azure/gpt-realtime"}
+        voice = entry("voice", "azure/my-realtime", provider.url, provider.api_key, model_info=info)
+        async with stack(tmp_path, entries=[voice], provider=provider) as s:
+            async with s.sidecar.openai(USER_KEY).realtime.connect(model="voice") as conn:
+                await next_of(conn, "session.created")
+        assert provider.azure is not None and provider.azure.requests == []
+        handshake = provider.handshakes[0]
+        assert (handshake.path, handshake.query) == ("/openai/v1/realtime", {"model": "my-realtime"})
+        assert handshake.headers["api-key"] == provider.api_key and "authorization" not in handshake.headers
