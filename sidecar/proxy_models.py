@@ -123,7 +123,7 @@ def looks_sealed(value: str) -> bool:
     for altchars in (b"-_", None):
         try:
             return len(base64.b64decode(value, altchars=altchars, validate=True)) >= _SEALED_MIN_BYTES
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a character outside ASCII
             continue
     return False
 

@@ -17,6 +17,7 @@ import yaml
 from psycopg.types.json import Jsonb
 
 from sidecar.catalog import Catalog, describe, format_table, load_price_map
+from sidecar.catalog_reload import CatalogReloader
 from sidecar.config import Settings
 from sidecar.errors import ModelNotFound
 from sidecar.proxy_models import (
@@ -208,7 +209,7 @@ def test_open_value_agrees_with_litellms_own_decrypt() -> None:
         assert open_value(sealed, MASTER) is None
         assert litellm_crypto.decrypt_if_encrypted_with(sealed, MASTER) is None
         assert looks_sealed(sealed)
-    for plain in ("gpt-realtime", "openai/gpt-realtime", "https://api.openai.com/v1", "2024-10-01-preview"):
+    for plain in ("gpt-realtime", "openai/gpt-realtime", "https://api.openai.com/v1", "2024-10-01-preview", "modèle"):
         assert not looks_sealed(plain)
         assert open_value(plain, SALT) is None
 
@@ -354,3 +355,24 @@ def test_a_row_never_shows_its_params() -> None:
     """ProxyModelRow's repr leaves litellm_params (sealed or not) out."""
     row = ProxyModelRow("db-1", "ui", {"api_key": API_KEY}, {})
     assert API_KEY not in repr(row)
+
+
+async def test_a_row_added_then_deleted_is_served_then_refused_after_a_reload(
+    conn: psycopg.Connection[Any], litellm_db: str, tmp_path: Path, price_map: PriceMap
+) -> None:
+    """The issue's loop: a model added in the UI is served after a reload; deleted, it is refused after the next."""
+    settings = Settings(litellm_config=write_config(tmp_path), litellm_database_url=litellm_db)
+    env = {"LITELLM_SALT_KEY": SALT}
+    reloader = CatalogReloader(
+        lambda: load_catalog(settings, environ=env, price_map=price_map),
+        load_catalog(settings, environ=env, price_map=price_map),
+    )
+    with pytest.raises(ModelNotFound):
+        reloader.catalog.resolve("ui")
+    insert_model(conn, model_id="db-1", model_name="ui", params=REALTIME_PARAMS, key=SALT)
+    assert (await reloader.reload()).added == ("ui",)
+    assert reloader.catalog.resolve("ui").deployments[0].api_key == API_KEY
+    conn.execute('DELETE FROM "LiteLLM_ProxyModelTable" WHERE model_id = %s', ("db-1",))
+    assert (await reloader.reload()).removed == ("ui",)
+    with pytest.raises(ModelNotFound):
+        reloader.catalog.resolve("ui")
