@@ -39,7 +39,8 @@ test: tools lint typecheck unit
 run: venv
 	$(BIN)/python -m sidecar.testing.devstack
 
-# The relay under load against the floor and LiteLLM's own relay (about 10 minutes; see docs/performance.md).
+# The relay under load against the floor and LiteLLM's own relay, then the sidecar on /v1/realtime, GPT-Live and
+# translation interleaved at 1,000 sessions (about 17 minutes; see docs/performance.md).
 bench: venv
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

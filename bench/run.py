@@ -798,7 +798,8 @@ async def measure_surfaces(opts: Options, where: Placement, log_dir: Path) -> li
     rows: list[dict[str, Any]] = []
     for number, order in enumerate(surface_order(opts.surfaces, opts.surface_rounds), start=1):
         for surface in order:
-            row = await _measured_row("sidecar", opts.surface_level, opts, where, log_dir, surface=surface)
+            logs = log_dir / f"surfaces-round-{number}"  # each round's processes' logs apart
+            row = await _measured_row("sidecar", opts.surface_level, opts, where, logs, surface=surface)
             rows.append(row | {"surface": surface, "round": number})
     return rows
 
