@@ -81,7 +81,7 @@ def secret_request(deployment: Deployment, *, api_key: str) -> SecretRequest:
 
 def parse_secret(status: int, body: bytes) -> ClientSecret:
     """The secret in Azure's answer. Raises UpstreamError (status or failure kind only) unless 2xx with a
-    non-empty string `value` and an integer or absent `expires_at`."""
+    non-empty `value` fit for a header (printable ASCII, no space) and an integer or absent `expires_at`."""
     if not 200 <= status < 300:
         raise UpstreamError(f"client-secret exchange refused (HTTP {status})", status=status)
     try:
@@ -90,7 +90,8 @@ def parse_secret(status: int, body: bytes) -> ClientSecret:
         answer = None
     value = answer.get("value") if isinstance(answer, dict) else None
     expires_at = answer.get("expires_at") if isinstance(answer, dict) else None
-    if not isinstance(value, str) or not value or not (expires_at is None or type(expires_at) is int):
+    token = isinstance(value, str) and value.isascii() and value.isprintable() and " " not in value
+    if not token or not value or not (expires_at is None or type(expires_at) is int):
         raise UpstreamError("client-secret exchange gave a malformed answer")
     return ClientSecret(value, expires_at)
 

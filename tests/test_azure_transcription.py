@@ -146,6 +146,7 @@ async def test_failed_exchange_is_upstream_unavailable_and_fails_over(
         (401, b'{"error": {"message": "bad key az-secret"}}', r"refused \(HTTP 401\)"),
         (200, b"not json", "malformed"),
         (200, b'{"value": ""}', "malformed"),
+        (200, b'{"value": "ek_x\\r\\nX-Injected: 1"}', "malformed"),
         (200, b'{"value": "ek_x", "expires_at": "soon"}', "malformed"),
     ],
 )
