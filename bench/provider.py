@@ -50,7 +50,6 @@ from sidecar.testing.fake_translation import translation_session
 REALTIME: Final = "realtime"
 LIVE: Final = "live"
 TRANSLATION: Final = "translation"
-SURFACES: Final = (REALTIME, LIVE, TRANSLATION)
 
 APPEND: Final = "input_audio_buffer.append"
 LIVE_APPEND: Final = "session.input_audio.append"
