@@ -259,8 +259,13 @@ def build_catalog(
     environ: Mapping[str, str],
     default_transcription_model: str = DEFAULT_TRANSCRIPTION_MODEL,
     labels: Sequence[str] | None = None,
+    price_overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Catalog:
     """The catalog of a parsed LiteLLM config. Pure.
+
+    `price_overrides` (model_name -> info, e.g. the proxy's merged model_info from `/model/info`,
+    sidecar/proxy_prices.py) replaces the price-map entry of every entry of that model_name; the entry's
+    own model_info still applies on top.
 
     `os.environ/NAME` string values resolve from `environ` (a missing variable becomes None). Raises
     ConfigError for a malformed config; the message names the offending entry and field: `labels[i]` names
@@ -274,7 +279,7 @@ def build_catalog(
     for index, raw in enumerate(entries):
         entry = _Entry.parse(raw, where=labels[index] if labels is not None else f"model_list[{index}]")
         builder = builders.setdefault(entry.name, _ModelBuilder(entry.name))
-        relayed, skipped = builder.add(entry, price_map)
+        relayed, skipped = builder.add(entry, price_map, (price_overrides or {}).get(entry.name))
         if skipped:
             warnings.append(f"{entry.where} ({entry.name}) skipped: {skipped}")
         if relayed and not entry.params.get("api_key"):
@@ -461,11 +466,13 @@ class _ModelBuilder:
         self.transcription_price: Price | None = None
         self.transcription_deployments: list[Deployment] = []
 
-    def add(self, entry: _Entry, price_map: Mapping[str, Mapping[str, Any]]) -> tuple[bool, str]:
+    def add(
+        self, entry: _Entry, price_map: Mapping[str, Mapping[str, Any]], override: Mapping[str, Any] | None = None
+    ) -> tuple[bool, str]:
         """Take one entry; return (whether it is a deployment on a served route now, why such an entry was
         skipped). Entries only on routes not served yet (SERVED_ROUTES) report (False, "")."""
         index, self.count = self.count, self.count + 1
-        price_key, info = _effective_info(entry, price_map)
+        price_key, info = _effective_info(entry, price_map, override)
         if entry.provider is not None and _kind(info) == "realtime-transcription":
             if self.transcription_price is None:
                 self.transcription_price = _transcription_price(info, entry.where)
@@ -500,10 +507,14 @@ class _ModelBuilder:
         return RealtimeModel(self.name, kind, price, price_key, tuple(served.deployments))
 
 
-def _effective_info(entry: _Entry, price_map: Mapping[str, Mapping[str, Any]]) -> tuple[str, dict[str, Any]]:
-    """(price-map key or "", the price-map entry overridden by model_info)."""
+def _effective_info(
+    entry: _Entry, price_map: Mapping[str, Mapping[str, Any]], override: Mapping[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """(price-map key or "", the price-map entry, or `override` in its place, overridden by model_info)."""
     price_key = next((key for key in entry.lookup_keys() if key in price_map), "")
     info = dict(price_map[price_key]) if price_key else {}
+    if override is not None:
+        info = dict(override)
     # An explicit audio-time price in one unit replaces the price map's price in the other unit, so
     # model_info {input_cost_per_minute: ...} alone switches the model to per-minute billing.
     for unit_field, other in _OTHER_TIME_UNIT.items():

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from importlib.metadata import PackageNotFoundError, version
@@ -227,6 +227,13 @@ class Metrics:
             registry=r,
         )
         self.build_info.labels(_version(), platform.python_version()).set(1)
+        self.price_source = Gauge(
+            "sidecar_model_price_source",
+            "1 per model, labelled with where its price came from (proxy, model_info, remote_map, bundled_map, none)",
+            ["model", "source"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.redis_up.set(1)
         self._live: Callable[[], int] = lambda: 0
         self._failures: Callable[[], int] = lambda: 0
@@ -286,6 +293,12 @@ class Metrics:
         acc.cost_usd += d_cost
         acc.shown[0] = _advance(self.audio_seconds.labels(model), acc.shown[0], acc.audio_seconds)
         acc.shown[1] = _advance(self.cost_usd.labels(model), acc.shown[1], acc.cost_usd)
+
+    def show_price_sources(self, sources: Mapping[str, str]) -> None:
+        """Set `sidecar_model_price_source` to one series per model (model -> source), dropping the others."""
+        self.price_source.clear()
+        for model, source in sources.items():
+            self.price_source.labels(model, source).set(1)
 
     @staticmethod
     def new_fold() -> _Folded:

@@ -1,4 +1,5 @@
-"""A fake LiteLLM proxy admin API (`/key/info`, `/team/info`) behind an httpx MockTransport or a real socket.
+"""A fake LiteLLM proxy admin API (`/key/info`, `/team/info`, `/model/info`) behind an httpx MockTransport or a
+real socket.
 
 The sidecar talks to LiteLLM through an injected `httpx.AsyncClient`; tests hand it `FakeLiteLLM.client()`.
 Keys are registered by their raw value and looked up, like LiteLLM, by sha256 hash. Everything is
@@ -29,6 +30,8 @@ class FakeLiteLLM:
     master_key: str
     keys: dict[str, dict[str, Any]] = field(default_factory=dict)
     teams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: `/model/info`'s deployments ({"model_name", "litellm_params", "model_info"}), answered to the master key.
+    deployments: list[dict[str, Any]] = field(default_factory=list)
     requests: list[httpx.Request] = field(default_factory=list)
     down: bool = False
     #: When an Event: every request is recorded at once but answered only once the Event is set.
@@ -88,6 +91,10 @@ class FakeLiteLLM:
             if team is None:
                 return httpx.Response(404, json={"detail": "team not found"})
             return httpx.Response(200, json={"team_id": request.url.params["team_id"], "team_info": team})
+        if request.url.path == "/model/info":
+            if auth != f"Bearer {self.master_key}":
+                return httpx.Response(401, json={"error": {"message": "Unauthorized"}})
+            return httpx.Response(200, json={"data": self.deployments})
         return httpx.Response(404, json={"detail": "not found"})
 
     def _key_info(self, request: httpx.Request, auth: str) -> httpx.Response:
