@@ -316,13 +316,25 @@ def ingress_routes(ingress: dict[str, Any]) -> list[tuple[str | None, str, str, 
     return routes
 
 
+def voice_routes(host: str) -> list[tuple[str, str, str, str, str]]:
+    """The default paths after /v1/realtime and /realtime: LiteLLM's other voice WebSocket routes."""
+    return [
+        (host, "/openai/v1/realtime", "Prefix", SIDECAR, "http"),
+        (host, "/v1/live/sessions", "Exact", SIDECAR, "http"),
+        (host, "/live/sessions", "Exact", SIDECAR, "http"),
+        (host, "/openai/v1/live/sessions", "Exact", SIDECAR, "http"),
+    ]
+
+
 def test_ingress_routes_realtime_paths_to_the_sidecar(production: Manifests) -> None:
-    """/v1/realtime and /realtime go to the sidecar Service's http port, on the configured host, with TLS."""
+    """The voice routes (realtime and translation Prefix, GPT-Live Exact) go to the sidecar Service's http port,
+    on the configured host, with TLS."""
     ingress = production.one("Ingress", SIDECAR)
     assert ingress["spec"]["ingressClassName"] == "nginx"
     assert ingress_routes(ingress) == [
         ("api.example.com", "/v1/realtime", "Prefix", SIDECAR, "http"),
         ("api.example.com", "/realtime", "Prefix", SIDECAR, "http"),
+        *voice_routes("api.example.com"),
     ]
     assert ingress["spec"]["tls"] == [{"secretName": "api-example-com-tls", "hosts": ["api.example.com"]}]
     service = production.one("Service", SIDECAR)
@@ -351,6 +363,7 @@ def test_no_litellm_route_without_a_litellm_service(helm: Helm) -> None:
     assert ingress_routes(ingress) == [
         ("api.example.com", "/v1/realtime", "Prefix", SIDECAR, "http"),
         ("api.example.com", "/realtime", "Prefix", SIDECAR, "http"),
+        *voice_routes("api.example.com"),
     ]
     assert "tls" not in ingress["spec"]
 
@@ -372,6 +385,7 @@ def test_each_host_has_its_own_paths(helm: Helm, tmp_path: Path) -> None:
     assert ingress_routes(manifests.one("Ingress", SIDECAR)) == [
         ("api.example.com", "/v1/realtime", "Prefix", SIDECAR, "http"),
         ("api.example.com", "/realtime", "Prefix", SIDECAR, "http"),
+        *voice_routes("api.example.com"),
         ("voice.example.com", "/v1/realtime", "Exact", SIDECAR, "http"),
     ]
     litellm = manifests.one("Ingress", f"{SIDECAR}-litellm")
