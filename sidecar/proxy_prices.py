@@ -31,7 +31,7 @@ import httpx
 import orjson
 
 from sidecar.catalog import ROUTES, Catalog, load_price_map
-from sidecar.errors import SidecarError
+from sidecar.errors import ConfigError, SidecarError
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,9 @@ class Prices:
 def parse_model_info(body: Any) -> ProxyPrices:
     """The proxy's `/model/info` answer (`{"data": [deployment, ...]}`) as ProxyPrices. Pure.
 
-    Raises PricesUnavailable for an answer of another shape. Deployment rows that are not objects, or have no
-    model_name, are skipped; of a model_name's rows, the first (the proxy's routing order) prices it.
+    Raises PricesUnavailable for an answer of another shape. Rows that are not objects, have no model_name, or
+    carry no price at all (a model the proxy's map does not know: the price map then prices it, not $0) are
+    skipped; of a model_name's other rows, the first (the proxy's routing order) prices it.
     """
     data = body.get("data") if isinstance(body, Mapping) else None
     if not isinstance(data, list):
@@ -123,6 +124,8 @@ def parse_model_info(body: Any) -> ProxyPrices:
             continue
         info = row.get("model_info")
         info = info if isinstance(info, Mapping) else {}
+        if all(info.get(f) is None for f in PRICE_FIELDS):
+            continue
         infos[name] = {key: value for key, value in info.items() if key in KEPT_FIELDS}
         own = info.get("pricing_overrides")
         overridden[name] = frozenset(f for f in own if f in PRICE_FIELDS) if isinstance(own, list) else frozenset()
@@ -282,8 +285,16 @@ async def load_prices(
         except PricesUnavailable as exc:
             log.warning("prices: %s; pricing from the price map", exc)
         else:
-            return Prices(PriceMap(bundled(), "bundled_map"), proxy)
+            return Prices(PriceMap(_bundled_if_any(bundled), "bundled_map"), proxy)
     return Prices(await load_map(client, environ=environ, bundled=bundled, timeout_s=timeout_s))
+
+
+def _bundled_if_any(bundled: Callable[[], Mapping[str, Mapping[str, Any]]]) -> Mapping[str, Mapping[str, Any]]:
+    """The bundled map beside the proxy's prices, or none when litellm is not installed (the proxy priced)."""
+    try:
+        return bundled()
+    except ConfigError:
+        return {}
 
 
 __all__ = [

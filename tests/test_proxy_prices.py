@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sidecar.catalog import Catalog, build_catalog, describe, load_price_map
+from sidecar.errors import ConfigError
 from sidecar.metering import bill_time
 from sidecar.metrics import Metrics
 from sidecar.proxy_prices import (
@@ -185,6 +186,24 @@ def test_the_first_deployment_of_a_model_name_prices_it() -> None:
     prices = parse_model_info(body)
     assert prices.infos["w"]["input_cost_per_second"] == 0.001
     assert list(prices.infos) == ["w"]
+
+
+def test_a_deployment_the_proxy_cannot_price_is_left_to_the_price_map() -> None:
+    """A /model/info row with no price at all (a model the proxy's map lacks) does not price its model at $0."""
+    unpriced = {**deployment(0.001), "model_info": {"id": "w-1", "mode": "audio_transcription"}}
+    assert parse_model_info({"data": [unpriced]}).infos == {}
+    assert parse_model_info({"data": [unpriced, deployment(0.002)]}).infos["w"]["input_cost_per_second"] == 0.002
+
+
+async def test_the_proxy_prices_without_litellm_installed() -> None:
+    """When the proxy answers, a missing bundled map (litellm not installed) is no error."""
+
+    def missing() -> dict[str, dict[str, Any]]:
+        raise ConfigError("the litellm package (needed for its price map) is not installed")
+
+    async with proxy(deployment(0.001)) as url, httpx.AsyncClient() as client:
+        prices = await load_prices(client, master_key=MASTER_KEY, proxy_url=url, environ={}, bundled=missing)
+    assert catalog_with(prices).resolve("w").price.per_unit == Decimal("0.001")
 
 
 def test_the_price_source_metric_shows_one_series_per_model() -> None:
