@@ -86,9 +86,11 @@ async def stack(
     replica: str | None = None,
     ws_ping_interval: float | None = 20.0,
     clock_ns: Callable[[], int] = time.monotonic_ns,
+    catalog: Catalog | None = None,
     **settings: Any,
 ) -> AsyncIterator[Stack]:
-    """Start a fake provider (unless given), a fake LiteLLM with USER_KEY, and the sidecar."""
+    """Start a fake provider (unless given), a fake LiteLLM with USER_KEY, and the sidecar (its catalog: `catalog`,
+    else that of `entries`)."""
     async with contextlib.AsyncExitStack() as exits:
         if provider is None:
             provider = await exits.enter_async_context(FakeProvider())
@@ -110,7 +112,7 @@ async def stack(
         config = Settings(litellm_config=tmp_path / "unused.yaml", spool_dir=tmp_path / "spool").replace(**settings)
         app = create_app(
             config,
-            catalog=catalog_for(entries),
+            catalog=catalog or catalog_for(entries),
             key_client=litellm.client(),
             publisher=pub,
             openai_hosts=openai_hosts,

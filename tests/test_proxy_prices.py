@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,7 +32,11 @@ from sidecar.proxy_prices import (
     with_sources,
 )
 from sidecar.testing.fake_litellm import FakeLiteLLM, LiteLLMServer
-from tests.support import serve
+from sidecar.testing.fake_provider import FakeProvider
+from tests.relay_stack import MASTER_KEY as STACK_MASTER_KEY
+from tests.relay_stack import USER_KEY, stack
+from tests.relay_stack import entry as relay_entry
+from tests.support import sdk_transcript, serve
 
 MASTER_KEY = "sk-master-prices-test"
 SECRET = "sk-upstream-SECRET-do-not-leak"
@@ -178,6 +183,23 @@ async def test_no_credential_from_model_info_is_kept_or_logged(caplog: pytest.Lo
     assert prices.proxy is not None and set(prices.proxy.infos["w"]) <= KEPT_FIELDS
     assert SECRET not in repr(prices) and SECRET not in repr(prices.proxy.infos)
     assert SECRET not in caplog.text and MASTER_KEY not in caplog.text
+
+
+async def test_a_session_is_billed_at_the_proxys_price(tmp_path: Path, speech_pcm16: bytes) -> None:
+    """A transcription session relayed by a sidecar whose catalog the proxy priced is billed at the proxy's price."""
+    async with FakeProvider() as provider, httpx.AsyncClient() as client:
+        row = {**deployment(0.001), "model_name": WHISPER}
+        async with proxy(row) as url:
+            prices = await load_prices(client, master_key=MASTER_KEY, proxy_url=url, environ={})
+        entries = [relay_entry(WHISPER, f"openai/{WHISPER}", provider.url, provider.api_key)]
+        config = {"model_list": entries, "general_settings": {"master_key": STACK_MASTER_KEY}}
+        catalog = build_catalog(config, price_map=prices.map.entries, price_overrides=prices.overrides, environ={})
+        async with stack(tmp_path, provider=provider, catalog=catalog) as s:
+            assert await sdk_transcript(s.sidecar.openai(USER_KEY), speech_pcm16)
+            billed = await s.final_row()
+    assert billed.audio_seconds > 0
+    assert billed.cost_usd == bill_time(Fraction(billed.audio_seconds), catalog.resolve(WHISPER).price)[1]
+    assert billed.cost_usd == (billed.audio_seconds * Decimal("0.001")).quantize(billed.cost_usd)
 
 
 def test_the_first_deployment_of_a_model_name_prices_it() -> None:
