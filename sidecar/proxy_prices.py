@@ -17,7 +17,8 @@ Sources, in order (`load_prices`):
                  that could not be fetched or failed the check (one warning): the JSON file inside the installed
                  litellm package (`catalog.load_price_map`).
 A model whose first deployment sets a price field in its own model_info is labelled `model_info`; one priced by
-nothing, `none`. Everything here is pure except `fetch_model_info`, `fetch_remote_map` and `load_prices`.
+nothing, `none`. A running sidecar refreshes with `PriceRefresher` (a proxy that goes down keeps its last prices).
+Everything here is pure except `fetch_model_info`, `fetch_remote_map`, `load_map`, `load_prices` and `PriceRefresher`.
 """
 
 from __future__ import annotations
@@ -273,20 +274,83 @@ async def load_prices(
     bundled: Callable[[], Mapping[str, Mapping[str, Any]]] = load_price_map,
     timeout_s: float = FETCH_TIMEOUT_S,
 ) -> Prices:
-    """The prices to build the catalog with: the proxy's when it answers `/model/info` (the bundled map beside,
-    for models it does not list), else the price map the proxy would load (`load_map`), with one warning.
+    """The prices to build the catalog with, once (`PriceRefresher.refresh` of a new refresher).
 
-    `client` asks the proxy at `proxy_url` (absolute URLs, so any client will do) and fetches the remote map.
     Raises ConfigError only when the bundled map is needed and cannot be read.
     """
-    if proxy_url and master_key:
-        try:
-            proxy = await fetch_model_info(client, proxy_url, master_key, timeout_s=timeout_s)
-        except PricesUnavailable as exc:
-            log.warning("prices: %s; pricing from the price map", exc)
-        else:
-            return Prices(PriceMap(_bundled_if_any(bundled), "bundled_map"), proxy)
-    return Prices(await load_map(client, environ=environ, bundled=bundled, timeout_s=timeout_s))
+    refresher = PriceRefresher(
+        client, master_key=master_key, proxy_url=proxy_url, environ=environ, bundled=bundled, timeout_s=timeout_s
+    )
+    return await refresher.refresh()
+
+
+class PriceRefresher:
+    """The prices in force, refreshed before each catalog rebuild (`refresh`).
+
+    The proxy answers `/model/info`: its prices (the bundled map beside, for models it does not list). It does
+    not: its last answer is kept when there was one (a proxy that is down has not changed its prices), else the
+    price map the proxy would load (`load_map`), loaded once and kept, as LiteLLM loads it once at start. A
+    failure is logged once while it repeats; the recovery once. `client` asks the proxy at `proxy_url` (absolute
+    URLs, so any client will do) and fetches the remote map.
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        master_key: str | None,
+        proxy_url: str | None,
+        environ: Mapping[str, str],
+        bundled: Callable[[], Mapping[str, Mapping[str, Any]]] = load_price_map,
+        timeout_s: float = FETCH_TIMEOUT_S,
+    ) -> None:
+        self._client = client
+        self._master_key = master_key
+        self._proxy_url = proxy_url
+        self._environ = environ
+        self._bundled = bundled
+        self._timeout_s = timeout_s
+        self._prices: Prices | None = None
+        self._map: PriceMap | None = None
+        self._failure: str | None = None
+
+    @property
+    def prices(self) -> Prices | None:
+        """The prices of the last refresh (None before the first)."""
+        return self._prices
+
+    async def refresh(self) -> Prices:
+        """Ask the proxy again and return the prices now in force (module docstring for the order).
+
+        Raises ConfigError only when the bundled map is needed and cannot be read.
+        """
+        if self._proxy_url and self._master_key:
+            try:
+                proxy = await fetch_model_info(
+                    self._client, self._proxy_url, self._master_key, timeout_s=self._timeout_s
+                )
+            except PricesUnavailable as exc:
+                self._failed(str(exc))
+            else:
+                if self._failure is not None:
+                    log.info("prices: the proxy's %s answers again", MODEL_INFO_PATH)
+                self._failure = None
+                self._prices = Prices(PriceMap(_bundled_if_any(self._bundled), "bundled_map"), proxy)
+                return self._prices
+        if self._prices is not None and self._prices.proxy is not None:
+            return self._prices
+        if self._map is None:
+            self._map = await load_map(
+                self._client, environ=self._environ, bundled=self._bundled, timeout_s=self._timeout_s
+            )
+        self._prices = Prices(self._map)
+        return self._prices
+
+    def _failed(self, reason: str) -> None:
+        if reason != self._failure:
+            kept = self._prices is not None and self._prices.proxy is not None
+            log.warning("prices: %s; %s", reason, "keeping its last prices" if kept else "pricing from the price map")
+        self._failure = reason
 
 
 def _bundled_if_any(bundled: Callable[[], Mapping[str, Mapping[str, Any]]]) -> Mapping[str, Mapping[str, Any]]:
@@ -302,6 +366,7 @@ __all__ = [
     "KEPT_FIELDS",
     "PRICE_FIELDS",
     "PriceMap",
+    "PriceRefresher",
     "PriceSource",
     "Prices",
     "PricesUnavailable",

@@ -24,6 +24,7 @@ from sidecar.metering import bill_time
 from sidecar.metrics import Metrics
 from sidecar.proxy_prices import (
     KEPT_FIELDS,
+    PriceRefresher,
     Prices,
     load_map,
     load_prices,
@@ -200,6 +201,33 @@ async def test_a_session_is_billed_at_the_proxys_price(tmp_path: Path, speech_pc
     assert billed.audio_seconds > 0
     assert billed.cost_usd == bill_time(Fraction(billed.audio_seconds), catalog.resolve(WHISPER).price)[1]
     assert billed.cost_usd == (billed.audio_seconds * Decimal("0.001")).quantize(billed.cost_usd)
+
+
+async def test_a_proxy_that_goes_down_keeps_its_last_prices(caplog: pytest.LogCaptureFixture) -> None:
+    """Refreshes while the proxy is down keep its last answer (one warning); its next answer is in force again."""
+    fake = FakeLiteLLM(master_key=MASTER_KEY, deployments=[deployment(0.001)])
+    async with LiteLLMServer(fake) as server, httpx.AsyncClient() as client:
+        refresher = PriceRefresher(client, master_key=MASTER_KEY, proxy_url=server.url, environ={})
+        await refresher.refresh()
+        fake.down = True
+        with caplog.at_level(logging.INFO, logger="sidecar.proxy_prices"):
+            down = [await refresher.refresh(), await refresher.refresh()]
+            fake.down, fake.deployments = False, [deployment(0.003)]
+            back = await refresher.refresh()
+    assert [catalog_with(p).resolve("w").price.per_unit for p in down] == [Decimal("0.001")] * 2
+    assert catalog_with(back).resolve("w").price.per_unit == Decimal("0.003")
+    levels = [r.levelname for r in caplog.records if r.name == "sidecar.proxy_prices"]
+    assert levels == ["WARNING", "INFO"]
+
+
+async def test_the_fallback_map_is_loaded_once() -> None:
+    """With the proxy never answering, the remote map is fetched at the first refresh only (as LiteLLM, at start)."""
+    async with proxy(down=True) as url, map_server(remote_map(0.0005)) as (map_url, requested):
+        async with httpx.AsyncClient() as client:
+            environ = {"LITELLM_MODEL_COST_MAP_URL": map_url}
+            refresher = PriceRefresher(client, master_key=MASTER_KEY, proxy_url=url, environ=environ)
+            sources = [(await refresher.refresh()).map.source for _ in range(2)]
+    assert (sources, requested) == (["remote_map", "remote_map"], ["/prices.json"])
 
 
 def test_the_first_deployment_of_a_model_name_prices_it() -> None:
