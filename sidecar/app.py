@@ -71,6 +71,7 @@ from sidecar.surfaces.core import SurfaceCore
 from sidecar.surfaces.live import INVALID_START, LiveSession, LiveStart, parse_start
 from sidecar.surfaces.live import error_event as live_error_event
 from sidecar.surfaces.translation import TranslationSession
+from sidecar.surfaces.xai import XaiSession
 from sidecar.upstream import OPENAI_HOSTS, Dialer, connect_any, websocket_dialer
 
 if TYPE_CHECKING:  # the billing DB stack (SQLAlchemy, ~25 MB) is imported only in embedded mode
@@ -654,7 +655,9 @@ def _account(
             )
             core, meter = translation, translation.meter
     else:
-        session = Session(
+        # An xAI model (kind realtime-session) bills session seconds and text messages (surfaces/xai.py).
+        xai = model.kind == "realtime-session"
+        session = (XaiSession if xai else Session)(
             session_id=session_id,
             model=model,
             deployment=deployment,
@@ -671,7 +674,7 @@ def _account(
         session.prepare_opening(
             inject_model=inject_model, bound=client_secrets.session_update(grant) if grant is not None else None
         )
-        core, meter, current = session, session.meter, lambda: session.scrubber
+        core, meter, current = session, None if xai else session.meter, lambda: session.scrubber
     return Account(
         core,
         session_id=session_id,

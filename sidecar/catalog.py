@@ -17,8 +17,11 @@ Per `model_list` entry:
                    own route, and a mapping {route: true|false} forces on or blocks route by route.
     realtime     = "/v1/realtime" is one of its routes.
     kind         = on /v1/realtime: realtime-transcription when the effective mode is
-                   audio_transcription, else realtime-conversation; live-session and
+                   audio_transcription, else realtime-conversation (realtime-session for an xai/ entry:
+                   session time plus input_cost_per_text_message); live-session and
                    realtime-translation on the other two routes (both billed per second).
+    provider     = openai/ (or no prefix), azure/, xai/ (api_base default XAI_API_BASE, else
+                   https://api.x.ai; api_key default XAI_API_KEY, as LiteLLM); any other is skipped.
 Entries sharing a model_name are deployments of one model, in config order; per route, the first entry
 serving it fixes the model's kind and price there. `Catalog.models` is the /v1/realtime table; the other
 routes' tables are in `Catalog.by_route` (all three routes are served: SERVED_ROUTES).
@@ -30,7 +33,7 @@ import datetime as dt
 import importlib.util
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
@@ -42,7 +45,7 @@ import yaml
 from sidecar.errors import ConfigError, ModelNotFound, ModelNotRealtime
 from sidecar.pricing import Kind, Price, Unit, to_decimal
 
-ProviderName = Literal["openai", "azure"]
+ProviderName = Literal["openai", "azure", "xai"]
 Route = Literal["/v1/realtime", "/v1/live/sessions", "/v1/realtime/translations"]
 
 PRICE_MAP_FILE: Final = "model_prices_and_context_window_backup.json"
@@ -64,6 +67,12 @@ _FAMILY_ROUTES: Final[tuple[tuple[re.Pattern[str], Route], ...]] = (
     (re.compile(r"gpt-realtime-translate(?:-|$)"), TRANSLATION_ENDPOINT),
 )
 ENV_PREFIX: Final = "os.environ/"
+#: xAI's defaults, as LiteLLM's realtime entry point reads them (litellm/realtime_api/main.py, provider "xai":
+#: api_base, else XAI_API_BASE, else xAI's; the key from litellm_params.api_key, else XAI_API_KEY, through
+#: XAIModelInfo.get_api_key). LiteLLM's default base ends in /v1; upstream.py adds /v1 once either way.
+XAI_API_BASE: Final = "https://api.x.ai"
+XAI_BASE_VARIABLE: Final = "XAI_API_BASE"
+XAI_KEY_VARIABLE: Final = "XAI_API_KEY"
 #: LiteLLM's own fallback for general_settings.master_key (litellm/proxy/proxy_server.py).
 MASTER_KEY_VARIABLE: Final = "LITELLM_MASTER_KEY"
 
@@ -77,6 +86,7 @@ _TOKEN_FIELDS: Final[tuple[tuple[str, str], ...]] = (
     ("cached_input_audio_token", "cache_read_input_audio_token_cost"),
 )
 _TIME_FIELDS: Final[dict[str, str]] = {"second": "input_cost_per_second", "minute": "input_cost_per_minute"}
+_TEXT_MESSAGE_FIELD: Final = "input_cost_per_text_message"
 _OTHER_TIME_UNIT: Final[dict[str, str]] = {
     "input_cost_per_minute": "input_cost_per_second",
     "input_cost_per_second": "input_cost_per_minute",
@@ -278,6 +288,8 @@ def build_catalog(
     warnings: list[str] = []
     for index, raw in enumerate(entries):
         entry = _Entry.parse(raw, where=labels[index] if labels is not None else f"model_list[{index}]")
+        if entry.provider == "xai":
+            entry = entry.with_xai_defaults(environ)
         builder = builders.setdefault(entry.name, _ModelBuilder(entry.name))
         relayed, skipped = builder.add(entry, price_map, (price_overrides or {}).get(entry.name))
         if skipped:
@@ -328,7 +340,7 @@ def _missing_key(raw: Any, environ: Mapping[str, str]) -> str:
 
 def _priced(price: Price) -> bool:
     if price.unit != "token":
-        return price.per_unit is not None
+        return price.per_unit is not None or price.per_text_message is not None
     return any(getattr(price, attr) is not None for attr, _ in _TOKEN_FIELDS)
 
 
@@ -407,6 +419,14 @@ class _Entry:
         info = _mapping(entry.get("model_info"), f"{where}.model_info")
         return cls(where=where, name=name, provider=provider, model=model, params=params, info=info)
 
+    def with_xai_defaults(self, environ: Mapping[str, str]) -> _Entry:
+        """This xAI entry with LiteLLM's defaults for what it leaves out: api_base (XAI_API_BASE, else xAI's)
+        and api_key (XAI_API_KEY)."""
+        params = dict(self.params)
+        params["api_base"] = params.get("api_base") or environ.get(XAI_BASE_VARIABLE) or XAI_API_BASE
+        params["api_key"] = params.get("api_key") or environ.get(XAI_KEY_VARIABLE) or None
+        return replace(self, params=params)
+
     def lookup_keys(self) -> list[str]:
         """Price-map keys to try, in order (docs/api.md, "Models")."""
         key = _text(self.info.get("base_model"), f"{self.where}.model_info.base_model")
@@ -435,14 +455,12 @@ class _Entry:
 
 
 def _split_provider(target: str) -> tuple[ProviderName | None, str]:
-    """`openai/x` -> openai, `azure/x` -> azure, a bare name -> openai, any other prefix -> None."""
+    """`openai/x` -> openai, `azure/x` -> azure, `xai/x` -> xai, a bare name -> openai, any other prefix -> None."""
     prefix, sep, rest = target.partition("/")
     if not sep:
         return "openai", target
-    if prefix == "openai":
-        return "openai", rest
-    if prefix == "azure":
-        return "azure", rest
+    if prefix in ("openai", "azure", "xai"):
+        return prefix, rest  # type: ignore[return-value]  # one of ProviderName, checked just above
     return None, target
 
 
@@ -481,7 +499,7 @@ class _ModelBuilder:
         served_now = not routes.isdisjoint(SERVED_ROUTES)
         if entry.provider is None:
             provider = entry.model.partition("/")[0]
-            skipped = f"realtime, but the sidecar relays only openai/ and azure/ models, not {provider}/"
+            skipped = f"realtime, but the sidecar relays only openai/, azure/ and xai/ models, not {provider}/"
             return False, skipped if served_now else ""
         if not routes:
             return False, ""
@@ -489,7 +507,7 @@ class _ModelBuilder:
         for route in (r for r in ROUTES if r in routes):
             served = self.served.setdefault(route, _Served())
             if served.head is None:
-                kind = _route_kind(route, info)
+                kind = _route_kind(route, info, entry.provider)
                 served.head = (kind, _price(kind, info, entry.where), price_key)
             served.deployments.append(deployment)
         return served_now, ""
@@ -578,13 +596,15 @@ def _kind(info: Mapping[str, Any]) -> Kind:
     return "realtime-transcription" if info.get("mode") == "audio_transcription" else "realtime-conversation"
 
 
-def _route_kind(route: Route, info: Mapping[str, Any]) -> Kind:
-    """The model's kind on `route`: by mode on /v1/realtime; the route's own kind on the other two."""
+def _route_kind(route: Route, info: Mapping[str, Any], provider: ProviderName | None = None) -> Kind:
+    """The model's kind on `route`: by mode on /v1/realtime (an xAI conversation: realtime-session, billed by
+    session time and text messages as xAI bills it); the route's own kind on the other two."""
     if route == LIVE_ENDPOINT:
         return "live-session"
     if route == TRANSLATION_ENDPOINT:
         return "realtime-translation"
-    return _kind(info)
+    kind = _kind(info)
+    return "realtime-session" if provider == "xai" and kind == "realtime-conversation" else kind
 
 
 def _price(kind: Kind, info: Mapping[str, Any], where: str) -> Price:
@@ -595,9 +615,10 @@ def _price(kind: Kind, info: Mapping[str, Any], where: str) -> Price:
         return Price(unit="token", **tokens)
     per_minute = _decimal(info, _TIME_FIELDS["minute"], where)
     per_second = _decimal(info, _TIME_FIELDS["second"], where)
+    per_message = _decimal(info, _TEXT_MESSAGE_FIELD, where) if kind == "realtime-session" else None
     if per_minute is not None and per_second is None:
-        return Price(unit="minute", per_unit=per_minute)
-    return Price(unit="second", per_unit=per_second)
+        return Price(unit="minute", per_unit=per_minute, per_text_message=per_message)
+    return Price(unit="second", per_unit=per_second, per_text_message=per_message)
 
 
 def _transcription_price(info: Mapping[str, Any], where: str) -> Price:
@@ -621,7 +642,10 @@ def _price_fields(price: Price) -> dict[str, Decimal | None]:
     """describe()'s pricing names -> the Decimal (None when unpriced)."""
     if price.unit == "token":
         return {name: getattr(price, attr) for attr, name in _TOKEN_FIELDS}
-    return {_TIME_FIELDS[price.unit]: price.per_unit}
+    fields = {_TIME_FIELDS[price.unit]: price.per_unit}
+    if price.per_text_message is not None:
+        fields[_TEXT_MESSAGE_FIELD] = price.per_text_message
+    return fields
 
 
 def _plain(value: Decimal) -> str:
@@ -661,6 +685,7 @@ def _describe_model(model: RealtimeModel, *, routes: tuple[Route, ...]) -> dict[
 _SHORT_NAMES: Final[dict[str, str]] = {
     "input_cost_per_second": "per second",
     "input_cost_per_minute": "per minute",
+    "input_cost_per_text_message": "per text message",
     "input_cost_per_token": "in",
     "output_cost_per_token": "out",
     "input_cost_per_audio_token": "audio in",

@@ -171,6 +171,16 @@ class SessionMeter:
         self._transcription_cost = _ZERO
         self._transcription_unpriced = 0  # transcription usages the transcription model's price could not price
 
+    @property
+    def rounding(self) -> Rounding:
+        """The rounding policy of time units (for cores that bill time themselves with `bill_time`)."""
+        return self._rounding
+
+    @property
+    def increment(self) -> Decimal:
+        """The rounding increment of time units."""
+        return self._increment
+
     # --- audio: the hot path -------------------------------------------------------------------------
 
     def on_append(self, audio_b64: str | bytes) -> bool:

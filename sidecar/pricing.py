@@ -12,8 +12,11 @@ from typing import Literal
 
 #: realtime-* are /v1/realtime sessions; live-session (GPT-Live, /v1/live/sessions: billed per second of
 #: session time) and realtime-translation (/v1/realtime/translations: per second of input audio) are the
-#: catalog's kinds for the routes issue 15 adds.
-Kind = Literal["realtime-transcription", "realtime-conversation", "live-session", "realtime-translation"]
+#: catalog's kinds for the routes issue 15 adds. realtime-session is a /v1/realtime conversation billed by session
+#: time plus text messages (xAI's Voice Agent API, sidecar/surfaces/xai.py), never by tokens.
+Kind = Literal[
+    "realtime-transcription", "realtime-conversation", "live-session", "realtime-translation", "realtime-session"
+]
 Unit = Literal["second", "minute", "token"]
 
 
@@ -34,7 +37,8 @@ class Price:
     or "minute" (price `per_unit` = input_cost_per_minute). Conversation models bill tokens (`unit`
     "token") at the text/audio/cached token prices. A transcription model used by a conversation session
     (`Catalog.transcribers`) has a time unit and may have token prices too: the provider reports its usage
-    either as a duration or as tokens.
+    either as a duration or as tokens. A realtime-session model (xAI) has a time unit for its session time and
+    `per_text_message` (input_cost_per_text_message) for each billable text message.
     """
 
     unit: Unit
@@ -45,3 +49,4 @@ class Price:
     output_audio_token: Decimal | None = None
     cached_input_token: Decimal | None = None
     cached_input_audio_token: Decimal | None = None
+    per_text_message: Decimal | None = None

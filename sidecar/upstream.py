@@ -7,6 +7,10 @@ litellm/llms/azure/realtime/handler.py) and the provider docs:
   OpenAI itself reads `?model=` as a conversation session and refuses it on `intent=transcription`, so
   for a transcription session on an OpenAI host the model is left out of the URL and put in the session
   configuration instead (`Target.inject_model`). Other hosts keep `?model=`: a gateway may route on it.
+- xAI (`xai/` models; LiteLLM's litellm/llms/xai/realtime/handler.py subclasses its OpenAI handler): the
+  OpenAI form on xAI's base, `wss://api.x.ai/v1/realtime?model=<model>` (xAI's own example names the model
+  in the query), `Authorization: Bearer <key>`, no OpenAI-Beta header. The catalog fills the base
+  (XAI_API_BASE, else https://api.x.ai) and the key (XAI_API_KEY) as LiteLLM does.
 - Azure OpenAI GA, the default (no `realtime_protocol`, or `GA`/`v1`; an `api_version` alone no longer
   selects the preview form, as in LiteLLM's `azure_realtime_protocol_for_client`): `<api_base>/openai/v1/
   realtime?model=<deployment>`, `api-key: <key>`. A transcription session there is opened as Azure wants it

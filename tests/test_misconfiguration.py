@@ -331,8 +331,8 @@ def test_models_warns_naming_each_entry(tmp_path: Path) -> None:
     result = run("models", env={"SIDECAR_LITELLM_CONFIG": str(config_file(tmp_path, skipped, keyless, UNPRICED))})
     assert result.returncode == 0
     assert result.stderr.splitlines() == [
-        "sidecar: warning: model_list[0] (gemini-live) skipped: realtime, but the sidecar relays only openai/ and "
-        "azure/ models, not gemini/",
+        "sidecar: warning: model_list[0] (gemini-live) skipped: realtime, but the sidecar relays only openai/, "
+        "azure/ and xai/ models, not gemini/",
         "sidecar: warning: model_list[1] (gpt-realtime): no litellm_params.api_key (sent to the upstream without a "
         "credential)",
         "sidecar: warning: my-transcriber: realtime model with no price (its sessions bill $0)",

@@ -7,6 +7,7 @@ nanoseconds (`time.monotonic_ns()`): cores never read a clock, so tests pass any
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
@@ -29,6 +30,37 @@ class Reply:
     upstream: str | None
     client: str | None
     ending: str | None = None
+
+
+class SessionClock:
+    """Session time on the driver's clock, for cores billed by it (GPT-Live, xAI): from the provider's session
+    start (`start`, the first call wins) to the session's end (`stop`, the first call wins). Pure: the times are
+    the driver's monotonic nanoseconds, passed in."""
+
+    __slots__ = ("ended_at", "started_at")
+
+    def __init__(self) -> None:
+        self.started_at: int | None = None
+        self.ended_at: int | None = None
+
+    def start(self, now: int) -> None:
+        """The provider's session started now (ignored after the first call)."""
+        if self.started_at is None:
+            self.started_at = now
+
+    def stop(self, now: int) -> bool:
+        """The session ended now; True on the first call (the one that counts), False after it."""
+        if self.ended_at is not None:
+            return False
+        self.ended_at = now
+        return True
+
+    def seconds(self, *, now: int) -> Fraction:
+        """Exact seconds from the start to the end (or to `now` while running); 0 before the start."""
+        if self.started_at is None:
+            return Fraction(0)
+        end = self.ended_at if self.ended_at is not None else now
+        return Fraction(max(0, end - self.started_at), NS_PER_SECOND)
 
 
 def unchanged(text: str) -> str:

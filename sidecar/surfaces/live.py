@@ -35,7 +35,7 @@ from sidecar import protocol
 from sidecar.catalog import LIVE_ENDPOINT, Route
 from sidecar.metering import Figures, Rounding, bill_time, decoded_length
 from sidecar.pricing import Price
-from sidecar.surfaces.core import NS_PER_SECOND, PaidAsItGoes, Reply, unchanged
+from sidecar.surfaces.core import NS_PER_SECOND, PaidAsItGoes, Reply, SessionClock, unchanged
 
 START: Final = "session.start"
 STARTED: Final = "session.started"
@@ -157,8 +157,8 @@ class LiveSession(PaidAsItGoes):
         "_bps",
         "_breakdown",
         "_client_closing",
+        "_clock",
         "_closed_reason",
-        "_ended_at",
         "_increment",
         "_muted_ns",
         "_muted_since",
@@ -169,7 +169,6 @@ class LiveSession(PaidAsItGoes):
         "_scrub",
         "_session_id",
         "_start",
-        "_started_at",
         "_upstream_model",
         "_usage_events",
     )
@@ -196,8 +195,7 @@ class LiveSession(PaidAsItGoes):
         self._scrub = scrub
         self._bps = input_bytes_per_second(start)
         self._audio_bytes = 0
-        self._started_at: int | None = None
-        self._ended_at: int | None = None
+        self._clock = SessionClock()
         self._muted_since: int | None = None
         self._muted_ns = 0
         self._session_id: str | None = None
@@ -310,8 +308,8 @@ class LiveSession(PaidAsItGoes):
         except protocol.JSONDecodeError:
             return self._scrub(text)
         kind = event.get("type") if isinstance(event, dict) else None
-        if kind == STARTED and self._started_at is None:
-            self._started_at = now
+        if kind == STARTED and self._clock.started_at is None:
+            self._clock.start(now)
             session_id = protocol.dig(event, "session", "id")
             self._session_id = session_id if isinstance(session_id, str) else None
         elif kind == USAGE:
@@ -344,16 +342,12 @@ class LiveSession(PaidAsItGoes):
 
     def on_end(self, *, now: int) -> None:
         """Metering stops at the first end (the provider's session.closed, or the driver's end)."""
-        if self._ended_at is None:
-            self._ended_at = now
+        if self._clock.stop(now):
             self._unmute(now)
 
     def session_seconds(self, *, now: int) -> Fraction:
         """Session time on the sidecar's clock: from session.started to the end (or `now` while live)."""
-        if self._started_at is None:
-            return Fraction(0)
-        end = self._ended_at if self._ended_at is not None else now
-        return Fraction(max(0, end - self._started_at), NS_PER_SECOND)
+        return self._clock.seconds(now=now)
 
     def muted_seconds(self, *, now: int) -> Fraction:
         """Time muted by the client (billed like any session time; recorded)."""

@@ -6,6 +6,7 @@ It listens on 127.0.0.1 (port 0 by default) and accepts the upstream forms the s
     OpenAI          /v1/realtime?model=..&intent=..             Authorization: Bearer <key>
     Azure GA        /openai/v1/realtime?model=..&intent=..      api-key: <key>
     Azure preview   /openai/realtime?api-version=..&deployment=..   api-key: <key>
+    xAI, with `xai=True` (fake_xai.py): only /v1/realtime?model=..   Authorization: Bearer <key>
     Azure GA transcription, with `azure_deployments` (fake_azure.py): POST /openai/v1/realtime/client_secrets
                     (api-key) mints an `ek_...`; /openai/v1/realtime?intent=transcription   Bearer ek_...
     GPT-Live (fake_live.py)
@@ -58,6 +59,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from sidecar.testing import fake_xai
 from sidecar.testing.fake_azure import CLIENT_SECRETS_PATH, AzureTranscription, posted
 from sidecar.testing.fake_live import LiveConversation
 from sidecar.testing.fake_translation import DEFAULT_TRANSLATION, TranslationConversation
@@ -294,8 +296,10 @@ class _Conversation:
         host_port: str,
         transcript: str,
         azure: AzureTranscription | None = None,
+        xai: bool = False,
     ) -> None:
         self.record = record
+        self._xai = xai  # xAI's differences (fake_xai.py): conversation.created first, empty response usage
         self._api_key = api_key
         self._azure = azure  # an Azure transcription socket: its transcription model must be a deployment
         self._host_port = host_port
@@ -319,6 +323,8 @@ class _Conversation:
 
     def opening(self, *, now: float = 0.0) -> list[Event]:
         """The events sent as soon as the connection is upgraded (the Realtime API fake keeps no time)."""
+        if self._xai:
+            return fake_xai.opening()
         return [_event("session.created", session=self.record.session)]
 
     def receive(self, message: str | bytes, faults: Faults, *, now: float = 0.0) -> Reply:
@@ -450,7 +456,8 @@ class _Conversation:
         if faults.hold_responses:
             self._in_progress[response["id"]] = response
             return Reply([created])
-        done = _event("response.done", response={**response, "status": "completed", "usage": response_usage()})
+        usage = fake_xai.response_usage() if self._xai else response_usage()
+        done = _event("response.done", response={**response, "status": "completed", "usage": usage})
         return Reply([created, done])
 
     def _cancel_response(self, event: Event, faults: Faults) -> Reply:
@@ -525,9 +532,12 @@ class FakeProvider:
         faults: Faults | None = None,
         clock: Callable[[], float] = time.monotonic,
         azure_deployments: Collection[str] | None = None,
+        xai: bool = False,
     ) -> None:
         """`clock` (seconds) times GPT-Live sessions (their usage seconds); tests pass one they advance.
-        `azure_deployments` turns on the Azure transcription mode (fake_azure.py) with those deployments."""
+        `azure_deployments` turns on the Azure transcription mode (fake_azure.py) with those deployments; `xai`
+        the xAI mode (fake_xai.py): only xAI's form is accepted."""
+        self.xai = xai
         self.api_key = api_key
         #: The Azure transcription mode's state, when on.
         self.azure = AzureTranscription(api_key, azure_deployments) if azure_deployments is not None else None
@@ -666,6 +676,8 @@ class FakeProvider:
         if azure is not None:
             return azure
         refusal = None if self._ephemeral(handshake) else _refusal(handshake, api_key=self.api_key, faults=self.faults)
+        if refusal is None and self.xai and (xai := fake_xai.refusal(handshake, api_key=self.api_key)) is not None:
+            refusal = _Refusal(*xai)
         if refusal is None and self.faults.stall_handshake:
             await self._stall(connection)
             refusal = _Refusal(503, "server_shutting_down", "The server is shutting down.", "server_error")
@@ -749,7 +761,9 @@ class FakeProvider:
             )
         record = FakeSession(handshake=handshake, session=_initial_session(handshake))
         azure = self.azure if self._ephemeral(handshake) else None
-        return _Conversation(record, api_key=api_key, host_port=host_port, transcript=transcript, azure=azure)
+        return _Conversation(
+            record, api_key=api_key, host_port=host_port, transcript=transcript, azure=azure, xai=self.xai
+        )
 
     async def _serve(self, connection: ServerConnection, conversation: Conversation) -> None:
         """Receive, reply and apply fault actions until the connection closes."""
