@@ -181,6 +181,19 @@ def test_the_core_bills_session_seconds_plus_text_messages() -> None:
     assert final.audio_bytes == 0 and not session.awaiting  # item audio is not an append and session.walkout() == ()
 
 
+def test_audio_sent_faster_than_real_time_is_billed_as_the_audio() -> None:
+    """10 s of audio appended within a 2 s session bills 10 s (xAI bills the audio sent)."""
+    session = core()
+    session.on_upstream_text('{"type":"conversation.created"}', now=0)
+    chunk = base64.b64encode(bytes(48000)).decode()  # 1 s of 24 kHz PCM16
+    for _ in range(10):
+        session.on_client_text(orjson.dumps({"type": "input_audio_buffer.append", "audio": chunk}).decode())
+    session.on_end(now=2 * NS)
+    figures = session.figures(now=2 * NS)
+    assert (figures.quantity, figures.audio_seconds) == (10, 10)
+    assert figures.cost_usd == (10 * PER_SECOND).quantize(QUANTUM)
+
+
 # --- through the sidecar --------------------------------------------------------------------------------
 
 

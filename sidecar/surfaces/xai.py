@@ -9,6 +9,9 @@ Billing (docs.x.ai/developers/models/realtime-api, "Pricing"; LiteLLM's price ma
 `input_cost_per_second`, `input_cost_per_text_message`):
 - session time, by the sidecar's clock (surfaces.core.SessionClock, as GPT-Live), from the provider's first
   event to the end of the session, at the model's per-second (or per-minute) price: unit `session_second`;
+  never less than the seconds of audio the client appended (xAI: "If you send 1 hour of audio data to the
+  API, it will be billed as 1 hour of usage, even if the WebSocket connection time is less than 1 hour"), so
+  audio sent faster than real time is not billed as the shorter session;
 - plus one text message per client `conversation.item.create` forwarded upstream, except an item of type
   `function_call_output` (a tool result the server asked for) and an item with an `input_audio` or `audio`
   content part (billed as audio): "Every conversation.item.create event you send from the client is billed
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from decimal import Decimal
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Final
 
 from sidecar import protocol
@@ -99,15 +103,14 @@ class XaiSession(Session):
     # ---- figures ----------------------------------------------------------------------------------
 
     def figures(self, *, now: int = 0) -> Figures:
-        """Session seconds (unit session_second / session_minute) and text messages; the cost is their sum.
-        Audio and tokens as the meter recorded them (not billed); `upstream_usage` adds `text_messages` and
-        `text_message_cost_usd`."""
+        """Session seconds (unit session_second / session_minute; at least the appended audio's seconds) and
+        text messages; the cost is their sum. Audio and tokens as the meter recorded them; `upstream_usage` adds
+        `text_messages` and `text_message_cost_usd`."""
         price = self.model.price
-        quantity, time_cost = bill_time(
-            self._clock.seconds(now=now), price, rounding=self.meter.rounding, increment=self.meter.increment
-        )
-        messages_cost = Decimal(self.text_messages) * (price.per_text_message or Decimal(0))
         recorded = self.meter.snapshot()
+        seconds = max(self._clock.seconds(now=now), Fraction(recorded.audio_seconds))
+        quantity, time_cost = bill_time(seconds, price, rounding=self.meter.rounding, increment=self.meter.increment)
+        messages_cost = Decimal(self.text_messages) * (price.per_text_message or Decimal(0))
         record = protocol.loads(recorded.upstream_usage) if recorded.upstream_usage else {}
         record.pop("transcription_cost_usd", None)  # xAI bills input transcription as session time
         record["text_messages"] = self.text_messages
