@@ -4,12 +4,15 @@
     DELETE /admin/sessions/{session_id}   end one session (close 4003) wherever it runs
     POST   /admin/revocations             {"key_hash" | "team_id" | "user_id": ...}: end every matching
                                           session on every replica (close 4001)
+    POST   /admin/models/reload           rebuild the catalog (config.yaml and LiteLLM's DB-stored models)
+                                          here, then on every other replica; open sessions keep theirs
 
 Actions go to every replica over the control channel (Redis pub/sub `realtime:control`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Final
 
@@ -20,10 +23,12 @@ from starlette.routing import Route
 
 from sidecar.auth import credentials
 from sidecar.control import ControlError, matching
-from sidecar.errors import InvalidApiKey, Refusal, ServiceUnavailable
+from sidecar.errors import InvalidApiKey, Refusal, ServiceUnavailable, SidecarError
 
 if TYPE_CHECKING:
     from sidecar.app import Services
+
+log = logging.getLogger("sidecar.admin")
 
 REVOCATION_FIELDS: Final = ("key_hash", "team_id", "user_id")
 
@@ -97,10 +102,32 @@ async def revoke(request: Request, services: Services) -> Response:
     return JSONResponse({"revoked": match, "sessions": len(matching(infos, **match))}, status_code=202)
 
 
+async def reload_models(request: Request, services: Services) -> Response:
+    """Rebuild the catalog now (a failure keeps the one in force: 503), then ask every other replica to."""
+    if services.models is None:
+        raise ServiceUnavailable("The models cannot be reloaded yet.")
+    try:
+        result = await services.models.reload()
+    except ControlError:
+        raise
+    except SidecarError as exc:  # ConfigError, ProxyModelsUnavailable, an unpriced model: no secret in the text
+        log.warning("models: reload failed, keeping the catalog in force: %s", exc)
+        raise ServiceUnavailable(f"The models could not be reloaded ({exc}); the catalog in force is kept.") from exc
+    body = result.to_json()
+    try:
+        await services.supervisor.reload_models()
+        body["replicas"] = "asked"
+    except ControlError:  # this replica reloaded; the others refresh on their own schedule
+        log.warning("models: the control store is unreachable; other replicas were not asked to reload")
+        body["replicas"] = "not asked (the control store is unreachable)"
+    return JSONResponse(body)
+
+
 def routes() -> list[Route]:
     """The admin routes."""
     return [
         Route("/admin/sessions", _guarded(list_sessions), methods=["GET"]),
         Route("/admin/sessions/{session_id}", _guarded(terminate_session), methods=["DELETE"]),
         Route("/admin/revocations", _guarded(revoke), methods=["POST"]),
+        Route("/admin/models/reload", _guarded(reload_models), methods=["POST"]),
     ]

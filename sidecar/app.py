@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import TYPE_CHECKING
 
 import httpx
@@ -41,9 +42,10 @@ from sidecar.catalog import (
     Deployment,
     RealtimeModel,
     describe,
-    load_catalog,
 )
 from sidecar.catalog import Route as SessionRoute
+from sidecar.catalog_reload import CatalogReloader
+from sidecar.cli import check_prices
 from sidecar.client_secrets import ClientSecrets, Grant, MemoryClaims, RedisClaims, Signer, is_client_secret
 from sidecar.config import Settings
 from sidecar.control import ControlStore, MemoryStore, RedisStore, Supervisor, budget_windows
@@ -55,6 +57,7 @@ from sidecar.errors import (
     ModelNotTranscription,
     Refusal,
     ServiceUnavailable,
+    SidecarError,
     UpstreamError,
     ending,
     refused,
@@ -98,6 +101,8 @@ class Services:
     master_key_check: MasterKeyCheck | None = None
     #: The relay driver's monotonic clock in nanoseconds (GPT-Live's session seconds); tests pass their own.
     clock_ns: Callable[[], int] = time.monotonic_ns
+    #: Rebuilds `catalog` (POST /admin/models/reload, every SIDECAR_MODELS_REFRESH_S with LiteLLM's database).
+    models: CatalogReloader | None = None
 
 
 def create_app(
@@ -112,18 +117,18 @@ def create_app(
     environ: Mapping[str, str] | None = None,
     replica: str | None = None,
     clock_ns: Callable[[], int] = time.monotonic_ns,
+    load_models: Callable[[], Catalog] | None = None,
 ) -> Starlette:
     """The sidecar's ASGI app. Anything not passed in is built from `settings` in the lifespan; `clock_ns` is
-    the monotonic clock the relay driver meters session time by."""
+    the monotonic clock the relay driver meters session time by; `load_models` rebuilds the catalog (blocking;
+    default: config.yaml and LiteLLM's DB-stored models, `proxy_models.load_catalog`)."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            cat = catalog or load_catalog(
-                settings.litellm_config,
-                environ=dict(os.environ if environ is None else environ),
-                default_transcription_model=settings.default_transcription_model,
-            )
+            env = dict(os.environ if environ is None else environ)
+            load = load_models if load_models is not None else _load_models(settings, env)
+            cat = catalog if catalog is not None else await asyncio.to_thread(load)
             client = recheck_client = key_client
             if client is None and settings.litellm_url:  # admission and re-checks: a connection pool each
                 client = await stack.enter_async_context(litellm_client(settings.litellm_url, settings.key_lookups))
@@ -191,14 +196,25 @@ def create_app(
                 else None,
                 clock_ns=clock_ns,
             )
-            watcher = asyncio.create_task(supervisor.run(), name="supervisor")
+            services = app.state.services
+            services.models = reloader = CatalogReloader(
+                load,
+                cat,
+                check=partial(check_prices, allow_unpriced=settings.allow_unpriced),
+                on_change=lambda fresh: setattr(services, "catalog", fresh),  # handlers read it per request
+            )
+            tasks = {asyncio.create_task(supervisor.run(), name="supervisor")}
+            supervisor.on_reload = partial(_reload_in_background, reloader, tasks)
+            if settings.litellm_database_url:  # UI-added models are served or refused without a restart
+                tasks.add(asyncio.create_task(reloader.run(settings.models_refresh_s), name="models refresh"))
             try:
                 yield
             finally:
                 # Sessions still open here (a forced shutdown) end now and are billed before the publisher closes.
                 await supervisor.drain(0)
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     # Each voice route under every path LiteLLM serves it at (litellm/proxy/proxy_server.py's @app.websocket
     # paths, litellm/types/utils.py's route table): a client moved from the proxy keeps its URL.
@@ -262,6 +278,29 @@ async def _default_publisher(settings: Settings, redis: aioredis.Redis | None) -
             await asyncio.gather(sweeper, return_exceptions=True)
         await pub.aclose()
         spool.close()
+
+
+def _load_models(settings: Settings, environ: Mapping[str, str]) -> Callable[[], Catalog]:
+    """config.yaml and LiteLLM's DB-stored models (psycopg and the proxy's crypto are imported only here)."""
+    from sidecar.proxy_models import load_catalog
+
+    return partial(load_catalog, settings, environ=environ)
+
+
+def _reload_in_background(reloader: CatalogReloader, tasks: set[asyncio.Task[None]]) -> None:
+    """Another replica's `POST /admin/models/reload` (a control message): reload here too, without waiting."""
+
+    async def reload() -> None:
+        try:
+            result = await reloader.reload()
+        except SidecarError as exc:
+            log.warning("models: reload asked by another replica failed, keeping the catalog in force: %s", exc)
+            return
+        log.info("models: reloaded as another replica asked: %s", result.to_json())
+
+    task = asyncio.create_task(reload(), name="models reload")
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 async def _check_master_key(

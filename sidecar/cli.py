@@ -70,13 +70,11 @@ def _settings(*, require_config: bool = True) -> Settings:
 
 
 def _catalog(settings: Settings) -> Catalog:
-    from sidecar.catalog import load_catalog
+    """config.yaml's models and, with SIDECAR_LITELLM_DATABASE_URL, LiteLLM's DB-stored ones (merged as the proxy
+    merges them). Raises ConfigError, or ProxyModelsUnavailable when that database cannot be read."""
+    from sidecar.proxy_models import load_catalog
 
-    return load_catalog(
-        settings.litellm_config,
-        environ=dict(os.environ),
-        default_transcription_model=settings.default_transcription_model,
-    )
+    return load_catalog(settings, environ=dict(os.environ))
 
 
 def check_prices(catalog: Catalog, *, allow_unpriced: bool) -> None:

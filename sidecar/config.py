@@ -49,6 +49,8 @@ DEFAULT_ROUNDING = "exact"
 DEFAULT_CAPTIONS_PAGE = False
 #: A realtime model with no price is refused at start unless this is set: billing $0 silently is a money leak.
 DEFAULT_ALLOW_UNPRICED = False
+#: How often `sidecar serve` re-reads config.yaml and LiteLLM's DB-stored models (with SIDECAR_LITELLM_DATABASE_URL).
+DEFAULT_MODELS_REFRESH_S = 30.0
 REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
 POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
 #: The largest HTTP request body any route accepts (client secrets, the admin API); larger ones get 413.
@@ -210,6 +212,8 @@ class Settings:
     allow_unpriced: bool = DEFAULT_ALLOW_UNPRICED
     #: LiteLLM's own database: `sidecar consume` runs the `litellm` group into it (the LiteLLM ledger sink).
     litellm_database_url: str | None = field(default=None, repr=False)
+    #: `sidecar serve` rebuilds its catalog this often when SIDECAR_LITELLM_DATABASE_URL is set (UI-added models).
+    models_refresh_s: float = DEFAULT_MODELS_REFRESH_S
     #: The proxy's Redis, where the LiteLLM sink publishes cache invalidations after each commit (unset: none).
     litellm_redis_url: str | None = field(default=None, repr=False)
     #: The proxy's Redis cache namespace (its `cache_params.namespace`), prefixing the invalidation channel.
@@ -276,6 +280,7 @@ class Settings:
             db_timeout_s=_float(env, "SIDECAR_DB_TIMEOUT_S", DEFAULT_DB_TIMEOUT_S),
             allow_unpriced=_bool(env, "SIDECAR_ALLOW_UNPRICED", DEFAULT_ALLOW_UNPRICED),
             litellm_database_url=_litellm_database_url(env),
+            models_refresh_s=_float(env, "SIDECAR_MODELS_REFRESH_S", DEFAULT_MODELS_REFRESH_S),
             litellm_redis_url=_redis_url(env, "SIDECAR_LITELLM_REDIS_URL"),
             litellm_redis_namespace=_optional(env, "SIDECAR_LITELLM_REDIS_NAMESPACE"),
             consume_metrics_port=_optional_port(env, "SIDECAR_CONSUME_METRICS_PORT"),

@@ -4,7 +4,7 @@
       every 0.25 s  poll each relay: idle/length limits, checkpoints; budgets of budgeted keys and teams
       every 1 s     heartbeat: this replica's sessions (and their running costs) into the shared store
       every key_recheck_s  re-check each live key once against LiteLLM (by hash, with the master key)
-      always        control messages (revocations, terminations) from every replica
+      always        control messages (revocations, terminations, model reloads) from every replica
 
 The shared state lives behind `ControlStore`: `RedisStore` (replicas share one Redis: a registry hash with
 expiry, a lease sorted set per key, running costs per budget scope, billed-spend counters per budget window,
@@ -354,6 +354,8 @@ class Supervisor:
         self._changed = asyncio.Event()  # set whenever a session is detached
         self._release: asyncio.TimerHandle | None = None  # the memory release after a burst, when due
         self.store_up = True  # False from a failed Redis operation until a heartbeat succeeds again
+        #: Called for another replica's `reload_models` message (the app reloads its catalog in the background).
+        self.on_reload: Callable[[], None] | None = None
 
     # ---- admission ------------------------------------------------------------------------------
 
@@ -452,9 +454,17 @@ class Supervisor:
         """Publish a termination of one session to every replica."""
         await self.store.publish({"action": "terminate", "session_id": session_id})
 
+    async def reload_models(self) -> None:
+        """Publish a catalog reload to every other replica (this one has just reloaded)."""
+        await self.store.publish({"action": "reload_models", "replica": self.replica})
+
     def apply(self, message: Mapping[str, str]) -> int:
         """Apply one control message to this replica's sessions; returns how many were ended."""
         action = message.get("action")
+        if action == "reload_models":
+            if message.get("replica") != self.replica and self.on_reload is not None:
+                self.on_reload()
+            return 0
         if action == "terminate":
             entry = self.live.get(message.get("session_id", ""))
             if entry is None:

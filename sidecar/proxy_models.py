@@ -25,7 +25,10 @@ What LiteLLM does (litellm 1.110; read, not copied):
 
 Where the sidecar differs, on purpose: a row whose model does not open under the salt key (a changed key) is
 skipped with one warning naming it (the proxy would keep the ciphertext as model name and credential); a
-blocked row is not a deployment. Everything here is pure except `read_database` and `load_catalog`.
+blocked row is not a deployment; a realtime model served only by DB rows and priced by nothing is not served
+(one warning naming it) unless SIDECAR_ALLOW_UNPRICED: an unpriced model added in the UI would otherwise bill
+$0, and refusing the whole catalog for it would stop every later reload (an unpriced config.yaml model still
+stops `sidecar serve`, `cli.check_prices`). Everything here is pure except `read_database` and `load_catalog`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Final
 
 import nacl.exceptions
@@ -46,7 +50,18 @@ import psycopg
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sidecar.catalog import Catalog, build_catalog, load_price_map, master_key, read_config
+from sidecar.catalog import (
+    REALTIME_ENDPOINT,
+    ROUTES,
+    Catalog,
+    build_catalog,
+    load_price_map,
+    master_key,
+    read_config,
+)
+from sidecar.catalog import (
+    _priced as priced,  # one definition of "priced" (catalog.unpriced uses it too)
+)
 from sidecar.config import Settings
 from sidecar.errors import SidecarError
 from sidecar.ledger.sink import connect_params
@@ -209,9 +224,12 @@ def build_merged_catalog(
     price_map: Mapping[str, Mapping[str, Any]],
     environ: Mapping[str, str],
     default_transcription_model: str,
+    drop_unpriced: bool = False,
 ) -> Catalog:
     """The catalog of the config's models and the database's, merged as the proxy merges them. Pure.
 
+    `drop_unpriced`: a model with no price whose deployments all come from the database is not served (one
+    warning each; it stays known, so it is refused as not available).
     Raises ConfigError as `build_catalog` does (a DB entry's error names its row). The rows' warnings come
     after the config's in `Catalog.warnings`.
     """
@@ -237,7 +255,36 @@ def build_merged_catalog(
         default_transcription_model=default_transcription_model,
         labels=[label for label, _ in merged],
     )
-    return replace(catalog, warnings=(*catalog.warnings, *warnings))
+    catalog = replace(catalog, warnings=(*catalog.warnings, *warnings))
+    if drop_unpriced:
+        catalog = without_unpriced(catalog, frozenset(str(entry["model_info"]["id"]) for entry in entries))
+    return catalog
+
+
+def without_unpriced(catalog: Catalog, db_ids: frozenset[str]) -> Catalog:
+    """`catalog` without the unpriced models whose every deployment is a DB row (`db_ids`), on every route;
+    their "no price" warning becomes one saying they are not served. Pure."""
+    dropped = {
+        name
+        for route in ROUTES
+        for name, model in catalog.served(route).items()
+        if not priced(model.price) and all(d.deployment_id in db_ids for d in model.deployments)
+    }
+    if not dropped:
+        return catalog
+    by_route = {
+        route: MappingProxyType({n: m for n, m in catalog.served(route).items() if n not in dropped})
+        for route in ROUTES
+    }
+    unpriced_warnings = {f"{name}: realtime model with no price (its sessions bill $0)" for name in dropped}
+    warnings = [w for w in catalog.warnings if w not in unpriced_warnings] + [
+        f"{name}: a model from LiteLLM's database with no price is not served (price it in its model_info, or "
+        "set SIDECAR_ALLOW_UNPRICED=1 to serve it free)"
+        for name in sorted(dropped)
+    ]
+    return replace(
+        catalog, models=by_route[REALTIME_ENDPOINT], by_route=MappingProxyType(by_route), warnings=tuple(warnings)
+    )
 
 
 # --- the database (I/O) -----------------------------------------------------------------------------
@@ -323,6 +370,7 @@ def load_catalog(
         price_map=load_price_map() if price_map is None else price_map,
         environ=environ,
         default_transcription_model=settings.default_transcription_model,
+        drop_unpriced=not settings.allow_unpriced,
     )
 
 
@@ -339,4 +387,5 @@ __all__ = [
     "read_database",
     "salt_key",
     "store_model_in_db",
+    "without_unpriced",
 ]

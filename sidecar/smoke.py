@@ -69,7 +69,6 @@ from sidecar.catalog import (
     Deployment,
     RealtimeModel,
     Route,
-    load_catalog,
 )
 from sidecar.config import Settings
 from sidecar.errors import SidecarError, UpstreamError
@@ -426,11 +425,10 @@ def format_summary(model: RealtimeModel, outcomes: list[Outcome]) -> str:
 
 
 def _load(settings: Settings) -> Catalog:
-    return load_catalog(
-        settings.litellm_config,
-        environ=dict(os.environ),
-        default_transcription_model=settings.default_transcription_model,
-    )
+    """config.yaml's models and, with SIDECAR_LITELLM_DATABASE_URL, LiteLLM's DB-stored ones (as `serve`)."""
+    from sidecar.proxy_models import load_catalog
+
+    return load_catalog(settings, environ=dict(os.environ))
 
 
 async def run_smoke(

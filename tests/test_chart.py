@@ -689,6 +689,7 @@ def test_every_sidecar_setting_is_settable_from_values(helm: Helm, tmp_path: Pat
         "rounding": "up",
         "roundingIncrement": "0.1",
         "allowUnpriced": True,
+        "modelsRefreshS": 10,
         "workers": 2,
         "consumeMetricsPort": 9102,
     }
@@ -717,6 +718,7 @@ def test_every_sidecar_setting_is_settable_from_values(helm: Helm, tmp_path: Pat
     assert env["SIDECAR_ROUNDING"]["value"] == "up"
     assert env["SIDECAR_WORKERS"]["value"] == "2"
     assert env["SIDECAR_ALLOW_UNPRICED"]["value"] == "true"
+    assert env["SIDECAR_MODELS_REFRESH_S"]["value"] == "10"
 
 
 def test_unset_settings_leave_the_sidecar_defaults(default: Manifests) -> None:
