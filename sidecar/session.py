@@ -262,6 +262,11 @@ class Session:
                     self.scrubber = self.scrubber.adding(upstream, name)
                     self._scrub = self.scrubber.text
 
+    def hide(self, secret: str) -> None:
+        """Scrub one more secret from every upstream frame (an Azure transcription session's minted `ek_...`)."""
+        self.scrubber = self.scrubber.adding(secret, REDACTED)
+        self._scrub = self.scrubber.text
+
     def model_injection(self) -> str:
         """The session.update that puts the transcription model into the session configuration.
 
@@ -335,11 +340,12 @@ class Session:
 
     def usage_event(self, kind: EventType, *, now: datetime, close_reason: str = "") -> UsageEvent:
         """The next cumulative usage event (seq 1, 2, ...), built as the relay's Account builds it
-        (surfaces.account.usage_event). A final carries ended_at and close_reason."""
+        (surfaces.account.usage_event), from `figures()` (a subclass's own figures too). A final carries ended_at
+        and close_reason."""
         self.seq += 1
         return usage_event(
             kind,
-            self.meter.snapshot(),
+            self.figures(),
             seq=self.seq,
             session_id=self.session_id,
             principal=self.principal,

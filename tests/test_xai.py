@@ -146,6 +146,10 @@ def test_session_clock() -> None:
     assert clock.seconds(now=3 * NS) == 2
     assert clock.stop(4 * NS) and not clock.stop(9 * NS)
     assert clock.seconds(now=100 * NS) == 3
+    assert SessionClock().seconds(now=1) == 0
+    exact = SessionClock()
+    exact.start(0)
+    assert exact.seconds(now=1) == Fraction(1, NS)  # exact nanoseconds, no float on the way
 
 
 def core() -> XaiSession:
@@ -178,6 +182,8 @@ def test_the_core_bills_session_seconds_plus_text_messages() -> None:
     assert (final.unit, session.text_messages) == ("session_second", 2)
     assert final.cost_usd == (Decimal("7.25") * PER_SECOND + 2 * PER_MESSAGE).quantize(QUANTUM)
     assert orjson.loads(final.upstream_usage) == {"text_messages": 2, "text_message_cost_usd": "0.0080000000"}
+    event = session.usage_event("final", now=datetime.now(UTC))
+    assert (event.unit, event.quantity, event.cost_usd) == ("session_second", final.quantity, final.cost_usd)
     assert final.audio_bytes == 0 and not session.awaiting  # item audio is not an append and session.walkout() == ()
 
 
@@ -294,10 +300,3 @@ async def test_the_fake_xai_mode_refuses_other_forms() -> None:
             assert refused.value.response.status_code == status
         async with connect(f"{provider.url}/v1/realtime?model=m", additional_headers=good) as ws:
             assert orjson.loads(await ws.recv())["type"] == "conversation.created"
-
-
-def test_fraction_guard() -> None:
-    """Session seconds are exact Fractions of nanoseconds (no float on the way)."""
-    clock = SessionClock()
-    clock.start(0)
-    assert clock.seconds(now=1) == Fraction(1, NS)

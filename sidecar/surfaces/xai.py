@@ -71,10 +71,11 @@ class XaiSession(Session):
         reply = super().on_client_text(text, now=now)
         if reply.upstream is not None and _ITEM_CREATE_TEXT in text:
             try:
-                counted = is_text_message(protocol.loads(reply.upstream))
+                event = protocol.loads(reply.upstream)
             except protocol.JSONDecodeError:
-                counted = False
-            self.text_messages += counted
+                event = None
+            if is_text_message(event):
+                self.text_messages += 1
         return reply
 
     def on_upstream_text(self, text: str, *, now: int = 0) -> str:
@@ -122,11 +123,6 @@ class XaiSession(Session):
             cost_usd=(time_cost + messages_cost).quantize(_COST_QUANTUM),
             upstream_usage=protocol.dumps(record),
         )
-
-    def session_seconds(self, *, now: int) -> Decimal:
-        """Session time so far, exact to the nanosecond (tests, logs)."""
-        seconds = self._clock.seconds(now=now)
-        return Decimal(seconds.numerator) / Decimal(seconds.denominator)
 
 
 if TYPE_CHECKING:
