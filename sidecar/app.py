@@ -67,7 +67,7 @@ from sidecar.metrics import CONTENT_TYPE_LATEST, Metrics, multiprocess_dir
 from sidecar.pinning import Pin
 from sidecar.publisher import SpoolingPublisher, UsagePublisher
 from sidecar.relay import Relay
-from sidecar.scrub import Scrubber
+from sidecar.scrub import REDACTED, Scrubber
 from sidecar.session import Session
 from sidecar.surfaces.account import Account
 from sidecar.surfaces.core import SurfaceCore
@@ -624,6 +624,7 @@ async def _connect(
         grant=grant,
         start=start,
         inject_model=connected.target.inject_model,
+        minted=connected.secrets,
     )
     websocket, receive, send = client
     return Relay(
@@ -661,8 +662,10 @@ def _account(
     grant: Grant | None,
     start: LiveStart | None,
     inject_model: bool,
+    minted: Sequence[str] = (),
 ) -> Account:
-    """The session's core for its protocol, in the Account the relay bills through."""
+    """The session's core for its protocol, in the Account the relay bills through. `minted`: credentials
+    minted to open the upstream (an Azure `ek_...`), scrubbed from its frames like the deployment's key."""
     settings = services.settings
     rounding: Rounding = settings.rounding  # type: ignore[assignment]
     increment = settings.rounding_increment
@@ -672,6 +675,8 @@ def _account(
     meter: SessionMeter | None
     if model.kind == "live-session" or model.kind == "realtime-translation":
         scrubber = Scrubber.for_deployment(deployment, public_model=model.name)
+        for secret in minted:
+            scrubber = scrubber.adding(secret, REDACTED)
         current: Callable[[], Scrubber] = lambda: scrubber  # noqa: E731 (the scrubber never changes)
         if start is not None:  # the live route always has the client's session.start
             core = LiveSession(
@@ -709,6 +714,8 @@ def _account(
             default_transcriber=services.catalog.default_transcription_model,
             budget_windows=windows,
         )
+        for secret in minted:
+            session.hide(secret)
         # The bound settings go upstream first (they name the model where one is needed).
         session.prepare_opening(
             inject_model=inject_model, bound=client_secrets.session_update(grant) if grant is not None else None

@@ -262,6 +262,11 @@ class Session:
                     self.scrubber = self.scrubber.adding(upstream, name)
                     self._scrub = self.scrubber.text
 
+    def hide(self, secret: str) -> None:
+        """Scrub one more secret from every upstream frame (an Azure transcription session's minted `ek_...`)."""
+        self.scrubber = self.scrubber.adding(secret, REDACTED)
+        self._scrub = self.scrubber.text
+
     def model_injection(self) -> str:
         """The session.update that puts the transcription model into the session configuration.
 

@@ -225,21 +225,28 @@ def websocket_dialer(*, max_frame_bytes: int, connect_timeout_s: float) -> Diale
 
     async def dial(tgt: Target) -> Upstream:
         headers = tgt.headers
+        minted: tuple[str, ...] = ()
         if tgt.client_secret is not None:
             secret = await azure_auth.mint(tgt.client_secret, timeout_s=connect_timeout_s)
-            headers = secret.headers
-        return await open_upstream(tgt.url, headers, max_frame_bytes=max_frame_bytes, open_timeout_s=connect_timeout_s)
+            headers, minted = secret.headers, (secret.value,)
+        connection = await open_upstream(
+            tgt.url, headers, max_frame_bytes=max_frame_bytes, open_timeout_s=connect_timeout_s
+        )
+        connection.secrets = minted  # the session scrubs them like the api-key (Connected.secrets)
+        return connection
 
     return dial
 
 
 @dataclass(frozen=True, slots=True)
 class Connected:
-    """An open upstream session and the target that answered."""
+    """An open upstream session, the target that answered, and the credentials minted to open it (an Azure
+    transcription session's `ek_...`: scrubbed from its frames like the api-key)."""
 
     connection: Upstream
     target: Target
     attempts: int
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
 async def connect_any(
@@ -255,7 +262,9 @@ async def connect_any(
     for attempt, deployment in enumerate(deployments, start=1):
         tgt = route_target(deployment, route, transcription=transcription, openai_hosts=openai_hosts)
         try:
-            return Connected(await dial(tgt), tgt, attempt)
+            connection = await dial(tgt)
+            # A dialer's connection may carry what it minted (websocket_dialer's does); test dialers need not.
+            return Connected(connection, tgt, attempt, getattr(connection, "secrets", ()))
         except UpstreamError as exc:
             log.warning(
                 "upstream connect failed",

@@ -73,6 +73,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._ping_timer: asyncio.TimerHandle | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._awaiting_pong = False
+        #: Credentials minted to open this connection (an Azure client secret), set by the dialer; never logged.
+        self.secrets: tuple[str, ...] = ()
         self._head = b""  # the handshake response, until it is complete
         self._splitter: FrameSplitter | None = None  # the data path, once the handshake succeeded
         self._parser_only = False  # no data path: everything goes to websockets

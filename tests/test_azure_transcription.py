@@ -20,6 +20,7 @@ from sidecar.catalog import Deployment
 from sidecar.cli import startup_warnings
 from sidecar.config import Settings
 from sidecar.errors import UpstreamError
+from sidecar.scrub import REDACTED
 from sidecar.smoke import run_smoke
 from sidecar.testing.fake_azure import EPHEMERAL_REQUIRED
 from sidecar.testing.fake_provider import DEFAULT_TRANSCRIPT, FakeProvider
@@ -227,3 +228,23 @@ async def test_a_conversation_session_on_the_same_azure_resource_keeps_the_api_k
         handshake = provider.handshakes[0]
         assert (handshake.path, handshake.query) == ("/openai/v1/realtime", {"model": "my-realtime"})
         assert handshake.headers["api-key"] == provider.api_key and "authorization" not in handshake.headers
+
+
+async def test_a_provider_echoing_the_minted_secret_never_shows_it_to_the_client(tmp_path: Path) -> None:
+    """The ek_ client secret a transcription session was opened with is scrubbed like the api-key: the fake
+    echoes it (and the key) in its empty-commit error; the client sees neither."""
+    async with FakeProvider(azure_deployments=[DEPLOYMENT]) as provider:
+        async with stack(tmp_path, entries=[azure_entry(provider)], provider=provider) as s:
+            client = s.sidecar.openai(USER_KEY)
+            async with client.realtime.connect(model=PUBLIC, extra_query={"intent": "transcription"}) as conn:
+                await next_of(conn, "session.created")
+                await conn.input_audio_buffer.commit()
+                error = await next_of(conn, "error")
+        assert provider.azure is not None and len(provider.azure.minted) == 1
+        secret = provider.azure.minted[0]
+        echoed = provider.sessions[0].handshake.headers["authorization"]
+        assert secret in echoed  # the bait was really sent upstream
+        text = error.model_dump_json()
+        assert "buffer too small" in text
+        assert secret not in text and provider.api_key not in text
+        assert f"[Bearer {REDACTED}]" in error.error.message

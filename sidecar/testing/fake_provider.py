@@ -409,6 +409,8 @@ class _Conversation:
             f"but buffer only has 0.00ms of audio. (key {self._api_key}, deployment {self._model_name()} "
             f"at {self._host_port})"
         )
+        if self._azure is not None:  # an Azure transcription socket echoes its minted client secret too
+            message += f" [{self.record.handshake.headers.get('authorization', '')}]"
         return _error("input_audio_buffer_commit_empty", message, client_event_id=client_event_id)
 
     def _transcription_model(self) -> str:
