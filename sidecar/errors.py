@@ -1,7 +1,9 @@
 """Errors: one root, and the single table from failure to HTTP status, close code and error code.
 
     SidecarError
-    ├── ConfigError                 bad settings or config.yaml (startup only)
+    ├── ConfigError                 bad settings or config.yaml (at start; a reload keeps its catalog)
+    ├── ProxyModelsUnavailable      LiteLLM's database unreadable for its models (proxy_models.py; at start:
+    │                               exit 2, at a reload: 503 service_unavailable, the catalog in force kept)
     ├── Refusal                     refused before the upgrade: an HTTP status + OpenAI error body
     │   ├── InvalidApiKey           401 invalid_api_key
     │   ├── KeyBlocked              403 key_blocked
