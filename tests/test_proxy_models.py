@@ -4,7 +4,6 @@ opened and merged with config.yaml as the proxy merges them."""
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -29,9 +28,8 @@ from sidecar.proxy_models import (
     salt_key,
 )
 
-# LiteLLM would fetch its price map from the network when imported without this; import it once per module (~4 s).
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-from litellm.proxy.common_utils import encrypt_decrypt_utils as litellm_crypto
+# LiteLLM's own sealing, in a child process (importing litellm here would change every test's logging).
+from tests import litellm_crypto
 
 SALT = "sk-salt-0123456789"
 MASTER = "sk-master-9876543210"
