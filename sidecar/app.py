@@ -14,7 +14,7 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -79,6 +79,7 @@ from sidecar.upstream import OPENAI_HOSTS, Dialer, connect_any, websocket_dialer
 
 if TYPE_CHECKING:  # the billing DB stack (SQLAlchemy, ~25 MB) is imported only in embedded mode
     from sidecar.billing.writer import BillingWriter
+    from sidecar.model_source import ModelSource
 
 log = logging.getLogger("sidecar.app")
 
@@ -117,18 +118,21 @@ def create_app(
     environ: Mapping[str, str] | None = None,
     replica: str | None = None,
     clock_ns: Callable[[], int] = time.monotonic_ns,
-    load_models: Callable[[], Catalog] | None = None,
+    model_source: ModelSource | None = None,
 ) -> Starlette:
     """The sidecar's ASGI app. Anything not passed in is built from `settings` in the lifespan; `clock_ns` is
-    the monotonic clock the relay driver meters session time by; `load_models` rebuilds the catalog (blocking;
-    default: config.yaml and LiteLLM's DB-stored models, `proxy_models.load_catalog`)."""
+    the monotonic clock the relay driver meters session time by; `model_source` rebuilds the catalog (default:
+    config.yaml and LiteLLM's DB-stored models, priced as the proxy prices them; sidecar/model_source.py) and
+    says which source priced each model."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             env = dict(os.environ if environ is None else environ)
-            load = load_models if load_models is not None else _load_models(settings, env)
-            cat = catalog if catalog is not None else await asyncio.to_thread(load)
+            source, refresh_prices = await _prices(stack, settings, env, model_source, catalog)
+            if catalog is None:
+                await refresh_prices()
+            cat = catalog if catalog is not None else await asyncio.to_thread(source)
             client = recheck_client = key_client
             if client is None and settings.litellm_url:  # admission and re-checks: a connection pool each
                 client = await stack.enter_async_context(litellm_client(settings.litellm_url, settings.key_lookups))
@@ -197,11 +201,18 @@ def create_app(
                 clock_ns=clock_ns,
             )
             services = app.state.services
+            metrics.show_price_sources(source.sources)
+
+            def put_in_force(fresh: Catalog) -> None:
+                services.catalog = fresh  # request handlers read it per request; open sessions keep theirs
+                metrics.show_price_sources(source.sources)
+
             services.models = reloader = CatalogReloader(
-                load,
+                source,
                 cat,
                 check=partial(check_prices, allow_unpriced=settings.allow_unpriced),
-                on_change=lambda fresh: setattr(services, "catalog", fresh),  # handlers read it per request
+                on_change=put_in_force,
+                prepare=refresh_prices,
             )
             tasks = {asyncio.create_task(supervisor.run(), name="supervisor")}
             supervisor.on_reload = partial(_reload_in_background, reloader, tasks)
@@ -280,11 +291,32 @@ async def _default_publisher(settings: Settings, redis: aioredis.Redis | None) -
         spool.close()
 
 
-def _load_models(settings: Settings, environ: Mapping[str, str]) -> Callable[[], Catalog]:
-    """config.yaml and LiteLLM's DB-stored models (psycopg and the proxy's crypto are imported only here)."""
-    from sidecar.proxy_models import load_catalog
+async def _prices(
+    stack: AsyncExitStack,
+    settings: Settings,
+    environ: Mapping[str, str],
+    source: ModelSource | None,
+    catalog: Catalog | None,
+) -> tuple[ModelSource, Callable[[], Awaitable[None]]]:
+    """The model source (psycopg and the proxy's crypto are imported only here) and the coroutine function that
+    refreshes its prices before each rebuild (the proxy's /model/info, else the price map, proxy_prices.py)."""
+    from sidecar.model_source import ModelSource
+    from sidecar.proxy_prices import PriceRefresher
 
-    return partial(load_catalog, settings, environ=environ)
+    models = source if source is not None else ModelSource(settings, environ=environ)
+    master = catalog.master_key if catalog is not None else await asyncio.to_thread(models.master_key)
+    client = await stack.enter_async_context(httpx.AsyncClient())
+    refresher = PriceRefresher(
+        client, master_key=master, proxy_url=settings.litellm_url, environ=environ, bundled=models.bundled
+    )
+
+    async def refresh() -> None:
+        fresh = await refresher.refresh()
+        # A proxy that stops answering keeps its last prices, those `sidecar serve` started with included.
+        if fresh.proxy is not None or models.prices is None or models.prices.proxy is None:
+            models.prices = fresh
+
+    return models, refresh
 
 
 def _reload_in_background(reloader: CatalogReloader, tasks: set[asyncio.Task[None]]) -> None:

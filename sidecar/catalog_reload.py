@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -51,7 +51,8 @@ def served_names(catalog: Catalog) -> frozenset[str]:
 class CatalogReloader:
     """Holds the catalog in force and rebuilds it.
 
-    `load` builds a fresh catalog (blocking; raises a SidecarError when it cannot). `check` may refuse one
+    `load` builds a fresh catalog (blocking; raises a SidecarError when it cannot). `prepare` is awaited
+    first, on the event loop (e.g. refreshing the proxy's prices `load` builds with). `check` may refuse one
     (e.g. `cli.check_prices`: a model with no price); `on_change` receives each catalog put in force.
     """
 
@@ -62,8 +63,10 @@ class CatalogReloader:
         *,
         check: Callable[[Catalog], None] | None = None,
         on_change: Callable[[Catalog], None] | None = None,
+        prepare: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self._load = load
+        self._prepare = prepare
         self._catalog = catalog
         self._check = check
         self._on_change = on_change
@@ -82,6 +85,8 @@ class CatalogReloader:
         catalog in force is then unchanged.
         """
         async with self._lock:
+            if self._prepare is not None:
+                await self._prepare()
             fresh = await asyncio.to_thread(self._load)
             if self._check is not None:
                 self._check(fresh)

@@ -25,6 +25,7 @@ from sidecar.errors import ConfigError, SidecarError
 if TYPE_CHECKING:
     from sidecar.billing.metrics import ConsumeMetrics
     from sidecar.catalog import Catalog
+    from sidecar.model_source import ModelSource
 
 log = logging.getLogger("sidecar.cli")
 
@@ -69,12 +70,14 @@ def _settings(*, require_config: bool = True) -> Settings:
     return Settings.from_env(os.environ, require_config=require_config)
 
 
-def _catalog(settings: Settings) -> Catalog:
+def _catalog(settings: Settings) -> tuple[ModelSource, Catalog]:
     """config.yaml's models and, with SIDECAR_LITELLM_DATABASE_URL, LiteLLM's DB-stored ones (merged as the proxy
-    merges them). Raises ConfigError, or ProxyModelsUnavailable when that database cannot be read."""
-    from sidecar.proxy_models import load_catalog
+    merges them), priced as the proxy prices them (sidecar/model_source.py). Raises ConfigError, or
+    ProxyModelsUnavailable when that database cannot be read."""
+    from sidecar.model_source import ModelSource
 
-    return load_catalog(settings, environ=dict(os.environ))
+    source = ModelSource(settings, environ=dict(os.environ))
+    return source, source.load_with_prices()
 
 
 def check_prices(catalog: Catalog, *, allow_unpriced: bool) -> None:
@@ -130,7 +133,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, port = args.host or settings.host, args.port or settings.port
     workers = settings.workers if args.workers is None else args.workers
     check_workers(settings, workers)
-    catalog = _catalog(settings)
+    source, catalog = _catalog(settings)
     check_prices(catalog, allow_unpriced=settings.allow_unpriced)
     check_spool(settings)
     if not settings.redis_url:  # embedded mode bills into the database: it must be one this process can use
@@ -159,7 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from sidecar.server import config_for
 
         configure_logging()
-        app = create_app(settings, catalog=catalog)
+        app = create_app(settings, catalog=catalog, model_source=source)
         return (
             app,
             config_for(
@@ -194,13 +197,14 @@ def check_workers(settings: Settings, workers: int) -> None:
 def cmd_models(args: argparse.Namespace) -> int:
     """Print the realtime models, their kind, unit and price (warnings, each naming its entry, on stderr)."""
     from sidecar.catalog import describe, format_table
+    from sidecar.proxy_prices import with_sources
 
     settings = _settings()
-    catalog = _catalog(settings)
+    source, catalog = _catalog(settings)
     for warning in catalog.warnings:
         print(f"sidecar: warning: {warning}", file=sys.stderr)
     rows = describe(catalog)
-    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    print(json.dumps(with_sources(rows, source.sources), indent=2) if args.json else format_table(rows))
     return 0
 
 

@@ -225,20 +225,49 @@ def build_merged_catalog(
     environ: Mapping[str, str],
     default_transcription_model: str,
     drop_unpriced: bool = False,
+    price_overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Catalog:
     """The catalog of the config's models and the database's, merged as the proxy merges them. Pure.
 
     `drop_unpriced`: a model with no price whose deployments all come from the database is not served (one
-    warning each; it stays known, so it is refused as not available).
+    warning each; it stays known, so it is refused as not available). `price_overrides`: as `build_catalog`'s
+    (the proxy's /model/info prices, proxy_prices.py).
     Raises ConfigError as `build_catalog` does (a DB entry's error names its row). The rows' warnings come
     after the config's in `Catalog.warnings`.
     """
+    return _build_merged(
+        config,
+        database,
+        price_map=price_map,
+        environ=environ,
+        default_transcription_model=default_transcription_model,
+        drop_unpriced=drop_unpriced,
+        price_overrides=price_overrides,
+    )[0]
+
+
+def _build_merged(
+    config: Mapping[str, Any],
+    database: DatabaseModels,
+    *,
+    price_map: Mapping[str, Mapping[str, Any]],
+    environ: Mapping[str, str],
+    default_transcription_model: str,
+    drop_unpriced: bool,
+    price_overrides: Mapping[str, Mapping[str, Any]] | None,
+) -> tuple[Catalog, list[dict[str, Any]]]:
+    """build_merged_catalog's catalog, and each merged entry's model_name and model_info (no litellm_params)."""
     config_list = config.get("model_list") or []
     if not database.enabled or not database.rows or not isinstance(config_list, list):
         # Nothing to merge (a model_list that is not a list is build_catalog's to refuse).
-        return build_catalog(
-            config, price_map=price_map, environ=environ, default_transcription_model=default_transcription_model
+        catalog = build_catalog(
+            config,
+            price_map=price_map,
+            environ=environ,
+            default_transcription_model=default_transcription_model,
+            price_overrides=price_overrides,
         )
+        return catalog, _infos(config_list if isinstance(config_list, list) else [])
     key = salt_key(environ, master_key(config, environ))
     entries: list[dict[str, Any]] = []
     warnings: list[str] = []
@@ -254,11 +283,21 @@ def build_merged_catalog(
         environ=environ,
         default_transcription_model=default_transcription_model,
         labels=[label for label, _ in merged],
+        price_overrides=price_overrides,
     )
     catalog = replace(catalog, warnings=(*catalog.warnings, *warnings))
     if drop_unpriced:
         catalog = without_unpriced(catalog, frozenset(str(entry["model_info"]["id"]) for entry in entries))
-    return catalog
+    return catalog, _infos([entry for _, entry in merged])
+
+
+def _infos(model_list: Sequence[Any]) -> list[dict[str, Any]]:
+    """Each entry's model_name and model_info: what `proxy_prices.price_sources` reads, and no credential."""
+    return [
+        {"model_name": entry.get("model_name"), "model_info": entry.get("model_info")}
+        for entry in model_list
+        if isinstance(entry, Mapping)
+    ]
 
 
 def without_unpriced(catalog: Catalog, db_ids: frozenset[str]) -> Catalog:
@@ -359,18 +398,32 @@ def load_catalog(
 
     Raises ConfigError (the config), ProxyModelsUnavailable (the database; a reload keeps its last catalog).
     """
+    return load_models(settings, environ=environ, price_map=price_map, config_path=config_path)[0]
+
+
+def load_models(
+    settings: Settings,
+    *,
+    environ: Mapping[str, str],
+    price_map: Mapping[str, Mapping[str, Any]] | None = None,
+    price_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    config_path: Path | None = None,
+) -> tuple[Catalog, list[dict[str, Any]]]:
+    """`load_catalog`'s catalog, priced with `price_overrides` too (the proxy's prices), and each merged entry's
+    model_name and model_info (for `proxy_prices.price_sources`). Blocks; raises as `load_catalog`."""
     config = read_config(config_path or settings.litellm_config)
     database = DatabaseModels(enabled=False)
     if settings.litellm_database_url:
         db_setting, rows = read_database(settings.litellm_database_url, timeout_s=settings.db_timeout_s)
         database = DatabaseModels(store_model_in_db(config, environ, db_setting), rows)
-    return build_merged_catalog(
+    return _build_merged(
         config,
         database,
         price_map=load_price_map() if price_map is None else price_map,
         environ=environ,
         default_transcription_model=settings.default_transcription_model,
         drop_unpriced=not settings.allow_unpriced,
+        price_overrides=price_overrides,
     )
 
 
@@ -380,6 +433,7 @@ __all__ = [
     "ProxyModelsUnavailable",
     "build_merged_catalog",
     "load_catalog",
+    "load_models",
     "looks_sealed",
     "merge_model_list",
     "open_value",

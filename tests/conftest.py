@@ -17,6 +17,9 @@ import redis.asyncio as aioredis
 
 from tests.litellm_schema import apply_migrations
 
+# Prices come from the bundled map unless a test says otherwise: no test (nor a `sidecar` it starts) fetches
+# LiteLLM's remote price map (sidecar/proxy_prices.py; tests/test_proxy_prices.py serves its own).
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_ADMIN_DSN = os.environ.get("TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 DATA = Path(__file__).resolve().parents[1] / "examples" / "audio"

@@ -38,7 +38,7 @@ def environment(env: dict[str, str] | None = None) -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith(("SIDECAR_", "OPENAI_", "AZURE_", "LITELLM_", "PYTHONMALLOC"))
     }
-    return {**base, "PYTHONMALLOC": "malloc", **(env or {})}
+    return {**base, "PYTHONMALLOC": "malloc", "LITELLM_LOCAL_MODEL_COST_MAP": "True", **(env or {})}
 
 
 def run(*args: str, env: dict[str, str] | None = None, **options: object) -> subprocess.CompletedProcess[str]:

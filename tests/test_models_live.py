@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -23,14 +24,11 @@ from websockets.exceptions import InvalidStatus
 
 from sidecar.catalog import load_price_map
 from sidecar.proxy_models import DatabaseModels, ProxyModelRow, build_merged_catalog
+from sidecar.testing.fake_litellm import FakeLiteLLM, LiteLLMServer
 from sidecar.testing.fake_provider import FakeProvider
 from tests.billing_support import MODEL, SidecarProcess, next_event, poll, serve_env
 from tests.relay_stack import MASTER_KEY
 from tests.support import TRANSCRIBE
-
-# LiteLLM would fetch its price map from the network when imported without this.
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-from litellm.proxy.common_utils import encrypt_decrypt_utils as litellm_crypto
 
 SALT = "sk-salt-live-0123456789"
 UI_KEY = "sk-ui-added-upstream-secret-4242"
@@ -39,11 +37,33 @@ ROW_ID = "ui-row-1"
 MASTER = {"Authorization": f"Bearer {MASTER_KEY}"}
 
 
-def seal(value: str) -> str:
-    """LiteLLM's own sealing under the proxy's salt key, as /model/new does it."""
-    sealed = litellm_crypto.encrypt_value_helper(value, new_encryption_key=SALT)
-    assert isinstance(sealed, str)
-    return sealed
+# LiteLLM's own sealing, in a process of its own: importing litellm here would add its log filters to this
+# process's handlers (tests/test_log_secrets.py checks the sidecar's own redaction).
+_SEALER = """
+import sys
+from litellm.proxy.common_utils.encrypt_decrypt_utils import encrypt_value_helper
+for line in sys.stdin:
+    print(encrypt_value_helper(line.rstrip("\\n"), new_encryption_key=sys.argv[1]), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def sealer() -> Iterator[subprocess.Popen[str]]:
+    """A process sealing one value per line as LiteLLM's /model/new does (encrypt_value_helper, the salt key)."""
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    args = [sys.executable, "-c", _SEALER, SALT]
+    with subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env) as process:
+        yield process
+        assert process.stdin is not None
+        process.stdin.close()
+
+
+def seal(sealer: subprocess.Popen[str], value: str) -> str:
+    """`value` sealed by LiteLLM's own helper under the proxy's salt key."""
+    assert sealer.stdin is not None and sealer.stdout is not None
+    sealer.stdin.write(value + "\n")
+    sealer.stdin.flush()
+    return sealer.stdout.readline().rstrip("\n")
 
 
 @pytest.fixture
@@ -53,10 +73,10 @@ def conn(litellm_db: str) -> Iterator[psycopg.Connection[Any]]:
         yield connection
 
 
-def add_row(conn: psycopg.Connection[Any], ui: FakeProvider) -> dict[str, str]:
+def add_row(conn: psycopg.Connection[Any], ui: FakeProvider, sealer: subprocess.Popen[str]) -> dict[str, str]:
     """The UI-added model as the proxy's `_add_model_to_db` stores it; returns its sealed litellm_params."""
     params = {"model": f"openai/{MODEL}", "api_base": ui.url, "api_key": UI_KEY}
-    sealed = {name: seal(value) for name, value in params.items()}
+    sealed = {name: seal(sealer, value) for name, value in params.items()}
     conn.execute(
         'INSERT INTO "LiteLLM_ProxyModelTable" (model_id, model_name, litellm_params, model_info, created_by,'
         " updated_by) VALUES (%s, %s, %s, %s, 'admin', 'admin')",
@@ -112,11 +132,11 @@ def assert_secret_free(text: str, sealed: dict[str, str]) -> None:
 
 
 async def test_a_ui_model_is_served_then_refused_after_a_reload(
-    tmp_path: Path, litellm_db: str, conn: psycopg.Connection[Any]
+    tmp_path: Path, litellm_db: str, conn: psycopg.Connection[Any], sealer: subprocess.Popen[str]
 ) -> None:
     """A DB row is served; deleted, `POST /admin/models/reload` (master key only) says so and it is refused."""
     async with FakeProvider() as provider, FakeProvider(api_key=UI_KEY) as ui:
-        sealed = add_row(conn, ui)
+        sealed = add_row(conn, ui, sealer)
         async with serving(tmp_path, litellm_db, provider, refresh_s="3600") as (sidecar, _):
             async with httpx.AsyncClient(base_url=sidecar.http, timeout=10) as http:
                 assert {MODEL, UI_MODEL} <= await served_names(http)
@@ -138,7 +158,7 @@ async def test_a_ui_model_is_served_then_refused_after_a_reload(
                 for text in (reload.text, admin.text, (await http.get("/v1/realtime/models")).text):
                     assert_secret_free(text, sealed)
 
-            add_row(conn, ui)
+            add_row(conn, ui, sealer)
             models = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "sidecar.cli", "models", "--json", env=sidecar.env, stdout=-1, stderr=-1
             )
@@ -150,11 +170,11 @@ async def test_a_ui_model_is_served_then_refused_after_a_reload(
 
 
 async def test_a_reload_that_fails_keeps_the_models_in_force(
-    tmp_path: Path, litellm_db: str, conn: psycopg.Connection[Any]
+    tmp_path: Path, litellm_db: str, conn: psycopg.Connection[Any], sealer: subprocess.Popen[str]
 ) -> None:
     """LiteLLM's database unreadable at reload: 503 `service_unavailable`, the UI model still served."""
     async with FakeProvider() as provider, FakeProvider(api_key=UI_KEY) as ui:
-        sealed = add_row(conn, ui)
+        sealed = add_row(conn, ui, sealer)
         async with serving(tmp_path, litellm_db, provider, refresh_s="3600") as (sidecar, _):
             conn.execute('ALTER TABLE "LiteLLM_ProxyModelTable" RENAME TO "moved_away"')
             try:
@@ -170,11 +190,11 @@ async def test_a_reload_that_fails_keeps_the_models_in_force(
 
 
 async def test_the_periodic_refresh_follows_the_database(
-    tmp_path: Path, litellm_db: str, conn: psycopg.Connection[Any]
+    tmp_path: Path, litellm_db: str, conn: psycopg.Connection[Any], sealer: subprocess.Popen[str]
 ) -> None:
     """With a short SIDECAR_MODELS_REFRESH_S, a deleted row stops being served and a re-added one is served again."""
     async with FakeProvider() as provider, FakeProvider(api_key=UI_KEY) as ui:
-        sealed = add_row(conn, ui)
+        sealed = add_row(conn, ui, sealer)
         async with serving(tmp_path, litellm_db, provider, refresh_s="0.1") as (sidecar, _):
             async with httpx.AsyncClient(base_url=sidecar.http, timeout=10) as http:
 
@@ -185,7 +205,7 @@ async def test_the_periodic_refresh_follows_the_database(
                 await poll(lambda: listed(False), what="the deleted model to be dropped")
                 status, _ = await refused(sidecar)
                 assert status == 404
-                add_row(conn, ui)
+                add_row(conn, ui, sealer)
                 await poll(lambda: listed(True), what="the re-added model to be served")
             assert await transcribe(sidecar) == "session.created"
         assert_secret_free(sidecar.log.read_text(), sealed)
@@ -248,3 +268,43 @@ async def test_a_reload_message_reloads_every_other_replica() -> None:
     assert message == {"action": "reload_models", "replica": "r1"}
     assert (sender.apply(message), other.apply(message)) == (0, 0)
     assert reloads == ["r2"]
+
+
+async def run_models_json(env: dict[str, str]) -> list[dict[str, Any]]:
+    """`sidecar models --json` with `env`; its rows."""
+    models = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar.cli", "models", "--json", env=env, stdout=-1, stderr=-1
+    )
+    out, err = await models.communicate()
+    assert models.returncode == 0, err.decode()
+    rows: list[dict[str, Any]] = orjson.loads(out)
+    return rows
+
+
+async def test_the_proxys_price_wins_and_serve_says_where_each_price_came_from(tmp_path: Path) -> None:
+    """The proxy reachable: its /model/info price (not the bundled map's) prices the model in `sidecar models
+    --json` (price_source `proxy`) and in serve (/v1/realtime/models, the sidecar_model_price_source metric);
+    the proxy down: the price map prices it (`bundled_map` here, LITELLM_LOCAL_MODEL_COST_MAP)."""
+    fake = FakeLiteLLM(master_key=MASTER_KEY)
+    info = {"input_cost_per_second": 0.005, "mode": "audio_transcription", "supported_endpoints": ["/v1/realtime"]}
+    fake.deployments.append({"model_name": MODEL, "litellm_params": {"model": f"openai/{MODEL}"}, "model_info": info})
+    async with FakeProvider() as provider, LiteLLMServer(fake) as proxy:
+        env = serve_env(tmp_path, provider, litellm_url=proxy.url)
+        sidecar = SidecarProcess(env, workdir=tmp_path / "serve")
+        [row] = await run_models_json(sidecar.env)
+        assert (row["id"], row["price_source"], row["pricing"]) == (MODEL, "proxy", {"input_cost_per_second": "0.005"})
+        await sidecar.start()
+        try:
+            async with httpx.AsyncClient(base_url=sidecar.http, timeout=10) as http:
+                [served] = (await http.get("/v1/realtime/models")).json()["data"]
+                assert served["pricing"] == {"input_cost_per_second": "0.005"}
+                metrics = (await http.get("/metrics")).text
+                assert f'sidecar_model_price_source{{model="{MODEL}",source="proxy"}} 1.0' in metrics
+                fake.down = True  # a proxy that stops answering keeps its last prices across a reload
+                assert (await http.post("/admin/models/reload", headers=MASTER)).status_code == 200
+                [served] = (await http.get("/v1/realtime/models")).json()["data"]
+                assert served["pricing"] == {"input_cost_per_second": "0.005"}
+        finally:
+            await sidecar.terminate()
+        [row] = await run_models_json(sidecar.env)
+        assert (row["price_source"], row["pricing"]) == ("bundled_map", {"input_cost_per_second": "0.000283333333333"})
