@@ -26,7 +26,7 @@ from sidecar.catalog import load_price_map
 from sidecar.proxy_models import DatabaseModels, ProxyModelRow, build_merged_catalog
 from sidecar.testing.fake_litellm import FakeLiteLLM, LiteLLMServer
 from sidecar.testing.fake_provider import FakeProvider
-from tests.billing_support import MODEL, SidecarProcess, next_event, poll, serve_env
+from tests.billing_support import MODEL, SidecarProcess, free_port, next_event, poll, serve_env
 from tests.relay_stack import MASTER_KEY
 from tests.support import TRANSCRIBE
 
@@ -308,3 +308,18 @@ async def test_the_proxys_price_wins_and_serve_says_where_each_price_came_from(t
             await sidecar.terminate()
         [row] = await run_models_json(sidecar.env)
         assert (row["price_source"], row["pricing"]) == ("bundled_map", {"input_cost_per_second": "0.000283333333333"})
+
+
+async def test_an_unreadable_database_at_start_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """`sidecar serve` whose LiteLLM database cannot be read stops at once: one line (no password), status 2."""
+    async with FakeProvider() as provider:
+        url = f"postgresql://litellm:pw-not-shown-77@127.0.0.1:{free_port()}/litellm"
+        env = SidecarProcess(serve_env(tmp_path, provider, litellm_database_url=url), workdir=tmp_path).env
+        serve = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sidecar.cli", "serve", env=env, stdout=-1, stderr=-1
+        )
+        out, err = await serve.communicate()
+    lines = err.decode().strip().splitlines()
+    assert serve.returncode == 2 and len(lines) == 1, err.decode()
+    assert lines[0].startswith("sidecar: cannot read LiteLLM's models from its database")
+    assert "pw-not-shown-77" not in err.decode() + out.decode()
