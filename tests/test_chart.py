@@ -921,6 +921,26 @@ def test_consumer_runs_the_litellm_sink_from_values(helm: Helm, tmp_path: Path) 
     assert container(both.one("Deployment", CONSUMER))["args"] == ["consume"]
 
 
+def test_sidecar_serves_litellms_db_models_from_values(helm: Helm, tmp_path: Path) -> None:
+    """proxyModels: LiteLLM's database URL and the proxy's salt key as secretKeyRefs on the sidecar pods only."""
+    values = {
+        "proxyModels": {
+            "enabled": True,
+            "existingSecret": "litellm-db",
+            "saltKey": {"existingSecret": "litellm-salt", "existingSecretKey": "salt"},
+        }
+    }
+    manifests = helm.template("-f", str(PRODUCTION), "-f", values_file(tmp_path, values))
+    env = env_of(manifests.one("Deployment", SIDECAR))
+    assert env["SIDECAR_LITELLM_DATABASE_URL"]["valueFrom"] == {"secretKeyRef": {"name": "litellm-db", "key": "url"}}
+    assert env["LITELLM_SALT_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "litellm-salt", "key": "salt"}}
+    assert not {"SIDECAR_LITELLM_DATABASE_URL", "LITELLM_SALT_KEY"} & set(env_of(manifests.one("Deployment", CONSUMER)))
+    unsalted = helm.template("-f", str(PRODUCTION), "--set", "proxyModels.enabled=true", "--set",
+                             "proxyModels.existingSecret=litellm-db")  # fmt: skip
+    assert "LITELLM_SALT_KEY" not in env_of(unsalted.one("Deployment", SIDECAR))
+    assert "SIDECAR_LITELLM_DATABASE_URL" not in env_of(helm.template("-f", str(PRODUCTION)).one("Deployment", SIDECAR))
+
+
 def test_consumer_replicas_from_values(production: Manifests) -> None:
     """Several consumers may run (they share the consumer group)."""
     assert production.one("Deployment", CONSUMER)["spec"]["replicas"] == 2
@@ -960,6 +980,7 @@ def test_embedded_mode_has_no_consumer(helm: Helm, tmp_path: Path) -> None:
         (["--set", "captions.enabled=yes"], "captions.enabled: Invalid type"),
         (["--set", "litellmLedger.enabled=true"], "litellmLedger.enabled needs litellmLedger.existingSecret"),
         (["--set", "consumer.sink=litellm"], "consumer.sink=litellm needs litellmLedger.enabled"),
+        (["--set", "proxyModels.enabled=true"], "proxyModels.enabled needs proxyModels.existingSecret"),
         (["--set", "consumer.sink=ledger"], "consumer.sink must be one of"),
         (
             ["--set", "litellmLedger.redis.url=redis://:hunter2@litellm-redis:6379/0"],
@@ -979,6 +1000,7 @@ def test_embedded_mode_has_no_consumer(helm: Helm, tmp_path: Path) -> None:
         "captions-not-bool",
         "ledger-without-secret",
         "litellm-sink-without-ledger",
+        "proxy-models-without-secret",
         "unknown-sink",
         "ledger-redis-password",
     ],

@@ -218,6 +218,18 @@ consumeMetricsPort: SIDECAR_CONSUME_METRICS_PORT
 {{- end }}
 {{- end }}
 
+{{/* LiteLLM's DB-stored models, sidecar only: LiteLLM's database URL and the proxy's salt key from Secrets. */}}
+{{- define "realtime-sidecar.proxyModelsEnv" -}}
+{{- with .Values.proxyModels }}
+{{- if .enabled }}
+{{ include "realtime-sidecar.secretRefEnv" (dict "name" "SIDECAR_LITELLM_DATABASE_URL" "secret" .existingSecret "key" .existingSecretKey) }}
+{{- with .saltKey.existingSecret }}
+{{ include "realtime-sidecar.secretRefEnv" (dict "name" "LITELLM_SALT_KEY" "secret" . "key" $.Values.proxyModels.saltKey.existingSecretKey) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Pod annotations: the inline config's checksum (a change rolls the pods), the Prometheus scrape
      annotations, then the user's: (dict "ctx" $ "extra" MAP "scrape" BOOL). */}}
 {{- define "realtime-sidecar.podAnnotations" -}}
@@ -293,6 +305,9 @@ consumeMetricsPort: SIDECAR_CONSUME_METRICS_PORT
 {{- end }}
 {{- if and .Values.litellmLedger.enabled (not .Values.litellmLedger.existingSecret) }}
 {{- fail "litellmLedger.enabled needs litellmLedger.existingSecret (and existingSecretKey): a Secret holding LiteLLM's DATABASE_URL (SIDECAR_LITELLM_DATABASE_URL)" }}
+{{- end }}
+{{- if and .Values.proxyModels.enabled (not .Values.proxyModels.existingSecret) }}
+{{- fail "proxyModels.enabled needs proxyModels.existingSecret (and existingSecretKey): a Secret holding LiteLLM's DATABASE_URL (SIDECAR_LITELLM_DATABASE_URL)" }}
 {{- end }}
 {{- if and (eq .Values.consumer.sink "litellm") (not .Values.litellmLedger.enabled) }}
 {{- fail "consumer.sink=litellm needs litellmLedger.enabled (and its existingSecret)" }}
