@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,14 @@ from psycopg.types.json import Jsonb
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from sidecar.billing import make_engine
 from sidecar.catalog import load_price_map
 from sidecar.proxy_models import DatabaseModels, ProxyModelRow, build_merged_catalog
 from sidecar.testing.fake_litellm import FakeLiteLLM, LiteLLMServer
-from sidecar.testing.fake_provider import FakeProvider
-from tests.billing_support import MODEL, SidecarProcess, free_port, next_event, poll, serve_env
+from sidecar.testing.fake_provider import DEFAULT_TRANSCRIPT, FakeProvider
+from tests.billing_support import MODEL, SidecarProcess, free_port, next_event, poll, read_billing, serve_env
 from tests.relay_stack import MASTER_KEY
-from tests.support import TRANSCRIBE
+from tests.support import TRANSCRIBE, sdk_transcript
 
 SALT = "sk-salt-live-0123456789"
 UI_KEY = "sk-ui-added-upstream-secret-4242"
@@ -281,10 +283,12 @@ async def run_models_json(env: dict[str, str]) -> list[dict[str, Any]]:
     return rows
 
 
-async def test_the_proxys_price_wins_and_serve_says_where_each_price_came_from(tmp_path: Path) -> None:
+async def test_the_proxys_price_wins_and_serve_says_where_each_price_came_from(
+    tmp_path: Path, speech_pcm16: bytes
+) -> None:
     """The proxy reachable: its /model/info price (not the bundled map's) prices the model in `sidecar models
-    --json` (price_source `proxy`) and in serve (/v1/realtime/models, the sidecar_model_price_source metric);
-    the proxy down: the price map prices it (`bundled_map` here, LITELLM_LOCAL_MODEL_COST_MAP)."""
+    --json` (price_source `proxy`) and in serve (/v1/realtime/models, the sidecar_model_price_source metric, the
+    bill); the proxy down: the price map prices it (`bundled_map` here, LITELLM_LOCAL_MODEL_COST_MAP)."""
     fake = FakeLiteLLM(master_key=MASTER_KEY)
     info = {"input_cost_per_second": 0.005, "mode": "audio_transcription", "supported_endpoints": ["/v1/realtime"]}
     fake.deployments.append({"model_name": MODEL, "litellm_params": {"model": f"openai/{MODEL}"}, "model_info": info})
@@ -300,12 +304,18 @@ async def test_the_proxys_price_wins_and_serve_says_where_each_price_came_from(t
                 assert served["pricing"] == {"input_cost_per_second": "0.005"}
                 metrics = (await http.get("/metrics")).text
                 assert f'sidecar_model_price_source{{model="{MODEL}",source="proxy"}} 1.0' in metrics
+                client = AsyncOpenAI(base_url=f"{sidecar.http}/v1", api_key=MASTER_KEY, max_retries=0)
+                assert await sdk_transcript(client, speech_pcm16, model=MODEL) == DEFAULT_TRANSCRIPT
                 fake.down = True  # a proxy that stops answering keeps its last prices across a reload
                 assert (await http.post("/admin/models/reload", headers=MASTER)).status_code == 200
                 [served] = (await http.get("/v1/realtime/models")).json()["data"]
                 assert served["pricing"] == {"input_cost_per_second": "0.005"}
         finally:
             await sidecar.terminate()
+        engine = make_engine(env["SIDECAR_DATABASE_URL"])
+        [billed] = read_billing(engine).rows
+        engine.dispose()
+        assert billed.audio_seconds > 0 and billed.cost_usd == billed.audio_seconds * Decimal("0.005")
         [row] = await run_models_json(sidecar.env)
         assert (row["price_source"], row["pricing"]) == ("bundled_map", {"input_cost_per_second": "0.000283333333333"})
 
