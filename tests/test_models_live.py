@@ -5,8 +5,6 @@ added again, it is served after the periodic refresh; its credential never shows
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -28,6 +26,7 @@ from sidecar.catalog import load_price_map
 from sidecar.proxy_models import DatabaseModels, ProxyModelRow, build_merged_catalog
 from sidecar.testing.fake_litellm import FakeLiteLLM, LiteLLMServer
 from sidecar.testing.fake_provider import DEFAULT_TRANSCRIPT, FakeProvider
+from tests import litellm_crypto
 from tests.billing_support import MODEL, SidecarProcess, free_port, next_event, poll, read_billing, serve_env
 from tests.relay_stack import MASTER_KEY
 from tests.support import TRANSCRIBE, sdk_transcript
@@ -39,33 +38,9 @@ ROW_ID = "ui-row-1"
 MASTER = {"Authorization": f"Bearer {MASTER_KEY}"}
 
 
-# LiteLLM's own sealing, in a process of its own: importing litellm here would add its log filters to this
-# process's handlers (tests/test_log_secrets.py checks the sidecar's own redaction).
-_SEALER = """
-import sys
-from litellm.proxy.common_utils.encrypt_decrypt_utils import encrypt_value_helper
-for line in sys.stdin:
-    print(encrypt_value_helper(line.rstrip("\\n"), new_encryption_key=sys.argv[1]), flush=True)
-"""
-
-
-@pytest.fixture(scope="module")
-def sealer() -> Iterator[subprocess.Popen[str]]:
-    """A process sealing one value per line as LiteLLM's /model/new does (encrypt_value_helper, the salt key)."""
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    args = [sys.executable, "-c", _SEALER, SALT]
-    with subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env) as process:
-        yield process
-        assert process.stdin is not None
-        process.stdin.close()
-
-
-def seal(sealer: subprocess.Popen[str], value: str) -> str:
-    """`value` sealed by LiteLLM's own helper under the proxy's salt key."""
-    assert sealer.stdin is not None and sealer.stdout is not None
-    sealer.stdin.write(value + "\n")
-    sealer.stdin.flush()
-    return sealer.stdout.readline().rstrip("\n")
+def seal(value: str) -> str:
+    """`value` sealed by LiteLLM's own helper under the proxy's salt key, as /model/new seals it."""
+    return litellm_crypto.encrypt_value_helper(value, new_encryption_key=SALT)
 
 
 @pytest.fixture
@@ -75,10 +50,10 @@ def conn(litellm_db: str) -> Iterator[psycopg.Connection[Any]]:
         yield connection
 
 
-def add_row(conn: psycopg.Connection[Any], ui: FakeProvider, sealer: subprocess.Popen[str]) -> dict[str, str]:
+def add_row(conn: psycopg.Connection[Any], ui: FakeProvider) -> dict[str, str]:
     """The UI-added model as the proxy's `_add_model_to_db` stores it; returns its sealed litellm_params."""
     params = {"model": f"openai/{MODEL}", "api_base": ui.url, "api_key": UI_KEY}
-    sealed = {name: seal(sealer, value) for name, value in params.items()}
+    sealed = {name: seal(value) for name, value in params.items()}
     conn.execute(
         'INSERT INTO "LiteLLM_ProxyModelTable" (model_id, model_name, litellm_params, model_info, created_by,'
         " updated_by) VALUES (%s, %s, %s, %s, 'admin', 'admin')",
@@ -134,11 +109,13 @@ def assert_secret_free(text: str, sealed: dict[str, str]) -> None:
 
 
 async def test_a_ui_model_is_served_then_refused_after_a_reload(
-    tmp_path: Path, litellm_db: str, conn: psycopg.Connection[Any], sealer: subprocess.Popen[str]
+    tmp_path: Path,
+    litellm_db: str,
+    conn: psycopg.Connection[Any],
 ) -> None:
     """A DB row is served; deleted, `POST /admin/models/reload` (master key only) says so and it is refused."""
     async with FakeProvider() as provider, FakeProvider(api_key=UI_KEY) as ui:
-        sealed = add_row(conn, ui, sealer)
+        sealed = add_row(conn, ui)
         async with serving(tmp_path, litellm_db, provider, refresh_s="3600") as (sidecar, _):
             async with httpx.AsyncClient(base_url=sidecar.http, timeout=10) as http:
                 assert {MODEL, UI_MODEL} <= await served_names(http)
@@ -160,7 +137,7 @@ async def test_a_ui_model_is_served_then_refused_after_a_reload(
                 for text in (reload.text, admin.text, (await http.get("/v1/realtime/models")).text):
                     assert_secret_free(text, sealed)
 
-            add_row(conn, ui, sealer)
+            add_row(conn, ui)
             models = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "sidecar.cli", "models", "--json", env=sidecar.env, stdout=-1, stderr=-1
             )
@@ -172,11 +149,13 @@ async def test_a_ui_model_is_served_then_refused_after_a_reload(
 
 
 async def test_a_reload_that_fails_keeps_the_models_in_force(
-    tmp_path: Path, litellm_db: str, conn: psycopg.Connection[Any], sealer: subprocess.Popen[str]
+    tmp_path: Path,
+    litellm_db: str,
+    conn: psycopg.Connection[Any],
 ) -> None:
     """LiteLLM's database unreadable at reload: 503 `service_unavailable`, the UI model still served."""
     async with FakeProvider() as provider, FakeProvider(api_key=UI_KEY) as ui:
-        sealed = add_row(conn, ui, sealer)
+        sealed = add_row(conn, ui)
         async with serving(tmp_path, litellm_db, provider, refresh_s="3600") as (sidecar, _):
             conn.execute('ALTER TABLE "LiteLLM_ProxyModelTable" RENAME TO "moved_away"')
             try:
@@ -192,11 +171,13 @@ async def test_a_reload_that_fails_keeps_the_models_in_force(
 
 
 async def test_the_periodic_refresh_follows_the_database(
-    tmp_path: Path, litellm_db: str, conn: psycopg.Connection[Any], sealer: subprocess.Popen[str]
+    tmp_path: Path,
+    litellm_db: str,
+    conn: psycopg.Connection[Any],
 ) -> None:
     """With a short SIDECAR_MODELS_REFRESH_S, a deleted row stops being served and a re-added one is served again."""
     async with FakeProvider() as provider, FakeProvider(api_key=UI_KEY) as ui:
-        sealed = add_row(conn, ui, sealer)
+        sealed = add_row(conn, ui)
         async with serving(tmp_path, litellm_db, provider, refresh_s="0.1") as (sidecar, _):
             async with httpx.AsyncClient(base_url=sidecar.http, timeout=10) as http:
 
@@ -207,7 +188,7 @@ async def test_the_periodic_refresh_follows_the_database(
                 await poll(lambda: listed(False), what="the deleted model to be dropped")
                 status, _ = await refused(sidecar)
                 assert status == 404
-                add_row(conn, ui, sealer)
+                add_row(conn, ui)
                 await poll(lambda: listed(True), what="the re-added model to be served")
             assert await transcribe(sidecar) == "session.created"
         assert_secret_free(sidecar.log.read_text(), sealed)
