@@ -174,3 +174,10 @@ async def test_sidecar_serve_stderr_has_no_raw_key(tmp_path: Path) -> None:
     assert sum(m.endswith('"WebSocket /v1/realtime?[redacted]" [accepted]') for m in messages) == 2
     for secret in (key, master, provider.api_key):
         assert secret not in written
+
+
+def test_litellm_is_never_imported_by_the_sidecar_or_the_tests() -> None:
+    """The sidecar reads LiteLLM's JSON files and never imports the package (docs/configuration.md), and no test
+    module imports it at collection: its import installs log filters on the root and uvicorn loggers that rewrite
+    the records these tests check (LiteLLM's own helpers run in a child process: tests/litellm_crypto.py)."""
+    assert "litellm" not in sys.modules
