@@ -29,6 +29,21 @@ blocked row is not a deployment; a realtime model served only by DB rows and pri
 (one warning naming it) unless SIDECAR_ALLOW_UNPRICED: an unpriced model added in the UI would otherwise bill
 $0, and refusing the whole catalog for it would stop every later reload (an unpriced config.yaml model still
 stops `sidecar serve`, `cli.check_prices`). Everything here is pure except `read_database` and `load_catalog`.
+
+Named credentials (`litellm_params.litellm_credential_name`, as the UI adds models):
+    config   the config's `credential_list` (credential_name, credential_values, credential_info), loaded by
+             proxy/proxy_server.py `ProxyConfig.load_credential_list`; `os.environ/` values resolve as elsewhere.
+    db       `LiteLLM_CredentialsTable`, read whenever the proxy has a database (`get_credentials`, not gated by
+             store_model_in_db); each value opened as `decrypted_or_stored` (proxy/common_utils/
+             credential_hydration.py) opens it: under the salt key, else kept as stored. A DB credential
+             replaces a config one of the same name (`CredentialAccessor.upsert_credentials`).
+    merge    `{**credential_values, **litellm_params}`: the model's own values win (realtime_api/main.py
+             `_model_params_with_stored_credentials`). An unknown name: the model runs without it, one warning.
+    hosts    a credential's api_key may reach only the origins its own values name (api_base, base_url, a URL in
+             model; types/utils.py `upstream_origins`, `AdminApiKeySecretReference.may_reach`). LiteLLM checks
+             this for `oidc/` references; the sidecar checks it for every key a credential with an api_base gives
+             (a model that points the credential's key elsewhere gets no key, one warning). A credential naming
+             no host gives its key wherever the model points, as LiteLLM does for a plain key.
 """
 
 from __future__ import annotations
@@ -37,11 +52,13 @@ import base64
 import binascii
 import hashlib
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import nacl.exceptions
 import nacl.secret
@@ -62,6 +79,9 @@ from sidecar.catalog import (
 from sidecar.catalog import (
     _priced as priced,  # one definition of "priced" (catalog.unpriced uses it too)
 )
+from sidecar.catalog import (
+    _resolve_env as resolve_env,  # one definition of `os.environ/` resolution
+)
 from sidecar.config import Settings
 from sidecar.errors import SidecarError
 from sidecar.ledger.sink import connect_params
@@ -71,6 +91,12 @@ log = logging.getLogger(__name__)
 SALT_KEY_VARIABLE: Final = "LITELLM_SALT_KEY"
 STORE_MODEL_IN_DB_VARIABLE: Final = "STORE_MODEL_IN_DB"
 TABLE: Final = "LiteLLM_ProxyModelTable"
+CREDENTIALS_TABLE: Final = "LiteLLM_CredentialsTable"
+CREDENTIAL_NAME: Final = "litellm_credential_name"
+#: The litellm_params naming where a key goes, of LiteLLM's API_KEY_UPSTREAM_PARAMS, that the sidecar dials.
+UPSTREAM_PARAMS: Final = ("api_base", "base_url")
+_DEFAULT_PORTS: Final = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+_URL_IN_MODEL: Final = re.compile(r"https?://\S+", re.IGNORECASE)
 V2_GCM_PREFIX: Final = "v2:gcm:"
 _GCM_NONCE_BYTES: Final = 12
 # The shortest legacy ciphertext: a nonce and the MAC around an empty message. Model names are shorter.
@@ -78,6 +104,7 @@ _SEALED_MIN_BYTES: Final = nacl.secret.SecretBox.NONCE_SIZE + nacl.secret.Secret
 
 # Every row, whatever columns this LiteLLM version has (`blocked` came later), in the order they were added.
 _ROWS: Final = f'SELECT to_jsonb(m) FROM "{TABLE}" m ORDER BY m.created_at, m.model_id'
+_CREDENTIALS: Final = f'SELECT credential_name, credential_values FROM "{CREDENTIALS_TABLE}" ORDER BY credential_name'
 _GENERAL_SETTINGS: Final = "SELECT param_value FROM \"LiteLLM_Config\" WHERE param_name = 'general_settings' LIMIT 1"
 
 
@@ -97,11 +124,21 @@ class ProxyModelRow:
 
 
 @dataclass(frozen=True, slots=True)
+class Credential:
+    """One named credential (`credential_list` entry or `LiteLLM_CredentialsTable` row): values never in repr."""
+
+    name: str
+    values: Mapping[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class DatabaseModels:
-    """What LiteLLM's database says about models: whether the proxy serves its rows, and the rows."""
+    """What LiteLLM's database says about models: whether the proxy serves its rows, the rows, and its named
+    credentials (still sealed; read whether or not the proxy serves its rows, as the proxy reads them)."""
 
     enabled: bool
     rows: tuple[ProxyModelRow, ...] = ()
+    credentials: tuple[Credential, ...] = ()
 
 
 # --- the proxy's crypto (pure) ----------------------------------------------------------------------
@@ -207,6 +244,100 @@ def _config_id(entry: Any) -> str | None:
     return None if ident is None else str(ident)
 
 
+# --- named credentials (pure) -----------------------------------------------------------------------
+
+
+def config_credentials(config: Mapping[str, Any]) -> list[Credential]:
+    """The config's `credential_list` (entries without a name or with values not a mapping are skipped)."""
+    listed = config.get("credential_list")
+    return [
+        Credential(str(item["credential_name"]), item["credential_values"])
+        for item in (listed if isinstance(listed, list) else [])
+        if isinstance(item, Mapping)
+        and item.get("credential_name")
+        and isinstance(item.get("credential_values"), Mapping)
+    ]
+
+
+def opened_credential(credential: Credential, key: str | None) -> Credential:
+    """A stored credential with each value opened under `key`, a value that does not open kept as stored."""
+    values = {
+        name: opened
+        if isinstance(value, str) and key is not None and (opened := open_value(value, key)) is not None
+        else value
+        for name, value in credential.values.items()
+    }
+    return Credential(credential.name, values)
+
+
+def upstream_origins(params: Mapping[str, Any]) -> frozenset[str]:
+    """The scheme://host:port each upstream param (and a URL in `model`) names, as LiteLLM's `upstream_origins`."""
+    model = params.get("model")
+    found = _URL_IN_MODEL.search(model) if isinstance(model, str) else None
+    values = [*(params.get(name) for name in UPSTREAM_PARAMS), found.group(0) if found else None]
+    return frozenset(_origin(value) for value in values if isinstance(value, str) and value)
+
+
+def _origin(url: str) -> str:
+    text = url.strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        return text.rstrip("/").lower()
+    host = (parts.hostname or "").rstrip(".")
+    if not host:
+        return text.rstrip("/").lower()
+    scheme = parts.scheme.lower()
+    port = port if port is not None else _DEFAULT_PORTS.get(scheme)
+    return f"{scheme}://{host}" if port is None else f"{scheme}://{host}:{port}"
+
+
+def with_credential(
+    label: str, entry: Any, credentials: Mapping[str, Mapping[str, Any]], environ: Mapping[str, str]
+) -> tuple[Any, list[str]]:
+    """`entry` with its named credential's values under its own litellm_params, and the warnings (naming the
+    model and the credential, never a value). An entry naming no credential is returned as it is."""
+    params = entry.get("litellm_params") if isinstance(entry, Mapping) else None
+    name = params.get(CREDENTIAL_NAME) if isinstance(params, Mapping) else None
+    if not isinstance(params, Mapping) or not isinstance(name, str) or not name:
+        return entry, []
+    where = f"{label} ({entry.get('model_name')})"
+    values = credentials.get(name)
+    if values is None:
+        why = "no credential_list entry or LiteLLM_CredentialsTable row has that name; used without it"
+        return entry, [f"{where}: {CREDENTIAL_NAME} {name!r}: {why}"]
+    merged = {**values, **params}
+    warnings = []
+    if "api_key" not in params and not _may_reach(resolve_env(values, environ), resolve_env(merged, environ)):
+        del merged["api_key"]
+        warnings.append(f"{where}: credential {name!r}'s api_key is not sent: its api_base is not the model's")
+    return {**entry, "litellm_params": merged}, warnings
+
+
+def _may_reach(credential: Mapping[str, Any], upstream: Mapping[str, Any]) -> bool:
+    """Whether the credential's api_key may go to `upstream` (LiteLLM's `may_reach`, for a credential naming a
+    host; one naming none gives its key anywhere, as LiteLLM gives a plain key)."""
+    origins = upstream_origins(credential)
+    if not origins or "api_key" not in credential:
+        return True
+    destinations = upstream_origins(upstream)
+    return bool(destinations) and destinations <= origins
+
+
+def with_credentials(
+    merged: Sequence[tuple[str, Any]], credentials: Mapping[str, Mapping[str, Any]], environ: Mapping[str, str]
+) -> tuple[list[tuple[str, Any]], list[str]]:
+    """Every labelled entry with its named credential merged in (`with_credential`), and all the warnings."""
+    resolved: list[tuple[str, Any]] = []
+    warnings: list[str] = []
+    for label, entry in merged:
+        entry, found = with_credential(label, entry, credentials, environ)
+        resolved.append((label, entry))
+        warnings += found
+    return resolved, warnings
+
+
 def store_model_in_db(config: Mapping[str, Any], environ: Mapping[str, str], db_setting: Any) -> bool:
     """Whether the proxy serves its DB models: STORE_MODEL_IN_DB=true, general_settings.store_model_in_db: true,
     or that setting true in the database's general_settings (`db_setting`), as `proxy_startup_event` decides."""
@@ -258,8 +389,7 @@ def _build_merged(
 ) -> tuple[Catalog, list[dict[str, Any]]]:
     """build_merged_catalog's catalog, and each merged entry's model_name and model_info (no litellm_params)."""
     config_list = config.get("model_list") or []
-    if not database.enabled or not database.rows or not isinstance(config_list, list):
-        # Nothing to merge (a model_list that is not a list is build_catalog's to refuse).
+    if not isinstance(config_list, list):  # build_catalog's to refuse
         catalog = build_catalog(
             config,
             price_map=price_map,
@@ -267,16 +397,19 @@ def _build_merged(
             default_transcription_model=default_transcription_model,
             price_overrides=price_overrides,
         )
-        return catalog, _infos(config_list if isinstance(config_list, list) else [])
-    key = salt_key(environ, master_key(config, environ))
+        return catalog, []
+    serves_rows = database.enabled and bool(database.rows)
+    key = salt_key(environ, master_key(config, environ)) if serves_rows or database.credentials else None
     entries: list[dict[str, Any]] = []
     warnings: list[str] = []
-    for row in database.rows:
+    for row in database.rows if serves_rows else ():
         entry, found = opened_entry(row, key)
         warnings += found
         if entry is not None:
             entries.append(entry)
-    merged = merge_model_list(config_list, entries)
+    stored = [opened_credential(credential, key) for credential in database.credentials]
+    credentials = {c.name: c.values for c in (*config_credentials(config), *stored)}  # the DB's replace
+    merged, found = with_credentials(merge_model_list(config_list, entries), credentials, environ)
     catalog = build_catalog(
         {**config, "model_list": [entry for _, entry in merged]},
         price_map=price_map,
@@ -285,8 +418,8 @@ def _build_merged(
         labels=[label for label, _ in merged],
         price_overrides=price_overrides,
     )
-    catalog = replace(catalog, warnings=(*catalog.warnings, *warnings))
-    if drop_unpriced:
+    catalog = replace(catalog, warnings=(*catalog.warnings, *warnings, *found))
+    if drop_unpriced and entries:
         catalog = without_unpriced(catalog, frozenset(str(entry["model_info"]["id"]) for entry in entries))
     return catalog, _infos([entry for _, entry in merged])
 
@@ -329,9 +462,9 @@ def without_unpriced(catalog: Catalog, db_ids: frozenset[str]) -> Catalog:
 # --- the database (I/O) -----------------------------------------------------------------------------
 
 
-def read_database(dsn: str, *, timeout_s: float) -> tuple[Any, tuple[ProxyModelRow, ...]]:
-    """The database's general_settings.store_model_in_db (None when unset) and every model row, in one
-    read-only transaction bounded by `timeout_s` (connect, statement).
+def read_database(dsn: str, *, timeout_s: float) -> tuple[Any, tuple[ProxyModelRow, ...], tuple[Credential, ...]]:
+    """The database's general_settings.store_model_in_db (None when unset), every model row and every named
+    credential (sealed), in one read-only transaction bounded by `timeout_s` (connect, statement).
 
     Raises ProxyModelsUnavailable when the database cannot be reached or read, or holds no LiteLLM schema.
     """
@@ -344,6 +477,7 @@ def read_database(dsn: str, *, timeout_s: float) -> tuple[Any, tuple[ProxyModelR
             conn.read_only = True
             setting = conn.execute(_GENERAL_SETTINGS).fetchone()
             rows = conn.execute(_ROWS).fetchall()
+            stored = conn.execute(_CREDENTIALS).fetchall()
     except psycopg.errors.UndefinedTable as exc:
         raise ProxyModelsUnavailable(
             f"LiteLLM's database has no {TABLE} (is SIDECAR_LITELLM_DATABASE_URL the proxy's database, migrated?)"
@@ -352,7 +486,10 @@ def read_database(dsn: str, *, timeout_s: float) -> tuple[Any, tuple[ProxyModelR
         raise ProxyModelsUnavailable(f"cannot read LiteLLM's models from its database: {_first_line(exc)}") from exc
     general = _json(setting[0]) if setting else None
     db_setting = general.get("store_model_in_db") if isinstance(general, Mapping) else None
-    return db_setting, tuple(row for (raw,) in rows if (row := _row(raw)) is not None)
+    credentials = tuple(
+        Credential(str(name), values) for name, raw in stored if isinstance(values := _json(raw), Mapping)
+    )
+    return db_setting, tuple(row for (raw,) in rows if (row := _row(raw)) is not None), credentials
 
 
 def _row(raw: Any) -> ProxyModelRow | None:
@@ -414,8 +551,8 @@ def load_models(
     config = read_config(config_path or settings.litellm_config)
     database = DatabaseModels(enabled=False)
     if settings.litellm_database_url:
-        db_setting, rows = read_database(settings.litellm_database_url, timeout_s=settings.db_timeout_s)
-        database = DatabaseModels(store_model_in_db(config, environ, db_setting), rows)
+        db_setting, rows, credentials = read_database(settings.litellm_database_url, timeout_s=settings.db_timeout_s)
+        database = DatabaseModels(store_model_in_db(config, environ, db_setting), rows, credentials)
     return _build_merged(
         config,
         database,
@@ -428,18 +565,24 @@ def load_models(
 
 
 __all__ = [
+    "Credential",
     "DatabaseModels",
     "ProxyModelRow",
     "ProxyModelsUnavailable",
     "build_merged_catalog",
+    "config_credentials",
     "load_catalog",
     "load_models",
     "looks_sealed",
     "merge_model_list",
     "open_value",
+    "opened_credential",
     "opened_entry",
     "read_database",
     "salt_key",
     "store_model_in_db",
+    "upstream_origins",
+    "with_credential",
+    "with_credentials",
     "without_unpriced",
 ]
