@@ -46,18 +46,44 @@ async def two_workers(tmp_path: Path) -> AsyncIterator[SidecarProcess]:
         await redis.stop()
 
 
-async def sessions_on(sidecar: SidecarProcess, done: Callable[[set[str]], bool]) -> list[ClientConnection]:
-    """Open sessions until `done(replicas listed in /admin/sessions)` (at most 40 sessions)."""
+async def open_sessions(sidecar: SidecarProcess, count: int, *, pause: set[int]) -> list[ClientConnection]:
+    """Open `count` sessions while the workers in `pause` are stopped (SIGSTOP), so another one accepts them.
+
+    The workers share one listening socket and the kernel may hand every connection to the same one (it did,
+    40 in a row): stopping the others is the only way to say which worker serves. They run again on return.
+    """
     url = f"ws://127.0.0.1:{sidecar.port}/v1/realtime?intent=transcription"
     sessions: list[ClientConnection] = []
-    replicas: set[str] = set()
-    async with httpx.AsyncClient(base_url=sidecar.http, headers=HEADERS) as http:
-        while not done(replicas) and len(sessions) < 40:
+    for pid in pause:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(count):
             ws = await connect(url, additional_headers=HEADERS)
             assert orjson.loads(await ws.recv())["type"] == "session.created"
             sessions.append(ws)
-            replicas = {s["replica"] for s in (await http.get("/admin/sessions")).json()["data"]}
-    assert done(replicas), replicas
+    finally:
+        for pid in pause:
+            os.kill(pid, signal.SIGCONT)
+    return sessions
+
+
+async def listed_replicas(sidecar: SidecarProcess, done: Callable[[list[str]], bool]) -> list[str]:
+    """The replica of every session in /admin/sessions, once `done(replicas)` (a bounded poll)."""
+    async with httpx.AsyncClient(base_url=sidecar.http, headers=HEADERS) as http:
+
+        async def check() -> list[str] | None:
+            replicas = [s["replica"] for s in (await http.get("/admin/sessions")).json()["data"]]
+            return replicas if done(replicas) else None
+
+        found: list[str] = await poll(check, what="the sessions' replicas in /admin/sessions")
+        return found
+
+
+async def sessions_on_both(sidecar: SidecarProcess) -> list[ClientConnection]:
+    """Two sessions on each worker, listed in /admin/sessions under two replicas."""
+    first, second = sorted(workers_of(sidecar.pid))
+    sessions = await open_sessions(sidecar, 2, pause={first}) + await open_sessions(sidecar, 2, pause={second})
+    await listed_replicas(sidecar, lambda replicas: len(replicas) == len(sessions) and len(set(replicas)) == 2)
     return sessions
 
 
@@ -77,7 +103,7 @@ async def test_two_workers_share_sessions_registry_and_drain(tmp_path: Path) -> 
         # `sidecar serve` re-executed itself (same pid) on the C allocator (sidecar/tuning.py).
         environ = (await asyncio.to_thread(Path(f"/proc/{sidecar.pid}/environ").read_bytes)).split(b"\0")
         assert b"PYTHONMALLOC=malloc" in environ
-        sessions = await sessions_on(sidecar, lambda replicas: len(replicas) == 2)
+        sessions = await sessions_on_both(sidecar)
         code = await sidecar.terminate()
         for ws in sessions:
             try:
@@ -91,7 +117,7 @@ async def test_two_workers_share_sessions_registry_and_drain(tmp_path: Path) -> 
 async def test_one_scrape_sees_every_worker(tmp_path: Path) -> None:
     """One GET /metrics counts both workers' sessions (live, then ended); build and process figures appear once."""
     async with two_workers(tmp_path) as sidecar, httpx.AsyncClient(base_url=sidecar.http) as http:
-        sessions = await sessions_on(sidecar, lambda replicas: len(replicas) == 2)
+        sessions = await sessions_on_both(sidecar)
         text = (await http.get("/metrics")).text
         assert series(text, "sidecar_live_sessions") == [len(sessions)]
         assert series(text, "sidecar_build_info") == [1.0]
@@ -113,7 +139,7 @@ async def test_a_killed_worker_is_replaced_and_serves(tmp_path: Path) -> None:
     async with two_workers(tmp_path) as sidecar, httpx.AsyncClient(base_url=sidecar.http, headers=HEADERS) as http:
         before = workers_of(sidecar.pid)
         assert len(before) == 2
-        held = await sessions_on(sidecar, lambda replicas: len(replicas) == 2)
+        held = await sessions_on_both(sidecar)
         victim = min(before)
         listed = (await http.get("/admin/sessions")).json()["data"]
         surviving = sum(not s["replica"].endswith(f"-{victim}") for s in listed)
@@ -131,7 +157,8 @@ async def test_a_killed_worker_is_replaced_and_serves(tmp_path: Path) -> None:
             return series((await http.get("/metrics")).text, "sidecar_live_sessions") == [surviving]
 
         await poll(forgotten, what="the killed worker's sessions out of sidecar_live_sessions")
-        sessions = await sessions_on(sidecar, lambda replicas: any(r.endswith(f"-{fresh}") for r in replicas))
+        sessions = await open_sessions(sidecar, 1, pause=workers_of(sidecar.pid) - {fresh})
+        await listed_replicas(sidecar, lambda replicas: any(r.endswith(f"-{fresh}") for r in replicas))
         for ws in held + sessions:
             await ws.close()
         assert await sidecar.terminate() == 0
