@@ -30,7 +30,6 @@ it names the session's own model, rewritten to the deployment's name).
 from __future__ import annotations
 
 import base64
-import binascii
 import math
 from collections.abc import Callable
 from fractions import Fraction
@@ -46,6 +45,7 @@ from sidecar.testing.fake_wire import (
     Faults,
     Reply,
     append_faults,
+    appended_bytes,
     deep_merge,
     event,
     new_id,
@@ -184,12 +184,8 @@ class LiveConversation:
         """Count decoded audio (invalid base64 answered and not counted), then usage and faults."""
         index = self._appends
         self._appends += 1
-        audio = parsed.get("audio")
-        try:
-            if not isinstance(audio, str):
-                raise ValueError("audio must be a base64 string")
-            size = len(base64.b64decode(audio, validate=True))
-        except (binascii.Error, ValueError):
+        size = appended_bytes(parsed.get("audio"))
+        if size is None:
             ref = parsed.get("event_id")
             events = [live_error("invalid_base64", "Invalid 'audio': not valid base64.", client_event_id=ref)]
         else:

@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import contextlib
 import http
 import signal
@@ -73,6 +71,7 @@ from sidecar.testing.fake_wire import (
     Handshake,
     Reply,
     append_faults,
+    appended_bytes,
 )
 from sidecar.testing.fake_wire import deep_merge as _deep_merge
 from sidecar.testing.fake_wire import error as _error
@@ -361,12 +360,8 @@ class _Conversation:
         """Count decoded audio (invalid base64 is answered with an error and not counted), then faults."""
         index = self._appends
         self._appends += 1
-        audio = event.get("audio")
-        try:
-            if not isinstance(audio, str):
-                raise ValueError("audio must be a base64 string")
-            size = len(base64.b64decode(audio, validate=True))
-        except (binascii.Error, ValueError):
+        size = appended_bytes(event.get("audio"))
+        if size is None:
             message = "Invalid 'audio': not valid base64."
             events = [_error("invalid_base64", message, client_event_id=event.get("event_id"))]
         else:

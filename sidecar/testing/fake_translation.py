@@ -21,7 +21,6 @@ DELIBERATELY names the provider's key, host:port and deployment (scrub bait, as 
 from __future__ import annotations
 
 import base64
-import binascii
 from collections.abc import Callable
 from fractions import Fraction
 from typing import Any, Final
@@ -35,6 +34,7 @@ from sidecar.testing.fake_wire import (
     Faults,
     Reply,
     append_faults,
+    appended_bytes,
     deep_merge,
     error,
     event,
@@ -129,12 +129,8 @@ class TranslationConversation:
         """Count decoded audio; answer each complete engine frame (or, benchmark mode, each append)."""
         index = self._appends
         self._appends += 1
-        audio = parsed.get("audio")
-        try:
-            if not isinstance(audio, str):
-                raise ValueError("audio must be a base64 string")
-            size = len(base64.b64decode(audio, validate=True))
-        except (binascii.Error, ValueError):
+        size = appended_bytes(parsed.get("audio"))
+        if size is None:
             ref = parsed.get("event_id")
             events = [error("invalid_base64", "Invalid 'audio': not valid base64.", client_event_id=ref)]
             return append_faults(events, faults, self._appends)

@@ -6,6 +6,8 @@ API, fake_live.py GPT-Live, fake_translation.py realtime translation; one server
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import itertools
 import uuid
 from dataclasses import dataclass, field
@@ -132,6 +134,16 @@ def error(code: str, message: str, *, client_event_id: Any = None) -> Event:
     """An `error` server event, type `invalid_request_error`."""
     detail = {"type": "invalid_request_error", "code": code, "message": message, "param": None}
     return event("error", error={**detail, "event_id": client_event_id})
+
+
+def appended_bytes(audio: object) -> int | None:
+    """How many bytes an append's base64 `audio` decodes to; None when it is not valid base64 text."""
+    if not isinstance(audio, str):
+        return None
+    try:
+        return len(base64.b64decode(audio, validate=True))
+    except (binascii.Error, ValueError):
+        return None
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> None:
