@@ -34,6 +34,7 @@ from starlette.websockets import WebSocket, WebSocketState
 from sidecar import admin, captions, client_secrets
 from sidecar.auth import KeyChecker, MasterKeyCheck, Principal, authorize, credentials, hash_key, litellm_client
 from sidecar.bodies import BodyLimit
+from sidecar.calls.tasks import Calls
 from sidecar.catalog import (
     LIVE_ENDPOINT,
     REALTIME_ENDPOINT,
@@ -98,6 +99,8 @@ class Services:
     store: ControlStore
     metrics: Metrics
     client_secrets: ClientSecrets
+    #: The WebRTC calls being watched (sidecar/calls/tasks.py: `calls.start(watch)`).
+    calls: Calls
     #: Whether LiteLLM accepts the master key (None: no LiteLLM URL, or a key client passed in).
     master_key_check: MasterKeyCheck | None = None
     #: The relay driver's monotonic clock in nanoseconds (GPT-Live's session seconds); tests pass their own.
@@ -195,6 +198,7 @@ def create_app(
                 store=store,
                 metrics=metrics,
                 client_secrets=_client_secrets(settings, shared),
+                calls=Calls(supervisor),
                 master_key_check=await _check_master_key(stack, recheck_client, cat.master_key, settings)
                 if key_client is None
                 else None,
@@ -223,6 +227,7 @@ def create_app(
             finally:
                 # Sessions still open here (a forced shutdown) end now and are billed before the publisher closes.
                 await supervisor.drain(0)
+                await services.calls.aclose()  # calls too: hung up and billed before the publisher closes
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)

@@ -40,6 +40,8 @@ DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_HANDSHAKE_TIMEOUT_S = 10.0
 #: A walk-out's wait for the provider's `response.done` (docs/billing.md, "Walk-outs").
 DEFAULT_WALKOUT_WAIT_S = 5.0
+#: A WebRTC call's sideband that drops is re-attached within this long, else the call is hung up (sidecar/calls).
+DEFAULT_SIDEBAND_REATTACH_S = 10.0
 #: Open client connections (HTTP and WebSocket) per process; more are answered 503 and closed at once.
 DEFAULT_MAX_CONNECTIONS = 4096
 DEFAULT_TRANSCRIPTION_MODEL = "gpt-realtime-whisper"
@@ -189,6 +191,7 @@ class Settings:
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S
     walkout_wait_s: float = DEFAULT_WALKOUT_WAIT_S
+    sideband_reattach_s: float = DEFAULT_SIDEBAND_REATTACH_S
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     spool_dir: Path = field(default_factory=lambda: Path("spool"))
     default_transcription_model: str = DEFAULT_TRANSCRIPTION_MODEL
@@ -267,6 +270,7 @@ class Settings:
             connect_timeout_s=_float(env, "SIDECAR_CONNECT_TIMEOUT_S", DEFAULT_CONNECT_TIMEOUT_S),
             handshake_timeout_s=_float(env, "SIDECAR_HANDSHAKE_TIMEOUT_S", DEFAULT_HANDSHAKE_TIMEOUT_S),
             walkout_wait_s=_float(env, "SIDECAR_WALKOUT_WAIT_S", DEFAULT_WALKOUT_WAIT_S),
+            sideband_reattach_s=_float(env, "SIDECAR_SIDEBAND_REATTACH_S", DEFAULT_SIDEBAND_REATTACH_S),
             max_connections=_int(env, "SIDECAR_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
             spool_dir=Path(_optional(env, "SIDECAR_SPOOL_DIR") or "spool"),
             default_transcription_model=_optional(env, "SIDECAR_DEFAULT_TRANSCRIPTION_MODEL")

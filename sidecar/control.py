@@ -1,7 +1,7 @@
 """In-flight control: live sessions across replicas, concurrency leases, re-checks, budgets, revocation, drain.
 
     Supervisor (one task per replica)
-      every 0.25 s  poll each relay: idle/length limits, checkpoints; budgets of budgeted keys and teams
+      every 0.25 s  poll each session: idle/length limits, checkpoints; budgets of budgeted keys and teams
       every 1 s     heartbeat: this replica's sessions (and their running costs) into the shared store
       every key_recheck_s  re-check each live key once against LiteLLM (by hash, with the master key)
       always        control messages (revocations, terminations, model reloads) from every replica
@@ -9,6 +9,9 @@
 The shared state lives behind `ControlStore`: `RedisStore` (replicas share one Redis: a registry hash with
 expiry, a lease sorted set per key, running costs per budget scope, billed-spend counters per budget window,
 pub/sub on `realtime:control`) or `MemoryStore` (embedded mode: one process).
+
+A live session is anything `Watched`: a relayed WebSocket session (relay.Relay) or a WebRTC call watched
+through its sideband (calls.watch.CallWatch); the loops below treat both alike.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import orjson
 import redis.asyncio as aioredis
@@ -41,7 +44,11 @@ from sidecar.errors import (
     SidecarError,
 )
 from sidecar.metrics import Metrics
-from sidecar.relay import Relay
+
+if TYPE_CHECKING:
+    from sidecar.metering import Figures
+    from sidecar.surfaces.account import Account
+    from sidecar.usage import UsageEvent
 
 log = logging.getLogger("sidecar.control")
 
@@ -53,6 +60,8 @@ HEARTBEAT_SLICE: Final = 100
 RELEASE_AFTER_S: Final = 0.5  # after the last session ends: collect garbage, malloc_trim
 LEASE_TTL_S: Final = 5.0  # a dead replica's sessions disappear from the registry after this long
 BILLED_TTL_S: Final = 40 * 86400  # billed-spend counters without a budget window expire after 40 days
+#: The endings a `terminate` control message may ask for (any other reason is read as `session_terminated`).
+TERMINATIONS: Final = frozenset({"session_terminated", "client_hangup"})
 
 
 class ControlError(SidecarError):
@@ -109,6 +118,31 @@ def budget_windows(principal: Principal) -> str:
 def billed_key(prefix: str, scope: str, window: str) -> str:
     """The Redis key of a scope's billed-spend counter in one budget window."""
     return f"{prefix}:billed:{scope}:{window}"
+
+
+class Watched(Protocol):
+    """One live session as the Supervisor sees it: relay.Relay (a WebSocket session) or
+    calls.watch.CallWatch (a WebRTC call). Read a few times a second, never per frame."""
+
+    #: Who the session belongs to, its model, and its usage events.
+    session: Account
+    #: Empty while live; the final event's close_reason once over.
+    close_reason: str
+    #: Frames and bytes relayed so far (folded into the metrics; a call relays none).
+    frames_in: int
+    frames_out: int
+    bytes_in: int
+    bytes_out: int
+    #: False when the session's audio never passes through the sidecar (a WebRTC call): the provider's
+    #: reported seconds are then not reconciled against metered audio.
+    meters_audio: bool
+
+    @property
+    def ended(self) -> bool: ...
+    def end(self, code: str) -> None: ...
+    def poll(self, now: float) -> UsageEvent | None: ...
+    def figures(self) -> Figures: ...
+    def cost(self) -> Decimal: ...
 
 
 class ControlStore(Protocol):
@@ -312,7 +346,7 @@ class RedisStore:
 
 @dataclass
 class _Live:
-    relay: Relay
+    relay: Watched
     folded: Any
     cost: Decimal = Decimal(0)
 
@@ -400,15 +434,15 @@ class Supervisor:
         if not self.live:
             tuning.release_memory()
 
-    def attach(self, relay: Relay) -> None:
-        """Start watching a relay (after the upgrade)."""
+    def attach(self, relay: Watched) -> None:
+        """Start watching a session (a relay after the upgrade, a call once the provider answered)."""
         principal = relay.session.principal
         self.principals.setdefault(principal.key_hash, principal)
         self.live[relay.session.session_id] = _Live(relay, self.metrics.new_fold())
         self.metrics.live_sessions.set(len(self.live))
 
-    async def detach(self, relay: Relay) -> None:
-        """Stop watching a finished relay: release its lease, count its spend in its budget windows."""
+    async def detach(self, relay: Watched) -> None:
+        """Stop watching a finished session: release its lease, count its spend in its budget windows."""
         entry = self.live.pop(relay.session.session_id, None)
         self.metrics.live_sessions.set(len(self.live))
         self._changed.set()
@@ -417,7 +451,8 @@ class Supervisor:
             self._release = asyncio.get_running_loop().call_later(RELEASE_AFTER_S, self._release_memory)
         principal = relay.session.principal
         model = relay.session.model.name
-        meter = relay.session.meter  # None for a core that meters no audio bytes (GPT-Live)
+        # None for a core that meters no audio bytes (GPT-Live) or a session whose audio the sidecar never sees.
+        meter = relay.session.meter if relay.meters_audio else None
         figures = relay.figures()  # the final usage event's figures (the core's meter has stopped)
         if entry is not None:
             self.metrics.fold(relay, entry.folded)
@@ -450,9 +485,10 @@ class Supervisor:
         """Publish a revocation ({key_hash | team_id | user_id}) to every replica."""
         await self.store.publish({"action": "revoke", **match})
 
-    async def terminate(self, session_id: str) -> None:
-        """Publish a termination of one session to every replica."""
-        await self.store.publish({"action": "terminate", "session_id": session_id})
+    async def terminate(self, session_id: str, *, reason: str = "session_terminated") -> None:
+        """Publish a termination of one session to every replica. `reason`: `session_terminated` (an admin)
+        or `client_hangup` (a WebRTC call's owner hung it up through the sidecar)."""
+        await self.store.publish({"action": "terminate", "session_id": session_id, "reason": reason})
 
     async def reload_models(self) -> None:
         """Publish a catalog reload to every other replica (this one has just reloaded)."""
@@ -469,8 +505,10 @@ class Supervisor:
             entry = self.live.get(message.get("session_id", ""))
             if entry is None:
                 return 0
-            entry.relay.end("session_terminated")
-            self.metrics.revocations.labels("session_terminated").inc()
+            reason = message.get("reason", "session_terminated")
+            reason = reason if reason in TERMINATIONS else "session_terminated"
+            entry.relay.end(reason)
+            self.metrics.revocations.labels(reason).inc()
             return 1
         if action != "revoke":
             return 0
@@ -594,7 +632,7 @@ class Supervisor:
             self.metrics.redis_up.set(1)
             log.info("Redis reachable again")
 
-    def _info(self, session_id: str, relay: Relay) -> SessionInfo:
+    def _info(self, session_id: str, relay: Watched) -> SessionInfo:
         figures = relay.figures()
         p = relay.session.principal
         return SessionInfo(
@@ -610,7 +648,7 @@ class Supervisor:
             cost_usd=str(figures.cost_usd),
         )
 
-    async def register(self, relay: Relay) -> None:
+    async def register(self, relay: Watched) -> None:
         """Put a new session in the shared registry at once (not only at the next heartbeat)."""
         try:
             await self.store.heartbeat([self._info(relay.session.session_id, relay)], {}, now=self.wall())

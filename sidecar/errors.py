@@ -150,6 +150,9 @@ _ENDINGS: Final[dict[str, tuple[int, str, str]]] = {
     "server_shutdown": (1001, "server_error", "The server is shutting down."),
     "upstream_error": (1011, "server_error", "The upstream realtime connection failed."),
     "frame_too_large": (1009, "invalid_request_error", "The frame exceeds the maximum frame size."),
+    # WebRTC calls (sidecar/calls): no client WebSocket to close, the close code is for the table only.
+    "client_hangup": (1000, "invalid_request_error", "The call was hung up by its client."),
+    "sideband_lost": (1011, "server_error", "The call's sideband could not be re-attached; the call was hung up."),
     # GPT-Live (/v1/live/sessions): the session must open with session.start (LiteLLM's code and close code).
     "invalid_session_start": (
         1008,

@@ -76,7 +76,10 @@ def utcnow() -> datetime:
 
 
 class Relay:
-    """Relays one accepted client WebSocket to one open upstream connection."""
+    """Relays one accepted client WebSocket to one open upstream connection (a control.Watched)."""
+
+    #: The client's audio passes through here: metered audio is reconciled against the provider's report.
+    meters_audio = True
 
     def __init__(
         self,

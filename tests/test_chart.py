@@ -684,6 +684,7 @@ def test_every_sidecar_setting_is_settable_from_values(helm: Helm, tmp_path: Pat
         "dbTimeoutS": 20,
         "handshakeTimeoutS": 5,
         "walkoutWaitS": 3,
+        "sidebandReattachS": 4,
         "maxConnections": 3000,
         "defaultTranscriptionModel": "my-whisper",
         "rounding": "up",

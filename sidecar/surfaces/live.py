@@ -231,6 +231,11 @@ class LiveSession(PaidAsItGoes):
         """The reason of the provider's `session.closed`, None before it."""
         return self._closed_reason
 
+    def answered(self, now: int) -> None:
+        """A WebRTC call's session time starts at the provider's answer (`now`), not at a sideband's
+        `session.started` (sidecar/calls/watch.py): the first start wins."""
+        self._clock.start(now)
+
     def error(self, code: str, message: str, *, error_type: str = "invalid_request_error") -> str:
         """A GPT-Live `error` event (no client event to refer to)."""
         return error_event(code, message, error_type=error_type)
