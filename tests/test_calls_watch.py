@@ -324,7 +324,7 @@ async def test_max_duration_from_the_answer() -> None:
     assert provider.hangups == 1 and publisher.finals[0].close_reason == "max_duration"
 
 
-@pytest.mark.parametrize("how", ["abort", "close_1011", "close_1001"])
+@pytest.mark.parametrize("how", ["abort", "close_1000", "close_1011", "close_1001"])
 async def test_a_dropped_sideband_is_reattached_and_the_call_billed_once(how: str) -> None:
     """Usage before and after a drop is billed once, in one final; the call is not hung up by the drop."""
     provider, publisher = Provider(), Publisher()
@@ -374,15 +374,18 @@ async def test_a_call_never_watched_is_hung_up() -> None:
 
 
 async def test_the_provider_ending_the_call_is_upstream_close() -> None:
-    """The provider closes the sideband with 1000 (the call is over): `upstream_close`, billed once."""
+    """The provider ends the call (its sideband closes, a re-attach is answered 404): `upstream_close`, billed
+    once, no hangup sent."""
     provider, publisher = Provider(), Publisher()
     w = watch(provider, publisher)
     task = asyncio.create_task(w.run())
     sideband = await provider.wait_attached(1)
     sideband.emit(response_done("r1", 1, 2))
+    provider.refuse = 404
     sideband.close(1000)
     assert await task == "upstream_close"
     assert publisher.finals[0].output_tokens == 2 and len(publisher.finals) == 1
+    assert provider.hangups == 0
 
 
 async def test_a_reattach_answered_404_means_the_call_is_gone() -> None:

@@ -12,14 +12,15 @@ GPT-Live's surfaces.live.LiveSession from session seconds on the sidecar's clock
 The rules (docs/api.md, "WebRTC calls: watching and billing"):
 - idle: no server event on the sideband for `idle_timeout_s` (a call nobody speaks in sends none) ends the
   call as `idle_timeout`; `max_session_s` from the answer ends it as `max_duration`.
-- a sideband the provider closes with 1000 means the call is over (`upstream_close`); so does a re-attach the
-  provider answers 404 or 410 (the call is gone). Any other close, an abort or a failure is a drop: the
-  sideband is re-attached at once, with back-off, for at most `reattach_s` from the drop (the first attach
-  too); past that the call is hung up and billed with what was seen (`sideband_lost`). What a drop can leave
-  unbilled: usage the provider reported only while no sideband was attached.
-- every ending asks the provider to hang the call up (at most once; a failure is logged, never raised),
-  waits at most `close_wait_s` for the sideband to close (usage that arrives meanwhile is billed), then
-  submits exactly one final usage event.
+- a sideband that closes (whatever its close code: a provider may close one while the call goes on), aborts or
+  fails is re-attached at once, with back-off, for at most `reattach_s` from the drop (the first attach too).
+  A re-attach the provider answers 404 or 410 means the call is over (`upstream_close`: the client left, the
+  provider ended it). No sideband within the bound: the call is hung up and billed with what was seen
+  (`sideband_lost`). What a drop can leave unbilled: usage the provider reported only while no sideband was
+  attached.
+- every other ending asks the provider to hang the call up (at most once; a failure is logged, never
+  raised), waits at most `close_wait_s` for the sideband to close (usage that arrives meanwhile is billed),
+  then submits exactly one final usage event.
 """
 
 from __future__ import annotations
@@ -120,12 +121,13 @@ class CallWatch:
         start_clock(self._core, clock_ns())
         # The Supervisor folds these into the relay counters: nothing is relayed for a call, so they stay 0.
         self.frames_in = self.frames_out = self.bytes_in = self.bytes_out = 0
-        #: Server events received on the sideband; sideband attaches (the first included); drops seen.
+        #: Server events received on the sideband; sideband attaches (the first included); sidebands that
+        #: closed or failed without the sidecar asking (the last one of a call the provider ended included).
         self.events = self.attaches = self.drops = 0
-        #: True once the provider was asked to hang the call up.
+        #: True once the provider was asked to hang the call up (or said the call was over: nothing to hang up).
         self.hung_up = False
         self.sideband: Upstream | None = None
-        self._reading: asyncio.Task[str | None] | None = None
+        self._reading: asyncio.Task[None] | None = None
 
     # ---- control (control.Watched) ------------------------------------------------------------------
 
@@ -172,6 +174,8 @@ class CallWatch:
             reason = await self._watch()
             self.close_reason = reason
             self._core.on_end(now=self.clock_ns())  # session time stops at the hangup, not when billed
+            if reason == "upstream_close":
+                self.hung_up = True  # the provider says the call is over
             await self._hang_up()
             await self._let_close()
         finally:
@@ -201,12 +205,9 @@ class CallWatch:
             await asyncio.wait((reading, self._ended), return_when=asyncio.FIRST_COMPLETED)
             if self._ended.done():
                 return self._ended.result().close_reason  # the reader goes on until the sideband closes
-            outcome = reading.result()
             self._reading = self.sideband = None
-            if outcome is not None:
-                return outcome
             self.drops += 1
-            self._log("sideband dropped: re-attaching")
+            self._log("sideband closed: re-attaching")
 
     async def _unless_ended(self, work: Coroutine[Any, Any, T]) -> T | None:
         """`work`'s result, or None when an ending comes first (`work` is then cancelled)."""
@@ -240,9 +241,8 @@ class CallWatch:
             await asyncio.sleep(delay)  # back-off before the next attempt
             delay = min(delay * 2, MAX_BACKOFF_S)
 
-    async def _read(self, sideband: Upstream) -> str | None:
-        """Feed every server event to the core until the sideband closes: `upstream_close` when the provider
-        closed it with 1000 (the call is over), None for a drop."""
+    async def _read(self, sideband: Upstream) -> None:
+        """Feed every server event to the core until the sideband closes or fails (never raises)."""
         core, clock_ns, loop = self._core, self.clock_ns, self._loop
         try:
             while True:
@@ -251,12 +251,10 @@ class CallWatch:
                 self.events += 1
                 if isinstance(frame, str):
                     core.on_upstream_text(frame, now=clock_ns())  # the output is for nobody: discarded
-        except ConnectionClosed as exc:
-            received = exc.rcvd
-            return "upstream_close" if received is not None and received.code == 1000 else None
+        except ConnectionClosed:
+            return
         except Exception as exc:  # a failing sideband is a drop, never a crash of the watch
             self._log("sideband failed", reason=type(exc).__name__)
-            return None
 
     async def _hang_up(self) -> None:
         """Ask the provider to end the call, once, within `close_wait_s`; a failure is logged, never raised."""
