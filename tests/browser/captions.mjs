@@ -5,6 +5,8 @@
 //   node tests/browser/captions.mjs <page url> <wav file> <screenshot.png> [min captions]
 //
 // Uses only the keyboard to start and stop (Tab to "Start captions", Enter; focus then sits on "Stop").
+// The page's WebRTC mode (`<page url>?transport=webrtc`) needs nothing more than the flag below that shows
+// the machine's real host ICE candidates instead of mDNS `.local` names (tests/test_browser_webrtc.py).
 // Prints one JSON line on stdout with what the page showed; exits non-zero on any failure.
 import { createRequire } from 'node:module';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -35,6 +37,8 @@ const context = await chromium.launchPersistentContext(profile, {
     '--use-fake-device-for-media-stream',
     '--use-fake-ui-for-media-stream',
     `--use-file-for-fake-audio-capture=${wav}`,
+    // WebRTC on one machine: offer the host's own address, not an mDNS name (no reliance on multicast DNS).
+    '--disable-features=WebRtcHideLocalIpsWithMdns',
   ],
 });
 try {
@@ -73,6 +77,8 @@ try {
     return {
       bytesSent: row.dataset.bytesSent,
       audioSeconds: row.dataset.audioSeconds,
+      transport: row.dataset.transport,
+      callId: row.dataset.callId || null,
       costUsd: row.dataset.costUsd,
       secondsText: name('usage-seconds'),
       costText: name('usage-cost'),

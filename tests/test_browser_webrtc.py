@@ -1,0 +1,149 @@
+"""The captions page over WebRTC in Debian's headless Chromium, against a real WebRTC peer (aiortc).
+
+Chromium's fake microphone plays the shared test speech into a real call: the page POSTs its SDP offer,
+sends the microphone as an audio track and opens the `oai-events` data channel; sidecar.testing.rtc_peer
+answers, decodes the audio, counts it exactly, and sends transcription events whose usage is the seconds it
+received. ICE runs over the machine's own address: Chromium with `--disable-features=WebRtcHideLocalIpsWithMdns`
+(tests/browser/captions.mjs), aiortc with no STUN server (it gathers every interface but 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sidecar import captions
+from sidecar.calls.offer import parse_realtime
+from sidecar.testing.rtc_peer import DEFAULT_TRANSCRIPT, RtcPeer
+from tests.support import Running, serve
+
+REPO = Path(__file__).resolve().parents[1]
+SPEECH_WAV = REPO / "examples" / "audio" / "speech_24k_pcm16.wav"
+DRIVER = REPO / "tests" / "browser" / "captions.mjs"
+SCREENSHOT = REPO / "test-artifacts" / "captions-webrtc.png"
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+WHISPER = "gpt-realtime-whisper"
+SECRET = "ek_direct-test-secret"
+
+
+@pytest.fixture(scope="module")
+def playwright_core() -> Path:
+    """playwright-core under tools/ (npm, idempotent); Debian's Chromium must already be installed."""
+    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: run scripts/ensure-chromium.sh (as root)"
+    subprocess.run(["bash", str(REPO / "scripts" / "ensure-playwright.sh")], check=True, capture_output=True)
+    return REPO / "tools" / "node_modules" / "playwright-core"
+
+
+async def drive(page_url: str, *, min_captions: int = 2) -> dict[str, Any]:
+    """Run the keyboard-only driver on `page_url`: start, `min_captions` captions, stop; what the page showed."""
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    SCREENSHOT.unlink(missing_ok=True)
+    driver = await asyncio.create_subprocess_exec(
+        "node",
+        str(DRIVER),
+        page_url,
+        str(SPEECH_WAV),
+        str(SCREENSHOT),
+        str(min_captions),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(driver.communicate(), timeout=180)
+    assert driver.returncode == 0, err.decode()
+    page: dict[str, Any] = orjson.loads(out.splitlines()[-1])
+    return page
+
+
+# ---- the page and the peer alone (no sidecar): a stand-in for the sidecar's token and calls routes ----------
+
+
+@dataclass
+class DirectCalls:
+    """The captions page's routes, a fixed token, and POST /v1/realtime/calls answered by the peer itself."""
+
+    peer: RtcPeer
+    offers: list[Any] = field(default_factory=list)
+    hangups: list[tuple[str, str]] = field(default_factory=list)
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/captions/", captions.page, methods=["GET"]),
+                Route("/captions/token", self.token, methods=["POST"]),
+                Route("/captions/{name}", captions.asset, methods=["GET"]),
+                Route("/v1/realtime/calls", self.create, methods=["POST"]),
+                Route("/v1/realtime/calls/{call_id}/hangup", self.hangup, methods=["POST"]),
+            ]
+        )
+
+    async def token(self, request: Request) -> Response:
+        return JSONResponse(
+            {
+                "value": SECRET,
+                "expires_at": int(time.time()) + 60,
+                "session": captions.captions_session(WHISPER),
+                "model": {"id": WHISPER, "kind": "transcription", "unit": "second", "pricing": {}},
+            }
+        )
+
+    async def create(self, request: Request) -> Response:
+        assert request.headers["authorization"] == f"Bearer {SECRET}"
+        offer = parse_realtime(request.headers.get("content-type"), await request.body(), query_model=None)
+        self.offers.append(offer)
+        answer = await self.peer.answer(offer.sdp)
+        return Response(answer, status_code=201, media_type="application/sdp", headers={"Location": CALL_PATH})
+
+    async def hangup(self, request: Request) -> Response:
+        self.hangups.append((request.path_params["call_id"], request.headers["authorization"]))
+        return Response(status_code=200)
+
+
+CALL_PATH = "/v1/realtime/calls/rs_direct0123"
+
+
+@contextlib.asynccontextmanager
+async def direct_calls() -> AsyncIterator[tuple[DirectCalls, Running]]:
+    peer = RtcPeer()
+    calls = DirectCalls(peer)
+    try:
+        async with serve(calls.app()) as running:
+            yield calls, running
+    finally:
+        await peer.aclose()
+
+
+async def test_the_page_calls_a_real_webrtc_peer_that_hears_the_microphone(playwright_core: Path) -> None:
+    """Chromium and the aiortc peer connect on this machine: the peer decodes the fake microphone, captions
+    appear from the data channel, Stop commits, and the page adds up exactly the seconds the peer heard."""
+    async with direct_calls() as (calls, running):
+        page = await drive(f"{running.http}/captions/?transport=webrtc")
+        peer_call = calls.peer.calls[0]
+    assert len(calls.peer.calls) == 1 and len(calls.offers) == 1
+    assert calls.offers[0].session == {"type": "transcription"}
+    # Every frame the peer decoded is in one item; the page's seconds are the sum of the items' usage.
+    assert peer_call.frames > 0 and peer_call.received == peer_call.billed == sum(peer_call.items, Fraction(0))
+    assert Decimal(page["audioSeconds"]) == Decimal(peer_call.received.numerator) / peer_call.received.denominator
+    assert len(page["captions"]) == len(peer_call.items) >= 2 and set(page["captions"]) == {DEFAULT_TRANSCRIPT}
+    assert peer_call.items[:2] == [Fraction(2), Fraction(2)]
+    assert any(DEFAULT_TRANSCRIPT.startswith(text) and text != DEFAULT_TRANSCRIPT for text in page["partials"])
+    # Stop: the microphone off, a commit on the data channel, then the hangup of the Location's call id.
+    assert [e["type"] for e in peer_call.client_events] == ["input_audio_buffer.commit"]
+    assert calls.hangups == [("rs_direct0123", f"Bearer {SECRET}")]
+    assert (page["transport"], page["callId"], page["status"]) == ("webrtc", "rs_direct0123", "Stopped.")
+    assert page["bytesSent"] == "0" and page["model"] == WHISPER
