@@ -15,7 +15,7 @@ import websockets
 from openai import AsyncOpenAI
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from sidecar.catalog import REALTIME_ENDPOINT
+from sidecar.catalog import LIVE_ENDPOINT, REALTIME_ENDPOINT
 from sidecar.testing.fake_call_protocol import (
     BadRequest,
     LiveCallProtocol,
@@ -23,9 +23,10 @@ from sidecar.testing.fake_call_protocol import (
     parse_live_create,
     parse_realtime_create,
 )
-from sidecar.testing.fake_calls import DEFAULT_API_KEY, FakeCallProvider
+from sidecar.testing.fake_calls import DEFAULT_API_KEY, FakeCall, FakeCallProvider
 from sidecar.testing.fake_provider import response_usage
 from sidecar.testing.fake_sdp import BROWSER_OFFER, AnswerIdentity, SdpError, answer_sdp, check_offer, parse_offer
+from sidecar.testing.fake_wire import Event
 
 IDENTITY = AnswerIdentity(ice_ufrag="abcd1234", ice_pwd="p" * 24, fingerprint="sha-256 AA:BB", session_id=42)
 REALTIME_SESSION: dict[str, Any] = {"type": "realtime", "model": "gpt-realtime"}
@@ -599,3 +600,192 @@ async def test_drop_and_close_sidebands_leave_the_call_running(fake: FakeCallPro
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 4000
     assert [s.close_code for s in call.sidebands] == [None, 4000]
     assert call.sideband_count == 0 and not call.ended.is_set()
+
+
+# ---- GPT-Live -------------------------------------------------------------------------------------------
+
+
+async def _live_call(fake: FakeCallProvider, client: AsyncOpenAI) -> tuple[Any, FakeCall]:
+    created = await client.live.create(session=LIVE_SESSION, transport={"type": "webrtc", "sdp": BROWSER_OFFER})
+    return created, await fake.wait_for_call()
+
+
+async def test_sdk_creates_a_live_session_with_the_answer(fake: FakeCallProvider, sdk: SdkFactory) -> None:
+    """live.create -> 200 {session.id, transport webrtc + the SDP answer}; the call records the session."""
+    created, call = await _live_call(fake, sdk())
+    assert created.session.id == call.call_id and call.call_id.startswith("sess_")
+    assert created.transport.type == "webrtc" and created.transport.sdp == call.answer_sdp
+    assert (call.route, call.model, call.session, call.offer_sdp) == (
+        LIVE_ENDPOINT,
+        "gpt-live-1",
+        LIVE_SESSION,
+        BROWSER_OFFER,
+    )
+
+
+async def test_live_sideband_sees_session_started_and_usage(fake: FakeCallProvider, sdk: SdkFactory) -> None:
+    """live.sideband.connect(session_id=) gets session.started (the call's session), then usage_updated's
+    cumulative seconds (SessionUsage, with the breakdown when given)."""
+    client = sdk()
+    _, call = await _live_call(fake, client)
+    async with client.live.sideband.connect(session_id=call.call_id) as connection:
+        started = await connection.recv()
+        assert started.type == "session.started"
+        assert (started.session.id, started.session.model, started.session.status) == (
+            call.call_id,
+            "gpt-live-1",
+            "active",
+        )
+        await call.usage_updated(12, active_seconds=10, paused_seconds=2)
+        usage = await connection.recv()
+        assert usage.type == "session.usage.updated"
+        assert (usage.usage.seconds, usage.usage.active_seconds, usage.usage.paused_seconds) == (12, 10, 2)
+    assert (await call.wait_for_sideband()).path == f"/v1/live/sessions/{call.call_id}/attach"
+
+
+async def test_live_hangup_closes_the_sideband(fake: FakeCallProvider, sdk: SdkFactory) -> None:
+    """live.sessions.hangup -> the sideband closes with 1000, the call is hung up; again -> 404."""
+    client = sdk()
+    _, call = await _live_call(fake, client)
+    async with client.live.sideband.connect(session_id=call.call_id) as connection:
+        await connection.recv()
+        await client.live.sessions.hangup(call.call_id)
+        assert [event.type async for event in connection] == []
+    assert call.hung_up.is_set() and fake.hangups == 1
+    assert (await call.wait_for_sideband()).close_code == 1000
+    with pytest.raises(openai.NotFoundError):
+        await client.live.sessions.hangup(call.call_id)
+
+
+async def test_live_session_close_on_a_sideband_ends_the_call(fake: FakeCallProvider, sdk: SdkFactory) -> None:
+    """session.close on one sideband: every sideband gets session.closed with the last usage, then 1000."""
+    client = sdk()
+    _, call = await _live_call(fake, client)
+    async with client.live.sideband.connect(session_id=call.call_id) as watcher:
+        await watcher.recv()
+        async with client.live.sideband.connect(session_id=call.call_id) as closer:
+            await closer.recv()
+            await call.usage_updated(5)
+            await closer.session.close(event_id="c1")
+            remaining = [event async for event in closer]
+        assert [e.type for e in remaining] == ["session.usage.updated", "session.closed"]
+        assert remaining[1].usage.seconds == 5 and remaining[1].client_event_id == "c1"
+        assert [event.type async for event in watcher] == ["session.usage.updated", "session.closed"]
+    assert call.ended.is_set() and call.end_reason == "session_close" and not call.hung_up.is_set()
+
+
+async def test_live_paths_on_azure_and_live_misuse(fake: FakeCallProvider, sdk: SdkFactory) -> None:
+    """Azure /openai/v1/live/sessions with api-key; a realtime call id on the live paths is 404; a model
+    change on the sideband is refused to the sender only."""
+    client = sdk(azure=True)
+    created, call = await _live_call(fake, client)
+    assert call.azure and created.session.id == call.call_id
+    async with client.live.sideband.connect(session_id=call.call_id) as connection:
+        await connection.recv()
+        await connection.session.update(session={"model": "gpt-live-2"}, event_id="u1")
+        refused = await connection.recv()
+        assert refused.type == "error" and refused.error.code == "immutable_parameter"
+    rtc = await sdk().realtime.calls.create(sdp=BROWSER_OFFER, session=REALTIME_SESSION)
+    assert rtc.text.startswith("v=0")
+    realtime = await fake.wait_for_call(1)
+    with pytest.raises(openai.NotFoundError):
+        await sdk().live.sessions.hangup(realtime.call_id)
+    with pytest.raises(TypeError):
+        await realtime.usage_updated(1)
+    with pytest.raises(TypeError):
+        await call.response_done()
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"session": {"model": "gpt-live-1"}, "transport": {"type": "webrtc", "sdp": "nope"}}, 400),
+        ({"session": {}, "transport": {"type": "webrtc", "sdp": BROWSER_OFFER}}, 400),
+    ],
+)
+async def test_bad_live_creates_are_refused_over_http(fake: FakeCallProvider, body: Any, status: int) -> None:
+    """An invalid SDP or no session.model -> 400 invalid_request_error; no call kept."""
+    async with httpx.AsyncClient(base_url=fake.url) as http:
+        response = await http.post(
+            "/v1/live/sessions", json=body, headers={"Authorization": f"Bearer {DEFAULT_API_KEY}"}
+        )
+    assert response.status_code == status
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert fake.calls == []
+
+
+# ---- a media peer as the answerer ------------------------------------------------------------------------
+
+
+async def test_an_answerer_answers_and_its_data_channel_gets_the_calls_events() -> None:
+    """With answerer=, its SDP is the answer; its data channel gets emitted events and the replies to its
+    own client events (errors too), and sidebands see the replies."""
+    channel: list[Event] = []
+
+    async def answerer(offer: str, call: FakeCall) -> str:
+        assert offer == BROWSER_OFFER
+        call.data_channel = _append_to(channel)
+        return "v=0\r\no=- 7 2 IN IP4 127.0.0.1\r\ns=peer\r\n"
+
+    async with (
+        FakeCallProvider(answerer=answerer) as fake,
+        AsyncOpenAI(base_url=f"{fake.url}/v1", api_key=DEFAULT_API_KEY, max_retries=0) as client,
+    ):
+        answer = await client.realtime.calls.create(sdp=BROWSER_OFFER, session=REALTIME_SESSION)
+        assert answer.text.endswith("s=peer\r\n")
+        call = await fake.wait_for_call()
+        async with client.realtime.connect(call_id=call.call_id) as connection:
+            await connection.recv()
+            await call.wait_for_sideband()
+            await call.emit({"type": "conversation.item.input_audio_transcription.delta", "delta": "hi"})
+            assert (await connection.recv()).type == "conversation.item.input_audio_transcription.delta"
+            await call.client_event('{"type": "response.create"}')
+            await call.client_event("{")
+            assert (await _next(connection, "response.done")).response.usage is not None
+    assert [e["type"] for e in channel] == [
+        "conversation.item.input_audio_transcription.delta",
+        "response.created",
+        "response.done",
+        "error",
+    ]
+    assert len({e["event_id"] for e in channel}) == 4
+
+
+async def test_an_answerer_that_fails_is_a_500_and_keeps_no_call() -> None:
+    """A media peer that raises: the create is 500 server_error, no call is kept."""
+
+    async def broken(offer: str, call: FakeCall) -> str:
+        raise RuntimeError("no media")
+
+    async with FakeCallProvider(answerer=broken) as fake:
+        async with httpx.AsyncClient(base_url=fake.url) as http:
+            response = await http.post(
+                "/v1/realtime/calls",
+                content=BROWSER_OFFER,
+                headers={"Content-Type": "application/sdp", "Authorization": f"Bearer {DEFAULT_API_KEY}"},
+            )
+        assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+        assert fake.calls == []
+
+
+def _append_to(sink: list[Event]) -> Callable[[Event], Any]:
+    async def append(event: Event) -> None:
+        sink.append(event)
+
+    return append
+
+
+async def test_closing_the_provider_ends_calls_with_1001() -> None:
+    """aclose(): every call ends (provider_shutdown) and its sidebands close with 1001."""
+    fake = FakeCallProvider(api_key="sk-another-fake-key")
+    await fake.start()
+    async with AsyncOpenAI(base_url=f"{fake.url}/v1", api_key="sk-another-fake-key", max_retries=0) as client:
+        await client.realtime.calls.create(sdp=BROWSER_OFFER, session=REALTIME_SESSION)
+        call = await fake.wait_for_call()
+        async with client.realtime.connect(call_id=call.call_id) as connection:
+            await connection.recv()
+            await fake.aclose()
+            with pytest.raises(ConnectionClosed):
+                await connection.recv()
+    assert call.end_reason == "provider_shutdown" and call.sidebands[0].close_code == 1001
+    await fake.aclose()  # idempotent
