@@ -13,7 +13,6 @@ import os
 import secrets
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import httpx
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
@@ -34,6 +33,8 @@ from starlette.websockets import WebSocket, WebSocketState
 from sidecar import admin, captions, client_secrets
 from sidecar.auth import KeyChecker, MasterKeyCheck, Principal, authorize, credentials, hash_key, litellm_client
 from sidecar.bodies import BodyLimit
+from sidecar.calls.endpoints import routes as call_routes
+from sidecar.calls.offer import new_session_id
 from sidecar.calls.tasks import Calls
 from sidecar.catalog import (
     LIVE_ENDPOINT,
@@ -107,6 +108,8 @@ class Services:
     clock_ns: Callable[[], int] = time.monotonic_ns
     #: Rebuilds `catalog` (POST /admin/models/reload, every SIDECAR_MODELS_REFRESH_S with LiteLLM's database).
     models: CatalogReloader | None = None
+    #: The provider HTTP client of WebRTC calls (create and hangup: sidecar/calls/provider.py).
+    http: httpx.AsyncClient | None = None
 
 
 def create_app(
@@ -205,6 +208,7 @@ def create_app(
                 clock_ns=clock_ns,
             )
             services = app.state.services
+            services.http = await stack.enter_async_context(httpx.AsyncClient())  # closed after the calls end
             metrics.show_price_sources(source.sources)
 
             def put_in_force(fresh: Catalog) -> None:
@@ -245,6 +249,7 @@ def create_app(
         Route("/metrics", metrics_endpoint),
         *admin.routes(),
         *client_secrets.routes(),
+        *call_routes(),
         *captions.routes(settings),
     ]
     # Every HTTP body is capped while it streams in (sidecar/bodies.py); WebSockets pass straight through.
@@ -556,11 +561,11 @@ async def _run(
         await supervisor.detach(relay)
 
 
-async def _authenticate(websocket: WebSocket, services: Services) -> tuple[Principal, Grant | None, str | None]:
-    """(the principal, the client secret's grant if one was used, the subprotocol to select). Raises
-    InvalidApiKey or ServiceUnavailable."""
-    subprotocols = websocket.scope.get("subprotocols") or []
-    creds = credentials(websocket.headers, subprotocols)
+async def _authenticate(connection: HTTPConnection, services: Services) -> tuple[Principal, Grant | None, str | None]:
+    """(the principal, the client secret's grant if one was used, the subprotocol to select) of a WebSocket
+    connect or an HTTP request (a WebRTC call's create or hangup). Raises InvalidApiKey or ServiceUnavailable."""
+    subprotocols = connection.scope.get("subprotocols") or []
+    creds = credentials(connection.headers, subprotocols)
     if creds is None:
         raise InvalidApiKey("You didn't provide an API key.")
     # A client secret (client_secrets.py) stands for the key that minted it, re-checked fresh by hash.
@@ -609,16 +614,23 @@ async def _admit(
     start: LiveStart | None = None,
 ) -> Relay:
     """Authorize, claim the client secret, take a lease, connect. Raises a Refusal."""
-    authorize(principal, model.name, now=datetime.now(UTC))
-    if grant is not None:
-        await services.client_secrets.claim(grant)
-    session_id = "rs_" + uuid.uuid4().hex
-    await services.supervisor.admit(principal, session_id)
+    session_id = await admit_session(services, model, principal, grant=grant)
     try:
         return await _connect(client, services, model, principal, session_id, transcription, grant=grant, start=start)
     except BaseException:
         await services.supervisor.release(principal, session_id)
         raise
+
+
+async def admit_session(services: Services, model: RealtimeModel, principal: Principal, *, grant: Grant | None) -> str:
+    """Authorize, claim the client secret, take a lease (budgets checked): the new session's id (a WebSocket
+    session's or a WebRTC call's). Raises a Refusal; the caller releases the lease if the session never starts."""
+    authorize(principal, model.name, now=datetime.now(UTC))
+    if grant is not None:
+        await services.client_secrets.claim(grant)
+    session_id = new_session_id()
+    await services.supervisor.admit(principal, session_id)
+    return session_id
 
 
 async def _connect(

@@ -1,0 +1,243 @@
+"""The WebRTC call routes (docs/api.md, "WebRTC calls"): create a call, hang one up.
+
+    POST /v1/realtime/calls                 (/realtime/calls, /openai/v1/realtime/calls)
+    POST /v1/realtime/calls/{call_id}/hangup
+    POST /v1/live/sessions                  (/live/sessions, /openai/v1/live/sessions; the same paths are the
+                                             GPT-Live WebSocket route: Starlette matches http and websocket
+                                             scopes apart, so both are served)
+    POST /v1/live/sessions/{session_id}/hangup
+
+Create: authenticate as the WebSocket routes do (app._authenticate), parse (offer.py), resolve, authorize, claim
+the secret and take the lease (app.admit_session), create on the first deployment that answers
+(provider.create_call), build the Account (app._account) and hand the call to its CallWatch
+(`services.calls.start`) before answering. A call the provider answered is never left unwatched: if anything
+fails after the answer, it is hung up. Every refusal is an OpenAI error body, counted in `sidecar_refusals_total`.
+
+Hangup: the caller must be the call's owner (or the master key), else 404; the call is ended, on whichever
+replica watches it, by a control message (`Supervisor.terminate(..., reason="client_hangup")`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from sidecar import app as app_module
+from sidecar.admin import NotFound
+from sidecar.auth import Principal, may_use
+from sidecar.calls import sideband
+from sidecar.calls.offer import (
+    CallRequest,
+    client_answer,
+    model_name,
+    parse_live,
+    parse_realtime,
+    provider_request,
+    provider_session,
+)
+from sidecar.calls.provider import Created, create_call, hangup_call
+from sidecar.calls.watch import CallWatch
+from sidecar.catalog import LIVE_ENDPOINT, REALTIME_ENDPOINT, Deployment, RealtimeModel
+from sidecar.catalog import Route as SessionRoute
+from sidecar.client_secrets import Grant
+from sidecar.control import ControlError
+from sidecar.errors import ModelNotTranscription, Refusal, ServiceUnavailable, UpstreamError
+from sidecar.surfaces.live import LiveStart
+
+if TYPE_CHECKING:
+    from sidecar.app import Services
+
+log = logging.getLogger("sidecar.calls")
+
+REALTIME_PATHS: Final = ("/v1/realtime/calls", "/realtime/calls", "/openai/v1/realtime/calls")
+LIVE_PATHS: Final = ("/v1/live/sessions", "/live/sessions", "/openai/v1/live/sessions")
+NO_STORE: Final = {"Cache-Control": "no-store"}
+
+
+def routes() -> list[BaseRoute]:
+    """The create and hangup routes under every path the WebSocket routes use."""
+    kinds: tuple[tuple[tuple[str, ...], SessionRoute, str], ...] = (
+        (REALTIME_PATHS, REALTIME_ENDPOINT, "call_id"),
+        (LIVE_PATHS, LIVE_ENDPOINT, "session_id"),
+    )
+    found: list[BaseRoute] = []
+    for paths, route, key in kinds:
+        create = partial(create_endpoint, route=route)
+        hangup = partial(hangup_endpoint, key=key)
+        for path in paths:
+            found.append(Route(path, create, methods=["POST"]))
+            found.append(Route(f"{path}/{{{key}}}/hangup", hangup, methods=["POST"]))
+    return found
+
+
+# ---- create ------------------------------------------------------------------------------------------------
+
+
+async def create_endpoint(request: Request, *, route: SessionRoute) -> Response:
+    """POST /v1/realtime/calls, POST /v1/live/sessions."""
+    services: Services = request.app.state.services
+    model: RealtimeModel | None = None
+    try:
+        if services.supervisor.draining:  # before the secret is claimed or anything is parsed
+            raise ServiceUnavailable("The server is draining; reconnect to another replica.")
+        principal, grant, _ = await app_module._authenticate(request, services)
+        call = await _parse(request, route)
+        name, transcription = model_name(
+            call, grant, default_transcription_model=services.catalog.default_transcription_model
+        )
+        model = services.catalog.resolve(name, route=route)
+        if transcription and model.kind != "realtime-transcription":
+            raise ModelNotTranscription(
+                f"The model `{model.name}` is a conversation model; a transcription call needs a transcription model."
+            )
+        session_id, created = await _create(services, call, model, principal, grant, transcription=transcription)
+    except Refusal as refusal:
+        label = model.name if model is not None else ""
+        services.metrics.refusals.labels(refusal.code, label).inc()
+        log.info("call refused", extra={"reason": refusal.code})
+        return JSONResponse(refusal.body(), status_code=refusal.status, headers=NO_STORE)
+    answer = client_answer(route, session_id, created.sdp)
+    return Response(answer.body, status_code=answer.status, media_type=answer.media_type, headers=dict(answer.headers))
+
+
+async def _parse(request: Request, route: SessionRoute) -> CallRequest:
+    body = await request.body()
+    if route == LIVE_ENDPOINT:
+        return parse_live(body)
+    return parse_realtime(request.headers.get("content-type"), body, query_model=request.query_params.get("model"))
+
+
+async def _create(
+    services: Services,
+    call: CallRequest,
+    model: RealtimeModel,
+    principal: Principal,
+    grant: Grant | None,
+    *,
+    transcription: bool,
+) -> tuple[str, Created]:
+    """Admit, create on the first deployment that answers, start watching. Raises a Refusal (the lease
+    released, any call the provider answered hung up)."""
+
+    def body_for(deployment: Deployment) -> Any:
+        session = provider_session(
+            call,
+            public_model=model.name,
+            deployment=deployment,
+            transcription=transcription,
+            grant=grant,
+            transcribers=services.catalog.transcribers,
+            may_use=partial(may_use, principal),
+        )
+        return provider_request(call, session)
+
+    def failed(deployment: Deployment, error: UpstreamError) -> None:
+        services.metrics.connect_failures.labels(model.name, deployment.deployment_id or deployment.model).inc()
+
+    body_for(model.deployments[0])  # the request's own refusals before the secret is used up
+    session_id = await app_module.admit_session(services, model, principal, grant=grant)
+    created: Created | None = None
+    http = _http(services)
+    try:
+        created = await create_call(
+            http, model, call.route, body_for, timeout_s=services.settings.connect_timeout_s, on_failure=failed
+        )
+        _watch(services, created, model, principal, session_id, call, grant=grant, transcription=transcription)
+    except BaseException:
+        if created is not None:  # answered but not watched: never leave it running
+            with contextlib.suppress(Exception):
+                await hangup_call(http, created.call)
+        await services.supervisor.release(principal, session_id)
+        raise
+    log.info(
+        "call created",
+        extra={"session_id": session_id, "key_hash": principal.key_hash, "model": model.name},
+    )
+    return session_id, created
+
+
+def _http(services: Services) -> Any:
+    if services.http is None:
+        raise ServiceUnavailable("The server is starting; try again.")
+    return services.http
+
+
+def _watch(
+    services: Services,
+    created: Created,
+    model: RealtimeModel,
+    principal: Principal,
+    session_id: str,
+    call: CallRequest,
+    *,
+    grant: Grant | None,
+    transcription: bool,
+) -> None:
+    """Build the call's Account and start its CallWatch (counted as a live session from now on)."""
+    settings = services.settings
+    start = (
+        LiveStart(model.name, {"type": "session.start", "session": call.session})
+        if call.route == LIVE_ENDPOINT
+        else None
+    )
+    account = app_module._account(
+        services,
+        model,
+        created.call.deployment,
+        principal,
+        session_id,
+        transcription=transcription,
+        grant=grant,
+        start=start,
+        inject_model=False,  # the create's session part named the model; nothing is sent on the sideband first
+    )
+    watch = CallWatch(
+        session=account,
+        call=created.call,
+        hangup=partial(hangup_call, _http(services), created.call),
+        attach=partial(sideband.attach, created.call, services.dialer),
+        publisher=services.publisher,
+        checkpoint_s=settings.checkpoint_s,
+        idle_timeout_s=settings.idle_timeout_s,
+        max_session_s=settings.max_session_s,
+        reattach_s=settings.sideband_reattach_s,
+        clock_ns=services.clock_ns,
+    )
+    services.calls.start(watch)
+
+
+# ---- hangup ------------------------------------------------------------------------------------------------
+
+
+async def hangup_endpoint(request: Request, *, key: str) -> Response:
+    """POST /v1/realtime/calls/{call_id}/hangup, POST /v1/live/sessions/{session_id}/hangup."""
+    services: Services = request.app.state.services
+    session_id = request.path_params[key]
+    try:
+        principal, _, _ = await app_module._authenticate(request, services)
+        await _hang_up(services, principal, session_id)
+    except Refusal as refusal:
+        return JSONResponse(refusal.body(), status_code=refusal.status, headers=NO_STORE)
+    except ControlError:
+        unreachable = ServiceUnavailable("The control store is unreachable; try again.")
+        return JSONResponse(unreachable.body(), status_code=unreachable.status, headers=NO_STORE)
+    return Response(status_code=200, headers=NO_STORE)
+
+
+async def _hang_up(services: Services, principal: Principal, session_id: str) -> None:
+    """End the call `session_id` of `principal` wherever it is watched. Raises NotFound (no such live call, or
+    another key's: not told apart) or ControlError."""
+    supervisor = services.supervisor
+    await supervisor.heartbeat()  # this replica's calls are in the registry before it is read
+    infos = await services.store.sessions(now=supervisor.wall())
+    info = next((i for i in infos if i.session_id == session_id), None)
+    if info is None or not (principal.is_master or info.key_hash == principal.key_hash):
+        raise NotFound(f"No live call {session_id}.")
+    await supervisor.terminate(session_id, reason="client_hangup")
+    log.info("call hangup asked", extra={"session_id": session_id, "key_hash": principal.key_hash})
