@@ -79,6 +79,7 @@ def test_answer_inverts_direction_and_keeps_a_rejected_m_line_rejected() -> None
     assert audio.has("recvonly") and not audio.has("sendrecv")
     assert audio.get("setup") == "passive"
     assert data.port == "0" and data.get("ice-ufrag") is None
+    assert parse_offer(answer_sdp(offer, IDENTITY)).session_get("group") == "BUNDLE 0"
 
 
 def test_answer_without_opus_keeps_the_first_payload_and_accepts_lf_and_session_level_ice() -> None:
@@ -644,13 +645,13 @@ async def test_live_sideband_sees_session_started_and_usage(fake: FakeCallProvid
 
 
 async def test_live_hangup_closes_the_sideband(fake: FakeCallProvider, sdk: SdkFactory) -> None:
-    """live.sessions.hangup -> the sideband closes with 1000, the call is hung up; again -> 404."""
+    """live.sessions.hangup -> session.closed, then the sideband closes with 1000; the call is hung up; again -> 404."""
     client = sdk()
     _, call = await _live_call(fake, client)
     async with client.live.sideband.connect(session_id=call.call_id) as connection:
         await connection.recv()
         await client.live.sessions.hangup(call.call_id)
-        assert [event.type async for event in connection] == []
+        assert [event.type async for event in connection] == ["session.closed"]
     assert call.hung_up.is_set() and fake.hangups == 1
     assert (await call.wait_for_sideband()).close_code == 1000
     with pytest.raises(openai.NotFoundError):
@@ -789,3 +790,67 @@ async def test_closing_the_provider_ends_calls_with_1001() -> None:
                 await connection.recv()
     assert call.end_reason == "provider_shutdown" and call.sidebands[0].close_code == 1001
     await fake.aclose()  # idempotent
+
+
+async def test_a_live_hangup_sends_session_closed_with_the_last_usage_first(
+    fake: FakeCallProvider, sdk: SdkFactory
+) -> None:
+    """Hangup of a GPT-Live call: session.closed (close_requested, the last usage), then the close."""
+    client = sdk()
+    _, call = await _live_call(fake, client)
+    async with client.live.sideband.connect(session_id=call.call_id) as connection:
+        await connection.recv()
+        await call.usage_updated(42)
+        await client.live.sessions.hangup(call.call_id)
+        events = [event async for event in connection]
+    assert [e.type for e in events] == ["session.usage.updated", "session.closed"]
+    assert (events[1].reason, events[1].usage.seconds) == ("close_requested", 42)
+
+
+@pytest.mark.parametrize(("route", "reason"), [(REALTIME_ENDPOINT, "remote_hangup"), (LIVE_ENDPOINT, "expired")])
+async def test_the_provider_ending_a_call_closes_its_sidebands(
+    fake: FakeCallProvider, sdk: SdkFactory, route: str, reason: str
+) -> None:
+    """call.end(reason): the sidebands close with 1000 (GPT-Live: after session.closed with that reason); no
+    hangup is counted; the call refuses new sidebands."""
+    client = sdk()
+    headers = {"Authorization": f"Bearer {DEFAULT_API_KEY}"}
+    ws = fake.url.replace("http", "ws")
+    if route == LIVE_ENDPOINT:
+        _, call = await _live_call(fake, client)
+        url = f"{ws}/v1/live/sessions/{call.call_id}/attach"
+    else:
+        await client.realtime.calls.create(sdp=BROWSER_OFFER, session=REALTIME_SESSION)
+        call = await fake.wait_for_call()
+        url = f"{ws}/v1/realtime?call_id={call.call_id}"
+    async with websockets.connect(url, additional_headers=headers) as connection:
+        await connection.recv()
+        await call.end(reason)
+        rest = [orjson.loads(message) async for message in connection]
+        assert connection.close_code == 1000
+    assert [e["type"] for e in rest] == (["session.closed"] if route == LIVE_ENDPOINT else [])
+    assert all(e["reason"] == reason for e in rest)
+    assert call.ended.is_set() and not call.hung_up.is_set() and fake.hangups == 0
+    with pytest.raises(InvalidStatus) as refused:
+        await websockets.connect(url, additional_headers=headers)
+    assert refused.value.response.status_code == 404
+
+
+async def test_a_transcription_call_announces_itself_and_reports_token_usage(
+    fake: FakeCallProvider, sdk: SdkFactory
+) -> None:
+    """A `type: transcription` call: its model is the transcription model, session.created says
+    transcription, and transcription_completed reports tokens for a `*-transcribe` model."""
+    client = sdk()
+    session = {"type": "transcription", "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}}}
+    await client.realtime.calls.create(sdp=BROWSER_OFFER, session=session)  # type: ignore[arg-type]
+    call = await fake.wait_for_call()
+    assert call.model == "gpt-4o-transcribe"
+    async with client.realtime.connect(call_id=call.call_id) as connection:
+        created = await connection.recv()
+        assert created.type == "session.created" and created.session.type == "transcription"
+        await call.wait_for_sideband()
+        sent = await call.transcription_completed(seconds=3.0, text="three seconds")
+        completed = await connection.recv()
+    assert completed.usage.type == "tokens" and completed.usage.input_tokens == 30
+    assert sent["usage"]["input_token_details"]["audio_tokens"] == 30

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import email.policy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.message import EmailMessage
 from email.parser import BytesParser
 from typing import Any, Final, Protocol
@@ -172,6 +172,8 @@ class CallReply:
     broadcast: list[Event] = field(default_factory=list)
     direct: list[Event] = field(default_factory=list)
     end: bool = False
+    #: The client event as parsed (None when it was not a JSON object).
+    received: Event | None = None
 
 
 class CallProtocol(Protocol):
@@ -231,8 +233,10 @@ class RealtimeCallProtocol:
         handler = self._handlers.get(str(parsed.get("type")))
         if handler is None:
             text = f"Unknown event type: {parsed.get('type')!r}."
-            return CallReply(direct=[error("unknown_event", text, client_event_id=parsed.get("event_id"))])
-        return handler(parsed)
+            return CallReply(
+                direct=[error("unknown_event", text, client_event_id=parsed.get("event_id"))], received=parsed
+            )
+        return replace(handler(parsed), received=parsed)
 
     def _update(self, parsed: Event) -> CallReply:
         update = parsed.get("session")
@@ -321,8 +325,9 @@ class LiveCallProtocol:
         handler = self._handlers.get(str(parsed.get("type")))
         if handler is None:
             text = f"Unknown event type: {parsed.get('type')!r}."
-            return CallReply(direct=[live_error("unknown_event", text, client_event_id=parsed.get("event_id"))])
-        return handler(parsed)
+            unknown = live_error("unknown_event", text, client_event_id=parsed.get("event_id"))
+            return CallReply(direct=[unknown], received=parsed)
+        return replace(handler(parsed), received=parsed)
 
     def _ack(self, type_: str, parsed: Event) -> CallReply:
         return CallReply([event(type_, client_event_id=_ref(parsed))])

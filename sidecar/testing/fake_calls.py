@@ -22,8 +22,10 @@ and the injected faults below. A hangup of an ended call is 404, not counted.
 
 A sideband gets `session.created` (GPT-Live: `session.started`) on attach, then every event of its call; the
 client events it sends are answered per fake_call_protocol.py (replies to every sideband of the call and the
-data channel; errors to the sender only). A hangup (or a GPT-Live `session.close`) ends the call: every
-sideband closes with 1000, `call.ended` is set (`call.hung_up` too, for a hangup).
+data channel; errors to the sender only). A hangup, a GPT-Live `session.close`, or `await call.end(reason)` (the
+provider's side: the browser left, the call expired) ends the call: a GPT-Live call's sidebands first get
+`session.closed` with the last usage reported, then every sideband closes with 1000 and `call.ended` is set
+(`call.hung_up` too, for a hangup).
 
 Faults (attributes of the provider, read on each request or event, settable any time):
     refuse_offer_status     refuse every create with this status (5xx: `server_error`, 429: `rate_limit_exceeded`)
@@ -81,7 +83,9 @@ from sidecar.testing.fake_wire import Event, new_id
 
 DEFAULT_API_KEY: Final = "sk-fake-provider-key"
 DEFAULT_HOST: Final = "127.0.0.1"
-_TRANSPORT: Final = "fake_calls.transport"  # the scope extension carrying the TCP transport (for aborts)
+_PROTOCOL: Final = "fake_calls.protocol"  # the scope extension carrying uvicorn's protocol (aborts, close codes)
+#: The `session.closed` reason a GPT-Live call's sidebands get when it ends (else the reason given to `end`).
+_LIVE_CLOSE_REASONS: Final = {"hangup": "close_requested", "provider_shutdown": "connection_lost"}
 
 #: `async (offer_sdp, call) -> answer_sdp`: a real media peer answering the offer.
 Answerer = Callable[[str, "FakeCall"], Awaitable[str]]
@@ -97,7 +101,7 @@ class _AbortableProtocol(WebSocketsSansIOProtocol):
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
         if scope is not None:
-            scope["extensions"][_TRANSPORT] = {"transport": self.transport, "protocol": self}
+            scope["extensions"][_PROTOCOL] = {"protocol": self}
 
     async def send(self, message: Any) -> None:
         await super().send(message)
@@ -193,7 +197,8 @@ class FakeCall:
     answer_sdp: str = ""
     #: Set by a successful hangup (`ended` too).
     hung_up: asyncio.Event = field(default_factory=asyncio.Event)
-    #: Set when the call has ended, for any reason (`end_reason`: hangup, session_close, provider_shutdown).
+    #: Set when the call has ended, for any reason (`end_reason`: hangup, session_close (GPT-Live's
+    #: `session.close`), provider_shutdown, or what a test gave `end`).
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     end_reason: str | None = None
     #: Every sideband ever attached, in order.
@@ -274,12 +279,18 @@ class FakeCall:
         for sideband in sidebands:
             await sideband.closed.wait()
 
-    async def end(self, reason: str, *, code: int = 1000) -> None:
-        """End the call: `ended` set, every sideband closed with `code` (not waiting for the closing
-        handshakes). Idempotent."""
-        if self.ended.is_set():
+    async def end(self, reason: str = "remote_hangup", *, code: int = 1000) -> None:
+        """The provider ends the call (a test calls this for a call the browser left, or that expired).
+
+        A GPT-Live call's sidebands first get `session.closed` with the last usage reported and a Live reason
+        (`hangup` -> close_requested, `provider_shutdown` -> connection_lost, else `reason` itself: remote_hangup,
+        expired, content, connection_lost); then `ended` is set (`end_reason` = `reason`) and every sideband is
+        closed with `code`, without waiting for the closing handshakes. Idempotent."""
+        if self.end_reason is not None:
             return
         self.end_reason = reason
+        if isinstance(self.protocol, LiveCallProtocol) and reason != "session_close":  # it sent its own
+            await self.emit(self.protocol.closed(_LIVE_CLOSE_REASONS.get(reason, reason)))
         self.ended.set()
         for sideband in list(self.sidebands):
             await sideband.close(code)
@@ -573,7 +584,7 @@ class FakeCallProvider:
             await websocket.send_denial_response(refusal or _error(500, "server_error", "No call."))
             return
         await websocket.accept()
-        protocol = websocket.scope.get("extensions", {}).get(_TRANSPORT, {}).get("protocol")
+        protocol = websocket.scope.get("extensions", {}).get(_PROTOCOL, {}).get("protocol")
         sideband = FakeSideband(
             call=call,
             path=websocket.url.path,
@@ -621,8 +632,8 @@ class FakeCallProvider:
             data = message.get("text")
             data = data if data is not None else message.get("bytes") or b""
             reply = call.protocol.receive(data)
-            if isinstance(data, str) and (parsed := _object(data)) is not None:
-                sideband.events.append(parsed)
+            if reply.received is not None:
+                sideband.events.append(reply.received)
             for event in reply.direct:
                 await sideband.send(event)
             await call._apply(reply)
@@ -632,11 +643,3 @@ def _received(sideband: FakeSideband) -> int | None:
     """The code of the close frame the client sent, if one arrived."""
     received = sideband._protocol.conn.close_rcvd if sideband._protocol is not None else None
     return received.code if received is not None else None
-
-
-def _object(text: str) -> Event | None:
-    try:
-        parsed = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None
-    return parsed if isinstance(parsed, dict) else None

@@ -2,10 +2,10 @@
 
 `answer_sdp(offer, identity)` is pure: it mirrors the offer's m-lines (same order, media, protocol and mid;
 a rejected m-line stays rejected), answers ICE with the identity's ufrag/pwd, DTLS with its fingerprint and
-`setup:active` (RFC 8842: the answerer takes `active` unless the offerer already did), keeps `rtcp-mux` and
-the BUNDLE group when offered, inverts the direction (sendonly <-> recvonly), keeps Opus (else the first
-payload type) on audio, and answers a data channel with `sctp-port:5000`. It offers no ICE candidates: the
-fake has no media (HD's aiortc peer, plugged in as the answerer, answers for real).
+`setup:active` (RFC 8842: the answerer takes `active` unless the offerer already did), keeps `rtcp-mux` and the
+BUNDLE group when offered (less its rejected mids), inverts the direction (sendonly <-> recvonly), keeps Opus
+(else the first payload type) on audio, and answers a data channel with `sctp-port:5000`. It offers no ICE
+candidates: the fake has no media (HD's aiortc peer, plugged in as the answerer, answers for real).
 
 `check_offer` is what makes an offer acceptable at all (else `SdpError`, the provider's 400): it starts with
 `v=0`, has an `o=` line and at least one `m=` line, each m-line has ICE credentials and a DTLS fingerprint
@@ -174,8 +174,11 @@ def answer_sdp(offer: str, identity: AnswerIdentity) -> str:
     parsed = check_offer(offer)
     lines = ["v=0", f"o=- {identity.session_id} 2 IN IP4 127.0.0.1", "s=-", "t=0 0"]
     bundle = parsed.session_get("group")
-    if bundle is not None and bundle.startswith("BUNDLE"):
-        lines.append(f"a=group:{bundle}")
+    if bundle is not None and bundle.split()[:1] == ["BUNDLE"]:
+        rejected = {media.get("mid") for media in parsed.media if media.port == "0"}
+        mids = [mid for mid in bundle.split()[1:] if mid not in rejected]
+        if mids:
+            lines.append(f"a=group:BUNDLE {' '.join(mids)}")
     lines.append("a=msid-semantic: WMS")
     for media in parsed.media:
         lines += _answer_media(parsed, media, identity)
