@@ -68,6 +68,7 @@ from sidecar.metering import Rounding, SessionMeter
 from sidecar.metrics import CONTENT_TYPE_LATEST, Metrics, multiprocess_dir
 from sidecar.pinning import Pin
 from sidecar.publisher import SpoolingPublisher, UsagePublisher
+from sidecar.redis_conn import connect_redis
 from sidecar.relay import Relay
 from sidecar.scrub import REDACTED, Scrubber
 from sidecar.session import Session
@@ -146,8 +147,8 @@ def create_app(
                     litellm_client(settings.litellm_url, settings.key_rechecks)
                 )
             shared = redis
-            if shared is None and settings.redis_url:
-                shared = aioredis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+            if shared is None and settings.redis_target is not None:
+                shared = connect_redis(settings.redis_target, socket_timeout=10, socket_connect_timeout=5)
                 stack.push_async_callback(shared.aclose)
             pub: UsagePublisher = (
                 publisher

@@ -38,19 +38,22 @@ _EPILOGS = {
     "serve": (
         "reads every SIDECAR_* setting (docs/api.md, Settings), notably: "
         + _CONFIG_VARS
-        + "; SIDECAR_LITELLM_URL, SIDECAR_REDIS_URL (unset: embedded mode), SIDECAR_DATABASE_URL (embedded mode), "
+        + "; SIDECAR_LITELLM_URL, SIDECAR_REDIS_URL or SIDECAR_REDIS_SENTINEL_NODES or SIDECAR_REDIS_CLUSTER_NODES "
+        "(unset: embedded mode), SIDECAR_DATABASE_URL (embedded mode), "
         "SIDECAR_HOST, SIDECAR_PORT, SIDECAR_WORKERS, SIDECAR_ALLOW_UNPRICED, PYTHONMALLOC. "
         "Exit status: 0 after a drain, 2 on misconfiguration."
     ),
     "consume": (
-        "reads SIDECAR_REDIS_URL (required), SIDECAR_DATABASE_URL, SIDECAR_DB_TIMEOUT_S, SIDECAR_LOST_AFTER_S, "
+        "reads SIDECAR_REDIS_URL, _SENTINEL_NODES or _CLUSTER_NODES (one required), SIDECAR_DATABASE_URL, "
+        "SIDECAR_DB_TIMEOUT_S, SIDECAR_LOST_AFTER_S, "
         "SIDECAR_LITELLM_DATABASE_URL (set: the litellm group runs too), SIDECAR_LITELLM_REDIS_URL, "
         "SIDECAR_LITELLM_REDIS_NAMESPACE, SIDECAR_CONSUME_METRICS_PORT, SIDECAR_HOST; not the LiteLLM config. "
         "Retries Redis and the databases until they answer. "
         "Exit status: 0 on SIGINT/SIGTERM, 1 when a group's consumer failed, 2 on misconfiguration."
     ),
     "status": (
-        "reads SIDECAR_REDIS_URL (required), SIDECAR_LITELLM_DATABASE_URL (set: the LiteLLM ledger is shown), "
+        "reads SIDECAR_REDIS_URL, _SENTINEL_NODES or _CLUSTER_NODES (one required), "
+        "SIDECAR_LITELLM_DATABASE_URL (set: the LiteLLM ledger is shown), "
         "SIDECAR_DB_TIMEOUT_S. Exit status: 0; 1 when Redis or LiteLLM's database cannot be read; "
         "2 on misconfiguration."
     ),
@@ -136,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     source, catalog = _catalog(settings)
     check_prices(catalog, allow_unpriced=settings.allow_unpriced)
     check_spool(settings)
-    if not settings.redis_url:  # embedded mode bills into the database: it must be one this process can use
+    if not settings.redis_enabled:  # embedded mode bills into the database: it must be one this process can use
         from sidecar.billing.writer import make_engine, upgrade
 
         engine = make_engine(settings.database_url, timeout_s=settings.db_timeout_s)
@@ -150,7 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "serving on %s:%d: %s mode, %d worker%s, %d realtime model%s",
         host,
         sock.getsockname()[1],
-        "Redis" if settings.redis_url else "embedded",
+        f"Redis ({settings.redis_target.mode})" if settings.redis_target else "embedded",
         workers,
         "" if workers == 1 else "s",
         len(catalog.models),
@@ -187,10 +190,11 @@ def check_workers(settings: Settings, workers: int) -> None:
     """
     if workers <= 0:
         raise ConfigError(f"--workers must be positive, got {workers}")
-    if workers > 1 and not settings.redis_url:
+    if workers > 1 and not settings.redis_enabled:
         raise ConfigError(
-            f"{workers} workers need SIDECAR_REDIS_URL: embedded mode keeps client-secret claims, "
-            "session limits and budgets per process (use --workers 1, or set SIDECAR_REDIS_URL)"
+            f"{workers} workers need SIDECAR_REDIS_URL (or SIDECAR_REDIS_SENTINEL_NODES, SIDECAR_REDIS_CLUSTER_NODES): "
+            "embedded mode keeps client-secret claims, session limits and budgets per process (use --workers 1, "
+            "or set SIDECAR_REDIS_URL)"
         )
 
 
@@ -250,8 +254,11 @@ def litellm_connect_params(settings: Settings) -> tuple[dict[str, Any], str]:
 def cmd_consume(args: argparse.Namespace) -> int:
     """Read the usage stream into the billing DB and/or LiteLLM's ledger until SIGINT/SIGTERM."""
     settings = _settings(require_config=False)
-    if not settings.redis_url:
-        raise ConfigError("sidecar consume needs SIDECAR_REDIS_URL (embedded mode bills in-process)")
+    if settings.redis_target is None:
+        raise ConfigError(
+            "sidecar consume needs SIDECAR_REDIS_URL, SIDECAR_REDIS_SENTINEL_NODES or SIDECAR_REDIS_CLUSTER_NODES"
+            " (embedded mode bills in-process)"
+        )
     groups = consume_groups(args.sink, settings)
     from sidecar.billing.metrics import ConsumeMetrics
     from sidecar.billing.writer import make_engine
@@ -274,18 +281,16 @@ def cmd_consume(args: argparse.Namespace) -> int:
 
 async def _consume(settings: Settings, groups: Sequence[str], engine: Any, metrics: ConsumeMetrics | None) -> int:
     """Run one consumer per group, each in its own task: one failing (a bug) is logged and the others go on."""
-    import redis.asyncio as aioredis
-
     from sidecar.billing.consumer import create_groups_when_reachable
+    from sidecar.redis_conn import connect_redis
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     # Bounded waits on Redis too (XREADGROUP blocks 1 s, well inside the socket timeout).
-    redis = aioredis.Redis.from_url(
-        settings.redis_url or "", socket_timeout=10, socket_connect_timeout=5, socket_keepalive=True
-    )
+    assert settings.redis_target is not None  # cmd_consume checked
+    redis = connect_redis(settings.redis_target, socket_timeout=10, socket_connect_timeout=5, socket_keepalive=True)
     if not await create_groups_when_reachable(redis, settings.usage_stream, groups, stop):
         await redis.aclose()
         return 0
@@ -323,15 +328,14 @@ async def _run_billing(
 async def _run_litellm(settings: Settings, redis: Any, stop: asyncio.Event, metrics: ConsumeMetrics | None) -> None:
     """The litellm group: LiteLLM's ledger, then (after each commit, before the ack) the sidecar's budget settle
     and LiteLLM's cache invalidations on the proxy's Redis (SIDECAR_LITELLM_REDIS_URL; unset: none)."""
-    import redis.asyncio as aioredis
-
     from sidecar.billing.consumer import LITELLM_GROUP, UsageConsumer
     from sidecar.billing.writer import BillingError
     from sidecar.ledger.aftercommit import AfterCommit
     from sidecar.ledger.sink import LedgerSink
+    from sidecar.redis_conn import RedisTarget, connect_redis
 
     proxy_redis = (
-        aioredis.Redis.from_url(settings.litellm_redis_url, socket_timeout=5, socket_connect_timeout=5)
+        connect_redis(RedisTarget(mode="single", url=settings.litellm_redis_url), socket_timeout=5)
         if settings.litellm_redis_url
         else None
     )
@@ -363,8 +367,11 @@ async def _run_litellm(settings: Settings, redis: Any, stop: asyncio.Event, metr
 def cmd_ledger_status(args: argparse.Namespace) -> int:
     """Print each consumer group's lag, pending and dead letters, and the LiteLLM sink's progress."""
     settings = _settings(require_config=False)
-    if not settings.redis_url:
-        raise ConfigError("sidecar ledger status needs SIDECAR_REDIS_URL (the usage stream)")
+    if settings.redis_target is None:
+        raise ConfigError(
+            "sidecar ledger status needs SIDECAR_REDIS_URL, SIDECAR_REDIS_SENTINEL_NODES or SIDECAR_REDIS_CLUSTER_NODES"
+            " (the usage stream)"
+        )
     if settings.litellm_database_url:
         litellm_connect_params(settings)
     code: int = asyncio.run(_ledger_status(settings, as_json=args.json))
@@ -373,15 +380,16 @@ def cmd_ledger_status(args: argparse.Namespace) -> int:
 
 async def _ledger_status(settings: Settings, *, as_json: bool) -> int:
     import psycopg
-    import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
     from sidecar.billing.consumer import GROUP, LITELLM_GROUP
     from sidecar.ledger.status import LedgerStatus, format_status, ledger_status, stream_status
     from sidecar.ledger.status import as_json as status_json
+    from sidecar.redis_conn import connect_redis
 
     errors: list[str] = []
-    redis = aioredis.Redis.from_url(settings.redis_url or "", socket_timeout=10, socket_connect_timeout=5)
+    assert settings.redis_target is not None  # cmd_ledger_status checked
+    redis = connect_redis(settings.redis_target, socket_timeout=10, socket_connect_timeout=5)
     try:
         now = datetime.now(UTC)
         groups = await stream_status(redis, settings.usage_stream, (GROUP, LITELLM_GROUP), now=now)

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from sidecar.errors import ConfigError
+from sidecar.redis_conn import RedisSettingsError, RedisTarget, target_from_env
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8787
@@ -170,6 +171,8 @@ class Settings:
     litellm_config: Path
     litellm_url: str | None = None
     redis_url: str | None = None
+    #: A Sentinel-managed master or a Redis Cluster (SIDECAR_REDIS_SENTINEL_NODES / _CLUSTER_NODES); None: redis_url.
+    redis_ha: RedisTarget | None = None
     database_url: str = DEFAULT_DATABASE_URL
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
@@ -243,12 +246,18 @@ class Settings:
             raise ConfigError(f"SIDECAR_CLIENT_SECRET_KEY must be at least {MIN_CLIENT_SECRET_KEY_CHARS} characters")
         captions_page = _bool(env, "SIDECAR_CAPTIONS_PAGE", DEFAULT_CAPTIONS_PAGE)
         captions_key = _optional(env, "SIDECAR_CAPTIONS_KEY")
+        redis_url = _redis_url(env)
+        try:
+            redis = target_from_env(env, url=redis_url)
+        except RedisSettingsError as exc:
+            raise ConfigError(str(exc)) from exc
         if captions_page and captions_key is None:
             raise ConfigError("SIDECAR_CAPTIONS_PAGE needs SIDECAR_CAPTIONS_KEY (the LiteLLM key captions bill to)")
         return cls(
             litellm_config=Path(config or ""),
             litellm_url=_optional(env, "SIDECAR_LITELLM_URL"),
-            redis_url=_redis_url(env),
+            redis_url=redis_url,
+            redis_ha=redis if redis is not None and redis.mode != "single" else None,
             database_url=_optional(env, "SIDECAR_DATABASE_URL") or DEFAULT_DATABASE_URL,
             host=_optional(env, "SIDECAR_HOST") or DEFAULT_HOST,
             port=_int(env, "SIDECAR_PORT", DEFAULT_PORT),
@@ -289,6 +298,18 @@ class Settings:
             litellm_redis_namespace=_optional(env, "SIDECAR_LITELLM_REDIS_NAMESPACE"),
             consume_metrics_port=_optional_port(env, "SIDECAR_CONSUME_METRICS_PORT"),
         )
+
+    @property
+    def redis_target(self) -> RedisTarget | None:
+        """The Redis every command dials (sidecar/redis_conn.py); None: embedded mode, no Redis."""
+        if self.redis_ha is not None:
+            return self.redis_ha
+        return RedisTarget(mode="single", url=self.redis_url) if self.redis_url else None
+
+    @property
+    def redis_enabled(self) -> bool:
+        """Whether a Redis is configured (a single one, a Sentinel-managed master or a cluster)."""
+        return self.redis_target is not None
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (tests and the CLI use it)."""

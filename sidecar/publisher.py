@@ -287,8 +287,19 @@ class RedisPublisher(SpoolingPublisher):
 
 def redis_sink(redis: aioredis.Redis, *, stream: str) -> str:
     """The spool's name for `stream` on this server, never its password: `redis:<host>:<port>/<db>#<stream>`
-    (a Unix socket: `redis:<path>/<db>#<stream>`)."""
-    kwargs = redis.connection_pool.connection_kwargs
+    (a Unix socket: `redis:<path>/<db>#<stream>`; a Sentinel-managed master, which moves between servers:
+    `redis-sentinel:<service name>/<db>#<stream>`; a cluster: `redis-cluster:<seed nodes, sorted>#<stream>`)."""
+    from redis.asyncio.sentinel import SentinelConnectionPool
+
+    from sidecar.redis_conn import is_cluster
+
+    if is_cluster(redis):
+        seeds = sorted(getattr(redis, "nodes_manager").startup_nodes)  # noqa: B009 - absent from the Redis type
+        return f"redis-cluster:{','.join(seeds)}#{stream}"
+    pool = redis.connection_pool
+    kwargs = pool.connection_kwargs
+    if isinstance(pool, SentinelConnectionPool):
+        return f"redis-sentinel:{pool.service_name}/{kwargs.get('db') or 0}#{stream}"
     path = kwargs.get("path")
     where = path or f"{str(kwargs.get('host', 'localhost')).lower()}:{kwargs.get('port') or 6379}"
     return f"redis:{where}/{kwargs.get('db') or 0}#{stream}"

@@ -320,14 +320,14 @@ def voice_routes(host: str) -> list[tuple[str, str, str, str, str]]:
     """The default paths after /v1/realtime and /realtime: LiteLLM's other voice WebSocket routes."""
     return [
         (host, "/openai/v1/realtime", "Prefix", SIDECAR, "http"),
-        (host, "/v1/live/sessions", "Exact", SIDECAR, "http"),
-        (host, "/live/sessions", "Exact", SIDECAR, "http"),
-        (host, "/openai/v1/live/sessions", "Exact", SIDECAR, "http"),
+        (host, "/v1/live/sessions", "Prefix", SIDECAR, "http"),
+        (host, "/live/sessions", "Prefix", SIDECAR, "http"),
+        (host, "/openai/v1/live/sessions", "Prefix", SIDECAR, "http"),
     ]
 
 
 def test_ingress_routes_realtime_paths_to_the_sidecar(production: Manifests) -> None:
-    """The voice routes (realtime and translation Prefix, GPT-Live Exact) go to the sidecar Service's http port,
+    """The voice routes (realtime, translation and GPT-Live, all Prefix) go to the sidecar Service's http port,
     on the configured host, with TLS."""
     ingress = production.one("Ingress", SIDECAR)
     assert ingress["spec"]["ingressClassName"] == "nginx"
@@ -470,6 +470,23 @@ def test_client_secrets_are_routed_by_the_realtime_prefix(production: Manifests)
     assert route_of(production, "api.example.com", "/v1/realtime/client_secrets") == (SIDECAR, "http")
     assert route_of(production, "api.example.com", "/v1/realtime") == (SIDECAR, "http")
     assert route_of(production, "api.example.com", "/v1/realtimex") == ("litellm", 4000)
+
+
+def test_webrtc_call_routes_reach_the_sidecar(production: Manifests) -> None:
+    """The WebRTC creates and hangups (issue 17) reach the sidecar on every alias; neighbours stay LiteLLM's."""
+    for path in (
+        "/v1/realtime/calls",
+        "/v1/realtime/calls/rs_1/hangup",
+        "/realtime/calls/rs_1/hangup",
+        "/openai/v1/realtime/calls/rs_1/hangup",
+        "/v1/live/sessions",
+        "/v1/live/sessions/rs_1/hangup",
+        "/live/sessions/rs_1/hangup",
+        "/openai/v1/live/sessions/rs_1/hangup",
+    ):
+        assert route_of(production, "api.example.com", path) == (SIDECAR, "http"), path
+    assert route_of(production, "api.example.com", "/v1/live/sessionsx") == ("litellm", 4000)
+    assert route_of(production, "api.example.com", "/v1/live") == ("litellm", 4000)
 
 
 def test_client_secret_key_is_a_secret_ref_on_the_sidecar_only(production: Manifests) -> None:
@@ -955,6 +972,81 @@ def test_embedded_mode_has_no_consumer(helm: Helm, tmp_path: Path) -> None:
     assert "SIDECAR_REDIS_URL" not in env
     assert env["SIDECAR_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "billing-db"
     assert env["SIDECAR_LITELLM_URL"]["value"] == "http://litellm.ai.svc:4000"
+
+
+def test_a_sentinel_managed_master_from_values(helm: Helm, tmp_path: Path) -> None:
+    """redis.sentinel (url emptied): the sentinels, service name, both users, TLS and database as values on both
+    Deployments, both passwords only as secretKeyRefs; no SIDECAR_REDIS_URL."""
+    redis = {
+        "url": "",
+        "existingSecret": "",
+        "sentinel": {
+            "nodes": "redis-node-0.redis-headless:26379,redis-node-1.redis-headless:26379",
+            "serviceName": "mymaster",
+            "username": "sentinel-user",
+            "passwordSecret": "redis-sentinel",
+        },
+        "username": "sidecar",
+        "passwordSecret": "redis",
+        "ssl": True,
+        "sslCaCerts": "/etc/redis-ca/ca.crt",
+        "db": 2,
+    }
+    manifests = helm.template("-f", str(PRODUCTION), "-f", values_file(tmp_path, {"redis": redis}))
+    for name in (SIDECAR, CONSUMER):
+        env = env_of(manifests.one("Deployment", name))
+        assert "SIDECAR_REDIS_URL" not in env and "SIDECAR_REDIS_CLUSTER_NODES" not in env
+        values = {k: v.get("value") for k, v in env.items() if k.startswith("SIDECAR_REDIS_")}
+        assert values == {
+            "SIDECAR_REDIS_SENTINEL_NODES": "redis-node-0.redis-headless:26379,redis-node-1.redis-headless:26379",
+            "SIDECAR_REDIS_SERVICE_NAME": "mymaster",
+            "SIDECAR_REDIS_SENTINEL_USERNAME": "sentinel-user",
+            "SIDECAR_REDIS_SENTINEL_PASSWORD": None,
+            "SIDECAR_REDIS_USERNAME": "sidecar",
+            "SIDECAR_REDIS_PASSWORD": None,
+            "SIDECAR_REDIS_SSL": "true",
+            "SIDECAR_REDIS_SSL_CA_CERTS": "/etc/redis-ca/ca.crt",
+            "SIDECAR_REDIS_DB": "2",
+        }
+        assert env["SIDECAR_REDIS_SENTINEL_PASSWORD"]["valueFrom"] == {
+            "secretKeyRef": {"name": "redis-sentinel", "key": "sentinel-password"}
+        }
+        assert env["SIDECAR_REDIS_PASSWORD"]["valueFrom"] == {
+            "secretKeyRef": {"name": "redis", "key": "redis-password"}
+        }
+
+
+def test_a_redis_cluster_from_values(helm: Helm, tmp_path: Path) -> None:
+    """redis.cluster.nodes (url emptied): SIDECAR_REDIS_CLUSTER_NODES on both Deployments, TLS off by default,
+    no Sentinel or database variable."""
+    redis = {"url": "", "existingSecret": "", "cluster": {"nodes": "redis-cluster-0:6379,redis-cluster-1:6379"}}
+    manifests = helm.template("-f", str(PRODUCTION), "-f", values_file(tmp_path, {"redis": redis}))
+    for name in (SIDECAR, CONSUMER):
+        env = env_of(manifests.one("Deployment", name))
+        values = {k: v.get("value") for k, v in env.items() if k.startswith("SIDECAR_REDIS_")}
+        assert values == {
+            "SIDECAR_REDIS_CLUSTER_NODES": "redis-cluster-0:6379,redis-cluster-1:6379",
+            "SIDECAR_REDIS_SSL": "false",
+        }
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (
+            ["--set", "redis.existingSecret=", "--set", "redis.sentinel.nodes=s:26379",
+             "--set", "redis.cluster.nodes=c:6379", "--set", "redis.sentinel.serviceName=m"],
+            "redis: set sentinel.nodes or cluster.nodes, not both",
+        ),
+        (["--set", "redis.cluster.nodes=c:6379"], "redis: with sentinel.nodes or cluster.nodes set redis.url"),
+        (["--set", "redis.existingSecret=", "--set", "redis.sentinel.nodes=s:26379"],
+         "redis.sentinel.nodes needs redis.sentinel"),
+    ],
+    ids=["both", "next-to-url", "no-service-name"],
+)  # fmt: skip
+def test_contradictory_redis_values_are_refused(helm: Helm, args: list[str], reason: str) -> None:
+    """Sentinel and cluster together, either next to a URL, or Sentinel without its service name: no render."""
+    assert reason in helm.refusal("-f", str(PRODUCTION), *args)
 
 
 @pytest.mark.parametrize(

@@ -256,7 +256,43 @@ async def test_serve_with_allowed_unpriced_model_warns_and_logs_its_start(tmp_pa
 def test_consume_without_redis_is_one_line() -> None:
     """`consume` without SIDECAR_REDIS_URL: one line, exit 2 (and SIDECAR_LITELLM_CONFIG is not needed)."""
     line = refused(run("consume"))
-    assert line == "sidecar: sidecar consume needs SIDECAR_REDIS_URL (embedded mode bills in-process)"
+    assert line == (
+        "sidecar: sidecar consume needs SIDECAR_REDIS_URL, SIDECAR_REDIS_SENTINEL_NODES or SIDECAR_REDIS_CLUSTER_NODES"
+        " (embedded mode bills in-process)"
+    )
+
+
+REDIS_HA_MISCONFIGURATIONS = [
+    (
+        {"SIDECAR_REDIS_SENTINEL_NODES": "127.0.0.1:26379", "SIDECAR_REDIS_CLUSTER_NODES": "127.0.0.1:7000"},
+        "sidecar: set only one of SIDECAR_REDIS_SENTINEL_NODES and SIDECAR_REDIS_CLUSTER_NODES: they name different"
+        " kinds of Redis",
+    ),
+    (
+        {"SIDECAR_REDIS_SENTINEL_NODES": "127.0.0.1:26379"},
+        "sidecar: SIDECAR_REDIS_SENTINEL_NODES needs SIDECAR_REDIS_SERVICE_NAME (the master's name, e.g. mymaster)",
+    ),
+    (
+        {"SIDECAR_REDIS_CLUSTER_NODES": "127.0.0.1:7000,127.0.0.1:seven"},
+        "sidecar: SIDECAR_REDIS_CLUSTER_NODES has a node whose port is not a number: '127.0.0.1:seven'",
+    ),
+    (
+        {"SIDECAR_REDIS_SENTINEL_NODES": '[["127.0.0.1", 26379]', "SIDECAR_REDIS_SERVICE_NAME": "mymaster"},
+        "sidecar: SIDECAR_REDIS_SENTINEL_NODES is not valid JSON (Expecting ',' delimiter);"
+        " or write host:port,host:port",
+    ),
+]
+
+
+@pytest.mark.parametrize(("env", "message"), REDIS_HA_MISCONFIGURATIONS, ids=["both", "no-service", "port", "json"])
+@pytest.mark.parametrize("command", ["serve", "consume"])
+def test_contradictory_redis_settings_are_one_line(
+    tmp_path: Path, command: str, env: dict[str, str], message: str
+) -> None:
+    """Sentinel and Cluster both set, a node list that does not parse, Sentinel without its service name:
+    `serve` and `consume` each refuse with one line naming the setting, exit 2."""
+    settings = serve_env(tmp_path, **env) if command == "serve" else env
+    assert refused(run(command, env=settings)) == message
 
 
 def test_db_upgrade_needs_no_litellm_config(tmp_path: Path) -> None:

@@ -88,7 +88,52 @@ app.kubernetes.io/component: {{ . }}
 {{/* Redis / database ------------------------------------------------------------------------------- */}}
 
 {{- define "realtime-sidecar.hasRedis" -}}
-{{- if or .Values.redis.url .Values.redis.existingSecret }}true{{ end }}
+{{- if or .Values.redis.url .Values.redis.existingSecret .Values.redis.sentinel.nodes .Values.redis.cluster.nodes }}true{{ end }}
+{{- end }}
+
+{{/* A Sentinel-managed master or a Redis Cluster (docs/operations.md, "Redis high availability"): the node
+     lists, names, the master's user and TLS as values, the passwords only as Secret references. */}}
+{{- define "realtime-sidecar.redisHaEnv" -}}
+{{- with .Values.redis }}
+{{- if or .sentinel.nodes .cluster.nodes }}
+{{- with .sentinel.nodes }}
+- name: SIDECAR_REDIS_SENTINEL_NODES
+  value: {{ . | quote }}
+{{- end }}
+{{- with .sentinel.serviceName }}
+- name: SIDECAR_REDIS_SERVICE_NAME
+  value: {{ . | quote }}
+{{- end }}
+{{- with .sentinel.username }}
+- name: SIDECAR_REDIS_SENTINEL_USERNAME
+  value: {{ . | quote }}
+{{- end }}
+{{- with .sentinel.passwordSecret }}
+{{ include "realtime-sidecar.secretRefEnv" (dict "name" "SIDECAR_REDIS_SENTINEL_PASSWORD" "secret" . "key" $.Values.redis.sentinel.passwordSecretKey) }}
+{{- end }}
+{{- with .cluster.nodes }}
+- name: SIDECAR_REDIS_CLUSTER_NODES
+  value: {{ . | quote }}
+{{- end }}
+{{- with .username }}
+- name: SIDECAR_REDIS_USERNAME
+  value: {{ . | quote }}
+{{- end }}
+{{- with .passwordSecret }}
+{{ include "realtime-sidecar.secretRefEnv" (dict "name" "SIDECAR_REDIS_PASSWORD" "secret" . "key" $.Values.redis.passwordSecretKey) }}
+{{- end }}
+- name: SIDECAR_REDIS_SSL
+  value: {{ ternary "true" "false" (.ssl | default false) | quote }}
+{{- with .sslCaCerts }}
+- name: SIDECAR_REDIS_SSL_CA_CERTS
+  value: {{ . | quote }}
+{{- end }}
+{{- if .sentinel.nodes }}
+- name: SIDECAR_REDIS_DB
+  value: {{ .db | default 0 | int | toString | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{- define "realtime-sidecar.hasDatabase" -}}
@@ -155,6 +200,7 @@ consumeMetricsPort: SIDECAR_CONSUME_METRICS_PORT
   value: {{ . | quote }}
 {{- end }}
 {{- include "realtime-sidecar.urlEnv" (dict "name" "SIDECAR_REDIS_URL" "spec" .Values.redis) }}
+{{- include "realtime-sidecar.redisHaEnv" . }}
 {{- include "realtime-sidecar.urlEnv" (dict "name" "SIDECAR_DATABASE_URL" "spec" .Values.database) }}
 {{- range $key, $name := include "realtime-sidecar.settingNames" . | fromYaml }}
 {{- $value := index $.Values.config $key }}
@@ -295,8 +341,19 @@ consumeMetricsPort: SIDECAR_CONSUME_METRICS_PORT
 {{- if and (not .Values.litellmConfig.existingConfigMap) (empty .Values.litellmConfig.inline) }}
 {{- fail "litellmConfig: set existingConfigMap (the LiteLLM proxy's ConfigMap) or inline (its config.yaml)" }}
 {{- end }}
+{{- with .Values.redis }}
+{{- if and .sentinel.nodes .cluster.nodes }}
+{{- fail "redis: set sentinel.nodes or cluster.nodes, not both (SIDECAR_REDIS_SENTINEL_NODES and SIDECAR_REDIS_CLUSTER_NODES name different kinds of Redis)" }}
+{{- end }}
+{{- if and (or .sentinel.nodes .cluster.nodes) (or .url .existingSecret) }}
+{{- fail "redis: with sentinel.nodes or cluster.nodes set redis.url and redis.existingSecret to \"\" (SIDECAR_REDIS_URL names a single Redis)" }}
+{{- end }}
+{{- if and .sentinel.nodes (not .sentinel.serviceName) }}
+{{- fail "redis.sentinel.nodes needs redis.sentinel.serviceName (SIDECAR_REDIS_SERVICE_NAME, the master's name, e.g. mymaster)" }}
+{{- end }}
+{{- end }}
 {{- if and .Values.consumer.enabled (not (include "realtime-sidecar.hasRedis" .)) }}
-{{- fail "consumer.enabled needs Redis (redis.url or redis.existingSecret); without Redis the sidecar bills in-process (embedded mode): set consumer.enabled=false" }}
+{{- fail "consumer.enabled needs Redis (redis.url, redis.existingSecret, redis.sentinel or redis.cluster); without Redis the sidecar bills in-process (embedded mode): set consumer.enabled=false" }}
 {{- end }}
 {{- if and (or .Values.consumer.enabled (not (include "realtime-sidecar.hasRedis" .))) (not (include "realtime-sidecar.hasDatabase" .)) }}
 {{- fail "the billing database is not set: database.existingSecret (preferred) or database.url" }}
