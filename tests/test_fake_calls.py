@@ -807,12 +807,19 @@ async def test_a_live_hangup_sends_session_closed_with_the_last_usage_first(
     assert (events[1].reason, events[1].usage.seconds) == ("close_requested", 42)
 
 
-@pytest.mark.parametrize(("route", "reason"), [(REALTIME_ENDPOINT, "remote_hangup"), (LIVE_ENDPOINT, "expired")])
+@pytest.mark.parametrize(
+    ("route", "reason", "live_reason"),
+    [
+        (REALTIME_ENDPOINT, "remote_hangup", None),
+        (LIVE_ENDPOINT, "expired", "expired"),
+        (LIVE_ENDPOINT, "media_closed", "remote_hangup"),
+    ],
+)
 async def test_the_provider_ending_a_call_closes_its_sidebands(
-    fake: FakeCallProvider, sdk: SdkFactory, route: str, reason: str
+    fake: FakeCallProvider, sdk: SdkFactory, route: str, reason: str, live_reason: str | None
 ) -> None:
-    """call.end(reason): the sidebands close with 1000 (GPT-Live: after session.closed with that reason); no
-    hangup is counted; the call refuses new sidebands."""
+    """call.end(reason): the sidebands close with 1000 (GPT-Live: after session.closed with that reason, or
+    remote_hangup for a reason Live has not); no hangup is counted; the call refuses new sidebands."""
     client = sdk()
     headers = {"Authorization": f"Bearer {DEFAULT_API_KEY}"}
     ws = fake.url.replace("http", "ws")
@@ -829,8 +836,8 @@ async def test_the_provider_ending_a_call_closes_its_sidebands(
         rest = [orjson.loads(message) async for message in connection]
         assert connection.close_code == 1000
     assert [e["type"] for e in rest] == (["session.closed"] if route == LIVE_ENDPOINT else [])
-    assert all(e["reason"] == reason for e in rest)
-    assert call.ended.is_set() and not call.hung_up.is_set() and fake.hangups == 0
+    assert all(e["reason"] == live_reason for e in rest)
+    assert call.end_reason == reason and not call.hung_up.is_set() and fake.hangups == 0
     with pytest.raises(InvalidStatus) as refused:
         await websockets.connect(url, additional_headers=headers)
     assert refused.value.response.status_code == 404

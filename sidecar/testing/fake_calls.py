@@ -84,7 +84,8 @@ from sidecar.testing.fake_wire import Event, new_id
 DEFAULT_API_KEY: Final = "sk-fake-provider-key"
 DEFAULT_HOST: Final = "127.0.0.1"
 _PROTOCOL: Final = "fake_calls.protocol"  # the scope extension carrying uvicorn's protocol (aborts, close codes)
-#: The `session.closed` reason a GPT-Live call's sidebands get when it ends (else the reason given to `end`).
+#: The `session.closed` reason a GPT-Live call's sidebands get when it ends (types/live/session_closed_event.py).
+_LIVE_REASONS: Final = frozenset({"close_requested", "expired", "content", "remote_hangup", "connection_lost"})
 _LIVE_CLOSE_REASONS: Final = {"hangup": "close_requested", "provider_shutdown": "connection_lost"}
 
 #: `async (offer_sdp, call) -> answer_sdp`: a real media peer answering the offer.
@@ -283,14 +284,16 @@ class FakeCall:
         """The provider ends the call (a test calls this for a call the browser left, or that expired).
 
         A GPT-Live call's sidebands first get `session.closed` with the last usage reported and a Live reason
-        (`hangup` -> close_requested, `provider_shutdown` -> connection_lost, else `reason` itself: remote_hangup,
-        expired, content, connection_lost); then `ended` is set (`end_reason` = `reason`) and every sideband is
-        closed with `code`, without waiting for the closing handshakes. Idempotent."""
+        (`hangup` -> close_requested, `provider_shutdown` -> connection_lost, `reason` itself when it is one:
+        remote_hangup, expired, content, connection_lost; else remote_hangup); then `ended` is set (`end_reason`
+        = `reason`) and every sideband is closed with `code`, without waiting for the closing handshakes.
+        Idempotent."""
         if self.end_reason is not None:
             return
         self.end_reason = reason
         if isinstance(self.protocol, LiveCallProtocol) and reason != "session_close":  # it sent its own
-            await self.emit(self.protocol.closed(_LIVE_CLOSE_REASONS.get(reason, reason)))
+            live_reason = _LIVE_CLOSE_REASONS.get(reason, reason)
+            await self.emit(self.protocol.closed(live_reason if live_reason in _LIVE_REASONS else "remote_hangup"))
         self.ended.set()
         for sideband in list(self.sidebands):
             await sideband.close(code)
