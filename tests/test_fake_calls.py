@@ -12,6 +12,7 @@ import openai
 import orjson
 import pytest
 import websockets
+from aiortc import RTCPeerConnection, RTCSessionDescription
 from openai import AsyncOpenAI
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -120,6 +121,22 @@ def test_unusable_offers_are_refused_with_the_reason(offer: str, why: str) -> No
     """Not SDP, no origin, no media, a short m-line, a malformed line, no ICE or DTLS -> SdpError."""
     with pytest.raises(SdpError, match=why):
         check_offer(offer)
+
+
+async def test_a_real_webrtc_stack_accepts_the_answer_to_its_own_offer() -> None:
+    """aiortc's offer (audio + data channel) passes check_offer, and aiortc takes answer_sdp's answer as its
+    remote description (signaling state stable)."""
+    pc = RTCPeerConnection()
+    try:
+        pc.addTransceiver("audio", direction="sendrecv")
+        pc.createDataChannel("oai-events")
+        await pc.setLocalDescription(await pc.createOffer())
+        offer = pc.localDescription.sdp
+        assert [m.kind for m in check_offer(offer).media] == ["audio", "application"]
+        await pc.setRemoteDescription(RTCSessionDescription(answer_sdp(offer, AnswerIdentity.random()), "answer"))
+        assert pc.signalingState == "stable"
+    finally:
+        await pc.close()
 
 
 def test_random_identities_differ() -> None:
