@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import orjson
+import pytest
 
 from sidecar.catalog import LIVE_ENDPOINT, REALTIME_ENDPOINT
 from sidecar.pricing import Price
@@ -90,6 +92,11 @@ async def final_row(s: Stack) -> Any:
     return await s.final_row()
 
 
+async def metrics(s: Stack) -> str:
+    async with httpx.AsyncClient() as http:
+        return (await http.get(f"{s.sidecar.http}/metrics")).text
+
+
 def events_of(s: Stack) -> list[tuple[str, int]]:
     from sqlmodel import Session, select
 
@@ -110,6 +117,7 @@ async def test_realtime_call_billed_from_response_done_usage_exactly(tmp_path: P
                 f"{s.sidecar.http}/admin/sessions", headers={"Authorization": f"Bearer {MASTER_KEY}"}
             )
         assert [row["session_id"] for row in listed.json()["data"]] == [session_id]  # a live session like any other
+        assert "sidecar_live_sessions 1.0" in await metrics(s)
         await call.response_done(USAGE)
         await call.response_done(USAGE)
         await s.sidecar.openai(USER_KEY).realtime.calls.hangup(session_id)
@@ -121,6 +129,24 @@ async def test_realtime_call_billed_from_response_done_usage_exactly(tmp_path: P
         assert call.hung_up.is_set() and provider.hangups == 1
         kinds = events_of(s)
         assert kinds[0] == ("checkpoint", 1) and kinds[-1][0] == "final" and [k for k, _ in kinds].count("final") == 1
+        exposed = await metrics(s)
+        assert "sidecar_live_sessions 0.0" in exposed
+        assert f'sidecar_sessions_total{{close_reason="client_hangup",model="{RT}"}} 1.0' in exposed
+
+
+async def test_a_call_holds_its_keys_lease_until_it_is_billed(tmp_path: Path) -> None:
+    """With one session allowed per key, a live call refuses a second (429 concurrency_limit, no provider call);
+    once it is hung up and billed the lease is free again."""
+    async with running(tmp_path, max_sessions_per_key=1) as (s, provider):
+        session_id, _ = await realtime_call(s, provider, {"type": "realtime", "model": RT})
+        client = s.sidecar.openai(USER_KEY)
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.realtime.calls.create(sdp=BROWSER_OFFER, session={"type": "realtime", "model": RT})
+        assert refused.value.code == "concurrency_limit" and len(provider.calls) == 1
+        await client.realtime.calls.hangup(session_id)
+        await final_row(s)
+        await client.realtime.calls.create(sdp=BROWSER_OFFER, session={"type": "realtime", "model": RT})
+        assert len(provider.calls) == 2
 
 
 async def test_transcription_call_billed_at_the_reported_seconds(tmp_path: Path) -> None:
