@@ -339,6 +339,7 @@ async def test_sideband_sees_session_created_and_every_emitted_event(fake: FakeC
         assert created.type == "session.created" and created.session.model == "gpt-realtime"
         sideband = await call.wait_for_sideband()
         assert sideband.query["call_id"] == call.call_id and call.sideband_count == 1
+        assert (fake.requests[-1].method, fake.requests[-1].query) == ("WEBSOCKET", {"call_id": call.call_id})
         usage = {"total_tokens": 3, "input_tokens": 2, "output_tokens": 1}
         await call.response_done(usage=usage)
         done = await connection.recv()
@@ -424,6 +425,10 @@ async def test_a_bearer_key_does_not_open_an_azure_path_nor_an_api_key_an_openai
         assert response.status_code == 401
         assert response.json()["error"]["code"] == "invalid_api_key"
     assert fake.calls == [] and fake.offer_attempts == 0
+    assert [(r.method, r.path, r.headers.get("api-key")) for r in fake.requests] == [
+        ("POST", "/openai/v1/realtime/calls", None),
+        ("POST", "/v1/realtime/calls", DEFAULT_API_KEY),
+    ]
 
 
 # ---- misuse, with plain HTTP -------------------------------------------------------------------------------

@@ -27,6 +27,11 @@ provider's side: the browser left, the call expired) ends the call: a GPT-Live c
 `session.closed` with the last usage reported, then every sideband closes with 1000 and `call.ended` is set
 (`call.hung_up` too, for a hangup).
 
+Test handles: `await fake.wait_for_call(index)` -> FakeCall (`call_id`, `route`, `model`, `session`, `offer_sdp`,
+`auth`, `hung_up`, `ended`, `wait_for_sideband(n)`, `emit` and its helpers, `drop_sidebands`, `close_sidebands`,
+`end`), `fake.calls`, `fake.hangups`, `fake.offer_attempts`, and `fake.requests`: every HTTP request and WebSocket
+handshake as received, before any check (to prove what a sidecar sent, or did not send, to the provider).
+
 Faults (attributes of the provider, read on each request or event, settable any time):
     refuse_offer_status     refuse every create with this status (5xx: `server_error`, 429: `rate_limit_exceeded`)
     refuse_sideband_status  refuse every sideband upgrade of a known call with this status (counted in
@@ -53,13 +58,16 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self
+from urllib.parse import parse_qsl
 
 import orjson
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request as WsRequest
@@ -110,6 +118,42 @@ class _AbortableProtocol(WebSocketsSansIOProtocol):
         # completing handshake" for every refused sideband (it only counts an accepted upgrade as complete).
         if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
             self.handshake_complete = True
+
+
+@dataclass(frozen=True)
+class FakeRequest:
+    """One HTTP request or WebSocket handshake as received, recorded before any check."""
+
+    #: `POST`, or `WEBSOCKET` for a handshake.
+    method: str
+    path: str
+    #: Query parameters (the last value of a repeated one).
+    query: dict[str, str]
+    #: Headers, names lower-cased.
+    headers: dict[str, str]
+
+    @classmethod
+    def of(cls, scope: Scope) -> FakeRequest:
+        raw: bytes = scope.get("query_string", b"")
+        return cls(
+            method=scope.get("method", "WEBSOCKET"),
+            path=scope["path"],
+            query=dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True)),
+            headers={name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]},
+        )
+
+
+class _Recorder:
+    """ASGI middleware keeping every request and handshake in `requests` (FakeCallProvider.requests)."""
+
+    def __init__(self, app: ASGIApp, *, requests: list[FakeRequest]) -> None:
+        self.app = app
+        self.requests = requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            self.requests.append(FakeRequest.of(scope))
+        await self.app(scope, receive, send)
 
 
 class _QuietServer(uvicorn.Server):
@@ -366,6 +410,8 @@ class FakeCallProvider:
         self.hangups = 0
         #: Create requests that passed authentication (refused ones included).
         self.offer_attempts = 0
+        #: Every HTTP request and WebSocket handshake, as received (before any check).
+        self.requests: list[FakeRequest] = []
         self._by_id: dict[str, FakeCall] = {}
         self._host = host
         self._port = port
@@ -456,7 +502,8 @@ class FakeCallProvider:
             return _error(500, "server_error", "The fake provider failed on this request.")
 
         handlers = {404: not_found, 405: not_found, Exception: crashed}
-        return Starlette(routes=routes, exception_handlers=handlers)
+        middleware = [Middleware(_Recorder, requests=self.requests)]
+        return Starlette(routes=routes, exception_handlers=handlers, middleware=middleware)
 
     def _credential(self, headers: dict[str, str], *, azure: bool) -> tuple[str, JSONResponse | None]:
         """The credential header's value, and a 401 unless it carries the key (Azure: `api-key`)."""
