@@ -8,7 +8,7 @@
 
 The shared state lives behind `ControlStore`: `RedisStore` (replicas share one Redis: a registry hash with
 expiry, a lease sorted set per key, running costs per budget scope, billed-spend counters per budget window,
-pub/sub on `realtime:control`) or `MemoryStore` (embedded mode: one process).
+pub/sub on `realtime:control`, sharded pub/sub on a Redis Cluster) or `MemoryStore` (embedded mode: one process).
 
 A live session is anything `Watched`: a relayed WebSocket session (relay.Relay) or a WebRTC call watched
 through its sideband (calls.watch.CallWatch); the loops below treat both alike.
@@ -25,10 +25,11 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 from redis.exceptions import RedisError
 
 from sidecar import tuning
@@ -44,6 +45,7 @@ from sidecar.errors import (
     SidecarError,
 )
 from sidecar.metrics import Metrics
+from sidecar.redis_keys import budget_prefix, is_cluster
 
 if TYPE_CHECKING:
     from sidecar.metering import Figures
@@ -116,7 +118,8 @@ def budget_windows(principal: Principal) -> str:
 
 
 def billed_key(prefix: str, scope: str, window: str) -> str:
-    """The Redis key of a scope's billed-spend counter in one budget window."""
+    """The Redis key of a scope's billed-spend counter in one budget window (`prefix`: the budget family's,
+    sidecar/redis_keys.py `budget_prefix`: `{realtime}` on a Redis Cluster)."""
     return f"{prefix}:billed:{scope}:{window}"
 
 
@@ -234,12 +237,20 @@ return 1
 
 
 class RedisStore:
-    """ControlStore over one Redis shared by every replica. Times are wall-clock seconds (`now`)."""
+    """ControlStore over one Redis (or one Redis Cluster) shared by every replica. Times are wall-clock seconds
+    (`now`).
+
+    Every operation touches one key at a time (the release and heartbeat pipelines are not transactions), so on a
+    cluster leases, registry and costs live wherever their names hash; the billed counters are the budget family
+    (sidecar/redis_keys.py). On a cluster the control channel is a sharded channel (SPUBLISH / SSUBSCRIBE): one
+    shard carries it instead of every node's bus."""
 
     def __init__(self, redis: aioredis.Redis, *, channel: str = "realtime:control", prefix: str = "realtime") -> None:
         self._redis = redis
         self._channel = channel
         self._prefix = prefix
+        self._cluster = is_cluster(redis)
+        self._budget = budget_prefix(prefix, cluster=self._cluster)
         self._acquire = redis.register_script(_ACQUIRE)
 
     def _k(self, *parts: str) -> str:
@@ -277,8 +288,10 @@ class RedisStore:
         leases: dict[str, dict[str, float]] = defaultdict(dict)  # one ZADD per key, not per session
         for info in infos:
             leases[info.key_hash][info.session_id] = expires
+        # Not XX: a lease Redis lost (a failover before it replicated, a restart) comes back with the next beat. A
+        # beat racing a release may re-add an ended session's lease; it expires within LEASE_TTL_S, like the registry.
         for key_hash, members in leases.items():
-            pipe.zadd(self._k("leases", key_hash), members, xx=True)
+            pipe.zadd(self._k("leases", key_hash), members)
         for scope, by_session in costs.items():
             key = self._k("cost", scope)
             pipe.hset(key, mapping={sid: f"{expires} {cost}" for sid, cost in by_session.items()})
@@ -309,25 +322,38 @@ class RedisStore:
         return out
 
     async def add_billed(self, scope: str, window: str, amount: Decimal) -> None:
-        key = billed_key(self._prefix, scope, window)
-        pipe = self._redis.pipeline(transaction=True)
+        key = billed_key(self._budget, scope, window)
+        pipe = self._redis.pipeline(transaction=True)  # one key: one slot
         pipe.incrbyfloat(key, float(amount))
         pipe.expire(key, BILLED_TTL_S)
         await self._call(pipe.execute())
 
     async def billed(self, scope: str, window: str) -> Decimal:
-        raw = await self._call(self._redis.get(billed_key(self._prefix, scope, window)))
+        raw = await self._call(self._redis.get(billed_key(self._budget, scope, window)))
         return Decimal(raw.decode()) if raw else Decimal(0)
 
     async def publish(self, message: dict[str, str]) -> None:
-        await self._call(self._redis.publish(self._channel, orjson.dumps(message)))
+        send = self._redis.spublish if self._cluster else self._redis.publish
+        await self._call(send(self._channel, orjson.dumps(message)))
 
     async def messages(self) -> AsyncIterator[dict[str, str]]:
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(self._channel)
+        """The control messages, as they arrive. Raises redis-py's errors when the subscription is lost (the
+        Supervisor subscribes again): messages published meanwhile are not replayed (docs/operations.md)."""
+        # On a cluster the (un)subscribe confirmations are read: the server's `sunsubscribe` says the slot moved.
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=not self._cluster)
         try:
-            async for item in pubsub.listen():
-                if item.get("type") != "message":
+            if self._cluster:
+                # Read the slot map afresh: after a failover the cached owner of the channel's slot may be gone.
+                cluster = cast("RedisCluster", self._redis)
+                await cluster.initialize()
+                await cluster.nodes_manager.initialize()
+                await pubsub.ssubscribe(self._channel)
+                items = _sharded(cast("ClusterPubSub", pubsub))
+            else:
+                await pubsub.subscribe(self._channel)
+                items = pubsub.listen()
+            async for item in items:
+                if item.get("type") not in ("message", "smessage"):
                     continue
                 with contextlib.suppress(orjson.JSONDecodeError, TypeError):
                     message = orjson.loads(item["data"])
@@ -342,6 +368,22 @@ class RedisStore:
             return bool(await self._redis.ping())
         except (RedisError, OSError):
             return False
+
+
+async def _sharded(pubsub: ClusterPubSub) -> AsyncIterator[dict[str, Any]]:
+    """The messages of a cluster pub/sub's sharded channel (redis-py's ClusterPubSub has no `listen` for them).
+
+    Raises ControlError when the subscription is gone: the server unsubscribes sharded subscribers when their slot
+    changes master (a failover), after which redis-py would wait on nothing."""
+    while True:
+        item = await pubsub.get_sharded_message(timeout=HEARTBEAT_S)
+        if item is None:
+            if not pubsub.node_pubsub_mapping:
+                raise ControlError("control channel lost (no shard subscription left)")
+            continue
+        if item.get("type") == "sunsubscribe":
+            raise ControlError("control channel lost (its slot moved to another master)")
+        yield item
 
 
 @dataclass

@@ -103,7 +103,7 @@ async def test_any_order_with_repeats_settles_the_final_cost_once(redis_client: 
 
 
 async def test_a_batch_settles_what_its_events_settle_one_by_one(tmp_path: Path) -> None:
-    """Several sessions' events, repeated and out of order, in one `settle_many` (one pipeline): each event settles
+    """Several sessions' events, repeated and out of order, in one `settle_many` (one script call): each event settles
     what it settles alone, in the same order, and the counters match; on a fresh Redis without the script (NOSCRIPT)
     the script is loaded and the batch settled once."""
     server = RedisServer(tmp_path / "redis")

@@ -5,8 +5,8 @@ One `UsageConsumer` runs one group through one writer: the `billing` group into 
 Delivery is at least once and writes are idempotent: an entry is acknowledged only after the DB
 transaction holding its event commits (or after it was dead-lettered), so a consumer that dies at any
 point leaves its entries pending, and another one reclaims them with XAUTOCLAIM; replaying them changes
-nothing. Unparsable entries, and events a writer refuses for good, go to `<stream>:dead` with the reason
-and the group that buried them.
+nothing. Unparsable entries, and events a writer refuses for good, go to `<stream>:dead` (`{<stream>}:dead`
+on a Redis Cluster: the stream's hash slot) with the reason and the group that buried them.
 
 The stream is trimmed with XTRIM MINID below the oldest entry any group on it still needs, never by
 length, so no group loses an entry it has not acknowledged or not yet read.
@@ -29,6 +29,7 @@ from redis.typing import EncodableT, FieldT
 from sqlalchemy.engine import Engine
 
 from sidecar.billing.writer import BillingDataError, BillingError, check_storable, upgrade
+from sidecar.redis_keys import dead_stream, is_cluster
 from sidecar.usage import UsageDecodeError, UsageEvent
 
 if TYPE_CHECKING:
@@ -129,7 +130,8 @@ class UsageConsumer:
         self._redis = redis
         self._writer = writer
         self._stream = stream
-        self._dead_stream = f"{stream}:dead"
+        # In the stream's hash slot (`{<stream>}:dead` on a Redis Cluster): `_bury` adds and acknowledges in one MULTI.
+        self._dead_stream = dead_stream(stream, cluster=is_cluster(redis))
         self._group = group
         self._consumer = consumer or default_consumer_name()
         self._batch = batch

@@ -13,12 +13,14 @@ may go below zero by what its checkpoints already put into LiteLLM; the session'
 up for it, and its final cost, added at its end, brings it back.
 
 Exactly once: one Lua script keeps, per session, the cumulative cost already settled
-(`<prefix>:ledger:settled:<session_id>`, expiring with the billed counters) and takes off only what an
-event's cumulative cost adds to it. A duplicate, a redelivery, an older checkpoint settle nothing; the
-sink calls it for applied and skipped outcomes alike, so an event whose commit went through but whose
-settle did not (a crash, Redis down) is settled when it or a later event of the session comes again.
-`settle_many` settles a batch in one round trip: the script's calls pipelined (EVALSHA), in the batch's order,
-so it settles exactly what the same events settled one by one would.
+(`<prefix>:ledger:settled:<session_id>`, expiring with the billed counters; `{<prefix>}:...` on a Redis
+Cluster, like the counters, so that every key the script touches is in one hash slot: sidecar/redis_keys.py)
+and takes off only what an event's cumulative cost adds to it. A duplicate, a redelivery, an older
+checkpoint settle nothing; the sink calls it for applied and skipped outcomes alike, so an event whose commit
+went through but whose settle did not (a crash, Redis down) is settled when it or a later event of the session
+comes again.
+`settle_many` settles a batch in one round trip: one call of the script for the whole batch, in the batch's
+order, so it settles exactly what the same events settled one by one would.
 """
 
 from __future__ import annotations
@@ -29,25 +31,37 @@ from typing import Any, Final
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
 
 from sidecar.control import BILLED_TTL_S, billed_key
+from sidecar.redis_keys import budget_prefix, is_cluster
 from sidecar.usage import UsageEvent
 
-# KEYS[1] the session's settled figure, KEYS[2..] the billed counters; ARGV[1] the event's cumulative cost
-# (exact decimal text), ARGV[2] the TTL in seconds. Returns what was newly settled ('0' for nothing).
-# Lua numbers are doubles (as INCRBYFLOAT's counters are): the difference is rounded to the 10 places
-# costs have, which removes the double's noise, and that very figure is taken off and returned.
+# One call settles a batch, in its order. ARGV[1] the TTL in seconds, then per event its cumulative cost (exact
+# decimal text) and how many billed counters it names; KEYS per event: its session's settled figure, then those
+# counters. Returns what each event newly settled ('0' for nothing). Lua numbers are doubles (as INCRBYFLOAT's
+# counters are): the difference is rounded to the 10 places costs have, which removes the double's noise, and
+# that very figure is taken off and returned. A later event of the same session in the batch reads the figure an
+# earlier one set, so the batch settles exactly what its events settled one by one would.
 _SETTLE: Final = """
-local settled = tonumber(redis.call('GET', KEYS[1]) or '0')
-local fresh = string.format('%.10f', tonumber(ARGV[1]) - settled)
-if tonumber(fresh) <= 0 then return '0' end
-for i = 2, #KEYS do
-  redis.call('INCRBYFLOAT', KEYS[i], '-' .. fresh)
-  redis.call('EXPIRE', KEYS[i], ARGV[2])
+local out = {}
+local k = 1
+for i = 2, #ARGV, 2 do
+  local n = tonumber(ARGV[i + 1])
+  local settled = tonumber(redis.call('GET', KEYS[k]) or '0')
+  local fresh = string.format('%.10f', tonumber(ARGV[i]) - settled)
+  if tonumber(fresh) <= 0 then
+    out[#out + 1] = '0'
+  else
+    for j = k + 1, k + n do
+      redis.call('INCRBYFLOAT', KEYS[j], '-' .. fresh)
+      redis.call('EXPIRE', KEYS[j], ARGV[1])
+    end
+    redis.call('SET', KEYS[k], ARGV[i], 'EX', ARGV[1])
+    out[#out + 1] = fresh
+  end
+  k = k + 1 + n
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return fresh
+return out
 """
 
 
@@ -65,7 +79,8 @@ def windows(budget_windows: str) -> dict[str, str]:
 
 
 def settled_key(prefix: str, session_id: str) -> str:
-    """The Redis key holding a session's cumulative settled cost."""
+    """The Redis key holding a session's cumulative settled cost (`prefix`: the budget family's,
+    sidecar/redis_keys.py `budget_prefix`)."""
     return f"{prefix}:ledger:settled:{session_id}"
 
 
@@ -74,7 +89,8 @@ class BudgetSettler:
 
     def __init__(self, redis: aioredis.Redis, *, prefix: str, ttl_s: int = BILLED_TTL_S) -> None:
         self._redis = redis
-        self._prefix = prefix
+        # Every key the script touches is of the budget family: one hash slot on a Redis Cluster.
+        self._prefix = budget_prefix(prefix, cluster=is_cluster(redis))
         self._ttl_s = ttl_s
         self._script = redis.register_script(_SETTLE)
 
@@ -88,29 +104,24 @@ class BudgetSettler:
         return settled
 
     async def settle_many(self, events: Sequence[UsageEvent]) -> list[Decimal]:
-        """`settle` for each event, in order, in one round trip (none for events without a budget scope); returns
-        what each newly settled.
+        """`settle` for each event, in order, in one script call (one round trip; none for events without a budget
+        scope); returns what each newly settled.
 
-        Redis errors (redis.exceptions.RedisError, OSError) propagate; each event's settle is whole or not done,
-        and one that was done is not done again when the batch is retried (the figure is cumulative).
+        Redis errors (redis.exceptions.RedisError, OSError) propagate; the batch's settle is whole or not done,
+        and one that was done is not done again when the batch is retried (the figure is cumulative). A Redis
+        without the script (restarted, flushed, failed over) gets it loaded and the call made again.
         """
         calls = {i: keys for i, e in enumerate(events) if (keys := self._keys(e))}
         settled = [Decimal(0)] * len(events)
         if not calls:
             return settled
-        for attempt in (1, 2):
-            pipe = self._redis.pipeline(transaction=False)
-            for i, keys in calls.items():
-                pipe.evalsha(self._script.sha, len(keys), *keys, format(events[i].cost_usd, "f"), self._ttl_s)
-            replies = await pipe.execute(raise_on_error=False)
-            if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
-                await self._redis.script_load(_SETTLE)  # a restarted or flushed Redis: load, then all again
-                continue
-            if failed := next((r for r in replies if isinstance(r, Exception)), None):
-                raise failed
-            for i, raw in zip(calls, replies, strict=True):
-                settled[i] = _decimal(raw)
-            break
+        keys = [key for per_event in calls.values() for key in per_event]
+        args: list[str | int] = [self._ttl_s]
+        for i, per_event in calls.items():
+            args += [format(events[i].cost_usd, "f"), len(per_event) - 1]
+        replies = await self._script(keys=keys, args=args)
+        for i, raw in zip(calls, replies, strict=True):
+            settled[i] = _decimal(raw)
         return settled
 
     def _keys(self, event: UsageEvent) -> list[str]:

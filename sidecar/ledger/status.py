@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 from sidecar.ledger.schema import OPTIONAL_COLUMNS, missing_required, probe
 from sidecar.ledger.writer import MARKERS, SINK_SCHEMA
+from sidecar.redis_keys import dead_stream, is_cluster
 
 DEAD_SCAN: Final = 1000
 """Dead letters read per XRANGE call while counting them by group."""
@@ -50,7 +51,7 @@ async def stream_status(
     """Each group's figures; dead letters are counted by their `group` field (older ones, without it, by
     `billing`, the only group that buried before). Raises redis-py's errors."""
     found = {_text(g["name"]): g for g in await redis.xinfo_groups(stream)} if await redis.exists(stream) else {}
-    dead = await _dead_letters(redis, f"{stream}:dead")
+    dead = await _dead_letters(redis, dead_stream(stream, cluster=is_cluster(redis)))
     result = []
     for name in groups:
         info = found.get(name)
