@@ -275,6 +275,26 @@ async def test_refusals_pass_through_nginx_unchanged(tmp_path: Path) -> None:
             assert proxied == await refusal(f"{f.sidecar.sidecar.ws}{path}", headers)
 
 
+async def test_webrtc_call_routes_reach_the_sidecar_through_nginx(tmp_path: Path) -> None:
+    """The WebRTC creates and hangups (POSTs under the voice paths, issue 17) reach the sidecar: its own 401
+    JSON, where the stand-in LiteLLM would answer a POST 405."""
+    async with front(tmp_path) as f, httpx.AsyncClient() as http:
+        for path in (
+            "/v1/realtime/calls",
+            "/openai/v1/realtime/calls",
+            "/realtime/calls/rs_1/hangup",
+            "/v1/realtime/calls/rs_1/hangup",
+            "/v1/live/sessions",
+            "/live/sessions",
+            "/openai/v1/live/sessions/rs_1/hangup",
+            "/v1/live/sessions/rs_1/hangup",
+        ):
+            proxied = await http.post(f"{f.nginx.http}{path}", content=b"v=0")
+            direct = await http.post(f"{f.sidecar.sidecar.http}{path}", content=b"v=0")
+            assert (proxied.status_code, proxied.json()["error"]["code"]) == (401, "invalid_api_key"), path
+            assert proxied.json() == direct.json()
+
+
 async def test_credentials_and_forwarding_headers_reach_the_upstreams(tmp_path: Path) -> None:
     """Both locations forward Authorization, api-key, the subprotocols, Host and X-Forwarded-*; `realtime` is chosen."""
     async with serve(fake_litellm_app()) as echo:
