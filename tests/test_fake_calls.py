@@ -13,6 +13,8 @@ import orjson
 import pytest
 import websockets
 from aiortc import RTCPeerConnection, RTCSessionDescription
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai import AsyncOpenAI
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -137,6 +139,36 @@ async def test_a_real_webrtc_stack_accepts_the_answer_to_its_own_offer() -> None
         assert pc.signalingState == "stable"
     finally:
         await pc.close()
+
+
+_MEDIA = st.tuples(
+    st.sampled_from(["audio", "video", "application"]),
+    st.booleans(),  # rejected (port 0)
+    st.sampled_from(["sendrecv", "sendonly", "recvonly", "inactive"]),
+    st.sampled_from(["actpass", "active", "passive"]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(media=st.lists(_MEDIA, min_size=1, max_size=5), crlf=st.booleans())
+def test_any_offer_is_answered_line_for_line(media: list[tuple[str, bool, str, str]], crlf: bool) -> None:
+    """For any offer: one answer m-line per offered m-line, same kind and mid, rejected ones rejected, the
+    direction inverted, setup never the offerer's own active, BUNDLE only the accepted mids."""
+    lines = ["v=0", "o=- 1 1 IN IP4 0.0.0.0", "s=-", "t=0 0", f"a=group:BUNDLE {' '.join(map(str, range(len(media))))}"]
+    for mid, (kind, rejected, direction, setup) in enumerate(media):
+        proto, fmt = ("UDP/DTLS/SCTP", "webrtc-datachannel") if kind == "application" else ("UDP/TLS/RTP/SAVPF", "96")
+        lines += [f"m={kind} {0 if rejected else 9} {proto} {fmt}", f"a=mid:{mid}", "a=ice-ufrag:u", "a=ice-pwd:p"]
+        lines += ["a=fingerprint:sha-256 00", f"a=setup:{setup}", f"a={direction}", "a=rtpmap:96 opus/48000/2"]
+    answer = parse_offer(answer_sdp(("\r\n" if crlf else "\n").join(lines), IDENTITY))
+    inverse = {"sendrecv": "sendrecv", "sendonly": "recvonly", "recvonly": "sendonly", "inactive": "inactive"}
+    assert [(m.kind, m.get("mid")) for m in answer.media] == [(kind, str(i)) for i, (kind, *_) in enumerate(media)]
+    for answered, (kind, rejected, direction, setup) in zip(answer.media, media, strict=True):
+        assert (answered.port == "0") == rejected
+        if not rejected:
+            assert answered.get("setup") == ("passive" if setup == "active" else "active")
+            assert kind == "application" or answered.has(inverse[direction])
+    accepted = [str(i) for i, (_, rejected, *_) in enumerate(media) if not rejected]
+    assert answer.session_get("group") == (f"BUNDLE {' '.join(accepted)}" if accepted else None)
 
 
 def test_random_identities_differ() -> None:
@@ -435,13 +467,20 @@ async def test_a_bearer_key_does_not_open_an_azure_path_nor_an_api_key_an_openai
 
 
 async def test_a_wrong_key_is_401_with_the_key_masked(fake: FakeCallProvider, sdk: SdkFactory) -> None:
-    """calls.create with another key -> 401 invalid_api_key naming only the key's ends; no call kept."""
+    """calls.create with another key -> 401 invalid_api_key naming only the key's ends; no call kept; a hangup
+    with another key (either path) -> 401, the call goes on."""
     with pytest.raises(openai.AuthenticationError) as refused:
         await sdk(key="sk-wrong-key-0123456789").realtime.calls.create(sdp=BROWSER_OFFER)
     body = refused.value.response.json()
     assert body["error"]["code"] == "invalid_api_key"
     assert "wrong-key" not in body["error"]["message"] and body["error"]["message"].endswith("6789.")
     assert fake.calls == []
+    await sdk().realtime.calls.create(sdp=BROWSER_OFFER, session=REALTIME_SESSION)
+    call = await fake.wait_for_call()
+    for client in (sdk(key="sk-wrong-key-0123456789"), sdk(key="sk-wrong-key-0123456789", azure=True)):
+        with pytest.raises(openai.AuthenticationError):
+            await client.realtime.calls.hangup(call.call_id)
+    assert not call.ended.is_set() and fake.hangups == 0
 
 
 async def test_plain_sdp_create_takes_the_model_from_the_query(fake: FakeCallProvider) -> None:
