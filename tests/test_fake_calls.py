@@ -851,6 +851,9 @@ async def test_closing_the_provider_ends_calls_with_1001() -> None:
                 await connection.recv()
     assert call.end_reason == "provider_shutdown" and call.sidebands[0].close_code == 1001
     await fake.aclose()  # idempotent
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(httpx.ConnectError):  # the URL is still known; nothing listens there
+            await http.post(f"{fake.url}/v1/realtime/calls")
 
 
 async def test_a_live_hangup_sends_session_closed_with_the_last_usage_first(

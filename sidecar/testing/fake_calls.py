@@ -400,9 +400,13 @@ class FakeCallProvider:
         sessions (`expires_at`)."""
         self.api_key = api_key
         self.answerer = answerer
+        #: Faults (module docstring), read on each request or event: refuse every create with this status,
         self.refuse_offer_status: int | None = None
+        #: refuse every sideband upgrade of a known call with this status,
         self.refuse_sideband_status: int | None = None
+        #: abort a sideband's TCP connection once it has been sent this many server events (its opening counts),
         self.drop_sideband_after: int | None = None
+        #: answer every hangup with this status (the call goes on).
         self.hangup_status: int | None = None
         #: Every call created, in order.
         self.calls: list[FakeCall] = []
@@ -419,6 +423,7 @@ class FakeCallProvider:
         self._clock = clock
         self._changed = asyncio.Condition()
         self._socket: socket.socket | None = None
+        self._url: str | None = None
         self._server: _QuietServer | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -426,17 +431,18 @@ class FakeCallProvider:
 
     @property
     def url(self) -> str:
-        """`http://127.0.0.1:PORT` (no path). Raises RuntimeError before `start()`."""
-        if self._socket is None:
+        """`http://127.0.0.1:PORT` (no path; still known after `aclose`). Raises RuntimeError before `start()`."""
+        if self._url is None:
             raise RuntimeError("FakeCallProvider is not started")
-        host, port = self._socket.getsockname()[:2]
-        return f"http://{host}:{port}"
+        return self._url
 
     async def start(self) -> None:
         """Listen and serve. Raises OSError if the address is taken, RuntimeError if already started."""
         if self._socket is not None:
             raise RuntimeError("FakeCallProvider is already started")
         self._socket = _bound_socket(self._host, self._port)
+        host, port = self._socket.getsockname()[:2]
+        self._url = f"http://{host}:{port}"
         config = uvicorn.Config(
             self._app(),
             lifespan="off",
