@@ -263,6 +263,10 @@ def test_realtime_protocol_answers_client_events_and_errors_to_the_sender() -> N
     assert reply.broadcast[1]["response"]["usage"] == response_usage()
     updated = protocol.receive('{"type": "session.update", "session": {"instructions": "hi"}}').broadcast[0]
     assert updated["session"]["instructions"] == "hi" and updated["session"]["model"] == "gpt-realtime"
+    received = {"type": "realtime", "turn_detection": {"type": "server_vad"}}
+    nested = RealtimeCallProtocol(model="m", session=received)
+    nested.receive('{"type": "session.update", "session": {"turn_detection": {"type": "semantic_vad"}}}')
+    assert received == {"type": "realtime", "turn_detection": {"type": "server_vad"}}  # what was received stays
     for bad in (b"\x00", "{", "[]", '{"type": "nope", "event_id": "e1"}', '{"type": "session.update"}'):
         answered = protocol.receive(bad)
         assert answered.broadcast == [] and [e["type"] for e in answered.direct] == ["error"]
@@ -280,6 +284,10 @@ def test_live_protocol_closes_the_session_and_refuses_a_model_change() -> None:
         "status": "active",
         "expires_at": 4600,
     }
+    received = {"model": "gpt-live-1", "audio": {"output": {"voice": "marin"}}}
+    nested = LiveCallProtocol(call_id="sess_2", session=received, created_at=0.0, transcript="")
+    nested.receive('{"type": "session.update", "session": {"audio": {"output": {"voice": "cedar"}}}}')
+    assert received["audio"] == {"output": {"voice": "marin"}}
     refused = protocol.receive('{"type": "session.update", "session": {"model": "x"}, "event_id": "c1"}')
     assert refused.direct[0]["error"]["code"] == "immutable_parameter"
     assert refused.direct[0]["client_event_id"] == "c1"

@@ -29,6 +29,7 @@ Malformed JSON and binary frames are answered with an `error` event to the sende
 
 from __future__ import annotations
 
+import copy
 import email.policy
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -208,9 +209,7 @@ class RealtimeCallProtocol:
         transcription = session.get("type") == "transcription"
         self.model = model
         self.session = ga_session(model if not transcription else None, transcription=transcription)
-        deep_merge(self.session, session)
-        if model is not None and not transcription:
-            self.session["model"] = model
+        deep_merge(self.session, copy.deepcopy(session))  # updates must not change the session received
         #: Every client event received (parsed), from every sideband and the data channel.
         self.events: list[Event] = []
         self._handlers: dict[str, Callable[[Event], CallReply]] = {
@@ -294,7 +293,7 @@ class LiveCallProtocol:
     def __init__(self, *, call_id: str, session: dict[str, Any], created_at: float, transcript: str) -> None:
         self.model = str(session.get("model"))
         self.session: dict[str, Any] = {
-            **session,
+            **copy.deepcopy(session),  # updates must not change the session received
             "id": call_id,
             "object": "live.session",
             "status": "active",
