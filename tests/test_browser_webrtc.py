@@ -29,8 +29,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sidecar import captions
+from sidecar.auth import hash_key
+from sidecar.billing.tables import quantize
 from sidecar.calls.offer import parse_realtime
+from sidecar.metering import bill_time
+from sidecar.testing.fake_calls import FakeCallProvider
 from sidecar.testing.rtc_peer import DEFAULT_TRANSCRIPT, RtcPeer
+from tests.relay_stack import USER_KEY, entry, stack
 from tests.support import Running, serve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +45,11 @@ SCREENSHOT = REPO / "test-artifacts" / "captions-webrtc.png"
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 WHISPER = "gpt-realtime-whisper"
 SECRET = "ek_direct-test-secret"
+CAPTIONS = {
+    "captions_page": True,
+    "captions_key": USER_KEY,
+    "client_secret_key": "captions-test-signing-key-0123456789",
+}
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +60,9 @@ def playwright_core() -> Path:
     return REPO / "tools" / "node_modules" / "playwright-core"
 
 
-async def drive(page_url: str, *, min_captions: int = 2) -> dict[str, Any]:
-    """Run the keyboard-only driver on `page_url`: start, `min_captions` captions, stop; what the page showed."""
+async def drive(page_url: str, *, min_captions: int = 2, ending: str = "stop") -> dict[str, Any]:
+    """Run the keyboard-only driver on `page_url`: start, `min_captions` captions, then Stop (or close the tab:
+    `ending="close"`); what the page showed."""
     SCREENSHOT.parent.mkdir(exist_ok=True)
     SCREENSHOT.unlink(missing_ok=True)
     driver = await asyncio.create_subprocess_exec(
@@ -61,6 +72,7 @@ async def drive(page_url: str, *, min_captions: int = 2) -> dict[str, Any]:
         str(SPEECH_WAV),
         str(SCREENSHOT),
         str(min_captions),
+        ending,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -111,6 +123,7 @@ class DirectCalls:
 
     async def hangup(self, request: Request) -> Response:
         self.hangups.append((request.path_params["call_id"], request.headers["authorization"]))
+        await self.peer.calls[-1].close()  # the provider ends the call: the page sees its data channel close
         return Response(status_code=200)
 
 
@@ -147,3 +160,63 @@ async def test_the_page_calls_a_real_webrtc_peer_that_hears_the_microphone(playw
     assert calls.hangups == [("rs_direct0123", f"Bearer {SECRET}")]
     assert (page["transport"], page["callId"], page["status"]) == ("webrtc", "rs_direct0123", "Stopped.")
     assert page["bytesSent"] == "0" and page["model"] == WHISPER
+
+
+# ---- through the sidecar: its create and hangup routes, the call watched on the fake provider's sideband ------
+
+
+async def test_a_browser_call_through_the_sidecar_is_billed_exactly_the_seconds_the_peer_heard(
+    tmp_path: Path, playwright_core: Path
+) -> None:
+    """The page's call goes through POST /v1/realtime/calls with its client secret (never forwarded); the
+    provider's media side is the aiortc peer; the sidecar bills the call from the sideband's transcription
+    usage, and the final row is exactly the audio the peer decoded, billed to the captions key."""
+    peer = RtcPeer()
+    async with FakeCallProvider(answerer=peer) as fake:
+        entries = [entry(WHISPER, f"openai/{WHISPER}", fake.url, fake.api_key)]
+        async with stack(tmp_path, entries=entries, **CAPTIONS) as s:
+            page = await drive(f"{s.sidecar.http}/captions/?transport=webrtc")
+            row = await s.final_row()
+            price = s.sidecar.app.state.services.catalog.resolve(WHISPER).price
+        await peer.aclose()
+    call, peer_call = fake.calls[0], peer.calls[0]
+    heard = Decimal(peer_call.received.numerator) / peer_call.received.denominator
+    assert len(fake.calls) == 1 and len(peer.calls) == 1
+    assert call.auth == f"Bearer {fake.api_key}" and call.session["type"] == "transcription"
+    assert peer_call.frames > 0 and peer_call.received == peer_call.billed
+    assert len(page["captions"]) == len(peer_call.items) >= 2 and set(page["captions"]) == {DEFAULT_TRANSCRIPT}
+    assert Decimal(page["audioSeconds"]) == heard
+    # The page knows the call by the sidecar's session id only; the provider's call id stays behind it.
+    assert page["callId"].startswith("rs_") and call.call_id not in str(page)
+    assert (row.key_hash, row.model, row.session_id) == (hash_key(USER_KEY), WHISPER, page["callId"])
+    assert row.close_reason == "client_hangup" and call.hung_up.is_set() and fake.hangups == 1
+    # Billed: the seconds the peer decoded, as the metering rounds and prices them (no audio passed the sidecar).
+    quantity, cost = bill_time(peer_call.received, price)
+    assert (row.unit, row.quantity, row.cost_usd) == ("second", quantize(quantity), quantize(cost))
+    assert row.quantity == heard and (row.audio_bytes, row.audio_seconds) == (0, 0)
+    assert orjson.loads(row.upstream_usage) == {"duration_seconds": float(heard), "events": len(peer_call.items)}
+    assert (page["transport"], page["status"]) == ("webrtc", "Stopped.")
+
+
+async def test_a_call_whose_tab_is_closed_is_ended_by_the_provider_and_billed_what_the_peer_heard(
+    tmp_path: Path, playwright_core: Path
+) -> None:
+    """The user closes the tab mid-call (no commit, no hangup): the provider ends the call when its peer
+    connection closes, reporting what it heard, and the sidecar bills exactly that (`upstream_close`)."""
+    peer = RtcPeer()
+    async with FakeCallProvider(answerer=peer) as fake:
+        entries = [entry(WHISPER, f"openai/{WHISPER}", fake.url, fake.api_key)]
+        async with stack(tmp_path, entries=entries, **CAPTIONS) as s:
+            page = await drive(f"{s.sidecar.http}/captions/?transport=webrtc", ending="close")
+            call = await fake.wait_for_call()
+            await call.ended.wait()
+            row = await s.final_row()
+            price = s.sidecar.app.state.services.catalog.resolve(WHISPER).price
+        await peer.aclose()
+    peer_call = peer.calls[0]
+    assert (call.end_reason, call.hung_up.is_set(), fake.hangups) == ("media_closed", False, 0)
+    assert peer_call.client_events == [] and page["status"] != "Stopped."
+    assert peer_call.frames > 0 and peer_call.received == peer_call.billed and len(peer_call.items) >= 3
+    quantity, cost = bill_time(peer_call.received, price)
+    assert (row.session_id, row.close_reason) == (page["callId"], "upstream_close")
+    assert (row.quantity, row.cost_usd) == (quantize(quantity), quantize(cost))

@@ -15,6 +15,7 @@ const MIN_COMMIT_BYTES = BYTES_PER_SECOND / 10; // providers refuse commits of l
 const DRAIN_MS = 5000; // after Stop, how long to wait for the last transcript before closing
 const ICE_GATHER_MS = 3000; // the offer is sent with the candidates gathered by then (no trickle ICE)
 const HANGUP_MARGIN_S = 10; // hang up with a fresh secret when the call's is this close to expiring
+const HANGUP_WAIT_MS = 3000; // after the hangup, how long to wait for the provider to close the call
 const TRANSPORT = new URLSearchParams(window.location.search).get('transport') === 'webrtc' ? 'webrtc' : 'websocket';
 const CLOSE_REASONS = {
   4001: 'the key was revoked',
@@ -364,7 +365,14 @@ class CallSession {
       });
     }
     this.closedByUs = true;
-    await this.hangup();
+    if (await this.hangup()) {
+      // The provider ends the call (its data channel closes) before this side closes: the call ends as hung up.
+      await new Promise((resolve) => {
+        if (this.channel.readyState === 'closed') return resolve();
+        this.channel.onclose = resolve;
+        setTimeout(resolve, HANGUP_WAIT_MS);
+      });
+    }
     this.ended();
   }
 
@@ -374,11 +382,12 @@ class CallSession {
     if (Date.now() / 1000 > this.token.expires_at - HANGUP_MARGIN_S) {
       secret = (await fetchToken().catch(() => this.token)).value;
     }
-    if (!this.callId) return;
-    await fetch(callsUrl(`/${encodeURIComponent(this.callId)}/hangup`), {
+    if (!this.callId) return false;
+    const response = await fetch(callsUrl(`/${encodeURIComponent(this.callId)}/hangup`), {
       method: 'POST',
       headers: { Authorization: `Bearer ${secret}` },
-    }).catch(() => null); // closing the connection below ends the call too
+    }).catch(() => null); // closing the connection ends the call too
+    return response !== null && response.ok && this.channel.readyState === 'open';
   }
 
   close() {
@@ -458,6 +467,12 @@ async function stop() {
   setStatus('Finishing the last caption…');
   await current.stop();
 }
+
+// Leaving the page closes a WebRTC call's connection at once (the provider then ends the call) rather than
+// leaving the provider to notice the silence of a vanished peer (ICE consent: about 30 s).
+window.addEventListener('pagehide', () => {
+  if (current && current.close) current.close();
+});
 
 ui.start.addEventListener('click', start);
 ui.stop.addEventListener('click', stop);

@@ -189,6 +189,17 @@ class PeerCall:
                 }
             )
 
+    async def media_closed(self) -> None:
+        """The browser's connection closed or failed while the call went on: report what was heard and not yet
+        reported, then end the call (OpenAI ends a call whose peer connection closes)."""
+        if self.call is None or self.call.ended.is_set():
+            return  # the call ended first (hung up): the peer closed the connection itself
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._quiet(), COMMIT_WAIT_S)
+        if self.pending > 0:
+            await self.report(self.pending)
+        await self.call.end("media_closed")
+
     async def _quiet(self) -> None:
         """Return once no frame has been decoded for QUIET_S, or the track has ended."""
         while not self.track_ended.is_set():
@@ -252,9 +263,8 @@ class RtcPeer:
 
         @pc.on("connectionstatechange")
         def on_state() -> None:
-            # The browser closed its connection (or it failed): the provider ends the call, as OpenAI does.
-            if pc.connectionState in ("closed", "failed") and peer_call.call is not None:
-                peer_call.spawn(peer_call.call.end("media_closed"))
+            if pc.connectionState in ("closed", "failed"):
+                peer_call.spawn(peer_call.media_closed())
 
         @pc.on("datachannel")
         def on_datachannel(channel: RTCDataChannel) -> None:
@@ -262,6 +272,8 @@ class RtcPeer:
                 return
             peer_call.channel = channel
             channel.on("message", peer_call.on_client_text)
+            # A closed tab aborts the SCTP association at once; ICE would take its consent timeout to notice.
+            channel.on("close", lambda: peer_call.spawn(peer_call.media_closed()))
             if channel.readyState == "open":
                 peer_call.channel_open.set()
             channel.on("open", peer_call.channel_open.set)

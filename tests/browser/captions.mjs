@@ -2,9 +2,11 @@
 // microphone that plays a WAV file in a loop, through playwright-core installed under tools/ by
 // scripts/ensure-playwright.sh. tests/test_browser.py runs it against a live sidecar.
 //
-//   node tests/browser/captions.mjs <page url> <wav file> <screenshot.png> [min captions]
+//   node tests/browser/captions.mjs <page url> <wav file> <screenshot.png> [min captions] [stop|close]
 //
 // Uses only the keyboard to start and stop (Tab to "Start captions", Enter; focus then sits on "Stop").
+// With `close` it closes the tab instead of pressing Stop (the user walks away mid-session) and reports what
+// the page showed just before.
 // The page's WebRTC mode (`<page url>?transport=webrtc`) needs nothing more than the flag below that shows
 // the machine's real host ICE candidates instead of mDNS `.local` names (tests/test_browser_webrtc.py).
 // Prints one JSON line on stdout with what the page showed; exits non-zero on any failure.
@@ -16,7 +18,7 @@ import { join } from 'node:path';
 const require = createRequire(new URL('../../tools/node_modules/', import.meta.url));
 const { chromium } = require('playwright-core');
 
-const [pageUrl, wav, screenshot, minCaptionsArg] = process.argv.slice(2);
+const [pageUrl, wav, screenshot, minCaptionsArg, ending] = process.argv.slice(2);
 const minCaptions = Number(minCaptionsArg || 2);
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const DEADLINE_MS = 60_000;
@@ -66,8 +68,10 @@ try {
     { timeout: DEADLINE_MS },
   );
   const focusWhileLive = await page.evaluate(() => document.activeElement.id);
-  await page.keyboard.press('Enter'); // Stop
-  await page.waitForSelector('body[data-state="stopped"]', { timeout: DEADLINE_MS });
+  if (ending !== 'close') {
+    await page.keyboard.press('Enter'); // Stop
+    await page.waitForSelector('body[data-state="stopped"]', { timeout: DEADLINE_MS });
+  }
   await page.screenshot({ path: screenshot, fullPage: true });
 
   const result = await page.evaluate(() => {
@@ -92,6 +96,7 @@ try {
       buttons: Array.from(document.querySelectorAll('button'), (b) => b.textContent.trim()),
     };
   });
+  if (ending === 'close') await page.close();
   process.stdout.write(`${JSON.stringify({ ...result, firstFocus, focusWhileLive })}\n`);
 } finally {
   await context.close();
