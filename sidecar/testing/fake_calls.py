@@ -79,6 +79,7 @@ from sidecar.testing.fake_call_protocol import (
     BadRequest,
     CallProtocol,
     CallReply,
+    CreateRequest,
     LiveCallProtocol,
     RealtimeCallProtocol,
     error_body,
@@ -531,7 +532,7 @@ class FakeCallProvider:
         query_model = request.query_params.get("model")
         content_type = request.headers.get("content-type", "")
 
-        def parse(body: bytes) -> Any:
+        def parse(body: bytes) -> CreateRequest:
             return parse_realtime_create(content_type, body, query_model=query_model)
 
         return await self._create(request, REALTIME_ENDPOINT, parse)
@@ -539,7 +540,7 @@ class FakeCallProvider:
     async def _create_live(self, request: Request) -> Response:
         return await self._create(request, LIVE_ENDPOINT, parse_live_create)
 
-    async def _create(self, request: Request, route: SessionRoute, parse: Callable[[bytes], Any]) -> Response:
+    async def _create(self, request: Request, route: SessionRoute, parse: Callable[[bytes], CreateRequest]) -> Response:
         """Authenticate, apply the fault, parse, check the SDP, answer, then keep the call."""
         azure = request.url.path.startswith("/openai/")
         auth, refusal = self._credential(dict(request.headers), azure=azure)
@@ -568,7 +569,7 @@ class FakeCallProvider:
         location = f"{prefix}/realtime/calls/{call.call_id}"
         return Response(call.answer_sdp, status_code=201, media_type="application/sdp", headers={"Location": location})
 
-    def _new_call(self, route: SessionRoute, *, azure: bool, auth: str, created: Any) -> FakeCall:
+    def _new_call(self, route: SessionRoute, *, azure: bool, auth: str, created: CreateRequest) -> FakeCall:
         if route == LIVE_ENDPOINT:
             call_id = new_id("sess")
             protocol: CallProtocol = LiveCallProtocol(
@@ -635,9 +636,9 @@ class FakeCallProvider:
 
     async def _sideband(self, websocket: WebSocket, call_id: str | None, route: SessionRoute) -> None:
         """Refuse (HTTP, before the upgrade) or attach, then serve the sideband until it ends."""
-        call, refusal = self._admit_sideband(websocket, call_id, route)
-        if refusal is not None or call is None:
-            await websocket.send_denial_response(refusal or _error(500, "server_error", "No call."))
+        call = self._admit_sideband(websocket, call_id, route)
+        if isinstance(call, JSONResponse):
+            await websocket.send_denial_response(call)
             return
         await websocket.accept()
         protocol = websocket.scope.get("extensions", {}).get(_PROTOCOL, {}).get("protocol")
@@ -659,23 +660,21 @@ class FakeCallProvider:
 
     def _admit_sideband(
         self, websocket: WebSocket, call_id: str | None, route: SessionRoute
-    ) -> tuple[FakeCall | None, JSONResponse | None]:
+    ) -> FakeCall | JSONResponse:
         """The call to attach to, or the refusal: 401, 400 (no call_id), 404 (unknown/ended), the fault."""
         azure = websocket.url.path.startswith("/openai/")
         _, refusal = self._credential(dict(websocket.headers), azure=azure)
         if refusal is not None:
-            return None, refusal
+            return refusal
         if not call_id:
-            return None, _error(400, "missing_required_parameter", "Missing required parameter: 'call_id'.")
+            return _error(400, "missing_required_parameter", "Missing required parameter: 'call_id'.")
         known = self._by_id.get(call_id)
         if known is not None and known.route == route:
             known.attach_attempts += 1
         call = self._live_call(call_id, route)
         if call is None:
-            return None, _error(404, "call_not_found", f"No active call {call_id}.")
-        if (fault := self._fault(self.refuse_sideband_status, "The sideband was")) is not None:
-            return None, fault
-        return call, None
+            return _error(404, "call_not_found", f"No active call {call_id}.")
+        return self._fault(self.refuse_sideband_status, "The sideband was") or call
 
     async def _serve(self, sideband: FakeSideband) -> None:
         """Receive client events until the connection ends; never raises on client misbehaviour."""
