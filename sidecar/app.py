@@ -35,6 +35,8 @@ from sidecar.auth import KeyChecker, MasterKeyCheck, Principal, authorize, crede
 from sidecar.bodies import BodyLimit
 from sidecar.calls.endpoints import routes as call_routes
 from sidecar.calls.offer import new_session_id
+from sidecar.calls.orphans import RedisCallRecords
+from sidecar.calls.provider import hangup_call
 from sidecar.calls.tasks import Calls
 from sidecar.catalog import (
     LIVE_ENDPOINT,
@@ -202,7 +204,10 @@ def create_app(
                 store=store,
                 metrics=metrics,
                 client_secrets=_client_secrets(settings, shared),
-                calls=Calls(supervisor),
+                calls=Calls(
+                    supervisor,
+                    records=RedisCallRecords(shared, prefix=settings.control_prefix) if shared is not None else None,
+                ),
                 master_key_check=await _check_master_key(stack, recheck_client, cat.master_key, settings)
                 if key_client is None
                 else None,
@@ -227,6 +232,9 @@ def create_app(
             supervisor.on_reload = partial(_reload_in_background, reloader, tasks)
             if settings.litellm_database_url:  # UI-added models are served or refused without a restart
                 tasks.add(asyncio.create_task(reloader.run(settings.models_refresh_s), name="models refresh"))
+            if shared is not None and services.http is not None:  # the calls of replicas that died are hung up
+                sweeper = services.calls.sweep_forever(lambda: services.catalog, partial(hangup_call, services.http))
+                tasks.add(asyncio.create_task(sweeper, name="call sweep"))
             try:
                 yield
             finally:

@@ -11,10 +11,12 @@ from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
+import yaml
 
 from sidecar.testing.fake_calls import FakeCall, FakeCallProvider
 from sidecar.testing.fake_litellm import FakeLiteLLM
 from sidecar.testing.fake_sdp import BROWSER_OFFER
+from tests.billing_support import RedisServer, SidecarProcess
 from tests.relay_stack import MASTER_KEY, USER_KEY, Stack, entry, stack
 
 RT = "gpt-realtime"
@@ -92,3 +94,49 @@ async def test_client_hangup_on_the_other_replica_ends_the_call(tmp_path: Path, 
         assert (row.close_reason, row.input_tokens) == ("client_hangup", 100)
         assert b.rows() == [] and provider.hangups == 1
         assert not b.sidecar.app.state.services.supervisor.live
+
+
+async def test_a_dead_replicas_call_is_hung_up_by_another(tmp_path: Path) -> None:
+    """Replica A (a `sidecar serve` process) watches a call and is SIGKILLed: once its heartbeat lapses, replica B
+    finds the call in the shared store and hangs it up (once), billing nothing itself."""
+    redis_server = RedisServer(tmp_path / "redis")
+    await redis_server.start()
+    try:
+        async with FakeCallProvider() as provider:
+            entries = [entry(RT, f"openai/{RT}", provider.url, provider.api_key)]
+            config = tmp_path / "litellm.yaml"
+            config.write_text(yaml.safe_dump({"model_list": entries, "general_settings": {"master_key": MASTER_KEY}}))
+            a = SidecarProcess(
+                {
+                    "SIDECAR_LITELLM_CONFIG": str(config),
+                    "SIDECAR_REDIS_URL": redis_server.url,
+                    "SIDECAR_SPOOL_DIR": str(tmp_path / "a" / "spool"),
+                    "SIDECAR_DATABASE_URL": f"sqlite:///{tmp_path / 'unused.db'}",
+                },
+                workdir=tmp_path / "a",
+            )
+            await a.start()
+            client = aioredis.Redis.from_url(redis_server.url)
+            try:
+                (tmp_path / "b").mkdir()
+                async with stack(tmp_path / "b", entries=entries, redis=client, replica="b") as b:
+                    async with httpx.AsyncClient() as http:
+                        answer = await http.post(
+                            f"{a.http}/v1/realtime/calls",
+                            params={"model": RT},
+                            content=BROWSER_OFFER.encode(),
+                            headers={"Authorization": f"Bearer {MASTER_KEY}", "Content-Type": "application/sdp"},
+                        )
+                    assert answer.status_code == 201, answer.text
+                    call = await provider.wait_for_call()
+                    await call.wait_for_sideband(1)
+                    await a.kill()
+                    assert not call.hung_up.is_set()  # the provider runs the call on, unwatched
+                    await asyncio.wait_for(call.hung_up.wait(), 30)
+                    assert provider.hangups == 1 and b.rows() == []
+                    assert not b.sidecar.app.state.services.supervisor.live
+            finally:
+                await client.aclose()
+                await a.kill()
+    finally:
+        await redis_server.shutdown()

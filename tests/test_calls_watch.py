@@ -511,3 +511,37 @@ def test_sideband_urls_per_provider_and_route() -> None:
     for route, deployment, url, header in cases:
         target = sideband_target(ProviderCall(route=route, deployment=deployment, call_id="rtc_1"))
         assert (target.url, target.headers) == (url, (header,))
+
+
+async def test_sweep_hangs_up_only_calls_whose_replica_died_and_only_once() -> None:
+    """A recorded call whose session left the registry is hung up by exactly one of two sweeping replicas; a
+    call still in the registry, and one this replica watches, are left alone; a call of a model no longer
+    served is dropped without a hangup."""
+    from sidecar.calls.orphans import CallRecord, MemoryCallRecords, sweep
+    from sidecar.control import SessionInfo
+    from tests.relay_stack import catalog_for, entry
+
+    catalog = catalog_for([entry("gpt-realtime", "openai/gpt-realtime", "http://127.0.0.1:9", "sk-up")])
+    deployment = catalog.resolve("gpt-realtime").deployments[0]
+    store, records = MemoryStore(), MemoryCallRecords()
+
+    def record(session_id: str, model: str = "gpt-realtime") -> CallRecord:
+        call = ProviderCall(route=REALTIME_ENDPOINT, deployment=deployment, call_id=f"rtc_{session_id}")
+        return CallRecord.of(session_id, "dead", model, call)
+
+    for session_id in ("rs_alive", "rs_mine", "rs_orphan"):
+        await records.put(record(session_id))
+    await records.put(record("rs_gone_model", model="removed-model"))
+    info = SessionInfo("rs_alive", "other", "h", "", "", "", "gpt-realtime", "", "0", "0")
+    await store.heartbeat([info], {}, now=100.0)
+    hung_up: list[ProviderCall] = []
+
+    async def hangup(call: ProviderCall) -> None:
+        hung_up.append(call)
+
+    first = await sweep(records, store, catalog, hangup, watching={"rs_mine"}, now=101.0)
+    second = await sweep(records, store, catalog, hangup, watching={"rs_mine"}, now=101.0)  # the other replica
+    assert (first, second) == (["rs_orphan"], [])
+    assert [(c.call_id, c.deployment.api_key) for c in hung_up].count(("rtc_rs_orphan", "sk-up")) == 1
+    assert "rtc_rs_gone_model" not in [c.call_id for c in hung_up]
+    assert "rtc_rs_alive" not in [c.call_id for c in hung_up]
