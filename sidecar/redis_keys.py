@@ -20,12 +20,7 @@ and dead letter; only a Redis Cluster client (redis.asyncio.cluster.RedisCluster
 
 from __future__ import annotations
 
-from redis.asyncio.cluster import RedisCluster
-
-
-def is_cluster(client: object) -> bool:
-    """True for a Redis Cluster client (hash slots apply), False for a single or Sentinel-managed Redis."""
-    return isinstance(client, RedisCluster)
+from sidecar.redis_conn import is_cluster
 
 
 def tagged(name: str) -> str:

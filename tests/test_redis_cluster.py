@@ -221,11 +221,9 @@ async def _subscribed(store: RedisStore, cluster: RedisCluster, channel: str) ->
 
     async def listen() -> None:
         while True:
-            try:
+            with contextlib.suppress(Exception):  # the subscription was lost: subscribe again, as the Supervisor does
                 async for message in store.messages():
                     queue.put_nowait(message)
-            except Exception as exc:
-                print("LISTEN", type(exc), exc)
             await asyncio.sleep(0.1)  # the Supervisor waits HEARTBEAT_S before subscribing again
 
     queue.task = asyncio.create_task(listen())
