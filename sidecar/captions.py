@@ -6,7 +6,8 @@
 
 Nothing here checks who calls: the operator puts /captions/ behind their own login at the ingress (the
 token endpoint mints secrets billed to the captions key). The page commits its audio itself every 2 s
-(the bound session turns server VAD off), so captions appear while it streams.
+(the bound session turns server VAD off), so captions appear while it streams. With `?transport=webrtc` the
+same token creates a WebRTC call through POST /v1/realtime/calls instead (docs/browser.md).
 """
 
 from __future__ import annotations
