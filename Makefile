@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv tools test lint typecheck unit run bench bench-ledger chart clean
+.PHONY: venv tools test lint typecheck unit run bench bench-ledger chaos soak chart clean
 
 venv: $(STAMP)
 
@@ -48,6 +48,17 @@ bench: venv
 # final event to its SpendLogs row under `sidecar consume --sink litellm` (about 2 minutes; docs/performance.md).
 bench-ledger: venv
 	$(BIN)/python -m bench.ledger $(BENCH_ARGS)
+
+# The fault matrix against real processes (redis-server, sidecar serve, sidecar consume, PostgreSQL, the fake
+# provider, openai SDK clients), billing checked per session (about 5 minutes; docs/reliability.md). Not in `make test`.
+chaos: venv
+	$(BIN)/python -m bench.chaos.run $(CHAOS_ARGS)
+
+# Churning sessions through a real sidecar for SOAK_S seconds: RSS, fds and asyncio tasks flat, billing exact
+# (docs/reliability.md). Not in `make test`.
+SOAK_S ?= 600
+soak: venv
+	$(BIN)/python -m bench.chaos.soak --duration-s $(SOAK_S) $(SOAK_ARGS)
 
 # Builds the Dockerfile for real (debootstrap base, buildah, podman; no Docker engine) and passes one session
 # through the image (docs/deploy.md, "Building the image"). Needs root; tests/test_image.py runs it too.

@@ -16,6 +16,7 @@ each `Metrics` has a registry of its own.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 from collections.abc import Callable, Mapping
@@ -78,6 +79,14 @@ class _Accrued:
     audio_seconds: Decimal = Decimal(0)
     cost_usd: Decimal = Decimal(0)
     shown: list[float] = field(default_factory=lambda: [0.0, 0.0])
+
+
+def _running_tasks() -> int:
+    """The running event loop's live asyncio tasks (0 when called outside a loop)."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return 0
 
 
 def _advance(child: Counter, shown: float, total: Decimal) -> float:
@@ -234,6 +243,12 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
+        self.asyncio_tasks = Gauge(
+            "sidecar_asyncio_tasks",
+            "asyncio tasks alive in the event loop (set each second and at each scrape)",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.redis_up.set(1)
         self._live: Callable[[], int] = lambda: 0
         self._failures: Callable[[], int] = lambda: 0
@@ -259,6 +274,7 @@ class Metrics:
         """Set the gauges from live state and add new publish failures (each second, and before a scrape)."""
         self.live_sessions.set(self._live())
         self.spool_depth.set(self._spool())
+        self.asyncio_tasks.set(_running_tasks())
         failures = self._failures()
         if failures > self._failures_seen:
             self.publish_failures.inc(failures - self._failures_seen)
