@@ -295,6 +295,29 @@ async def test_trim_keeps_entries_another_group_has_not_read(
     assert await entry_ids(redis_client, usage_stream) == ids[2:]
 
 
+async def test_trim_runs_at_most_every_trim_every_s_while_entries_keep_coming(
+    redis_client: aioredis.Redis, usage_stream: str, engine: Engine
+) -> None:
+    """Batch after batch within `trim_every_s` trims only the first time; caught up (nothing waiting), it trims
+    at once; a trim still never passes an entry left pending."""
+    ids = await publish(redis_client, usage_stream, [usage_event("s1", seq) for seq in range(1, 11)])
+    consumer = consumer_for(redis_client, BillingWriter(engine), usage_stream, batch=2, trim_every_s=3600)
+    await consumer.ensure_group()
+    assert await consumer.run_once() == 2
+    assert await entry_ids(redis_client, usage_stream) == ids[2:]  # the first batch trims
+    for _ in range(3):
+        assert await consumer.run_once() == 2
+    assert await entry_ids(redis_client, usage_stream) == ids[2:]  # not due again: acked entries stay
+
+    doomed = consumer_for(redis_client, CommitThenCrash(engine), usage_stream, consumer="doomed", batch=1)
+    with pytest.raises(RuntimeError):
+        await doomed.run_once()  # ids[8] left pending
+    assert await consumer.run_once() == 1
+    assert await consumer.run_once() == 0  # caught up: trims at once, below the pending entry
+    assert await entry_ids(redis_client, usage_stream) == ids[8:]
+    assert await pending(redis_client, usage_stream) == 1
+
+
 async def test_sweep_lost_marks_stale_session_lost(
     redis_client: aioredis.Redis, usage_stream: str, engine: Engine
 ) -> None:

@@ -9,7 +9,9 @@ nothing. Unparsable entries, and events a writer refuses for good, go to `<strea
 on a Redis Cluster: the stream's hash slot) with the reason and the group that buried them.
 
 The stream is trimmed with XTRIM MINID below the oldest entry any group on it still needs, never by
-length, so no group loses an entry it has not acknowledged or not yet read.
+length, so no group loses an entry it has not acknowledged or not yet read. A trim costs XINFO GROUPS, an
+XPENDING per group and the XTRIM, so while entries keep coming it runs at most every `trim_every_s`, and at once
+when the consumer has caught up (nothing waiting).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ IDLE_WAIT_S: Final = 0.1
 """How long `run` pauses between empty polls when `block_ms` is 0 (no server-side blocking)."""
 PROGRESS_EVERY_S: Final = 60.0
 """How often `run` logs a progress line: events written since the last one, the group's lag and pending count."""
+TRIM_EVERY_S: Final = 1.0
+"""The longest `run_once` goes without trimming while entries keep coming; caught up, it trims at once."""
 AFTER_COMMIT_TIMEOUT_S: Final = 10.0
 """The longest the post-commit hook may hold up the acknowledgement of a batch."""
 
@@ -126,6 +130,7 @@ class UsageConsumer:
         progress_every_s: float = PROGRESS_EVERY_S,
         after_commit: AfterCommit | None = None,
         observer: ProgressObserver | None = None,
+        trim_every_s: float = TRIM_EVERY_S,
     ) -> None:
         self._redis = redis
         self._writer = writer
@@ -146,6 +151,9 @@ class UsageConsumer:
         self._progress_every_s = progress_every_s
         self._after_commit = after_commit
         self._observer = observer
+        self._trim_every_s = trim_every_s
+        self._next_trim = 0.0  # event-loop time: the first batch trims
+        self._untrimmed = False  # entries were handled since the last trim
         self.written = 0  # events stored and acknowledged by this consumer (duplicates included)
 
     @property
@@ -166,7 +174,10 @@ class UsageConsumer:
         await create_group(self._redis, self._stream, self._group)
 
     async def run_once(self) -> int:
-        """Handle one batch and trim the stream; return how many entries were handled (0: none waiting).
+        """Handle one batch and trim the stream when due; return how many entries were handled (0: none waiting).
+
+        The trim is due `trim_every_s` after the last one, and whenever nothing is waiting after entries were
+        handled since the last trim (so a consumer that has caught up leaves an empty stream).
 
         The batch is entries idle for `claim_idle_ms` in the group (a dead consumer's) if there are
         any, else (after a failed batch) this consumer's own pending entries, else new entries (waiting up
@@ -182,10 +193,19 @@ class UsageConsumer:
         if not entries:
             entries = await self._read()
         if not entries:
+            if self._untrimmed:
+                await self._trim_now()
             return 0
         await self._handle(entries)
-        await self.trim()
+        self._untrimmed = True
+        if asyncio.get_running_loop().time() >= self._next_trim:
+            await self._trim_now()
         return len(entries)
+
+    async def _trim_now(self) -> None:
+        await self.trim()
+        self._untrimmed = False
+        self._next_trim = asyncio.get_running_loop().time() + self._trim_every_s
 
     async def sweep_lost(self) -> int:
         """Close sessions with no stored event for `lost_after_s` as lost; return how many.
