@@ -89,6 +89,7 @@ class PeerCall:
     channel_open: asyncio.Event = field(default_factory=asyncio.Event)
     track_started: asyncio.Event = field(default_factory=asyncio.Event)
     track_ended: asyncio.Event = field(default_factory=asyncio.Event)
+    committed: asyncio.Event = field(default_factory=asyncio.Event)  # set once a commit has been answered
     _heard: asyncio.Event = field(default_factory=asyncio.Event)  # set at each decoded frame
     client_events: list[Event] = field(default_factory=list)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -176,18 +177,19 @@ class PeerCall:
             await asyncio.wait_for(self._quiet(), COMMIT_WAIT_S)
         if self.pending > 0:
             await self.report(self.pending)
-            return
-        async with self._order:
-            await self.send(
-                {
-                    "type": "error",
-                    "error": {
-                        "type": "invalid_request_error",
-                        "code": "input_audio_buffer_commit_empty",
-                        "message": "Error committing input audio buffer: buffer is empty.",
-                    },
-                }
-            )
+        else:
+            async with self._order:
+                await self.send(
+                    {
+                        "type": "error",
+                        "error": {
+                            "type": "invalid_request_error",
+                            "code": "input_audio_buffer_commit_empty",
+                            "message": "Error committing input audio buffer: buffer is empty.",
+                        },
+                    }
+                )
+        self.committed.set()
 
     async def media_closed(self) -> None:
         """The browser's connection closed or failed while the call went on: report what was heard and not yet
