@@ -23,6 +23,8 @@ RT_DEPLOYMENT = "my-rt-deployment"
 LIVE = "gpt-live-1"
 LIVE_DEPLOYMENT = "my-live-deployment"
 WHISPER = "gpt-realtime-whisper"
+TRANSCRIBER = "whisper-1"
+TRANSCRIBER_DEPLOYMENT = "my-whisper-deployment"
 OTHER_KEY = "sk-other-key-test-0002"
 
 
@@ -45,6 +47,8 @@ def entries(*providers: FakeCallProvider, azure: bool = False) -> list[dict[str,
     first = providers[0]
     out.append(entry(LIVE, f"openai/{LIVE_DEPLOYMENT}", first.url, first.api_key, model_info={"base_model": LIVE}))
     out.append(entry(WHISPER, f"openai/{WHISPER}", first.url, first.api_key))
+    info = {"base_model": TRANSCRIBER}
+    out.append(entry(TRANSCRIBER, f"openai/{TRANSCRIBER_DEPLOYMENT}", first.url, first.api_key, model_info=info))
     return out
 
 
@@ -352,3 +356,40 @@ async def test_draining_replica_refuses_creates(tmp_path: Path) -> None:
         answer = await create_sdp(running.sidecar.http, USER_KEY)
         assert answer.status_code == 503 and answer.json()["error"]["code"] == "service_unavailable"
         assert provider.offer_attempts == 0 and running.rows() == []
+
+
+async def test_input_transcriber_of_a_conversation_call_is_renamed_and_billed(tmp_path: Path) -> None:
+    """A conversation call naming an input transcription model (not the default one): the provider gets its
+    deployment name, and the transcription seconds the sideband reports are billed at that model's price."""
+    async with fake() as provider, calls_stack(tmp_path, provider) as running:
+        session = {"type": "realtime", "model": RT, "audio": {"input": {"transcription": {"model": TRANSCRIBER}}}}
+        client = running.sidecar.openai(USER_KEY)
+        raw = await client.realtime.calls.with_raw_response.create(sdp=BROWSER_OFFER, session=session)
+        call = await provider.wait_for_call()
+        assert call.session["audio"]["input"]["transcription"]["model"] == TRANSCRIBER_DEPLOYMENT
+        await call.wait_for_sideband()
+        await call.transcription_completed(seconds=30.0, usage={"type": "duration", "seconds": 30.0})
+        await client.realtime.calls.hangup(call_id(raw.http_response.headers["location"]))
+        row = await running.final_row()
+        transcribers = running.sidecar.app.state.services.catalog.transcribers
+        per_second = {name: transcribers[name].price.per_unit for name in (TRANSCRIBER, WHISPER)}
+        unit = transcribers[TRANSCRIBER].price.unit
+        assert unit == "second" and per_second[TRANSCRIBER] != per_second[WHISPER]
+        assert row.cost_usd == 30 * per_second[TRANSCRIBER]
+
+
+async def test_live_call_with_a_client_secret(tmp_path: Path) -> None:
+    """A client secret minted for a GPT-Live model creates a GPT-Live call: the provider sees its own key and
+    the deployment's model, nothing of the secret; the secret is then used up."""
+    async with fake() as provider, calls_stack(tmp_path, provider) as running:
+        secret = await mint(running.sidecar.http, {"type": "realtime", "model": LIVE})
+        browser = running.sidecar.openai(secret)
+        transport: Any = {"type": "webrtc", "sdp": BROWSER_OFFER}
+        created = await browser.live.create(session={"model": LIVE, "instructions": "hi"}, transport=transport)
+        call = await provider.wait_for_call()
+        assert call.session == {"model": LIVE_DEPLOYMENT, "instructions": "hi"}
+        assert call.auth == f"Bearer {provider.api_key}" and created.session.id.startswith("rs_")
+        with pytest.raises(openai.AuthenticationError):
+            await browser.live.create(session={"model": LIVE}, transport=transport)
+        await browser.live.sessions.hangup(created.session.id)
+        assert (await running.final_row()).close_reason == "client_hangup"

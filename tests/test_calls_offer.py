@@ -341,3 +341,11 @@ def test_provider_error_message() -> None:
     assert provider_error_message(b"plain text") == "plain text"
     assert provider_error_message(b'{"x": 1}') == ""
     assert len(provider_error_message(b"x" * 2000)) == 500
+
+
+def test_live_secret_binds_its_model_alone() -> None:
+    """A GPT-Live client secret binds only its model: nothing of its realtime-shaped settings reaches the call."""
+    call = parse_live(orjson.dumps({"session": {"model": "gpt-live-1"}, "transport": {"type": "webrtc", "sdp": OFFER}}))
+    bound = grant("gpt-live-1", {"type": "realtime", "model": "gpt-live-1"})
+    session = provider_session(call, public_model="gpt-live-1", deployment=AZURE, transcription=False, grant=bound)
+    assert session == {"model": "my-rt-deployment"}

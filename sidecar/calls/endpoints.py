@@ -29,12 +29,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from sidecar import app as app_module
+from sidecar import protocol
 from sidecar.admin import NotFound
 from sidecar.auth import Principal, may_use
 from sidecar.calls import sideband
 from sidecar.calls.offer import (
     CallRequest,
     client_answer,
+    merged,
     model_name,
     parse_live,
     parse_realtime,
@@ -48,6 +50,7 @@ from sidecar.catalog import Route as SessionRoute
 from sidecar.client_secrets import Grant
 from sidecar.control import ControlError
 from sidecar.errors import ModelNotTranscription, Refusal, ServiceUnavailable, UpstreamError
+from sidecar.surfaces.account import Account
 from sidecar.surfaces.live import LiveStart
 
 if TYPE_CHECKING:
@@ -209,7 +212,20 @@ def _watch(
         reattach_s=settings.sideband_reattach_s,
         clock_ns=services.clock_ns,
     )
+    if call.route == REALTIME_ENDPOINT and not transcription:
+        _tell_transcriber(account, call, grant, now=services.clock_ns())
     services.calls.start(watch)
+
+
+def _tell_transcriber(account: Account, call: CallRequest, grant: Grant | None, *, now: int) -> None:
+    """A conversation call's core learns the input transcription model its create named (the client's or the
+    secret's), as a client `session.update` would tell a WebSocket session's: the transcription usage the
+    sideband reports is then priced as that model's, not the default transcriber's. The reply is for nobody."""
+    settings = merged(call.session, grant.session) if grant is not None else call.session
+    name = protocol.dig(settings, "audio", "input", "transcription", "model")
+    if isinstance(name, str):
+        update = {"type": "session.update", "session": {"audio": {"input": {"transcription": {"model": name}}}}}
+        account.core.on_client_text(protocol.dumps(update), now=now)
 
 
 # ---- hangup ------------------------------------------------------------------------------------------------

@@ -268,7 +268,7 @@ def provider_session(
     transcription model the config or the provider does not serve), ModelNotAllowed (one the key may not use).
     """
     session = copy.deepcopy(request.session)
-    if grant is not None:
+    if grant is not None and request.route == REALTIME_ENDPOINT:  # a GPT-Live secret binds its model alone
         changed = Pin(grant.session).conflict(session)
         if changed is not None:
             raise SessionPinned(f"This call's {changed} is fixed by its client secret.")
