@@ -36,6 +36,8 @@ from sidecar.bodies import BodyLimit
 from sidecar.calls.endpoints import routes as call_routes
 from sidecar.calls.offer import new_session_id
 from sidecar.calls.orphans import RedisCallRecords
+from sidecar.calls.passthrough import client_sideband
+from sidecar.calls.passthrough import routes as sideband_routes
 from sidecar.calls.provider import hangup_call
 from sidecar.calls.tasks import Calls
 from sidecar.catalog import (
@@ -259,6 +261,7 @@ def create_app(
         *admin.routes(),
         *client_secrets.routes(),
         *call_routes(),
+        *sideband_routes(),
         *captions.routes(settings),
     ]
     # Every HTTP body is capped while it streams in (sidecar/bodies.py); WebSockets pass straight through.
@@ -465,6 +468,10 @@ async def realtime_endpoint(
 ) -> None:
     """/v1/realtime and /v1/realtime/translations: authenticate, resolve, admit, connect upstream, then relay
     (docs/api.md, endpoint). Every refusal is an HTTP answer before the upgrade."""
+    call_id = websocket.query_params.get("call_id") if route == REALTIME_ENDPOINT else None
+    if call_id is not None:  # a client's own sideband of its WebRTC call (sidecar/calls/passthrough.py)
+        await client_sideband(websocket, REALTIME_ENDPOINT, call_id)
+        return
     services: Services = websocket.app.state.services
     try:
         relay, subprotocol = await _open(websocket, services, receive, send, route)

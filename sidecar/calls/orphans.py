@@ -91,6 +91,7 @@ class CallRecords(Protocol):
     async def put(self, record: CallRecord) -> None: ...
     async def drop(self, session_id: str) -> None: ...
     async def all(self) -> list[CallRecord]: ...
+    async def get(self, session_id: str) -> CallRecord | None: ...
     async def claim(self, session_id: str) -> bool: ...
 
 
@@ -108,6 +109,9 @@ class MemoryCallRecords:
 
     async def all(self) -> list[CallRecord]:
         return list(self._records.values())
+
+    async def get(self, session_id: str) -> CallRecord | None:
+        return self._records.get(session_id)
 
     async def claim(self, session_id: str) -> bool:
         return self._records.pop(session_id, None) is not None
@@ -136,6 +140,10 @@ class RedisCallRecords:
         raw = await self._call(self._redis.hgetall(self._key))
         assert isinstance(raw, dict)
         return [record for value in raw.values() if (record := CallRecord.from_json(value)) is not None]
+
+    async def get(self, session_id: str) -> CallRecord | None:
+        raw = await self._call(self._redis.hget(self._key, session_id))
+        return CallRecord.from_json(raw) if isinstance(raw, bytes | str) else None
 
     async def claim(self, session_id: str) -> bool:
         return bool(await self._call(self._redis.hdel(self._key, session_id)))
