@@ -203,6 +203,28 @@ async def test_the_control_channel_follows_its_shard_through_a_failover(
         await _stop(received)
 
 
+async def test_the_control_channel_survives_its_master_killed(
+    cluster: RedisCluster, client: ClusterClient, unique: str
+) -> None:
+    """The master holding the control channel's slot is killed: the subscriber's connection fails, it reads the
+    slot map again and subscribes on the promoted replica, and a termination published then reaches it. (The
+    killed node is restarted afterwards and rejoins as a replica.)"""
+    channel = f"test:{unique}:control"
+    store = RedisStore(client, channel=channel, prefix=f"test:{unique}")
+    received = await _subscribed(store, cluster, channel)
+    killed = None
+    try:
+        killed, new = await cluster.kill_master(channel)
+        await poll(lambda: _subscribers(cluster, new, channel), what="the subscription on the promoted replica")
+        await store.publish({"action": "terminate", "session_id": "rs_y"})
+        async with asyncio.timeout(10):
+            assert await received.get() == {"action": "terminate", "session_id": "rs_y"}
+    finally:
+        await _stop(received)
+        if killed is not None:
+            await cluster.restart(killed)
+
+
 # ---- helpers ------------------------------------------------------------------------------------------
 
 
