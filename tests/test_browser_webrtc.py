@@ -220,3 +220,26 @@ async def test_a_call_whose_tab_is_closed_is_ended_by_the_provider_and_billed_wh
     quantity, cost = bill_time(peer_call.received, price)
     assert (row.session_id, row.close_reason) == (page["callId"], "upstream_close")
     assert (row.quantity, row.cost_usd) == (quantize(quantity), quantize(cost))
+
+
+async def test_a_refused_call_leaves_the_page_idle_with_the_reason_and_bills_nothing(
+    tmp_path: Path, playwright_core: Path
+) -> None:
+    """Every deployment refuses the offer: the sidecar answers 502, the page shows its message (no provider
+    detail) and is ready again; no call reaches the peer, no session is live and nothing is billed."""
+    peer = RtcPeer()
+    async with FakeCallProvider(answerer=peer) as fake:
+        fake.refuse_offer_status = 503
+        entries = [entry(WHISPER, f"openai/{WHISPER}", fake.url, fake.api_key)]
+        async with stack(tmp_path, entries=entries, **CAPTIONS) as s:
+            page = await drive(f"{s.sidecar.http}/captions/?transport=webrtc", ending="refused")
+            services = s.sidecar.app.state.services
+            await services.publisher.settled()
+            rows, live = s.rows(), dict(services.supervisor.live)
+        await peer.aclose()
+    assert page["status"] == (
+        "The captions service refused the call: Every deployment of the model failed to create the call."
+    )
+    assert page["callId"] is None and fake.url.split("//")[1] not in str(page)
+    assert (fake.offer_attempts, fake.calls, peer.calls) == (1, [], [])
+    assert (rows, live, page["captions"], page["buttons"]) == ([], {}, [], ["Start captions", "Stop"])

@@ -2,11 +2,11 @@
 // microphone that plays a WAV file in a loop, through playwright-core installed under tools/ by
 // scripts/ensure-playwright.sh. tests/test_browser.py runs it against a live sidecar.
 //
-//   node tests/browser/captions.mjs <page url> <wav file> <screenshot.png> [min captions] [stop|close]
+//   node tests/browser/captions.mjs <page url> <wav file> <screenshot.png> [min captions] [stop|close|refused]
 //
 // Uses only the keyboard to start and stop (Tab to "Start captions", Enter; focus then sits on "Stop").
 // With `close` it closes the tab instead of pressing Stop (the user walks away mid-session) and reports what
-// the page showed just before.
+// the page showed just before; with `refused` it expects Start to fail (the page back to idle, no captions).
 // The page's WebRTC mode (`<page url>?transport=webrtc`) needs nothing more than the flag below that shows
 // the machine's real host ICE candidates instead of mDNS `.local` names (tests/test_browser_webrtc.py).
 // Prints one JSON line on stdout with what the page showed; exits non-zero on any failure.
@@ -61,14 +61,25 @@ try {
   await page.keyboard.press('Tab');
   const firstFocus = await page.evaluate(() => document.activeElement.id);
   await page.keyboard.press('Enter');
-  await page.waitForSelector('body[data-state="live"]', { timeout: DEADLINE_MS });
-  await page.waitForFunction(
-    (n) => document.querySelectorAll('#captions p').length >= n,
-    minCaptions,
-    { timeout: DEADLINE_MS },
-  );
-  const focusWhileLive = await page.evaluate(() => document.activeElement.id);
-  if (ending !== 'close') {
+  let focusWhileLive = null;
+  if (ending === 'refused') {
+    await page.waitForFunction(
+      () => document.body.dataset.state === 'idle' && !['Ready.', 'Connecting…'].includes(
+        document.getElementById('status').textContent,
+      ),
+      null,
+      { timeout: DEADLINE_MS },
+    );
+  } else {
+    await page.waitForSelector('body[data-state="live"]', { timeout: DEADLINE_MS });
+    await page.waitForFunction(
+      (n) => document.querySelectorAll('#captions p').length >= n,
+      minCaptions,
+      { timeout: DEADLINE_MS },
+    );
+    focusWhileLive = await page.evaluate(() => document.activeElement.id);
+  }
+  if (ending === 'stop' || ending === undefined) {
     await page.keyboard.press('Enter'); // Stop
     await page.waitForSelector('body[data-state="stopped"]', { timeout: DEADLINE_MS });
   }
