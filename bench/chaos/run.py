@@ -33,6 +33,7 @@ from typing import Any, Final
 
 from bench.chaos import tally
 from bench.chaos.clients import ClientSession, run_session, speech_chunks
+from bench.chaos.ha import HaRedis, start_ha
 from bench.chaos.stack import (
     MASTER_KEY,
     NETNS,
@@ -74,13 +75,14 @@ class Ctx:
     """One row's stack, handed to its fault."""
 
     procs: Procs
-    redis: RedisServer
+    redis: RedisServer | None
     provider: ProviderProcess
     sidecar: Sidecar
     consumer: Consumer
     pg_proxy: TcpProxy
     redis_proxy: TcpProxy
     netns: Netns | None
+    ha: HaRedis | None = None
     wave_a: list[ClientSession] = field(default_factory=list)
     xack: dict[str, bool] = field(default_factory=dict)
     fired: asyncio.Event = field(default_factory=asyncio.Event)
@@ -100,6 +102,7 @@ class Fault:
     allowed: str  # "none", "kill", "cut"
     netns: bool = False
     wave_b_after: bool = False  # wave B starts once the fault is over (the sidecar is down meanwhile)
+    redis: str = "single"  # or "sentinel", "cluster": the issue's fixtures (bench/chaos/ha.py)
 
 
 async def _pause(seconds: float) -> None:
@@ -107,18 +110,21 @@ async def _pause(seconds: float) -> None:
 
 
 async def redis_kill_restart(ctx: Ctx) -> None:
+    assert ctx.redis is not None
     await ctx.redis.kill()
     await _pause(3)
     await ctx.redis.start()
 
 
 async def redis_restart_empty(ctx: Ctx) -> None:
+    assert ctx.redis is not None
     await ctx.redis.kill()
     await _pause(3)
     await ctx.redis.start(empty=True)
 
 
 async def redis_freeze(ctx: Ctx) -> None:
+    assert ctx.redis is not None
     ctx.redis.freeze()
     try:
         await _pause(REDIS_PUBLISH_TIMEOUT_S + 2)
@@ -160,11 +166,22 @@ async def sidecar_kill(ctx: Ctx) -> None:
 
 
 async def sidecar_kill_redis_down(ctx: Ctx) -> None:
+    assert ctx.redis is not None
     await ctx.redis.kill()
     await _pause(2.5)  # the sidecar spools its checkpoints meanwhile
     await ctx.sidecar.kill()
     await ctx.redis.start()
     await ctx.sidecar.start()  # adopts the dead process's spool and publishes it
+
+
+async def ha_failover(ctx: Ctx) -> None:
+    assert ctx.ha is not None
+    await ctx.ha.fail_over()
+
+
+async def ha_kill_master(ctx: Ctx) -> None:
+    assert ctx.ha is not None
+    await ctx.ha.kill_master()
 
 
 async def provider_drop(ctx: Ctx) -> None:
@@ -245,6 +262,38 @@ FAULTS: Final = (
     Fault("client-abort", "half the clients abort TCP mid-stream (no close frame)", client_abort, 1, "cut"),
     Fault("net-partition", "sidecar<->provider veth link down 5 s (netns), then up", partition, 5, "none", netns=True),
     Fault(
+        "sentinel-failover",
+        "SENTINEL FAILOVER mid-session (master, replica, three sentinels; tests/redis_ha.py)",
+        ha_failover,
+        4,
+        "none",
+        redis="sentinel",
+    ),
+    Fault(
+        "sentinel-kill-master",
+        "the Sentinel group's master SIGKILLed mid-session; the sentinels promote the replica",
+        ha_kill_master,
+        4,
+        "none",
+        redis="sentinel",
+    ),
+    Fault(
+        "cluster-failover",
+        "CLUSTER FAILOVER of the usage stream's master mid-session (3 masters + replicas; tests/redis_cluster.py)",
+        ha_failover,
+        4,
+        "none",
+        redis="cluster",
+    ),
+    Fault(
+        "cluster-kill-master",
+        "the usage stream's cluster master SIGKILLed mid-session; its replica takes over",
+        ha_kill_master,
+        4,
+        "none",
+        redis="cluster",
+    ),
+    Fault(
         "net-slow",
         "sidecar<->provider link throttled to 2 Mbit/s for 6 s (tc tbf, netns)",
         slow_link,
@@ -256,10 +305,6 @@ FAULTS: Final = (
 NOT_HERE: Final = (
     ("net-latency", "sidecar<->provider latency (tc netem delay)"),
     ("net-loss", "sidecar<->provider packet loss (tc netem loss)"),
-)
-PENDING: Final = (
-    ("sentinel-failover", "Sentinel failover mid-session"),
-    ("cluster-failover", "Cluster master failover mid-session"),
 )
 
 
@@ -308,25 +353,55 @@ async def _row(
     litellm: FakeLiteLLM,
     litellm_url: str,
 ) -> tally.FaultRow:
-    redis = RedisServer(procs, work / "redis")
-    await redis.start()
+    redis: RedisServer | None = None
+    ha: HaRedis | None = None
+    if fault.redis == "single":
+        redis = RedisServer(procs, work / "redis")
+        await redis.start()
+    else:
+        started = await start_ha(fault.redis, work / fault.redis)
+        if isinstance(started, str):
+            return tally.skipped(fault.name, started)
+        ha = started
+    try:
+        return await _on_redis(fault, options, work, procs, netns, litellm, litellm_url, redis, ha)
+    finally:
+        if ha is not None:
+            await ha.stop()
+
+
+async def _on_redis(
+    fault: Fault,
+    options: Options,
+    work: Path,
+    procs: Procs,
+    netns: Netns | None,
+    litellm: FakeLiteLLM,
+    litellm_url: str,
+    redis: RedisServer | None,
+    ha: HaRedis | None,
+) -> tally.FaultRow:
     provider = ProviderProcess(procs, host=NS_IP if netns else "127.0.0.1", netns=NETNS if netns else None)
     await provider.start()
     pg_proxy = TcpProxy("127.0.0.1", 5432)
     await pg_proxy.start()
     ctx_box: list[Ctx] = []
-    redis_proxy = TcpProxy("127.0.0.1", redis.port, intercept=lambda chunk: _intercept(ctx_box, chunk))
-    await redis_proxy.start()
+    redis_port = redis.port if redis is not None else 0  # no proxy in front of a Sentinel group or a Cluster
+    redis_proxy = TcpProxy("127.0.0.1", redis_port, intercept=lambda chunk: _intercept(ctx_box, chunk))
+    if redis is not None:
+        await redis_proxy.start()
+    serve_redis = {"SIDECAR_REDIS_URL": redis.url} if redis is not None else dict(ha.env) if ha else {}
+    consume_redis = {"SIDECAR_REDIS_URL": f"redis://127.0.0.1:{redis_proxy.port}/0"} if redis else serve_redis
     common = base_env(work) | {"SIDECAR_CHECKPOINT_S": str(options.checkpoint_s)}
     serve_env = common | {
         "SIDECAR_LITELLM_CONFIG": str(litellm_config(work / "litellm.yaml", provider.url)),
         "SIDECAR_LITELLM_URL": litellm_url,
-        "SIDECAR_REDIS_URL": redis.url,
+        **serve_redis,
         "SIDECAR_SPOOL_DIR": str(work / "spool"),
         "SIDECAR_DATABASE_URL": database_url(DATABASE),
     }
     consume_env = common | {
-        "SIDECAR_REDIS_URL": f"redis://127.0.0.1:{redis_proxy.port}/0",
+        **consume_redis,
         "SIDECAR_DATABASE_URL": database_url(DATABASE, port=pg_proxy.port),
         "SIDECAR_DB_TIMEOUT_S": str(DB_TIMEOUT_S),
         "SIDECAR_LOST_AFTER_S": str(LOST_AFTER_S),
@@ -335,11 +410,17 @@ async def _row(
     consumer = Consumer(procs, consume_env)
     await sidecar.start()
     await consumer.start()
-    ctx = Ctx(procs, redis, provider, sidecar, consumer, pg_proxy, redis_proxy, netns)
+    ctx = Ctx(procs, redis, provider, sidecar, consumer, pg_proxy, redis_proxy, netns, ha)
     ctx_box.append(ctx)
+    if redis is not None:
+        url = redis.url
+        backlog: Callable[[], Coroutine[Any, Any, int | None]] = lambda: group_backlog(url)  # noqa: E731
+    else:
+        assert ha is not None
+        backlog = ha.backlog
     try:
         sessions = await _waves(ctx, fault, options, litellm)
-        await _settle(sessions, redis.url)
+        await _settle(sessions, backlog)
         decoded = await provider.decoded()
         failures = _publish_failures(await sidecar.metrics())
     finally:
@@ -397,7 +478,7 @@ async def _waves(ctx: Ctx, fault: Fault, options: Options, litellm: FakeLiteLLM)
     return wave_a + wave_b
 
 
-async def _settle(sessions: Sequence[ClientSession], redis_url: str) -> None:
+async def _settle(sessions: Sequence[ClientSession], backlog: Callable[[], Coroutine[Any, Any, int | None]]) -> None:
     """Wait until every session that sent audio has billing rows, none of them still open, and the billing
     group has nothing pending or undelivered (a killed consumer's entries redelivered and acknowledged)."""
     wanted = {key_hash(s.key) for s in sessions if s.sent}
@@ -406,7 +487,7 @@ async def _settle(sessions: Sequence[ClientSession], redis_url: str) -> None:
         billed = await asyncio.to_thread(billed_by_key, DATABASE)
         if not all(k in billed and "open" not in billed[k].statuses for k in wanted):
             return False
-        return await group_backlog(redis_url) == 0
+        return await backlog() == 0
 
     try:
         await poll(settled, what="billing to settle", every_s=0.5, deadline_s=SETTLE_S)
@@ -476,11 +557,6 @@ async def run(options: Options) -> tally.Matrix:
     for name, what in NOT_HERE:
         if name in options.faults:
             matrix.rows.append(tally.skipped(name, netem or f"{what}: not implemented"))
-    for name, what in PENDING:
-        if name in options.faults:
-            matrix.rows.append(
-                tally.skipped(name, f"{what}: waiting for the Sentinel/Cluster fixtures (issue 18, items 1-3)")
-            )
     return matrix
 
 
@@ -493,7 +569,7 @@ async def _netem_reason() -> str | None:
     return reason
 
 
-ALL_NAMES: Final = tuple(f.name for f in FAULTS) + tuple(n for n, _ in NOT_HERE) + tuple(n for n, _ in PENDING)
+ALL_NAMES: Final = tuple(f.name for f in FAULTS) + tuple(n for n, _ in NOT_HERE)
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -509,7 +585,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     if args.list:
         for f in FAULTS:
             print(f"{f.name:24} {f.what}")
-        for name, what in (*NOT_HERE, *PENDING):
+        for name, what in NOT_HERE:
             print(f"{name:24} {what}")
         raise SystemExit(0)
     names = ALL_NAMES if args.faults == "all" else tuple(n.strip() for n in args.faults.split(",") if n.strip())

@@ -102,15 +102,24 @@ def billed_by_key(name: str) -> dict[str, BilledKey]:
     return {k: BilledKey(int(b), int(n), tuple(s.split(",")), tuple(c.split(","))) for k, b, n, s, c in rows}
 
 
-async def group_backlog(redis_url: str, stream: str = "realtime:usage", group: str = "billing") -> int | None:
-    """Entries of `group` pending or not yet delivered (None when Redis or the group cannot be read)."""
+STREAM: Final = "realtime:usage"
+
+
+async def group_backlog(redis_url: str) -> int | None:
+    """Entries of the billing group pending or not yet delivered (None when Redis or the group cannot be read)."""
     client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
+    try:
+        return await backlog_of(client)
+    finally:
+        await client.aclose()
+
+
+async def backlog_of(client: Any, stream: str = STREAM, group: str = "billing") -> int | None:
+    """`group_backlog` through any client (single, Sentinel master, cluster); the caller closes it."""
     try:
         groups = await client.xinfo_groups(stream)
     except (RedisError, OSError):
         return None
-    finally:
-        await client.aclose()
     for info in groups:
         name = info.get("name")
         if name in (group, group.encode()):
