@@ -17,14 +17,17 @@ from redis.asyncio.cluster import RedisCluster as ClusterClient
 from sidecar.billing import BillingWriter, UsageConsumer, make_engine, upgrade
 from sidecar.billing.consumer import create_groups_when_reachable
 from sidecar.control import RedisStore, SessionInfo, billed_key
+from sidecar.ledger import invalidation
+from sidecar.ledger.aftercommit import AfterCommit
 from sidecar.ledger.budget import BudgetSettler, settled_key
 from sidecar.ledger.status import stream_status
 from sidecar.publisher import RedisPublisher, stream_fields
 from sidecar.redis_keys import budget_prefix, dead_stream, has_tag, is_cluster
 from sidecar.spool import Spool
 from sidecar.testing.factories import usage_event
-from tests.billing_support import poll, read_billing
+from tests.billing_support import poll, quick_redis, read_billing
 from tests.redis_cluster import RedisCluster, slot_of, slots_of
+from tests.test_ledger_budget import applied, subscribed
 
 KEY = "key:" + "ab" * 32
 TEAM = "team:team-a"
@@ -147,6 +150,43 @@ async def test_the_settle_script_settles_a_batch_on_a_cluster(
     assert await settler.settle_many(batch) == [Decimal(0)] * len(batch)
     more = usage_event("rs_0", 4, budget_windows=WINDOWS, cost_usd=final + Decimal("0.001"))
     assert await settler.settle_many([more]) == [Decimal("0.001")]
+
+
+async def test_the_ledger_sinks_after_commit_on_a_cluster(
+    cluster: RedisCluster, client: ClusterClient, unique: str
+) -> None:
+    """The LiteLLM sink's after-commit on a cluster: the settle lands in the budget family's slot, and LiteLLM's
+    invalidations, published as LiteLLM publishes them (classic PUBLISH) through one node of the proxy's cluster,
+    reach a LiteLLM worker subscribed (classic SUBSCRIBE) on another master."""
+    prefix, namespace = f"test:{unique}", f"test-{unique}"
+    first, second = sorted(await cluster.topology())[:2]
+    channel = invalidation.channel(namespace)
+    worker, pubsub = await subscribed(cluster.node(second).url, channel)
+    proxy = quick_redis(cluster.node(first).url)  # SIDECAR_LITELLM_REDIS_URL: one node's URL
+    try:
+        final = usage_event("rs_ac", 2, final=True, budget_windows=WINDOWS)
+        await AfterCommit(client, prefix=prefix, proxy_redis=proxy, namespace=namespace).batch(
+            [final], [applied(final)]
+        )
+        got: list[str] = []
+        expected = invalidation.cache_keys(
+            key_hash=final.key_hash,
+            user_id=final.user_id,
+            team_id=final.team_id,
+            organization_id="org-1",
+            tags=["prod"],
+        )
+        while len(got) < len(expected):
+            item = await pubsub.get_message(timeout=5)
+            assert item is not None, f"invalidations missing (got {got})"
+            got.append(orjson.loads(item["data"])["cache_key"])
+        assert got == expected
+        raw = await client.get(billed_key("{" + prefix + "}", TEAM, "all"))
+        assert Decimal(raw.decode()) == -final.cost_usd
+    finally:
+        await pubsub.aclose()
+        await worker.aclose()
+        await proxy.aclose()
 
 
 async def test_publisher_consumer_and_dead_letters_on_a_cluster(
