@@ -10,8 +10,8 @@ that failed is repaired when a later event of the session is settled (the figure
 that failed on the session's last event leaves that spend counted twice in the sidecar's own budget
 total (never less) until the counter's window ends.
 
-A batch costs at most two round trips, one per Redis: the settles pipelined in the batch's order, and the
-invalidations of every charged key, user, team, ... published once each.
+A batch costs at most two round trips, one per Redis: one call of the settle script for the batch, in its order,
+and the invalidations of every charged key, user, team, ... published once each.
 """
 
 from __future__ import annotations
