@@ -33,7 +33,7 @@ from starlette.websockets import WebSocket, WebSocketState
 from sidecar import admin, captions, client_secrets
 from sidecar.auth import KeyChecker, MasterKeyCheck, Principal, authorize, credentials, hash_key, litellm_client
 from sidecar.bodies import BodyLimit
-from sidecar.calls.endpoints import routes as call_routes
+from sidecar.calls import endpoints as call_endpoints
 from sidecar.calls.offer import new_session_id
 from sidecar.calls.orphans import RedisCallRecords
 from sidecar.calls.passthrough import client_sideband
@@ -260,7 +260,7 @@ def create_app(
         Route("/metrics", metrics_endpoint),
         *admin.routes(),
         *client_secrets.routes(),
-        *call_routes(),
+        *call_endpoints.routes(),
         *sideband_routes(),
         *captions.routes(settings),
     ]

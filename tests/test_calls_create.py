@@ -14,7 +14,10 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from sidecar.calls import endpoints
+from sidecar.calls.offer import parse_realtime
 from sidecar.testing.fake_calls import FakeCall, FakeCallProvider
+from sidecar.testing.fake_provider import FakeProvider
 from sidecar.testing.fake_sdp import BROWSER_OFFER
 from tests.relay_stack import MASTER_KEY, USER_KEY, Stack, entry, stack
 
@@ -26,6 +29,7 @@ WHISPER = "gpt-realtime-whisper"
 TRANSCRIBER = "whisper-1"
 TRANSCRIBER_DEPLOYMENT = "my-whisper-deployment"
 OTHER_KEY = "sk-other-key-test-0002"
+WS_MODEL = "ws-realtime"
 
 
 def entries(*providers: FakeCallProvider, azure: bool = False) -> list[dict[str, Any]]:
@@ -56,10 +60,13 @@ def entries(*providers: FakeCallProvider, azure: bool = False) -> list[dict[str,
 async def calls_stack(
     tmp_path: Path, *providers: FakeCallProvider, azure: bool = False, **settings: Any
 ) -> AsyncIterator[Stack]:
-    """A sidecar serving the call routes against `providers` (their deployments in order); USER_KEY and OTHER_KEY."""
-    async with stack(tmp_path, entries=entries(*providers, azure=azure), **settings) as running:
-        running.litellm.add_key(OTHER_KEY, key_alias="bob-key", user_id="bob", team_id="")
-        yield running
+    """A sidecar serving the call routes against `providers` (their deployments in order), and WS_MODEL on a
+    WebSocket fake provider; USER_KEY and OTHER_KEY."""
+    async with FakeProvider() as websocket:
+        both = [*entries(*providers, azure=azure), entry(WS_MODEL, f"openai/{RT}", websocket.url, websocket.api_key)]
+        async with stack(tmp_path, entries=both, provider=websocket, **settings) as running:
+            running.litellm.add_key(OTHER_KEY, key_alias="bob-key", user_id="bob", team_id="")
+            yield running
 
 
 @contextlib.asynccontextmanager
@@ -340,8 +347,8 @@ async def test_hangup_by_another_key_or_unknown_id_is_404(tmp_path: Path) -> Non
             await other.realtime.calls.hangup(session_id)
         with pytest.raises(openai.NotFoundError):
             await running.sidecar.openai(USER_KEY).realtime.calls.hangup("rs_" + "0" * 32)
-        with pytest.raises(openai.NotFoundError):  # a realtime call id is not a GPT-Live session of another key
-            await other.live.sessions.hangup(session_id)
+        with pytest.raises(openai.NotFoundError):  # a realtime call id is not a GPT-Live session, even its owner's
+            await running.sidecar.openai(USER_KEY).live.sessions.hangup(session_id)
         assert not call.hung_up.is_set() and session_id in running.sidecar.app.state.services.supervisor.live
         await running.sidecar.openai(MASTER_KEY).realtime.calls.hangup(session_id)
         await call.hung_up.wait()
@@ -393,3 +400,47 @@ async def test_live_call_with_a_client_secret(tmp_path: Path) -> None:
             await browser.live.create(session={"model": LIVE}, transport=transport)
         await browser.live.sessions.hangup(created.session.id)
         assert (await running.final_row()).close_reason == "client_hangup"
+
+
+async def test_a_call_answered_but_not_watched_is_hung_up_and_its_lease_released(tmp_path: Path) -> None:
+    """If starting the watch fails after the provider answered, the call is hung up at once, the lease is given
+    back and nothing is billed (no call the sidecar cannot meter is left running)."""
+    async with fake() as provider, calls_stack(tmp_path, provider, max_sessions_per_key=1) as running:
+        assert (await create_sdp(running.sidecar.http, USER_KEY, model="no-such-model")).status_code == 404  # started
+        services = running.sidecar.app.state.services
+        request = parse_realtime("application/sdp", BROWSER_OFFER.encode(), query_model=RT)
+        principal = await services.checker.principal(USER_KEY)
+
+        def refuse(watch: object) -> None:
+            raise RuntimeError("the watch could not start")
+
+        with pytest.raises(RuntimeError):
+            await endpoints._create(
+                services, request, services.catalog.resolve(RT), principal, None, transcription=False, start=refuse
+            )
+        call = await provider.wait_for_call()
+        assert call.hung_up.is_set() and provider.hangups == 1
+        assert services.supervisor.live == {}
+        again = await create_sdp(running.sidecar.http, USER_KEY)  # the one lease of the key is free again
+        assert again.status_code == 201, again.text
+        await running.sidecar.openai(USER_KEY).realtime.calls.hangup(call_id(again.headers["location"]))
+        row = await running.final_row()  # the second call only
+        assert row.session_id == call_id(again.headers["location"])
+
+
+async def test_a_websocket_session_is_not_a_call(tmp_path: Path) -> None:
+    """The hangup routes end calls only: a live WebSocket session's id is 404 there, even for its owner, and the
+    session goes on."""
+    async with fake() as provider, calls_stack(tmp_path, provider) as running:
+        client = running.sidecar.openai(USER_KEY)
+        async with client.realtime.connect(model=WS_MODEL) as connection:
+            await connection.session.update(session={"type": "realtime", "instructions": "x"})
+            supervisor = running.sidecar.app.state.services.supervisor
+            (session_id,) = supervisor.live
+            with pytest.raises(openai.NotFoundError):
+                await client.realtime.calls.hangup(session_id)
+            with pytest.raises(openai.NotFoundError):
+                await running.sidecar.openai(MASTER_KEY).live.sessions.hangup(session_id)
+            assert session_id in supervisor.live and not supervisor.live[session_id].relay.ended
+        row = await running.final_row()
+        assert row.close_reason != "client_hangup"

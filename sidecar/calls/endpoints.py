@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
@@ -72,7 +73,7 @@ def routes() -> list[BaseRoute]:
     found: list[BaseRoute] = []
     for paths, route, key in kinds:
         create = partial(create_endpoint, route=route)
-        hangup = partial(hangup_endpoint, key=key)
+        hangup = partial(hangup_endpoint, key=key, route=route)
         for path in paths:
             found.append(Route(path, create, methods=["POST"]))
             found.append(Route(f"{path}/{{{key}}}/hangup", hangup, methods=["POST"]))
@@ -124,9 +125,11 @@ async def _create(
     grant: Grant | None,
     *,
     transcription: bool,
+    start: Callable[[CallWatch], object] | None = None,
 ) -> tuple[str, Created]:
-    """Admit, create on the first deployment that answers, start watching. Raises a Refusal (the lease
-    released, any call the provider answered hung up)."""
+    """Admit, create on the first deployment that answers, start watching (`start`, default
+    `services.calls.start`). Raises a Refusal, or whatever starting the watch raised (the lease released, any
+    call the provider answered hung up)."""
 
     def body_for(deployment: Deployment) -> Any:
         session = provider_session(
@@ -151,7 +154,8 @@ async def _create(
         created = await create_call(
             http, model, call.route, body_for, timeout_s=services.settings.connect_timeout_s, on_failure=failed
         )
-        _watch(services, created, model, principal, session_id, call, grant=grant, transcription=transcription)
+        watch = _watch(services, created, model, principal, session_id, call, grant=grant, transcription=transcription)
+        (start or services.calls.start)(watch)
     except BaseException:
         if created is not None:  # answered but not watched: never leave it running
             with contextlib.suppress(Exception):
@@ -181,8 +185,8 @@ def _watch(
     *,
     grant: Grant | None,
     transcription: bool,
-) -> None:
-    """Build the call's Account and start its CallWatch (counted as a live session from now on)."""
+) -> CallWatch:
+    """The call's Account and its CallWatch, ready to start."""
     settings = services.settings
     start = (
         LiveStart(model.name, {"type": "session.start", "session": call.session})
@@ -214,7 +218,7 @@ def _watch(
     )
     if call.route == REALTIME_ENDPOINT and not transcription:
         _tell_transcriber(account, call, grant, now=services.clock_ns())
-    services.calls.start(watch)
+    return watch
 
 
 def _tell_transcriber(account: Account, call: CallRequest, grant: Grant | None, *, now: int) -> None:
@@ -231,13 +235,13 @@ def _tell_transcriber(account: Account, call: CallRequest, grant: Grant | None, 
 # ---- hangup ------------------------------------------------------------------------------------------------
 
 
-async def hangup_endpoint(request: Request, *, key: str) -> Response:
+async def hangup_endpoint(request: Request, *, key: str, route: SessionRoute) -> Response:
     """POST /v1/realtime/calls/{call_id}/hangup, POST /v1/live/sessions/{session_id}/hangup."""
     services: Services = request.app.state.services
     session_id = request.path_params[key]
     try:
         principal, _, _ = await app_module._authenticate(request, services)
-        await _hang_up(services, principal, session_id)
+        await _hang_up(services, principal, session_id, route)
     except Refusal as refusal:
         return JSONResponse(refusal.body(), status_code=refusal.status, headers=NO_STORE)
     except ControlError:
@@ -246,14 +250,25 @@ async def hangup_endpoint(request: Request, *, key: str) -> Response:
     return Response(status_code=200, headers=NO_STORE)
 
 
-async def _hang_up(services: Services, principal: Principal, session_id: str) -> None:
-    """End the call `session_id` of `principal` wherever it is watched. Raises NotFound (no such live call, or
-    another key's: not told apart) or ControlError."""
+async def _hang_up(services: Services, principal: Principal, session_id: str, route: SessionRoute) -> None:
+    """End the call `session_id` of `principal` on `route` wherever it is watched. Raises NotFound (no such live
+    call on this route, a WebSocket session, or another key's call: not told apart) or ControlError.
+
+    A call watched here is looked up here (its watch exists from the answer on, before its shared record); one
+    watched elsewhere by the shared registry (its owner) and its call record (its route)."""
     supervisor = services.supervisor
-    await supervisor.heartbeat()  # this replica's calls are in the registry before it is read
-    infos = await services.store.sessions(now=supervisor.wall())
-    info = next((i for i in infos if i.session_id == session_id), None)
-    if info is None or not (principal.is_master or info.key_hash == principal.key_hash):
+    local = supervisor.live.get(session_id)
+    if local is not None:
+        watched = local.relay
+        found = isinstance(watched, CallWatch) and watched.call.route == route
+        owner = watched.session.principal.key_hash
+    else:
+        infos = await services.store.sessions(now=supervisor.wall())
+        record = await services.calls.records.get(session_id)
+        info = next((i for i in infos if i.session_id == session_id), None)
+        found = info is not None and record is not None and record.route == route
+        owner = info.key_hash if info is not None else ""
+    if not found or not (principal.is_master or owner == principal.key_hash):
         raise NotFound(f"No live call {session_id}.")
     await supervisor.terminate(session_id, reason="client_hangup")
     log.info("call hangup asked", extra={"session_id": session_id, "key_hash": principal.key_hash})
