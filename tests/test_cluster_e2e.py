@@ -173,6 +173,9 @@ async def test_sessions_ride_cluster_failovers_billed_exactly_once(
             finally:
                 await consume.kill()
 
+    for log in (serve.log, consume.log):  # a cross-slot command would have been refused and logged
+        text = log.read_text()
+        assert "CROSSSLOT" not in text and "CrossSlot" not in text, log
     by_key = {r.key_hash: r for r in rows}
     for key, live, reason in ((KEY_CLOSE, closing, "client_close"), (KEY_REVOKE, revoked, "key_revoked")):
         row = by_key[hash_key(key)]
