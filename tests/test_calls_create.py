@@ -191,6 +191,11 @@ async def test_client_secret_is_used_up_and_never_reaches_the_provider(tmp_path:
         await browser.realtime.calls.hangup(session_id)
         row = await running.final_row()
         assert row.close_reason == "client_hangup" and row.key_alias == "alice-key"
+        # Nothing the provider received (creates, sideband handshakes, hangup) carried the secret or the user key.
+        assert {r.method for r in provider.requests} == {"POST", "WEBSOCKET"}
+        for received in provider.requests:
+            seen = " ".join([received.path, *received.query.values(), *received.headers.values()])
+            assert secret not in seen and USER_KEY not in seen
 
 
 async def test_secret_for_another_model_and_transcription_secret(tmp_path: Path) -> None:
