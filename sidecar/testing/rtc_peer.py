@@ -3,7 +3,7 @@
 OpenAI's WebRTC convention (docs/browser.md, "Captions over WebRTC"): the browser sends its microphone as
 an audio track and opens a data channel named `oai-events`; the provider answers the SDP offer, hears the
 track, and sends its server events on that channel (and on the call's sidebands, which is how the sidecar
-meters the call). This peer does that for real on loopback: it answers the offer with aiortc, decodes
+meters the call). This peer does that for real on one machine: it answers the offer with aiortc, decodes
 the audio it receives, and counts it exactly (decoded samples / sample rate, as a Fraction). Every
 `item_seconds` of received audio it emits one transcription item, and the remainder when the browser
 commits (`input_audio_buffer.commit` on the data channel, after stopping its track):
@@ -13,6 +13,12 @@ commits (`input_audio_buffer.commit` on the data channel, after stopping its tra
 
 where `s` is exactly the seconds of audio received for that item, so the seconds a call bills can be
 compared with what the peer heard. The words are fixed (`transcript`): nothing here recognises speech.
+"Heard" is what aiortc decoded: the last few packets of a call (at most its audio jitter buffer's 4 x 20 ms)
+may still sit undecoded when the audio stops, and are neither counted nor reported.
+
+When the browser's connection or its data channel closes while the call goes on (a closed tab), the peer
+reports what it heard and not yet reported, then ends the call (`call.end("media_closed")`), as OpenAI ends
+a call whose peer connection closes; when the call ends first (a hangup), the peer closes its connection.
 
 Plugged into sidecar.testing.fake_calls.FakeCallProvider as its `answerer` (`RtcPeer()(offer_sdp, call)`),
 each event goes through `call.emit` (the call's sidebands and this peer's data channel); alone,
