@@ -21,7 +21,7 @@ from sidecar.catalog import LIVE_ENDPOINT, REALTIME_ENDPOINT
 from sidecar.pricing import Price
 from sidecar.testing.fake_calls import FakeCall, FakeCallProvider
 from sidecar.testing.fake_sdp import BROWSER_OFFER
-from tests.billing_support import poll
+from tests.billing_support import DEADLINE_S, poll
 from tests.relay_stack import MASTER_KEY, USER_KEY, Stack, catalog_for, entry, stack
 
 RT = "gpt-realtime"
@@ -83,8 +83,8 @@ async def realtime_call(s: Stack, provider: FakeCallProvider, session: dict[str,
     """A realtime call created with the SDK: (the sidecar's call id, the provider's call) once watched."""
     raw = await s.sidecar.openai(USER_KEY).realtime.calls.with_raw_response.create(sdp=BROWSER_OFFER, session=session)
     assert raw.http_response.status_code == 201
-    call = await provider.wait_for_call()
-    await call.wait_for_sideband(1)
+    call = await asyncio.wait_for(provider.wait_for_call(), DEADLINE_S)
+    await asyncio.wait_for(call.wait_for_sideband(1), DEADLINE_S)
     return raw.http_response.headers["location"].rsplit("/", 1)[1], call
 
 
@@ -172,8 +172,8 @@ async def test_live_call_billed_by_wall_clock_from_answer_to_hangup(tmp_path: Pa
     async with running(tmp_path, clock_ns=clock) as (s, provider):
         client = s.sidecar.openai(USER_KEY)
         created = await client.live.create(session={"model": LIVE}, transport={"type": "webrtc", "sdp": BROWSER_OFFER})
-        call = await provider.wait_for_call()
-        await call.wait_for_sideband(1)
+        call = await asyncio.wait_for(provider.wait_for_call(), DEADLINE_S)
+        await asyncio.wait_for(call.wait_for_sideband(1), DEADLINE_S)
         clock.now += 61 * NS + 123_000  # 61.000123 s later
         await call.usage_updated(seconds=60)
         await client.live.sessions.hangup(created.session.id)
@@ -191,7 +191,7 @@ async def test_revoked_key_ends_the_call_through_the_provider_hangup(tmp_path: P
         _, call = await realtime_call(s, provider, {"type": "realtime", "model": RT})
         await call.response_done(USAGE)
         s.litellm.delete_key(USER_KEY)
-        await asyncio.wait_for(call.hung_up.wait(), 10)
+        await asyncio.wait_for(call.hung_up.wait(), DEADLINE_S)
         row = await final_row(s)
         assert (row.close_reason, row.input_tokens) == ("key_revoked", 1200)
         assert row.cost_usd == token_cost(price_of(provider, RT), 1)
@@ -204,7 +204,7 @@ async def test_budget_cut_off_hangs_the_call_up(tmp_path: Path) -> None:
         s.litellm.update_key(USER_KEY, max_budget=1.0, spend=0.99)
         _, call = await realtime_call(s, provider, {"type": "realtime", "model": RT})
         await call.response_done(USAGE)  # about $0.07: over the remaining $0.01
-        await asyncio.wait_for(call.hung_up.wait(), 10)
+        await asyncio.wait_for(call.hung_up.wait(), DEADLINE_S)
         row = await final_row(s)
         assert row.close_reason == "budget_exceeded"
         assert row.cost_usd == token_cost(price_of(provider, RT), 1) > Decimal("0.01")
@@ -219,7 +219,7 @@ async def test_admin_delete_ends_the_call(tmp_path: Path) -> None:
                 f"{s.sidecar.http}/admin/sessions/{session_id}", headers={"Authorization": f"Bearer {MASTER_KEY}"}
             )
         assert answer.status_code == 202, answer.text
-        await asyncio.wait_for(call.hung_up.wait(), 10)
+        await asyncio.wait_for(call.hung_up.wait(), DEADLINE_S)
         row = await final_row(s)
         assert row.close_reason == "session_terminated" and provider.hangups == 1
 
@@ -230,7 +230,7 @@ async def test_sideband_drop_is_reattached_and_billed_once(tmp_path: Path) -> No
         session_id, call = await realtime_call(s, provider, {"type": "realtime", "model": RT})
         await call.response_done(USAGE)
         await call.drop_sidebands()
-        await call.wait_for_sideband(2)
+        await asyncio.wait_for(call.wait_for_sideband(2), DEADLINE_S)
         await call.response_done(USAGE)
         await s.sidecar.openai(USER_KEY).realtime.calls.hangup(session_id)
         row = await final_row(s)
@@ -242,12 +242,12 @@ async def test_sideband_drop_is_reattached_and_billed_once(tmp_path: Path) -> No
 async def test_sideband_lost_beyond_the_bound_hangs_up_and_bills_what_was_seen(tmp_path: Path) -> None:
     """A sideband that cannot be re-attached within SIDECAR_SIDEBAND_REATTACH_S: the call is hung up, billed
     `sideband_lost` with the usage seen before the drop."""
-    async with running(tmp_path, sideband_reattach_s=0.5) as (s, provider):
+    async with running(tmp_path, sideband_reattach_s=2.0) as (s, provider):
         _, call = await realtime_call(s, provider, {"type": "realtime", "model": RT})
         await call.response_done(USAGE)
         provider.refuse_sideband_status = 503
         await call.drop_sidebands()
-        await asyncio.wait_for(call.hung_up.wait(), 10)
+        await asyncio.wait_for(call.hung_up.wait(), DEADLINE_S)
         row = await final_row(s)
         assert (row.close_reason, row.input_tokens) == ("sideband_lost", 1200)
         assert call.attach_attempts >= 2  # it did try again
@@ -279,6 +279,28 @@ async def test_drain_lets_calls_run_through_the_grace_then_hangs_up(tmp_path: Pa
         await poll(draining, what="the drain to start")
         assert not call.hung_up.is_set() and s.sidecar.app.state.services.supervisor.live
         await call.response_done(USAGE)  # still watched and billed during the grace
-        await asyncio.wait_for(call.hung_up.wait(), 10)
+        await asyncio.wait_for(call.hung_up.wait(), DEADLINE_S)
         row = await final_row(s)
         assert (row.close_reason, row.input_tokens) == ("server_shutdown", 1200)
+
+
+async def test_idle_call_is_hung_up(tmp_path: Path) -> None:
+    """No server event on the sideband for SIDECAR_IDLE_TIMEOUT_S: hung up, billed idle_timeout."""
+    async with running(tmp_path, idle_timeout_s=0.5) as (s, provider):
+        client = s.sidecar.openai(USER_KEY)
+        await client.realtime.calls.create(sdp=BROWSER_OFFER, session={"type": "realtime", "model": RT})
+        call = await asyncio.wait_for(provider.wait_for_call(), DEADLINE_S)
+        await asyncio.wait_for(call.hung_up.wait(), DEADLINE_S)
+        row = await final_row(s)
+        assert (row.close_reason, row.model) == ("idle_timeout", RT)
+
+
+async def test_call_reaching_max_duration_is_hung_up(tmp_path: Path) -> None:
+    """A GPT-Live call reaching SIDECAR_MAX_SESSION_S is hung up (max_duration) and billed its session seconds."""
+    async with running(tmp_path, max_session_s=0.5) as (s, provider):
+        client = s.sidecar.openai(USER_KEY)
+        await client.live.create(session={"model": LIVE}, transport={"type": "webrtc", "sdp": BROWSER_OFFER})
+        call = await asyncio.wait_for(provider.wait_for_call(), DEADLINE_S)
+        await asyncio.wait_for(call.hung_up.wait(), DEADLINE_S)
+        row = await final_row(s)
+        assert row.close_reason == "max_duration" and row.unit == "session_second" and row.quantity > 0

@@ -4,6 +4,7 @@ frames scrubbed; usage it causes billed once (by the call's watch), never twice.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from websockets.exceptions import InvalidStatus
 from sidecar.testing.fake_calls import FakeCallProvider
 from sidecar.testing.fake_provider import RESPONSE_INPUT_TOKENS, RESPONSE_OUTPUT_TOKENS
 from sidecar.testing.fake_sdp import BROWSER_OFFER
+from tests.billing_support import DEADLINE_S
 from tests.relay_stack import MASTER_KEY, USER_KEY, Stack, entry, stack
 
 RT, RT_DEPLOYMENT = "gpt-realtime", "my-rt-deployment"
@@ -59,12 +61,12 @@ async def test_owner_sideband_is_relayed_scrubbed_and_billed_once(tmp_path: Path
             sdp=BROWSER_OFFER, session={"type": "realtime", "model": RT}
         )
         session_id = raw.http_response.headers["location"].rsplit("/", 1)[1]
-        call = await provider.wait_for_call()
+        call = await asyncio.wait_for(provider.wait_for_call(), DEADLINE_S)
         async with client.realtime.connect(call_id=session_id) as connection:
             first = await connection.recv_bytes()
             assert orjson.loads(first)["type"] == "session.created"
             assert leaks(first.decode(), provider) == [] and RT in first.decode()
-            await call.wait_for_sideband(2)  # the watch's and the client's
+            await asyncio.wait_for(call.wait_for_sideband(2), DEADLINE_S)  # the watch's and the client's
             await connection.send({"type": "response.create"})
             seen = []
             async for event in connection:
@@ -107,11 +109,11 @@ async def test_live_owner_sideband_through_the_sidecar(tmp_path: Path) -> None:
     async with running(tmp_path) as (s, provider):
         client = s.sidecar.openai(USER_KEY)
         created = await client.live.create(session={"model": LIVE}, transport={"type": "webrtc", "sdp": BROWSER_OFFER})
-        call = await provider.wait_for_call()
+        call = await asyncio.wait_for(provider.wait_for_call(), DEADLINE_S)
         async with client.live.sideband.connect(session_id=created.session.id) as connection:
             first = await connection.recv_bytes()
             assert orjson.loads(first)["type"] == "session.started" and leaks(first.decode(), provider) == []
-            await call.wait_for_sideband(2)
+            await asyncio.wait_for(call.wait_for_sideband(2), DEADLINE_S)
             await connection.send({"type": "session.update", "session": {"model": "gpt-other"}})
             answer = orjson.loads(await connection.recv_bytes())
             assert (answer["type"], answer["error"]["code"]) == ("error", "model_mismatch")

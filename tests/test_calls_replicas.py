@@ -16,7 +16,7 @@ import yaml
 from sidecar.testing.fake_calls import FakeCall, FakeCallProvider
 from sidecar.testing.fake_litellm import FakeLiteLLM
 from sidecar.testing.fake_sdp import BROWSER_OFFER
-from tests.billing_support import RedisServer, SidecarProcess
+from tests.billing_support import DEADLINE_S, RedisServer, SidecarProcess
 from tests.relay_stack import MASTER_KEY, USER_KEY, Stack, entry, stack
 
 RT = "gpt-realtime"
@@ -54,8 +54,8 @@ async def create_on(replica: Stack, provider: FakeCallProvider) -> tuple[str, Fa
         sdp=BROWSER_OFFER, session={"type": "realtime", "model": RT}
     )
     assert raw.http_response.status_code == 201
-    call = await provider.wait_for_call()
-    await call.wait_for_sideband(1)
+    call = await asyncio.wait_for(provider.wait_for_call(), DEADLINE_S)
+    await asyncio.wait_for(call.wait_for_sideband(1), DEADLINE_S)
     return raw.http_response.headers["location"].rsplit("/", 1)[1], call
 
 
@@ -72,7 +72,7 @@ async def test_admin_delete_on_the_other_replica_ends_the_call(tmp_path: Path, r
             await call.response_done(USAGE)
             answer = await http.delete(f"{b.sidecar.http}/admin/sessions/{session_id}", headers=master)
         assert answer.status_code == 202, answer.text
-        await asyncio.wait_for(call.hung_up.wait(), 10)
+        await asyncio.wait_for(call.hung_up.wait(), DEADLINE_S)
         row = await a.final_row()
         assert (row.session_id, row.close_reason, row.input_tokens, row.output_tokens) == (
             session_id,
@@ -89,7 +89,7 @@ async def test_client_hangup_on_the_other_replica_ends_the_call(tmp_path: Path, 
         session_id, call = await create_on(a, provider)
         await call.response_done(USAGE)
         await b.sidecar.openai(USER_KEY).realtime.calls.hangup(session_id)
-        await asyncio.wait_for(call.hung_up.wait(), 10)
+        await asyncio.wait_for(call.hung_up.wait(), DEADLINE_S)
         row = await a.final_row()
         assert (row.close_reason, row.input_tokens) == ("client_hangup", 100)
         assert b.rows() == [] and provider.hangups == 1
@@ -128,11 +128,11 @@ async def test_a_dead_replicas_call_is_hung_up_by_another(tmp_path: Path) -> Non
                             headers={"Authorization": f"Bearer {MASTER_KEY}", "Content-Type": "application/sdp"},
                         )
                     assert answer.status_code == 201, answer.text
-                    call = await provider.wait_for_call()
-                    await call.wait_for_sideband(1)
+                    call = await asyncio.wait_for(provider.wait_for_call(), DEADLINE_S)
+                    await asyncio.wait_for(call.wait_for_sideband(1), DEADLINE_S)
                     await a.kill()
                     assert not call.hung_up.is_set()  # the provider runs the call on, unwatched
-                    await asyncio.wait_for(call.hung_up.wait(), 30)
+                    await asyncio.wait_for(call.hung_up.wait(), DEADLINE_S)
                     assert provider.hangups == 1 and b.rows() == []
                     assert not b.sidecar.app.state.services.supervisor.live
             finally:
