@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import sqlite3
 from collections.abc import AsyncIterator
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
@@ -16,12 +19,13 @@ import httpx
 import openai
 import orjson
 import pytest
+import yaml
 
 from sidecar.catalog import LIVE_ENDPOINT, REALTIME_ENDPOINT
 from sidecar.pricing import Price
 from sidecar.testing.fake_calls import FakeCall, FakeCallProvider
 from sidecar.testing.fake_sdp import BROWSER_OFFER
-from tests.billing_support import DEADLINE_S, poll
+from tests.billing_support import DEADLINE_S, SidecarProcess, poll
 from tests.relay_stack import MASTER_KEY, USER_KEY, Stack, catalog_for, entry, stack
 
 RT = "gpt-realtime"
@@ -304,3 +308,51 @@ async def test_call_reaching_max_duration_is_hung_up(tmp_path: Path) -> None:
         await asyncio.wait_for(call.hung_up.wait(), DEADLINE_S)
         row = await final_row(s)
         assert row.close_reason == "max_duration" and row.unit == "session_second" and row.quantity > 0
+
+
+async def test_sigterm_drain_of_a_serve_process_hangs_calls_up_after_the_grace(tmp_path: Path) -> None:
+    """A real `sidecar serve` (embedded billing) on SIGTERM: the call goes on through the grace, its usage still
+    billed; then it is hung up, the process exits 0, and the call has one final row, server_shutdown."""
+    async with FakeCallProvider() as provider:
+        db = tmp_path / "billing.db"
+        config = tmp_path / "litellm.yaml"
+        config.write_text(
+            yaml.safe_dump({"model_list": entries(provider), "general_settings": {"master_key": MASTER_KEY}})
+        )
+        serve = SidecarProcess(
+            {
+                "SIDECAR_LITELLM_CONFIG": str(config),
+                "SIDECAR_SPOOL_DIR": str(tmp_path / "spool"),
+                "SIDECAR_DATABASE_URL": f"sqlite:///{db}",
+                "SIDECAR_DRAIN_GRACE_S": "3",
+            },
+            workdir=tmp_path / "serve",
+        )
+        await serve.start()
+        try:
+            async with httpx.AsyncClient(base_url=serve.http) as http:
+                answer = await http.post(
+                    "/v1/realtime/calls",
+                    params={"model": RT},
+                    content=BROWSER_OFFER.encode(),
+                    headers={"Authorization": f"Bearer {MASTER_KEY}", "Content-Type": "application/sdp"},
+                )
+                assert answer.status_code == 201, answer.text
+                call = await asyncio.wait_for(provider.wait_for_call(), DEADLINE_S)
+                await asyncio.wait_for(call.wait_for_sideband(1), DEADLINE_S)
+                os.kill(serve.pid, signal.SIGTERM)
+
+                async def draining() -> bool:
+                    return (await http.get("/readyz")).status_code == 503
+
+                await poll(draining, what="the drain to start")
+                assert not call.hung_up.is_set()  # the grace: the call goes on
+                await call.response_done(USAGE)
+            await asyncio.wait_for(call.hung_up.wait(), DEADLINE_S)
+            process = serve._process  # the drain ends the process itself: wait for its exit, no second signal
+            assert process is not None
+            assert await asyncio.wait_for(process.wait(), DEADLINE_S) == 0
+        finally:
+            await serve.kill()
+    rows = sqlite3.connect(db).execute("select status, close_reason, input_tokens from realtime_usage").fetchall()
+    assert rows == [("final", "server_shutdown", 1200)]
