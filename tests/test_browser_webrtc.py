@@ -21,6 +21,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from starlette.applications import Starlette
@@ -35,7 +36,7 @@ from sidecar.calls.offer import parse_realtime
 from sidecar.metering import bill_time
 from sidecar.testing.fake_calls import FakeCallProvider
 from sidecar.testing.rtc_peer import DEFAULT_TRANSCRIPT, RtcPeer
-from tests.relay_stack import USER_KEY, entry, stack
+from tests.relay_stack import MASTER_KEY, USER_KEY, entry, stack
 from tests.support import Running, serve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,3 +244,39 @@ async def test_a_refused_call_leaves_the_page_idle_with_the_reason_and_bills_not
     assert page["callId"] is None and fake.url.split("//")[1] not in str(page)
     assert (fake.offer_attempts, fake.calls, peer.calls) == (1, [], [])
     assert (rows, live, page["captions"], page["buttons"]) == ([], {}, [], ["Start captions", "Stop"])
+
+
+async def test_a_call_an_administrator_ends_stops_the_page_and_bills_what_the_provider_reported(
+    tmp_path: Path, playwright_core: Path
+) -> None:
+    """DELETE /admin/sessions/{id} mid-call: the sidecar hangs the call up at the provider, the page sees the
+    call end and says so; billed exactly the seconds reported before the hangup, as the page counted them."""
+    peer = RtcPeer()
+    async with FakeCallProvider(answerer=peer) as fake:
+        entries = [entry(WHISPER, f"openai/{WHISPER}", fake.url, fake.api_key)]
+        async with stack(tmp_path, entries=entries, **CAPTIONS) as s:
+            url = f"{s.sidecar.http}/captions/?transport=webrtc"
+            browsing = asyncio.ensure_future(drive(url, min_captions=1, ending="ended"))
+            peer_call = await peer.wait_for_call()
+            await peer_call.wait_for_items(2)
+            session_id = next(iter(s.sidecar.app.state.services.supervisor.live))
+            async with httpx.AsyncClient(base_url=s.sidecar.http) as http:
+                ended = await http.delete(
+                    f"/admin/sessions/{session_id}", headers={"Authorization": f"Bearer {MASTER_KEY}"}
+                )
+            page = await browsing
+            row = await s.final_row()
+            price = s.sidecar.app.state.services.catalog.resolve(WHISPER).price
+        await peer.aclose()
+    call = fake.calls[0]
+    assert ended.status_code == 202 and call.hung_up.is_set() and fake.hangups == 1
+    assert (page["status"], page["callId"], row.session_id) == (
+        "Captions stopped: the call ended.",
+        session_id,
+        session_id,
+    )
+    assert peer_call.client_events == [] and len(peer_call.items) >= 2
+    quantity, cost = bill_time(peer_call.billed, price)
+    assert (row.quantity, row.cost_usd) == (quantize(quantity), quantize(cost))
+    assert Decimal(page["audioSeconds"]) == row.quantity and len(page["captions"]) == len(peer_call.items)
+    assert row.close_reason == "session_terminated"

@@ -96,6 +96,8 @@ class PeerCall:
     track_started: asyncio.Event = field(default_factory=asyncio.Event)
     track_ended: asyncio.Event = field(default_factory=asyncio.Event)
     committed: asyncio.Event = field(default_factory=asyncio.Event)  # set once a commit has been answered
+    _reported: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _sent: int = 0  # items whose completed event has been sent
     _heard: asyncio.Event = field(default_factory=asyncio.Event)  # set at each decoded frame
     client_events: list[Event] = field(default_factory=list)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -135,13 +137,13 @@ class PeerCall:
         self.items.append(seconds)
         item_id = f"item_{uuid.uuid4().hex[:16]}"
         async with self._order:
-            for word in self.transcript.split(" "):
+            for index, word in enumerate(self.transcript.split(" ")):
                 await self.send(
                     {
                         "type": "conversation.item.input_audio_transcription.delta",
                         "item_id": item_id,
                         "content_index": 0,
-                        "delta": word if word == self.transcript.split(" ")[0] else f" {word}",
+                        "delta": f" {word}" if index else word,
                     }
                 )
             await self.send(
@@ -153,6 +155,14 @@ class PeerCall:
                     "usage": {"type": "duration", "seconds": seconds_text(seconds)},
                 }
             )
+        async with self._reported:
+            self._sent += 1
+            self._reported.notify_all()
+
+    async def wait_for_items(self, n: int) -> None:
+        """Return once `n` items have been reported (sent to the call's sidebands and data channel)."""
+        async with self._reported:
+            await self._reported.wait_for(lambda: self._sent >= n)
 
     async def send(self, event: Event) -> None:
         """One server event into the call (with a fresh event_id)."""

@@ -2,11 +2,12 @@
 // microphone that plays a WAV file in a loop, through playwright-core installed under tools/ by
 // scripts/ensure-playwright.sh. tests/test_browser.py runs it against a live sidecar.
 //
-//   node tests/browser/captions.mjs <page url> <wav file> <screenshot.png> [min captions] [stop|close|refused]
+//   node tests/browser/captions.mjs <page url> <wav file> <screenshot.png> [min captions] [stop|close|refused|ended]
 //
 // Uses only the keyboard to start and stop (Tab to "Start captions", Enter; focus then sits on "Stop").
 // With `close` it closes the tab instead of pressing Stop (the user walks away mid-session) and reports what
-// the page showed just before; with `refused` it expects Start to fail (the page back to idle, no captions).
+// the page showed just before; with `refused` it expects Start to fail (the page back to idle, no captions);
+// with `ended` it waits for the server to end the session (an administrator, a revoked key, ...).
 // The page's WebRTC mode (`<page url>?transport=webrtc`) needs nothing more than the flag below that shows
 // the machine's real host ICE candidates instead of mDNS `.local` names (tests/test_browser_webrtc.py).
 // Prints one JSON line on stdout with what the page showed; exits non-zero on any failure.
@@ -82,6 +83,8 @@ try {
   if (ending === 'stop' || ending === undefined) {
     await page.keyboard.press('Enter'); // Stop
     await page.waitForSelector('body[data-state="stopped"]', { timeout: DEADLINE_MS });
+  } else if (ending === 'ended') {
+    await page.waitForSelector('body[data-state="stopped"]', { timeout: DEADLINE_MS }); // ended by the server
   }
   await page.screenshot({ path: screenshot, fullPage: true });
 
