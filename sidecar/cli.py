@@ -380,12 +380,11 @@ def cmd_ledger_status(args: argparse.Namespace) -> int:
 
 async def _ledger_status(settings: Settings, *, as_json: bool) -> int:
     import psycopg
-    from redis.exceptions import RedisError
 
     from sidecar.billing.consumer import GROUP, LITELLM_GROUP
     from sidecar.ledger.status import LedgerStatus, format_status, ledger_status, stream_status
     from sidecar.ledger.status import as_json as status_json
-    from sidecar.redis_conn import connect_redis
+    from sidecar.redis_conn import REDIS_ERRORS, connect_redis
 
     errors: list[str] = []
     assert settings.redis_target is not None  # cmd_ledger_status checked
@@ -393,7 +392,7 @@ async def _ledger_status(settings: Settings, *, as_json: bool) -> int:
     try:
         now = datetime.now(UTC)
         groups = await stream_status(redis, settings.usage_stream, (GROUP, LITELLM_GROUP), now=now)
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         groups = []
         errors.append(f"Redis: {type(exc).__name__}: {exc}")
     finally:

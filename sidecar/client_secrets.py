@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -57,6 +56,7 @@ from sidecar.errors import (
     Refusal,
     ServiceUnavailable,
 )
+from sidecar.redis_conn import REDIS_ERRORS
 
 if TYPE_CHECKING:
     from sidecar.app import Services
@@ -222,7 +222,7 @@ class RedisClaims:
     async def claim(self, secret_id: str, *, ttl_s: int) -> bool:
         try:
             created = await self._redis.set(f"{self._prefix}:client-secret:{secret_id}", b"1", nx=True, ex=ttl_s)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise ServiceUnavailable("The shared store is unreachable; try again.") from exc
         return bool(created)
 

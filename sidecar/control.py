@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
-from redis.exceptions import RedisError
 
 from sidecar import tuning
 from sidecar.auth import KeyChecker, Principal, authorize
@@ -45,6 +44,7 @@ from sidecar.errors import (
     SidecarError,
 )
 from sidecar.metrics import Metrics
+from sidecar.redis_conn import REDIS_ERRORS
 from sidecar.redis_keys import budget_prefix, is_cluster
 
 if TYPE_CHECKING:
@@ -259,7 +259,7 @@ class RedisStore:
     async def _call(self, coro: Any) -> Any:
         try:
             return await coro
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise ControlError(f"control store unreachable ({type(exc).__name__})") from exc
 
     async def acquire(self, key_hash: str, session_id: str, *, limit: int, now: float) -> bool:
@@ -366,7 +366,7 @@ class RedisStore:
     async def ping(self) -> bool:
         try:
             return bool(await self._redis.ping())
-        except (RedisError, OSError):
+        except REDIS_ERRORS:
             return False
 
 
@@ -631,7 +631,7 @@ class Supervisor:
                     self.apply(message)
             except ControlError as exc:
                 self._store_failed("control_channel", exc)
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 self._store_failed("control_channel", ControlError(f"control channel lost ({type(exc).__name__})"))
             await asyncio.sleep(HEARTBEAT_S)
 

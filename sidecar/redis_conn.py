@@ -20,11 +20,16 @@ from typing import Any, Final, Literal, TypeAlias, cast
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisClusterException, RedisError
 
 #: Every `redis.asyncio` client this module makes is typed as the single-server client: the async cluster
 #: client offers the same commands (AsyncRedisClusterCommands); its pipelines and pub/sub differ, and the
 #: cluster-aware call sites check `is_cluster`.
 RedisClient: TypeAlias = aioredis.Redis
+#: What a Redis call raises when Redis fails: redis-py's errors, socket errors and the cluster client's own
+#: (RedisClusterException is no RedisError: "cannot be connected" with every seed down, a slot not covered
+#: while a master fails over). Catch this tuple wherever Redis failures are translated.
+REDIS_ERRORS: Final = (RedisError, RedisClusterException, OSError)
 RedisMode = Literal["single", "sentinel", "cluster"]
 DEFAULT_SENTINEL_PORT: Final = 26379
 DEFAULT_REDIS_PORT: Final = 6379

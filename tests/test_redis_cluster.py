@@ -12,11 +12,14 @@ from pathlib import Path
 
 import orjson
 import pytest
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from sidecar.billing import BillingWriter, UsageConsumer, make_engine, upgrade
 from sidecar.billing.consumer import create_groups_when_reachable
-from sidecar.control import RedisStore, SessionInfo, billed_key
+from sidecar.client_secrets import RedisClaims
+from sidecar.control import ControlError, RedisStore, SessionInfo, billed_key
+from sidecar.errors import ServiceUnavailable
 from sidecar.ledger import invalidation
 from sidecar.ledger.aftercommit import AfterCommit
 from sidecar.ledger.budget import BudgetSettler, settled_key
@@ -25,7 +28,7 @@ from sidecar.publisher import RedisPublisher, stream_fields
 from sidecar.redis_keys import budget_prefix, dead_stream, has_tag, is_cluster
 from sidecar.spool import Spool
 from sidecar.testing.factories import usage_event
-from tests.billing_support import poll, quick_redis, read_billing
+from tests.billing_support import free_port, poll, quick_redis, read_billing
 from tests.redis_cluster import RedisCluster, slot_of, slots_of
 from tests.test_ledger_budget import applied, subscribed
 
@@ -85,6 +88,27 @@ def test_a_single_redis_keeps_the_documented_names() -> None:
     assert billed_key(prefix, TEAM, "all") == "realtime:billed:team:team-a:all"
     assert settled_key(prefix, "rs_1") == "realtime:ledger:settled:rs_1"
     assert dead_stream("realtime:usage", cluster=False) == "realtime:usage:dead"
+
+
+async def test_an_unreachable_cluster_is_a_redis_failure_like_any_other(caplog: pytest.LogCaptureFixture) -> None:
+    """Every seed down: the cluster client raises RedisClusterException, which is no RedisError; each layer still
+    turns it into its own outage (fail-open admission, a retried consumer, 503 for a claim, a logged settle)."""
+    dead = ClusterClient(startup_nodes=[ClusterNode("127.0.0.1", free_port())], socket_connect_timeout=1)
+    try:
+        store = RedisStore(dead)
+        assert await store.ping() is False
+        with pytest.raises(ControlError):
+            await store.acquire("k", "rs_a", limit=1, now=1.0)
+        with pytest.raises(ServiceUnavailable):
+            await RedisClaims(dead).claim("cs_1", ttl_s=60)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.2, stop.set)
+        assert await create_groups_when_reachable(dead, "realtime:usage", ["billing"], stop, backoff_s=0.05) is False
+        final = usage_event("rs_u", 2, final=True, budget_windows=WINDOWS)
+        await AfterCommit(dead, prefix="realtime", proxy_redis=None, namespace=None).batch([final], [applied(final)])
+        assert "budget settle failed after commit (RedisClusterException)" in caplog.text
+    finally:
+        await dead.aclose()
 
 
 # ---- each family on a real cluster --------------------------------------------------------------------

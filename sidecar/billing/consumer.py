@@ -26,11 +26,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, runtime_checkable
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
 from sqlalchemy.engine import Engine
 
 from sidecar.billing.writer import BillingDataError, BillingError, check_storable, upgrade
+from sidecar.redis_conn import REDIS_ERRORS
 from sidecar.redis_keys import dead_stream, is_cluster
 from sidecar.usage import UsageDecodeError, UsageEvent
 
@@ -424,7 +425,7 @@ async def create_group(redis: aioredis.Redis, stream: str, group: str) -> None:
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise BillingStreamError(f"cannot create group {group!r}: {exc}") from exc
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         raise BillingStreamError(f"cannot create group {group!r}: {_describe(exc)}") from exc
 
 
@@ -502,7 +503,7 @@ def _describe(exc: BaseException) -> str:
 def _redis_errors(action: str) -> Iterator[None]:
     try:
         yield
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         raise BillingStreamError(f"{action} failed: {_describe(exc)}") from exc
 
 

@@ -25,11 +25,11 @@ from typing import Final, Protocol
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from sidecar.calls.call import ProviderCall
 from sidecar.catalog import ROUTES, Catalog, Deployment
 from sidecar.control import ControlError, ControlStore
+from sidecar.redis_conn import REDIS_ERRORS
 
 log = logging.getLogger("sidecar.calls")
 
@@ -127,7 +127,7 @@ class RedisCallRecords:
     async def _call(self, coro: Awaitable[object]) -> object:
         try:
             return await coro
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise ControlError(f"control store unreachable ({type(exc).__name__})") from exc
 
     async def put(self, record: CallRecord) -> None:

@@ -20,11 +20,11 @@ import logging
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from sidecar.ledger import invalidation
 from sidecar.ledger.budget import BudgetSettler
 from sidecar.ledger.writer import Outcome
+from sidecar.redis_conn import REDIS_ERRORS
 from sidecar.usage import UsageEvent
 
 log = logging.getLogger("sidecar.ledger")
@@ -63,13 +63,13 @@ class AfterCommit:
         if settled:
             try:
                 await self._settler.settle_many(settled)
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 self._failed("budget settle", settled, exc)
         charged = [(e, o) for e, o in pairs if o.kind == "applied" and o.key_exists]
         if charged and self._proxy is not None:
             try:
                 await self._publish([o for _, o in charged])
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 self._failed("cache invalidation", [e for e, _ in charged], exc)
 
     async def _publish(self, outcomes: Sequence[Outcome]) -> None:

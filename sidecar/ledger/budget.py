@@ -98,7 +98,7 @@ class BudgetSettler:
         """Take what `event`'s cumulative cost adds to the session's settled figure off its scopes' counters.
 
         Returns the amount newly settled (0 when nothing was: no budget scope, or not more than settled).
-        Redis errors (redis.exceptions.RedisError, OSError) propagate; nothing is half-done by one.
+        Redis errors (sidecar.redis_conn.REDIS_ERRORS) propagate; nothing is half-done by one.
         """
         (settled,) = await self.settle_many([event])
         return settled
@@ -107,7 +107,7 @@ class BudgetSettler:
         """`settle` for each event, in order, in one script call (one round trip; none for events without a budget
         scope); returns what each newly settled.
 
-        Redis errors (redis.exceptions.RedisError, OSError) propagate; the batch's settle is whole or not done,
+        Redis errors (sidecar.redis_conn.REDIS_ERRORS) propagate; the batch's settle is whole or not done,
         and one that was done is not done again when the batch is retried (the figure is cumulative). A Redis
         without the script (restarted, flushed, failed over) gets it loaded and the call made again.
         """
