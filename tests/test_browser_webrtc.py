@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from aioice.ice import get_host_addresses
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -57,6 +58,8 @@ CAPTIONS = {
 def playwright_core() -> Path:
     """playwright-core under tools/ (npm, idempotent); Debian's Chromium must already be installed."""
     assert CHROMIUM.exists(), f"{CHROMIUM} is missing: run scripts/ensure-chromium.sh (as root)"
+    # aiortc gathers ICE candidates on every interface but 127.0.0.1: a call on one machine needs another one up.
+    assert get_host_addresses(use_ipv4=True, use_ipv6=True), "WebRTC tests need a network interface besides lo"
     subprocess.run(["bash", str(REPO / "scripts" / "ensure-playwright.sh")], check=True, capture_output=True)
     return REPO / "tools" / "node_modules" / "playwright-core"
 
