@@ -376,7 +376,10 @@ async def _sharded(pubsub: ClusterPubSub) -> AsyncIterator[dict[str, Any]]:
     Raises ControlError when the subscription is gone: the server unsubscribes sharded subscribers when their slot
     changes master (a failover), after which redis-py would wait on nothing."""
     while True:
-        item = await pubsub.get_sharded_message(timeout=HEARTBEAT_S)
+        try:
+            item = await pubsub.get_sharded_message(timeout=HEARTBEAT_S)
+        except RuntimeError as exc:  # a per-node pub/sub redis-py closed while moving the subscription itself
+            raise ControlError("control channel lost (its shard subscription was closed)") from exc
         if item is None:
             if not pubsub.node_pubsub_mapping:
                 raise ControlError("control channel lost (no shard subscription left)")

@@ -9,16 +9,17 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import cast
 
 import orjson
 import pytest
-from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.cluster import ClusterNode, ClusterPubSub
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from sidecar.billing import BillingWriter, UsageConsumer, make_engine, upgrade
 from sidecar.billing.consumer import create_groups_when_reachable
 from sidecar.client_secrets import RedisClaims
-from sidecar.control import ControlError, RedisStore, SessionInfo, billed_key
+from sidecar.control import ControlError, RedisStore, SessionInfo, _sharded, billed_key
 from sidecar.errors import ServiceUnavailable
 from sidecar.ledger import invalidation
 from sidecar.ledger.aftercommit import AfterCommit
@@ -109,6 +110,22 @@ async def test_an_unreachable_cluster_is_a_redis_failure_like_any_other(caplog: 
         assert "budget settle failed after commit (RedisClusterException)" in caplog.text
     finally:
         await dead.aclose()
+
+
+class _ClosedShard:
+    """A cluster pub/sub whose per-node pub/sub redis-py has closed (its connection is gone)."""
+
+    node_pubsub_mapping = {"127.0.0.1:1": object()}
+
+    async def get_sharded_message(self, **_: object) -> dict[str, object] | None:
+        raise RuntimeError("pubsub connection not set: did you forget to call subscribe() or psubscribe()?")
+
+
+async def test_a_closed_shard_subscription_is_a_lost_control_channel() -> None:
+    """redis-py closing the per-node pub/sub under the reader is a ControlError (the Supervisor subscribes again),
+    never an exception that would end the Supervisor's task group."""
+    with pytest.raises(ControlError):
+        await anext(_sharded(cast(ClusterPubSub, _ClosedShard())))
 
 
 # ---- each family on a real cluster --------------------------------------------------------------------
