@@ -291,7 +291,9 @@ async def _default_publisher(settings: Settings, redis: aioredis.Redis | None) -
     pub: UsagePublisher
     if redis is not None:
         spool = Spool(settings.spool_dir, sink=redis_sink(redis, stream=settings.usage_stream))
-        pub = RedisPublisher(redis, stream=settings.usage_stream, spool=spool)
+        target = settings.redis_target
+        wait = target.wait_replicas if target is not None else 0
+        pub = RedisPublisher(redis, stream=settings.usage_stream, spool=spool, wait_replicas=wait)
     else:
         from sidecar.billing.writer import BillingWriter, make_engine, upgrade
 

@@ -171,7 +171,8 @@ class Settings:
     litellm_config: Path
     litellm_url: str | None = None
     redis_url: str | None = None
-    #: A Sentinel-managed master or a Redis Cluster (SIDECAR_REDIS_SENTINEL_NODES / _CLUSTER_NODES); None: redis_url.
+    #: A Sentinel-managed master or a Redis Cluster (SIDECAR_REDIS_SENTINEL_NODES / _CLUSTER_NODES), or redis_url
+    #: with SIDECAR_REDIS_WAIT_REPLICAS; None: redis_url as it is.
     redis_ha: RedisTarget | None = None
     database_url: str = DEFAULT_DATABASE_URL
     host: str = DEFAULT_HOST
@@ -257,7 +258,7 @@ class Settings:
             litellm_config=Path(config or ""),
             litellm_url=_optional(env, "SIDECAR_LITELLM_URL"),
             redis_url=redis_url,
-            redis_ha=redis if redis is not None and redis.mode != "single" else None,
+            redis_ha=redis if redis is not None and (redis.mode != "single" or redis.wait_replicas) else None,
             database_url=_optional(env, "SIDECAR_DATABASE_URL") or DEFAULT_DATABASE_URL,
             host=_optional(env, "SIDECAR_HOST") or DEFAULT_HOST,
             port=_int(env, "SIDECAR_PORT", DEFAULT_PORT),

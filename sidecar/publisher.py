@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 DEFAULT_RETRY_S: Final = 1.0
 DEFAULT_BATCH: Final = 256
 DEFAULT_REDIS_TIMEOUT_S: Final = 10.0
+#: How long a batch waits for its replicas (SIDECAR_REDIS_WAIT_REPLICAS) before the sentinels are asked why.
+DEFAULT_WAIT_TIMEOUT_MS: Final = 250
+#: A master the sentinels know no healthy replica of is published to without WAIT this long, then asked again.
+ALONE_RECHECK_S: Final = 5.0
 # A replay chunk grows with the spool (up to this many batches): each drop rewrites the spool file, so
 # a long replay stays linear in the spool's size, while one pipeline stays well inside its timeout.
 MAX_REPLAY_BATCHES: Final = 32
@@ -258,8 +262,22 @@ class SpoolingPublisher:
             raise RuntimeError("the publisher closed with events still spooled")
 
 
+class ReplicationShortfall(Exception):
+    """A batch reached the master but fewer replicas than asked acknowledged it (WAIT), and the sentinels say a
+    failover could still drop it: not yet published."""
+
+
 class RedisPublisher(SpoolingPublisher):
-    """Publishes to the usage stream: one XADD per event, pipelined (no MAXLEN: the consumer trims)."""
+    """Publishes to the usage stream: one XADD per event, pipelined (no MAXLEN: the consumer trims).
+
+    With `wait_replicas` the pipeline ends with WAIT: a batch counts as published once that many replicas have
+    it, so a failover cannot drop it. Fewer, and the sentinels are asked why (sidecar/redis_conn.py,
+    `replication_shortfall`): a master they have demoted but that still answers (its writes are dropped when it
+    resynchronises): the pool's connections are dropped so the next attempt dials the new master, and the batch
+    is spooled like any failure; a healthy replica that did not acknowledge (one being promoted): spooled; no
+    healthy replica at all: published (no failover can drop it), and the next `ALONE_RECHECK_S` skip the WAIT.
+    A spooled batch is sent again, and the consumer stores each `event_id` once.
+    """
 
     def __init__(
         self,
@@ -270,11 +288,16 @@ class RedisPublisher(SpoolingPublisher):
         retry_s: float = DEFAULT_RETRY_S,
         batch: int = DEFAULT_BATCH,
         timeout_s: float = DEFAULT_REDIS_TIMEOUT_S,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
     ) -> None:
         super().__init__(spool=spool, retry_s=retry_s, batch=batch)
         self._redis = redis
         self._stream = stream
         self._timeout_s = timeout_s  # a hung connection fails the attempt instead of stalling publishing
+        self._wait_replicas = wait_replicas
+        self._wait_timeout_ms = wait_timeout_ms
+        self._alone_until = float("-inf")  # the master had no healthy replica: no WAIT until then
 
     async def _send(self, events: Sequence[UsageEvent]) -> None:
         async with asyncio.timeout(self._timeout_s):
@@ -282,7 +305,29 @@ class RedisPublisher(SpoolingPublisher):
                 for event in events:
                     # redis-py types fields as dict[FieldT, EncodableT], which dict[str, bytes] (invariant) is not.
                     pipe.xadd(self._stream, stream_fields(event))  # type: ignore[arg-type]
-                await pipe.execute()
+                waits = self._wait_replicas > 0 and asyncio.get_running_loop().time() >= self._alone_until
+                if waits:
+                    pipe.wait(self._wait_replicas, self._wait_timeout_ms)
+                replies = await pipe.execute()
+            if waits and int(replies[-1]) < self._wait_replicas:
+                await self._shortfall(int(replies[-1]))
+
+    async def _shortfall(self, acknowledged: int) -> None:
+        from sidecar.redis_conn import replication_shortfall
+
+        why = await replication_shortfall(self._redis)
+        if why == "alone":
+            if self._alone_until == float("-inf"):
+                log.warning("the Redis master has no healthy replica: usage is published without a replica's copy")
+            self._alone_until = asyncio.get_running_loop().time() + ALONE_RECHECK_S
+            return
+        self._alone_until = float("-inf")
+        if why == "demoted":
+            await self._redis.connection_pool.disconnect()  # the next attempt dials the master the sentinels name
+        raise ReplicationShortfall(
+            f"{acknowledged} of {self._wait_replicas} replicas acknowledged the batch"
+            + (" (a demoted master)" if why == "demoted" else "")
+        )
 
 
 def redis_sink(redis: aioredis.Redis, *, stream: str) -> str:

@@ -65,6 +65,9 @@ class RedisTarget:
     ssl: bool = False
     ssl_ca_certs: str | None = None
     db: int = 0
+    #: Usage publishing counts a batch as published once this many replicas have it (WAIT); fewer: the batch is
+    #: spooled and the client asks for the master again (a demoted master still answering). 0: no WAIT.
+    wait_replicas: int = 0
 
     def describe(self) -> str:
         """Where this target points, never a password: for logs and the spool's sink name."""
@@ -104,6 +107,7 @@ def target_from_env(environ: Mapping[str, str], *, url: str | None) -> RedisTarg
     for name in ("SIDECAR_REDIS_SENTINEL_USERNAME", "SIDECAR_REDIS_SENTINEL_PASSWORD"):
         if sentinels is None and _optional(environ, name) is not None:
             raise RedisSettingsError(f"{name} is for Sentinel: set SIDECAR_REDIS_SENTINEL_NODES too")
+    wait_replicas = _wait_replicas(environ, default=1 if sentinels is not None else 0)
     if sentinels is None and _optional(environ, "SIDECAR_REDIS_DB") is not None:
         raise RedisSettingsError("SIDECAR_REDIS_DB is for Sentinel (a single Redis takes it in its URL: redis://h/1)")
     if sentinels is None and cluster is None:
@@ -113,7 +117,7 @@ def target_from_env(environ: Mapping[str, str], *, url: str | None) -> RedisTarg
                     f"{name} is for Sentinel or Cluster: with SIDECAR_REDIS_URL put it in the URL"
                     " (rediss://user:password@host:6379/0)"
                 )
-        return None if url is None else RedisTarget(mode="single", url=url)
+        return None if url is None else RedisTarget(mode="single", url=url, wait_replicas=wait_replicas)
     common: dict[str, Any] = {
         "username": _optional(environ, "SIDECAR_REDIS_USERNAME"),
         "password": _optional(environ, "SIDECAR_REDIS_PASSWORD"),
@@ -132,12 +136,18 @@ def target_from_env(environ: Mapping[str, str], *, url: str | None) -> RedisTarg
             sentinel_username=_optional(environ, "SIDECAR_REDIS_SENTINEL_USERNAME"),
             sentinel_password=_optional(environ, "SIDECAR_REDIS_SENTINEL_PASSWORD"),
             db=_db(environ),
+            wait_replicas=wait_replicas,
             **common,
         )
     assert cluster is not None
+    if wait_replicas:
+        raise RedisSettingsError(
+            "SIDECAR_REDIS_WAIT_REPLICAS is for a single Redis or Sentinel (a cluster's WAIT answers for one node)"
+        )
     return RedisTarget(
         mode="cluster",
         nodes=parse_nodes(cluster, "SIDECAR_REDIS_CLUSTER_NODES", default_port=DEFAULT_REDIS_PORT),
+        wait_replicas=wait_replicas,
         **common,
     )
 
@@ -216,6 +226,30 @@ def connect_redis(
     return cast(RedisClient, cluster)
 
 
+Shortfall = Literal["demoted", "unreplicated", "alone"]
+
+
+async def replication_shortfall(client: RedisClient) -> Shortfall:
+    """Why fewer replicas than asked acknowledged a write (WAIT), asking the sentinels (one round trip each).
+
+    `demoted`: the sentinels name another master, so this one was demoted and its writes will be dropped when
+    it resynchronises (drop the pool's connections, send them again). `unreplicated`: it is the master and a
+    healthy replica exists that did not acknowledge, e.g. one being promoted right now, or a client that is not
+    Sentinel-managed (send them again later). `alone`: it is the master and the sentinels know no healthy replica,
+    so no failover can drop the writes. Raises redis.exceptions.ConnectionError when no sentinel names a master.
+    """
+    from redis.asyncio.sentinel import SentinelConnectionPool
+
+    pool = client.connection_pool
+    if not isinstance(pool, SentinelConnectionPool):
+        return "unreplicated"
+    master = await pool.sentinel_manager.discover_master(pool.service_name)
+    if pool.master_address is not None and tuple(master) != tuple(pool.master_address):
+        return "demoted"
+    replicas = await pool.sentinel_manager.discover_slaves(pool.service_name)
+    return "unreplicated" if replicas else "alone"
+
+
 def is_cluster(client: object) -> bool:
     """Whether `client` is a Redis Cluster client (its pipelines and pub/sub work per slot)."""
     from redis.asyncio.cluster import RedisCluster
@@ -233,6 +267,15 @@ def _bool(environ: Mapping[str, str], name: str) -> bool:
     if value not in _TRUE | _FALSE:
         raise RedisSettingsError(f"{name} must be 1/0, true/false, yes/no or on/off, got {environ[name]!r}")
     return value in _TRUE
+
+
+def _wait_replicas(environ: Mapping[str, str], *, default: int) -> int:
+    raw = _optional(environ, "SIDECAR_REDIS_WAIT_REPLICAS")
+    if raw is None:
+        return default
+    if not raw.isdigit():
+        raise RedisSettingsError(f"SIDECAR_REDIS_WAIT_REPLICAS must be a whole number (0: no WAIT), got {raw!r}")
+    return int(raw)
 
 
 def _db(environ: Mapping[str, str]) -> int:

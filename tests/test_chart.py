@@ -991,6 +991,7 @@ def test_a_sentinel_managed_master_from_values(helm: Helm, tmp_path: Path) -> No
         "ssl": True,
         "sslCaCerts": "/etc/redis-ca/ca.crt",
         "db": 2,
+        "waitReplicas": 2,
     }
     manifests = helm.template("-f", str(PRODUCTION), "-f", values_file(tmp_path, {"redis": redis}))
     for name in (SIDECAR, CONSUMER):
@@ -1007,6 +1008,7 @@ def test_a_sentinel_managed_master_from_values(helm: Helm, tmp_path: Path) -> No
             "SIDECAR_REDIS_SSL": "true",
             "SIDECAR_REDIS_SSL_CA_CERTS": "/etc/redis-ca/ca.crt",
             "SIDECAR_REDIS_DB": "2",
+            "SIDECAR_REDIS_WAIT_REPLICAS": "2",
         }
         assert env["SIDECAR_REDIS_SENTINEL_PASSWORD"]["valueFrom"] == {
             "secretKeyRef": {"name": "redis-sentinel", "key": "sentinel-password"}

@@ -58,8 +58,20 @@ def test_sentinel_settings_name_a_sentinel_managed_master() -> None:
         ssl=True,
         ssl_ca_certs="/etc/ca.pem",
         db=3,
+        wait_replicas=1,
     )
     assert "secret" not in repr(target), "passwords stay out of reprs and logs"
+
+
+def test_usage_waits_for_one_replica_by_default_with_sentinel_only() -> None:
+    """SIDECAR_REDIS_WAIT_REPLICAS: 1 with Sentinel unless set, 0 otherwise; set with a URL it keeps the URL."""
+    sentinel = {"redis_sentinel_nodes": SENTINELS, "redis_service_name": "m"}
+    assert Settings.from_env(env(**sentinel)).redis_target.wait_replicas == 1  # type: ignore[union-attr]
+    assert Settings.from_env(env(**sentinel, redis_wait_replicas="0")).redis_target.wait_replicas == 0  # type: ignore[union-attr]
+    assert Settings.from_env(env(redis_url="redis://h:6379/0")).redis_target.wait_replicas == 0  # type: ignore[union-attr]
+    single = Settings.from_env(env(redis_url="redis://h:6379/0", redis_wait_replicas="2")).redis_target
+    assert single == RedisTarget(mode="single", url="redis://h:6379/0", wait_replicas=2)
+    assert Settings.from_env(env(redis_cluster_nodes="h:7000")).redis_target.wait_replicas == 0  # type: ignore[union-attr]
 
 
 def test_cluster_nodes_name_a_cluster() -> None:
@@ -103,6 +115,11 @@ def test_litellm_node_lists_are_taken_as_they_are() -> None:
         ),
         ({"redis_cluster_nodes": "h:7000", "redis_ssl": "maybe"}, "SIDECAR_REDIS_SSL must be 1/0"),
         ({"redis_sentinel_nodes": SENTINELS, "redis_service_name": "m", "redis_db": "x"}, "SIDECAR_REDIS_DB must be"),
+        (
+            {"redis_url": "redis://h:6379/0", "redis_wait_replicas": "one"},
+            "SIDECAR_REDIS_WAIT_REPLICAS must be a whole",
+        ),
+        ({"redis_cluster_nodes": "h:7000", "redis_wait_replicas": "1"}, "SIDECAR_REDIS_WAIT_REPLICAS is for a single"),
     ],
 )
 def test_contradictory_or_malformed_redis_settings_are_refused(settings: dict[str, str], message: str) -> None:

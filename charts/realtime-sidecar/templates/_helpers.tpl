@@ -133,6 +133,10 @@ app.kubernetes.io/component: {{ . }}
   value: {{ .db | default 0 | int | toString | quote }}
 {{- end }}
 {{- end }}
+{{- if not (kindIs "invalid" .waitReplicas) }}
+- name: SIDECAR_REDIS_WAIT_REPLICAS
+  value: {{ .waitReplicas | int | toString | quote }}
+{{- end }}
 {{- end }}
 {{- end }}
 
