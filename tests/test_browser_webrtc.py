@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ import httpx
 import orjson
 import pytest
 from aioice.ice import get_host_addresses
+from sqlmodel import Session, select
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -32,13 +35,14 @@ from starlette.routing import Route
 
 from sidecar import captions
 from sidecar.auth import hash_key
-from sidecar.billing.tables import quantize
+from sidecar.billing.tables import RealtimeUsage, quantize
+from sidecar.billing.writer import make_engine
 from sidecar.calls.offer import parse_realtime
 from sidecar.metering import bill_time
 from sidecar.testing.fake_calls import FakeCallProvider
 from sidecar.testing.rtc_peer import DEFAULT_TRANSCRIPT, RtcPeer
 from tests.relay_stack import MASTER_KEY, USER_KEY, entry, stack
-from tests.support import Running, serve
+from tests.support import Running, bound_socket, serve
 
 REPO = Path(__file__).resolve().parents[1]
 SPEECH_WAV = REPO / "examples" / "audio" / "speech_24k_pcm16.wav"
@@ -47,6 +51,7 @@ SCREENSHOT = REPO / "test-artifacts" / "captions-webrtc.png"
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 WHISPER = "gpt-realtime-whisper"
 SECRET = "ek_direct-test-secret"
+EXAMPLE_MASTER_KEY = "sk-sidecar-master-example"  # examples/config.yaml's, the only key `make run` accepts
 CAPTIONS = {
     "captions_page": True,
     "captions_key": USER_KEY,
@@ -283,3 +288,60 @@ async def test_a_call_an_administrator_ends_stops_the_page_and_bills_what_the_pr
     assert (row.quantity, row.cost_usd) == (quantize(quantity), quantize(cost))
     assert Decimal(page["audioSeconds"]) == row.quantity and len(page["captions"]) == len(peer_call.items)
     assert row.close_reason == "session_terminated"
+
+
+# ---- `make run` ------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with bound_socket() as sock:
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def test_make_run_serves_the_captions_page_over_webrtc_and_bills_the_call(
+    tmp_path: Path, playwright_core: Path
+) -> None:
+    """`make run` with the captions page on: the page's WebRTC call fails over from the WebSocket fake to the
+    fake WebRTC provider and its real peer; after Ctrl-C the billing DB holds the call, billed the seconds the
+    page was told it streamed (the peer's reports), to the example master key."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SIDECAR_", "FAKE_PROVIDER"))}
+    env.update(
+        FAKE_PROVIDER_PORT=str(free_port()),
+        SIDECAR_PORT=str(port),
+        SIDECAR_DATABASE_URL=f"sqlite:///{tmp_path / 'billing.db'}",
+        SIDECAR_SPOOL_DIR=str(tmp_path / "spool"),
+        SIDECAR_CAPTIONS_PAGE="1",
+        SIDECAR_CAPTIONS_KEY=EXAMPLE_MASTER_KEY,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar.testing.devstack"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        announced: list[str] = []
+        for line in proc.stdout:
+            announced.append(line)
+            if line.startswith("sidecar on"):
+                break
+        page = asyncio.run(drive(f"http://127.0.0.1:{port}/captions/?transport=webrtc"))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert any(line.startswith("fake WebRTC provider on http://127.0.0.1:") for line in announced)
+    assert proc.returncode == 0
+    with Session(make_engine(env["SIDECAR_DATABASE_URL"])) as db:
+        rows = list(db.exec(select(RealtimeUsage)).all())
+    assert len(rows) == 1 and rows[0].status == "final" and rows[0].session_id == page["callId"]
+    assert (rows[0].key_hash, rows[0].model, rows[0].close_reason) == (
+        hash_key(EXAMPLE_MASTER_KEY),
+        WHISPER,
+        "client_hangup",
+    )
+    assert rows[0].quantity == Decimal(page["audioSeconds"]) > 0 and len(page["captions"]) >= 2
