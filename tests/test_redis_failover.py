@@ -9,12 +9,15 @@ client. The focused tests use the shared Redis at 127.0.0.1:6379 or a throwaway 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -28,6 +31,7 @@ from sidecar.control import RedisStore, SessionInfo
 from sidecar.publisher import RedisPublisher
 from sidecar.spool import Spool
 from sidecar.testing.fake_provider import FakeProvider
+from sidecar.usage import UsageEvent
 from tests.billing_support import (
     DEADLINE_S,
     MODEL,
@@ -209,10 +213,63 @@ async def test_sentinel_failover_mid_session_bills_exactly_and_revocation_still_
     for row in rows[:2]:
         assert_exact(billed, row, audio_bytes=len(audio))
     assert_exact(billed, rows[2], audio_bytes=48_000 * 2)
+    status = await ledger_status(settings)
+    assert status["groups"]["billing"]["exists"], status  # `sidecar ledger status` finds the group on the new master
     log = serve.log.read_text()
     assert "replicas acknowledged the batch (a demoted master)" in log, "the demoted master's writes were spooled"
     assert "the Redis master has no healthy replica" in log, "alone after the kill, the master is published to"
     print(f"\nbilled {sum(r.audio_seconds for r in billed.rows)} s across two failovers, none lost or doubled")
+
+
+async def ledger_status(settings: Mapping[str, str]) -> dict[str, Any]:
+    """`sidecar ledger status --json` with these settings (SIDECAR_<NAME>); its output, once it exited 0."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    env |= {f"SIDECAR_{k.upper()}": v for k, v in settings.items()}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar.cli", "ledger", "status", "--json", env=env, stdout=subprocess.PIPE
+    )
+    async with asyncio.timeout(DEADLINE_S):
+        out, _ = await process.communicate()
+    assert process.returncode == 0, out
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+async def test_a_write_a_replica_refuses_is_spooled_until_it_is_master(
+    tmp_path: Path, speech_pcm16: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """READONLY (a write that reached a replica, e.g. a master demoted under a client) fails the batch like an
+    unreachable Redis: spooled, nothing lost; once that node is master again the spool drains in order."""
+    master = RedisNode(tmp_path / "master", args=[])
+    await master.start()
+    replica = RedisNode(tmp_path / "replica", args=["--replicaof", "127.0.0.1", str(master.port)])
+    await replica.start()
+    redis = replica.client()
+    try:
+        with Spool(tmp_path / "spool") as spool:
+            inner = RedisPublisher(redis, stream=STREAM, spool=spool, retry_s=0.1)
+            tap = TappedPublisher(inner)
+            await tap.start()
+            try:
+                async with stack(tmp_path, publisher=tap, checkpoint_s=0.2) as s:
+                    async with s.sidecar.openai(USER_KEY).realtime.connect(model=MODEL, extra_query=TRANSCRIBE) as c:
+                        streamer = PacedStreamer(c, speech_pcm16[:48_000])
+                        await streamer.run()
+                        await finished(c, streamer)
+                    await tap.final()
+                    await inner.settled()
+                assert tap.publish_failures > 0 and tap.spool_depth == len(tap.events), "READONLY: all spooled"
+                assert "usage publish failed (ReadOnlyError" in caplog.text and "read only replica" in caplog.text
+                await redis.execute_command("REPLICAOF", "NO", "ONE")  # promoted: it takes writes now
+                await inner.drained()
+            finally:
+                await tap.aclose()
+        kept = [UsageEvent.from_fields(fields) for _, fields in await redis.xrange(STREAM)]
+    finally:
+        await redis.aclose()
+        await replica.kill()
+        await master.kill()
+    assert [e.event_id for e in kept] == [e.event_id for e in tap.events], "each event once, in order"
 
 
 async def test_a_lease_redis_lost_comes_back_with_the_next_heartbeat(redis_url: str, unique: str) -> None:
