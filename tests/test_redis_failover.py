@@ -216,7 +216,9 @@ async def test_sentinel_failover_mid_session_bills_exactly_and_revocation_still_
     status = await ledger_status(settings)
     assert status["groups"]["billing"]["exists"], status  # `sidecar ledger status` finds the group on the new master
     log = serve.log.read_text()
-    assert "replicas acknowledged the batch (a demoted master)" in log, "the demoted master's writes were spooled"
+    # The batches the old master took after its replica was promoted were spooled (and sent again to the new one);
+    # whether one saw the sentinels already naming the new master ("a demoted master") depends on timing.
+    assert "ReplicationShortfall: 0 of 1 replicas acknowledged the batch" in log
     assert "the Redis master has no healthy replica" in log, "alone after the kill, the master is published to"
     print(f"\nbilled {sum(r.audio_seconds for r in billed.rows)} s across two failovers, none lost or doubled")
 
