@@ -301,6 +301,7 @@ async def test_the_admission_total_counts_realtime_spend_once_across_the_sink(
             bytes_in=1,
             bytes_out=0,
             close_reason="client_close",
+            meters_audio=True,  # a WebSocket session's relay meters the audio it relays (control.Watched)
             figures=session.figures,  # what the supervisor reads of a relay (relay.Relay.figures / cost)
             cost=lambda: session.figures().cost_usd,
         )
