@@ -99,7 +99,9 @@ class DirectCalls:
     """The captions page's routes, a fixed token, and POST /v1/realtime/calls answered by the peer itself."""
 
     peer: RtcPeer
+    ttl_s: int = 60  # the tokens' lifetime (expires_at), as POST /captions/token's
     offers: list[Any] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
     hangups: list[tuple[str, str]] = field(default_factory=list)
 
     def app(self) -> Starlette:
@@ -114,10 +116,11 @@ class DirectCalls:
         )
 
     async def token(self, request: Request) -> Response:
+        self.tokens.append(SECRET if not self.tokens else f"{SECRET}-{len(self.tokens) + 1}")
         return JSONResponse(
             {
-                "value": SECRET,
-                "expires_at": int(time.time()) + 60,
+                "value": self.tokens[-1],
+                "expires_at": int(time.time()) + self.ttl_s,
                 "session": captions.captions_session(WHISPER),
                 "model": {"id": WHISPER, "kind": "transcription", "unit": "second", "pricing": {}},
             }
@@ -140,9 +143,9 @@ CALL_PATH = "/v1/realtime/calls/rs_direct0123"
 
 
 @contextlib.asynccontextmanager
-async def direct_calls() -> AsyncIterator[tuple[DirectCalls, Running]]:
+async def direct_calls(*, ttl_s: int = 60) -> AsyncIterator[tuple[DirectCalls, Running]]:
     peer = RtcPeer()
-    calls = DirectCalls(peer)
+    calls = DirectCalls(peer, ttl_s=ttl_s)
     try:
         async with serve(calls.app()) as running:
             yield calls, running
@@ -169,6 +172,14 @@ async def test_the_page_calls_a_real_webrtc_peer_that_hears_the_microphone(playw
     assert calls.hangups == [("rs_direct0123", f"Bearer {SECRET}")]
     assert (page["transport"], page["callId"], page["status"]) == ("webrtc", "rs_direct0123", "Stopped.")
     assert page["bytesSent"] == "0" and page["model"] == WHISPER
+
+
+async def test_a_call_whose_secret_is_about_to_expire_hangs_up_with_a_fresh_one(playwright_core: Path) -> None:
+    """The call's secret has under 10 s left at Stop: the page fetches a fresh one (same key) for the hangup."""
+    async with direct_calls(ttl_s=5) as (calls, running):
+        page = await drive(f"{running.http}/captions/?transport=webrtc", min_captions=1)
+    assert calls.tokens == [SECRET, f"{SECRET}-2"]
+    assert calls.hangups == [("rs_direct0123", f"Bearer {SECRET}-2")] and page["status"] == "Stopped."
 
 
 # ---- through the sidecar: its create and hangup routes, the call watched on the fake provider's sideband ------
