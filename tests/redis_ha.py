@@ -27,11 +27,14 @@ FAILOVER_TIMEOUT_MS = 3000
 class RedisNode:
     """One `redis-server` process (a data node or, with `sentinel_config`, a sentinel) on 127.0.0.1:`port`."""
 
-    def __init__(self, directory: Path, *, args: list[str], sentinel_config: str | None = None) -> None:
+    def __init__(
+        self, directory: Path, *, args: list[str], sentinel_config: str | None = None, password: str | None = None
+    ) -> None:
         self.directory = directory
         self.port = free_port()
         self.args = args
         self.sentinel_config = sentinel_config
+        self.password = password  # its requirepass (the tests' clients authenticate with it)
         self.process: asyncio.subprocess.Process | None = None
 
     @property
@@ -39,7 +42,8 @@ class RedisNode:
         return "127.0.0.1", self.port
 
     def client(self) -> aioredis.Redis:
-        return quick_redis(f"redis://127.0.0.1:{self.port}/0")
+        auth = f":{self.password}@" if self.password else ""
+        return quick_redis(f"redis://{auth}127.0.0.1:{self.port}/0")
 
     async def start(self) -> None:
         """Start the process and wait until it answers PING."""
@@ -51,6 +55,7 @@ class RedisNode:
         else:
             argv = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
             argv += ["--dir", str(self.directory), "--logfile", "redis.log", "--repl-diskless-sync-delay", "0"]
+            argv += ["--requirepass", self.password, "--masterauth", self.password] if self.password else []
             argv += self.args
         self.process = await asyncio.create_subprocess_exec("redis-server", *argv, stdout=subprocess.DEVNULL)
         client = self.client()
@@ -82,18 +87,27 @@ class RedisNode:
 
 
 class SentinelGroup:
-    """A master, one replica and three sentinels monitoring them as `mymaster` (quorum 2)."""
+    """A master, one replica and three sentinels monitoring them as `mymaster` (quorum 2); with `password` the
+    data nodes require it, with `sentinel_password` the sentinels require theirs (and use it with each other)."""
 
-    def __init__(self, directory: Path) -> None:
-        first = RedisNode(directory / "node-a", args=[])
-        self.nodes = [first, RedisNode(directory / "node-b", args=["--replicaof", "127.0.0.1", str(first.port)])]
+    def __init__(self, directory: Path, *, password: str | None = None, sentinel_password: str | None = None) -> None:
+        first = RedisNode(directory / "node-a", args=[], password=password)
+        replica = RedisNode(directory / "node-b", args=["--replicaof", "127.0.0.1", str(first.port)], password=password)
+        self.nodes = [first, replica]
         monitor = (
             f"sentinel monitor {SERVICE} 127.0.0.1 {first.port} 2\n"
             f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
             f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
             f"sentinel parallel-syncs {SERVICE} 1\n"
         )
-        self.sentinels = [RedisNode(directory / f"sentinel-{i}", args=[], sentinel_config=monitor) for i in range(3)]
+        if password:
+            monitor += f"sentinel auth-pass {SERVICE} {password}\n"
+        if sentinel_password:
+            monitor += f"requirepass {sentinel_password}\nsentinel sentinel-pass {sentinel_password}\n"
+        self.sentinels = [
+            RedisNode(directory / f"sentinel-{i}", args=[], sentinel_config=monitor, password=sentinel_password)
+            for i in range(3)
+        ]
 
     @property
     def sentinel_nodes(self) -> str:
@@ -126,14 +140,6 @@ class SentinelGroup:
     async def master(self) -> RedisNode:
         """The node the first answering sentinel names master."""
         return self.node_at((await self._masters())[0])
-
-    def master_client(self) -> aioredis.Redis:
-        """A client of the current master through the sentinels (the way the sidecar reaches it)."""
-        from redis.asyncio.sentinel import Sentinel
-
-        sentinel = Sentinel([s.address for s in self.sentinels if s.running], socket_timeout=2)  # type: ignore[no-untyped-call]
-        client: aioredis.Redis = sentinel.master_for(SERVICE, socket_timeout=2, socket_connect_timeout=2)
-        return client
 
     async def failover(self) -> RedisNode:
         """SENTINEL FAILOVER (the old master is demoted, not stopped): the new master once every sentinel names

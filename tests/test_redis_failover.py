@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,14 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from openai import AsyncOpenAI
+from redis.exceptions import RedisError
 from sqlalchemy import Engine
 
 from sidecar.auth import hash_key
 from sidecar.billing import BillingWriter, RealtimeUsage, UsageConsumer, make_engine, upgrade
 from sidecar.control import RedisStore, SessionInfo
 from sidecar.publisher import RedisPublisher
+from sidecar.redis_conn import RedisTarget, connect_redis
 from sidecar.spool import Spool
 from sidecar.testing.fake_provider import FakeProvider
 from sidecar.usage import UsageEvent
@@ -43,6 +46,7 @@ from tests.billing_support import (
     drain,
     next_event,
     poll,
+    quick_redis,
     read_billing,
     seconds_of,
     serve_env,
@@ -272,6 +276,39 @@ async def test_a_write_a_replica_refuses_is_spooled_until_it_is_master(
         await replica.kill()
         await master.kill()
     assert [e.event_id for e in kept] == [e.event_id for e in tap.events], "each event once, in order"
+
+
+async def test_sentinel_and_master_passwords_are_each_sent_where_they_belong(tmp_path: Path) -> None:
+    """SIDECAR_REDIS_SENTINEL_PASSWORD goes to the sentinels and SIDECAR_REDIS_PASSWORD to the master (and the
+    database number with it): both right, the client works; the sentinels' password wrong or the master's
+    missing, every command fails with a Redis error (which the callers treat as Redis unavailable)."""
+    group = SentinelGroup(tmp_path / "redis", password="m-secret", sentinel_password="s-secret")
+    await group.start()
+    try:
+        nodes = tuple(s.address for s in group.sentinels)
+        right = RedisTarget(
+            mode="sentinel", nodes=nodes, service_name="mymaster", password="m-secret", sentinel_password="s-secret"
+        )
+        client = connect_redis(replace(right, db=3))
+        try:
+            await client.set("k", "v")
+            assert await client.get("k") == b"v"
+        finally:
+            await client.aclose()
+        probe = quick_redis(f"redis://:m-secret@127.0.0.1:{(await group.master()).port}/3")
+        try:
+            assert await probe.get("k") == b"v", "written to SIDECAR_REDIS_DB on the master"
+        finally:
+            await probe.aclose()
+        for wrong in (replace(right, sentinel_password="nope"), replace(right, password=None)):
+            client = connect_redis(wrong, socket_timeout=2, socket_connect_timeout=2)
+            try:
+                with pytest.raises(RedisError):
+                    await client.set("k", "v")
+            finally:
+                await client.aclose()
+    finally:
+        await group.stop()
 
 
 async def test_a_lease_redis_lost_comes_back_with_the_next_heartbeat(redis_url: str, unique: str) -> None:
