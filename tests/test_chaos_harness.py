@@ -181,7 +181,8 @@ def test_soak_arguments() -> None:
     """Defaults follow the duration (warm-up a quarter, samples every D/120 s within 1..5 s); bad values exit 2."""
     options = soak.parse_args(["--duration-s", "60"])
     assert (options.duration_s, options.warmup_s, options.sample_s, options.concurrency) == (60, 15, 1.0, 200)
-    assert options.session_s == (4.0, 16.0)
+    assert options.session_s == (4.0, 16.0) and options.chunk_ms == 500 and options.keys == 0
+    assert soak.parse_args(["--keys", "20", "--chunk-ms", "100"]).keys == 20
     assert soak.parse_args([]).sample_s == 5.0
     for bad in (
         ["--session-s", "9:3"],
@@ -228,6 +229,8 @@ def test_soak_reads_unlabelled_samples() -> None:
     text = "# HELP sidecar_asyncio_tasks x\nsidecar_asyncio_tasks 42.0\nsidecar_live_sessions_extra 1\n"
     assert soak.metric(text, "sidecar_asyncio_tasks") == 42.0
     assert soak.metric(text, "sidecar_live_sessions") is None
+    gc_text = 'python_gc_collections_total{generation="0"} 9.0\npython_gc_collections_total{generation="2"} 3.0\n'
+    assert soak.metric(gc_text, "python_gc_collections_total", 'generation="2"') == 3.0
 
 
 # ---- the gauge the soak reads -----------------------------------------------------------------------

@@ -25,12 +25,13 @@ CHUNK_S: Final = 0.1
 OPEN_TIMEOUT_S: Final = 15.0
 
 
-def speech_chunks() -> list[tuple[str, int]]:
-    """The test speech (6.667125 s, WAV header removed) as (base64, raw bytes) chunks of 100 ms."""
+def speech_chunks(chunk_ms: int = 100) -> list[tuple[str, int]]:
+    """The test speech (6.667125 s, WAV header removed) as (base64, raw bytes) chunks of `chunk_ms`."""
     pcm = SPEECH.read_bytes()[44:]
+    size = CHUNK_BYTES * chunk_ms // 100
     out = []
-    for start in range(0, len(pcm), CHUNK_BYTES):
-        piece = pcm[start : start + CHUNK_BYTES]
+    for start in range(0, len(pcm), size):
+        piece = pcm[start : start + size]
         out.append((base64.b64encode(piece).decode(), len(piece)))
     return out
 
@@ -84,9 +85,10 @@ async def _stream(
         session.opened = not closed.is_set()
         loop = asyncio.get_running_loop()
         start = loop.time()
-        count = int(duration_s / CHUNK_S)
+        chunk_s = chunks[0][1] / (CHUNK_BYTES / CHUNK_S)  # the seconds one (full) chunk holds
+        count = int(duration_s / chunk_s)
         for index in range(count):
-            await asyncio.sleep(max(0.0, start + index * CHUNK_S / pace - loop.time()))  # pacing
+            await asyncio.sleep(max(0.0, start + index * chunk_s / pace - loop.time()))  # pacing
             if closed.is_set():
                 session.ended = "server_closed"
                 break

@@ -66,6 +66,8 @@ class Options:
     concurrency: int
     session_s: tuple[float, float]
     warmup_s: float
+    chunk_ms: int
+    keys: int
     sample_s: float
     out: Path
     docs: bool
@@ -79,6 +81,7 @@ class Samples:
     fds: list[tuple[float, float]] = field(default_factory=list)
     tasks: list[tuple[float, float]] = field(default_factory=list)
     live: list[tuple[float, float]] = field(default_factory=list)
+    full_gcs: list[tuple[float, float]] = field(default_factory=list)  # the sidecar's generation-2 collections
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -87,6 +90,10 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--duration-s", type=float, default=600.0, help="how long new sessions keep starting")
     parser.add_argument("--concurrency", type=int, default=200, help="sessions kept open at once")
     parser.add_argument("--session-s", default="4:16", help="MIN:MAX seconds of audio per session (uniform)")
+    parser.add_argument(
+        "--keys", type=int, default=0, help="0: a key per session (billing per session); N: a pool of N keys (per key)"
+    )
+    parser.add_argument("--chunk-ms", type=int, default=500, help="audio per append (real-time pace whatever it is)")
     parser.add_argument("--warmup-s", type=float, default=None, help="samples before this are not judged (D/4)")
     parser.add_argument("--sample-s", type=float, default=None, help="seconds between samples (D/120, 1 to 5)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -104,13 +111,26 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     sample = args.sample_s if args.sample_s is not None else min(5.0, max(1.0, args.duration_s / 120))
     if not 0 <= warmup < args.duration_s:
         parser.error("--warmup-s must be below --duration-s")
-    return Options(args.duration_s, args.concurrency, (low, high), warmup, sample, args.out, args.docs == "yes")
+    if not 0 < args.chunk_ms <= 1000 or args.chunk_ms % 100:
+        parser.error("--chunk-ms must be 100, 200, ... 1000")
+    return Options(
+        args.duration_s,
+        args.concurrency,
+        (low, high),
+        warmup,
+        args.chunk_ms,
+        max(0, args.keys),
+        sample,
+        args.out,
+        args.docs == "yes",
+    )
 
 
-def metric(text: str, name: str) -> float | None:
-    """The value of an unlabelled sample `name` in Prometheus text."""
+def metric(text: str, name: str, labels: str = "") -> float | None:
+    """The value of sample `name` in Prometheus text: unlabelled, or with exactly `labels` (`a="b"`)."""
+    heads = (f"{name}{{{labels}}} ",) if labels else (name + " ", name + "{} ")
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{}"):
+        if line.startswith(heads):
             return float(line.split()[-1])
     return None
 
@@ -149,13 +169,13 @@ async def run(options: Options) -> tuple[str, bool]:
         idle = await _sample_once(sidecar)
         print(f"idle sidecar: RSS {idle[0]:.1f} MiB, {idle[1]:.0f} fds, {idle[2]:.0f} tasks", flush=True)
         sessions, samples = await _load(options, sidecar, litellm)
-        after = await _sample_once(sidecar)
         exact, billing = await _billing(sessions, redis.url)
+        after = await _sample_once(sidecar)  # once billing settled: the sidecar had time to release memory
     return _report(options, samples, idle, after, exact, billing, len(sessions))
 
 
 async def _load(options: Options, sidecar: Sidecar, litellm: FakeLiteLLM) -> tuple[list[ClientSession], Samples]:
-    chunks = speech_chunks()
+    chunks = speech_chunks(options.chunk_ms)
     rng = random.Random()
     sessions: list[ClientSession] = []
     samples = Samples()
@@ -164,12 +184,16 @@ async def _load(options: Options, sidecar: Sidecar, litellm: FakeLiteLLM) -> tup
     end = start + options.duration_s
     running: set[asyncio.Task[None]] = set()
     counter = 0
+    keyed: set[int] = set()
 
     def launch() -> None:
         nonlocal counter
         counter += 1
-        key = f"sk-soak-{start:.0f}-{counter}"
-        litellm.add_key(key, key_alias=f"soak-{counter}")
+        slot = counter if options.keys == 0 else counter % options.keys
+        key = f"sk-soak-{start:.0f}-{slot}"
+        if slot not in keyed:
+            keyed.add(slot)
+            litellm.add_key(key, key_alias=f"soak-{slot}")
         session = ClientSession(tag=f"s{counter}", key=key)
         sessions.append(session)
         length = rng.uniform(*options.session_s)
@@ -179,11 +203,15 @@ async def _load(options: Options, sidecar: Sidecar, litellm: FakeLiteLLM) -> tup
 
     sampler = asyncio.create_task(_sampler(sidecar, samples, start, options.sample_s))
     next_print = start
+    # The first sessions are spread over one mean session length, so that their ends (and the new sessions
+    # replacing them) spread too: the load is steady from the first minute instead of coming in waves.
+    ramp_gap = sum(options.session_s) / 2 / options.concurrency
     try:
         while loop.time() < end:
             while len(running) < options.concurrency and loop.time() < end:
                 launch()
-                await asyncio.sleep(0.005)  # spread the connects a little (a pace, not a synchronisation)
+                filling = counter <= options.concurrency
+                await asyncio.sleep(ramp_gap if filling else 0.005)  # pacing of the connects
             if running:
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED, timeout=max(0.0, end - loop.time()))
             if loop.time() >= next_print:
@@ -211,8 +239,8 @@ def _last(samples: Samples) -> str:
     )
 
 
-async def _sample_once(sidecar: Sidecar) -> tuple[float, float, float, float]:
-    """(RSS MiB, fds, asyncio tasks, live sessions) of the sidecar now."""
+async def _sample_once(sidecar: Sidecar) -> tuple[float, float, float, float, float]:
+    """(RSS MiB, fds, asyncio tasks, live sessions, generation-2 collections so far) of the sidecar now."""
     assert sidecar.proc is not None
     now = usage(descendants(sidecar.proc.pid))
     text = await sidecar.metrics()
@@ -221,24 +249,30 @@ async def _sample_once(sidecar: Sidecar) -> tuple[float, float, float, float]:
         now.fds,
         metric(text, "sidecar_asyncio_tasks") or 0.0,
         metric(text, "sidecar_live_sessions") or 0.0,
+        metric(text, "python_gc_collections_total", 'generation="2"') or 0.0,
     )
 
 
 async def _sampler(sidecar: Sidecar, samples: Samples, start: float, every_s: float) -> None:
     loop = asyncio.get_running_loop()
     while True:
-        rss, fds, tasks, live = await _sample_once(sidecar)
+        rss, fds, tasks, live, full_gcs = await _sample_once(sidecar)
         t = loop.time() - start
         samples.rss_mib.append((t, rss))
         samples.fds.append((t, fds))
         samples.tasks.append((t, tasks))
         samples.live.append((t, live))
+        samples.full_gcs.append((t, full_gcs))
         await asyncio.sleep(every_s)  # the sampling period
 
 
 async def _billing(sessions: Sequence[ClientSession], redis_url: str) -> tuple[bool, str]:
     """Wait for billing to settle; whether every session's billed bytes equal its sent bytes, and a summary."""
-    wanted = {key_hash(s.key): s for s in sessions if s.sent}
+    by_key: dict[str, list[ClientSession]] = {}
+    for s in sessions:
+        if s.sent:
+            by_key.setdefault(key_hash(s.key), []).append(s)
+    wanted = by_key
 
     async def settled() -> bool:
         billed = await asyncio.to_thread(billed_by_key, DATABASE)
@@ -250,23 +284,25 @@ async def _billing(sessions: Sequence[ClientSession], redis_url: str) -> tuple[b
         await poll(settled, what="billing to settle", every_s=1.0, deadline_s=SETTLE_S)
     billed = await asyncio.to_thread(billed_by_key, DATABASE)
     wrong = []
-    for k, s in wanted.items():
+    for k, group in wanted.items():
         row = billed.get(k)
-        if row is None or row.audio_bytes != s.sent or row.rows != 1:
-            wrong.append(
-                f"{s.tag}: sent {s.sent} B, billed {row.audio_bytes if row else 0} B in {row.rows if row else 0} rows"
-            )
-    sent = sum(s.sent for s in wanted.values())
+        sent_k = sum(s.sent for s in group)
+        if row is None or row.audio_bytes != sent_k or row.rows != len(group):
+            got_k = row.audio_bytes if row else 0
+            rows_k = row.rows if row else 0
+            wrong.append(f"{group[0].tag}: sent {sent_k} B in {len(group)} sessions, billed {got_k} B in {rows_k} rows")
+    sent = sum(s.sent for group in wanted.values() for s in group)
     got = sum(billed[k].audio_bytes for k in wanted if k in billed)
     refused = sum(1 for s in sessions if not s.opened)
     ends: dict[str, int] = {}
     for s in sessions:
         ends[s.ended] = ends.get(s.ended, 0) + 1
     how = ", ".join(f"{k} {v}" for k, v in sorted(ends.items()))
+    unit = "sessions" if all(len(g) == 1 for g in wanted.values()) else "keys"
     summary = (
-        f"{len(wanted)} sessions with audio ({refused} not opened; ends: {how}); "
+        f"{sum(len(g) for g in wanted.values())} sessions with audio ({refused} not opened; ends: {how}); "
         f"sent {sent / 48000:.3f} s, billed {got / 48000:.3f} s; "
-        f"{len(wrong)} sessions billed differently from what they sent"
+        f"{len(wrong)} {unit} billed differently from what they sent"
     )
     if wrong:
         summary += ": " + "; ".join(wrong[:5])
@@ -276,8 +312,8 @@ async def _billing(sessions: Sequence[ClientSession], redis_url: str) -> tuple[b
 def _report(
     options: Options,
     samples: Samples,
-    idle: tuple[float, float, float, float],
-    after: tuple[float, float, float, float],
+    idle: tuple[float, float, float, float, float],
+    after: tuple[float, float, float, float, float],
     exact: bool,
     billing: str,
     started: int,
@@ -297,23 +333,26 @@ def _report(
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"Run {when}: `--duration-s {options.duration_s:g} --concurrency {options.concurrency} "
-        f"--session-s {options.session_s[0]:g}:{options.session_s[1]:g} --warmup-s {options.warmup_s:g} "
+        f"--session-s {options.session_s[0]:g}:{options.session_s[1]:g} --chunk-ms {options.chunk_ms} "
+        f"--keys {options.keys} "
+        f"--warmup-s {options.warmup_s:g} "
         f"--sample-s {options.sample_s:g}`; {started} sessions started; live sessions after warm-up "
         f"{min(live, default=0):.0f} to {max(live, default=0):.0f}.",
         "",
         f"- idle before the load: RSS {idle[0]:.1f} MiB, {idle[1]:.0f} fds, {idle[2]:.0f} tasks; "
-        f"after the last session ended: RSS {after[0]:.1f} MiB, {after[1]:.0f} fds, {after[2]:.0f} tasks, "
-        f"{after[3]:.0f} live",
+        f"after the last session ended and billing settled: RSS {after[0]:.1f} MiB, {after[1]:.0f} fds, "
+        f"{after[2]:.0f} tasks, {after[3]:.0f} live; the sidecar's full (generation-2) garbage collections: "
+        f"{idle[4]:.0f} before the load, {after[4]:.0f} after it",
     ]
     lines += [f"- {v.line(unit)}" for v, unit in verdicts]
     lines.append(f"- billing {'exact' if exact else 'NOT EXACT'}: {billing}")
     ok = flat_ok and exact
     lines.append(f"- verdict: {'pass' if ok else 'FAIL'}")
-    lines += ["", "Series (t s: RSS MiB / fds / tasks / live):", "", "```"]
-    for (t, rss), (_, fds), (_, tasks), (_, live_n) in zip(
-        samples.rss_mib, samples.fds, samples.tasks, samples.live, strict=True
+    lines += ["", "Series (t s: RSS MiB / fds / tasks / live sessions / the sidecar's full GCs so far):", "", "```"]
+    for (t, rss), (_, fds), (_, tasks), (_, live_n), (_, gcs) in zip(
+        samples.rss_mib, samples.fds, samples.tasks, samples.live, samples.full_gcs, strict=True
     ):
-        lines.append(f"{t:7.1f}  {rss:7.1f}  {fds:5.0f}  {tasks:5.0f}  {live_n:4.0f}")
+        lines.append(f"{t:7.1f}  {rss:7.1f}  {fds:5.0f}  {tasks:5.0f}  {live_n:4.0f}  {gcs:3.0f}")
     lines.append("```")
     return "\n".join(lines), ok
 
