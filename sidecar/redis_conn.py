@@ -8,7 +8,10 @@ the consumers alike go through `connect_redis`, so they reach the same Redis the
 Failover: a Sentinel-managed client asks the sentinels for the master when it connects; a connection still
 open to a demoted master gets READONLY, which redis-py turns into a ConnectionError after disconnecting it
 (`SentinelManagedConnection.read_response`), so callers see the ordinary "Redis unavailable" error and the
-next attempt dials the new master. The cluster client re-reads the slot map on MOVED and connection errors.
+next attempt dials the new master. A demoted master that still answers takes writes until Sentinel turns it
+into a replica (and then drops them): usage publishing ends each batch with WAIT and, short of replicas, asks
+`replication_shortfall` whether to resend (docs/operations.md, "Redis high availability"). The cluster client
+re-reads the slot map on MOVED and connection errors.
 """
 
 from __future__ import annotations
