@@ -15,9 +15,11 @@ import subprocess
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from tests.billing_support import DEADLINE_S, free_port, poll, quick_redis
+from tests.billing_support import DEADLINE_S, free_port, poll
 
 SERVICE = "mymaster"
 DOWN_AFTER_MS = 600  # the sentinels call an unanswering master down after this long
@@ -28,32 +30,60 @@ class RedisNode:
     """One `redis-server` process (a data node or, with `sentinel_config`, a sentinel) on 127.0.0.1:`port`."""
 
     def __init__(
-        self, directory: Path, *, args: list[str], sentinel_config: str | None = None, password: str | None = None
+        self,
+        directory: Path,
+        *,
+        args: list[str],
+        sentinel_config: str | None = None,
+        password: str | None = None,
+        tls: Path | None = None,
     ) -> None:
         self.directory = directory
         self.port = free_port()
         self.args = args
         self.sentinel_config = sentinel_config
         self.password = password  # its requirepass (the tests' clients authenticate with it)
+        self.tls = tls  # a directory with ca.crt, server.crt and server.key: TLS only, replication included
         self.process: asyncio.subprocess.Process | None = None
 
     @property
     def address(self) -> tuple[str, int]:
         return "127.0.0.1", self.port
 
-    def client(self) -> aioredis.Redis:
+    def client(self, db: int = 0) -> aioredis.Redis:
+        """A client of database `db` that fails at once while the node is down (one immediate retry, short timeouts)."""
         auth = f":{self.password}@" if self.password else ""
-        return quick_redis(f"redis://{auth}127.0.0.1:{self.port}/0")
+        scheme, tls = ("rediss", {"ssl_ca_certs": str(self.tls / "ca.crt")}) if self.tls else ("redis", {})
+        url = f"{scheme}://{auth}127.0.0.1:{self.port}/{db}"
+        return aioredis.Redis.from_url(
+            url, retry=Retry(NoBackoff(), 1), socket_connect_timeout=2, socket_timeout=5, **tls
+        )
+
+    def _tls_options(self) -> list[str]:
+        if self.tls is None:
+            return [f"port {self.port}"]
+        files = {"cert": "server.crt", "key": "server.key", "ca-cert": "ca.crt"}
+        return [
+            "port 0",
+            f"tls-port {self.port}",
+            *(f"tls-{name}-file {self.tls / file}" for name, file in files.items()),
+            "tls-auth-clients no",
+            "tls-replication yes",
+        ]
 
     async def start(self) -> None:
         """Start the process and wait until it answers PING."""
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.sentinel_config is not None:
             config = self.directory / "sentinel.conf"  # a sentinel rewrites its own config file
-            config.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.directory}\n{self.sentinel_config}")
+            options = "\n".join(self._tls_options())
+            config.write_text(f"{options}\nbind 127.0.0.1\ndir {self.directory}\n{self.sentinel_config}")
             argv = [str(config), "--sentinel", "--logfile", "sentinel.log"]
         else:
-            argv = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            argv = []
+            for option in self._tls_options():
+                argv += [f"--{option.split(' ', 1)[0]}", option.split(" ", 1)[1]]
+            argv += ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
             argv += ["--dir", str(self.directory), "--logfile", "redis.log", "--repl-diskless-sync-delay", "0"]
             argv += ["--requirepass", self.password, "--masterauth", self.password] if self.password else []
             argv += self.args
@@ -90,9 +120,18 @@ class SentinelGroup:
     """A master, one replica and three sentinels monitoring them as `mymaster` (quorum 2); with `password` the
     data nodes require it, with `sentinel_password` the sentinels require theirs (and use it with each other)."""
 
-    def __init__(self, directory: Path, *, password: str | None = None, sentinel_password: str | None = None) -> None:
-        first = RedisNode(directory / "node-a", args=[], password=password)
-        replica = RedisNode(directory / "node-b", args=["--replicaof", "127.0.0.1", str(first.port)], password=password)
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        password: str | None = None,
+        sentinel_password: str | None = None,
+        tls: Path | None = None,
+    ) -> None:
+        first = RedisNode(directory / "node-a", args=[], password=password, tls=tls)
+        replica = RedisNode(
+            directory / "node-b", args=["--replicaof", "127.0.0.1", str(first.port)], password=password, tls=tls
+        )
         self.nodes = [first, replica]
         monitor = (
             f"sentinel monitor {SERVICE} 127.0.0.1 {first.port} 2\n"
@@ -105,7 +144,9 @@ class SentinelGroup:
         if sentinel_password:
             monitor += f"requirepass {sentinel_password}\nsentinel sentinel-pass {sentinel_password}\n"
         self.sentinels = [
-            RedisNode(directory / f"sentinel-{i}", args=[], sentinel_config=monitor, password=sentinel_password)
+            RedisNode(
+                directory / f"sentinel-{i}", args=[], sentinel_config=monitor, password=sentinel_password, tls=tls
+            )
             for i in range(3)
         ]
 

@@ -46,7 +46,6 @@ from tests.billing_support import (
     drain,
     next_event,
     poll,
-    quick_redis,
     read_billing,
     seconds_of,
     serve_env,
@@ -278,30 +277,61 @@ async def test_a_write_a_replica_refuses_is_spooled_until_it_is_master(
     assert [e.event_id for e in kept] == [e.event_id for e in tap.events], "each event once, in order"
 
 
-async def test_sentinel_and_master_passwords_are_each_sent_where_they_belong(tmp_path: Path) -> None:
-    """SIDECAR_REDIS_SENTINEL_PASSWORD goes to the sentinels and SIDECAR_REDIS_PASSWORD to the master (and the
-    database number with it): both right, the client works; the sentinels' password wrong or the master's
-    missing, every command fails with a Redis error (which the callers treat as Redis unavailable)."""
-    group = SentinelGroup(tmp_path / "redis", password="m-secret", sentinel_password="s-secret")
+def make_certificates(directory: Path) -> Path:
+    """A throwaway CA and a server certificate for 127.0.0.1 it signed (ca.crt, server.crt, server.key)."""
+    directory.mkdir(parents=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True, timeout=DEADLINE_S)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=test-ca")
+    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl(
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.crt", "-days", "2", "-extfile", "san.ext",
+    )  # fmt: skip
+    return directory
+
+
+async def test_sentinel_with_tls_and_passwords_sends_each_where_it_belongs(tmp_path: Path) -> None:
+    """The sentinels and the master speak TLS only (replication too) with a certificate of a private CA, and each
+    requires its own password. SIDECAR_REDIS_SSL + SIDECAR_REDIS_SSL_CA_CERTS verify both against the CA,
+    SIDECAR_REDIS_SENTINEL_PASSWORD goes to the sentinels, SIDECAR_REDIS_PASSWORD and SIDECAR_REDIS_DB to the
+    master: the client works. Without the CA, with the sentinels' password wrong or the master's missing, every
+    command fails with a Redis error (which every caller treats as Redis unavailable)."""
+    certificates = make_certificates(tmp_path / "tls")
+    group = SentinelGroup(tmp_path / "redis", password="m-secret", sentinel_password="s-secret", tls=certificates)
     await group.start()
     try:
-        nodes = tuple(s.address for s in group.sentinels)
-        right = RedisTarget(
-            mode="sentinel", nodes=nodes, service_name="mymaster", password="m-secret", sentinel_password="s-secret"
+        target = RedisTarget(
+            mode="sentinel",
+            nodes=tuple(s.address for s in group.sentinels),
+            service_name="mymaster",
+            password="m-secret",
+            sentinel_password="s-secret",
+            ssl=True,
+            ssl_ca_certs=str(certificates / "ca.crt"),
+            db=3,
         )
-        client = connect_redis(replace(right, db=3))
+        client = connect_redis(target)
         try:
-            await client.set("k", "v")
-            assert await client.get("k") == b"v"
+            await client.xadd(STREAM, {"k": "v"})
         finally:
             await client.aclose()
-        probe = quick_redis(f"redis://:m-secret@127.0.0.1:{(await group.master()).port}/3")
+        probe = (await group.master()).client(db=3)
         try:
-            assert await probe.get("k") == b"v", "written to SIDECAR_REDIS_DB on the master"
+            assert await probe.xlen(STREAM) == 1, "written to SIDECAR_REDIS_DB on the master"
         finally:
             await probe.aclose()
-        for wrong in (replace(right, sentinel_password="nope"), replace(right, password=None)):
-            client = connect_redis(wrong, socket_timeout=2, socket_connect_timeout=2)
+        wrong = (
+            replace(target, ssl_ca_certs=None),
+            replace(target, sentinel_password="nope"),
+            replace(target, password=None),
+        )
+        for settings in wrong:
+            client = connect_redis(settings, socket_timeout=2, socket_connect_timeout=2)
             try:
                 with pytest.raises(RedisError):
                     await client.set("k", "v")
