@@ -23,7 +23,7 @@ class HaRedis:
         self.env = env
 
     async def backlog(self) -> int | None:
-        client = self.fixture.master_client() if self.kind == "sentinel" else self.fixture.client()
+        client = (await self.fixture.master()).client() if self.kind == "sentinel" else self.fixture.client()
         try:
             result: int | None = await backlog_of(client)
         finally:

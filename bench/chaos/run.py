@@ -420,21 +420,39 @@ async def _on_redis(
         backlog = ha.backlog
     try:
         sessions = await _waves(ctx, fault, options, litellm)
-        await _settle(sessions, backlog)
+        await _settle(sessions, backlog, sidecar)
         decoded = await provider.decoded()
         failures = _publish_failures(await sidecar.metrics())
     finally:
         await pg_proxy.aclose()
         await redis_proxy.aclose()
-    return _evaluate(fault, options, sessions, decoded, publish_failures=failures)
+    retries = await asyncio.to_thread(_consumer_retries, work)
+    evidence = f"publish failures: {failures}{' (last sidecar)' if fault.allowed == 'kill' else ''}; "
+    evidence += f"consumer retries: {retries}; consumers started: {consumer.starts}"
+    return _evaluate(fault, options, sessions, decoded, evidence=evidence)
+
+
+def _consumer_retries(work: Path) -> int:
+    """Warnings of the row's consumers that say they retry (a Redis or database failure they rode)."""
+    return sum(
+        line.count('"level":"warning"')
+        for log in work.glob("consumer-*.log")
+        for line in log.read_text().splitlines()
+        if "retrying" in line
+    )
 
 
 def _publish_failures(metrics: str) -> int:
     """sidecar_usage_publish_failures_total of the (last) sidecar process."""
+    return int(_sample(metrics, "sidecar_usage_publish_failures_total") or 0)
+
+
+def _sample(metrics: str, name: str) -> float | None:
+    """An unlabelled sample's value in Prometheus text."""
     for line in metrics.splitlines():
-        if line.startswith("sidecar_usage_publish_failures_total"):
-            return int(float(line.split()[-1]))
-    return 0
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return None
 
 
 def _intercept(box: list[Ctx], chunk: bytes) -> bool:
@@ -478,12 +496,17 @@ async def _waves(ctx: Ctx, fault: Fault, options: Options, litellm: FakeLiteLLM)
     return wave_a + wave_b
 
 
-async def _settle(sessions: Sequence[ClientSession], backlog: Callable[[], Coroutine[Any, Any, int | None]]) -> None:
-    """Wait until every session that sent audio has billing rows, none of them still open, and the billing
-    group has nothing pending or undelivered (a killed consumer's entries redelivered and acknowledged)."""
+async def _settle(
+    sessions: Sequence[ClientSession], backlog: Callable[[], Coroutine[Any, Any, int | None]], sidecar: Sidecar
+) -> None:
+    """Wait until the sidecar's spool is empty, every session that sent audio has billing rows, none of them
+    still open, and the billing group has nothing pending or undelivered (a killed consumer's entries
+    redelivered and acknowledged)."""
     wanted = {key_hash(s.key) for s in sessions if s.sent}
 
     async def settled() -> bool:
+        if _sample(await sidecar.metrics(), "sidecar_usage_spool_depth") != 0:
+            return False
         billed = await asyncio.to_thread(billed_by_key, DATABASE)
         if not all(k in billed and "open" not in billed[k].statuses for k in wanted):
             return False
@@ -496,7 +519,7 @@ async def _settle(sessions: Sequence[ClientSession], backlog: Callable[[], Corou
 
 
 def _evaluate(
-    fault: Fault, options: Options, sessions: Sequence[ClientSession], decoded: dict[str, int], *, publish_failures: int
+    fault: Fault, options: Options, sessions: Sequence[ClientSession], decoded: dict[str, int], *, evidence: str
 ) -> tally.FaultRow:
     billed = billed_by_key(DATABASE)
     figures = []
@@ -516,8 +539,7 @@ def _evaluate(
             )
         )
     ends = Counter(s.ended for s in sessions)
-    last = " (last sidecar)" if fault.allowed == "kill" else ""
-    note = f"clients: {_counts(ends)}; billed as: {_counts(reasons)}; publish failures: {publish_failures}{last}"
+    note = f"clients: {_counts(ends)}; billed as: {_counts(reasons)}; {evidence}"
     allowed = allowed_for(fault.allowed, options.checkpoint_s)
     return tally.evaluate(fault.name, figures, allowed_lost_s=allowed, note=note)
 
