@@ -287,10 +287,13 @@ async def _billing(sessions: Sequence[ClientSession], redis_url: str) -> tuple[b
     for k, group in wanted.items():
         row = billed.get(k)
         sent_k = sum(s.sent for s in group)
-        if row is None or row.audio_bytes != sent_k or row.rows != len(group):
+        if row is None or row.audio_bytes != sent_k or row.rows != len(group) or set(row.statuses) != {"final"}:
             got_k = row.audio_bytes if row else 0
             rows_k = row.rows if row else 0
-            wrong.append(f"{group[0].tag}: sent {sent_k} B in {len(group)} sessions, billed {got_k} B in {rows_k} rows")
+            statuses = ",".join(row.statuses) if row else "-"
+            wrong.append(
+                f"{group[0].tag}: sent {sent_k} B in {len(group)} sessions, billed {got_k} B in {rows_k} rows ({statuses})"
+            )
     sent = sum(s.sent for group in wanted.values() for s in group)
     got = sum(billed[k].audio_bytes for k in wanted if k in billed)
     refused = sum(1 for s in sessions if not s.opened)
