@@ -292,7 +292,8 @@ async def _billing(sessions: Sequence[ClientSession], redis_url: str) -> tuple[b
             rows_k = row.rows if row else 0
             statuses = ",".join(row.statuses) if row else "-"
             wrong.append(
-                f"{group[0].tag}: sent {sent_k} B in {len(group)} sessions, billed {got_k} B in {rows_k} rows ({statuses})"
+                f"{group[0].tag}: sent {sent_k} B in {len(group)} sessions, "
+                f"billed {got_k} B in {rows_k} rows ({statuses})"
             )
     sent = sum(s.sent for group in wanted.values() for s in group)
     got = sum(billed[k].audio_bytes for k in wanted if k in billed)
