@@ -40,8 +40,7 @@ from typing import Any, Final, Protocol
 import orjson
 
 from sidecar.testing.fake_live import SESSION_TTL_S, live_error
-from sidecar.testing.fake_provider import _transcription_usage as transcription_usage
-from sidecar.testing.fake_provider import ga_session, response_usage
+from sidecar.testing.fake_provider import ga_session, response_usage, transcription_usage
 from sidecar.testing.fake_wire import Event, deep_merge, error, event, new_id, word_chunks
 
 DEFAULT_TRANSCRIPT: Final = "Hello from the fake WebRTC call."

@@ -265,7 +265,7 @@ AUDIO_TOKENS_PER_SECOND: Final = 10
 TRANSCRIPT_TOKENS: Final = 20
 
 
-def _transcription_usage(model: str, seconds: float) -> dict[str, Any]:
+def transcription_usage(model: str, seconds: float) -> dict[str, Any]:
     """The `usage` of a transcription `completed` event, as OpenAI reports it: tokens for the
     `*-transcribe` models (gpt-4o-transcribe, gpt-4o-mini-transcribe), a duration for the others (whisper-1,
     gpt-realtime-whisper)."""
@@ -387,7 +387,7 @@ class _Conversation:
         item_id, self._item_id, self._buffer, self._buffer_seconds = self._item_id, _new_id("item"), 0, Fraction(0)
         events = [_event("input_audio_buffer.committed", previous_item_id=None, item_id=item_id)]
         events += [self._delta(chunk, item_id=item_id) for chunk in _word_chunks(self._transcript)]
-        usage = _transcription_usage(self._transcription_model(), seconds)
+        usage = transcription_usage(self._transcription_model(), seconds)
         completed = _event(
             "conversation.item.input_audio_transcription.completed",
             item_id=item_id,
