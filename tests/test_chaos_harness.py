@@ -247,3 +247,17 @@ async def test_the_asyncio_tasks_gauge_counts_the_loop_s_tasks() -> None:
     stop.set()
     await asyncio.gather(*extra)
     assert soak.metric(metrics.render().decode(), "sidecar_asyncio_tasks") == before
+
+
+def test_a_row_s_evidence_reads_the_metrics_and_the_consumers_logs(tmp_path: Path) -> None:
+    """The spool depth and publish failures come from the sidecar's /metrics text; consumer retries are its
+    warnings that say they retry, counted over every consumer of the row."""
+    text = "sidecar_usage_spool_depth 0.0\nsidecar_usage_publish_failures_total 4.0\n"
+    assert run._sample(text, "sidecar_usage_spool_depth") == 0.0
+    assert run._publish_failures(text) == 4
+    assert run._publish_failures("") == 0
+    warning = '{"level":"warning","msg":"billing consumer c: billing write: database failure; retrying in 0.5s"}'
+    (tmp_path / "consumer-1.log").write_text(f"{warning}\n{warning}\n" + '{"level":"info","msg":"started"}\n')
+    (tmp_path / "consumer-2.log").write_text(warning + "\n")
+    (tmp_path / "sidecar-1.log").write_text(warning + "\n")
+    assert run._consumer_retries(tmp_path) == 3
