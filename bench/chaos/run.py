@@ -1,15 +1,17 @@
 """`make chaos`: the fault matrix against real processes, one fresh stack per fault, and the billing per session.
 
     .venv/bin/python -m bench.chaos.run [--faults all|name,name] [--sessions 6] [--checkpoint-s 1]
-                                        [--out bench/results/chaos] [--docs yes|no] [--list]
+                                        [--out bench/results] [--docs yes|no] [--list]
 
-Each row: a throwaway redis-server (append-only file), the fake provider (`bench.chaos.provider`; in its own
-network namespace for the network rows), `sidecar serve` (Redis mode, checkpoints every --checkpoint-s) and
-`sidecar consume` into PostgreSQL (database `sidecar_chaos`, through TCP proxies this process controls), a fake
-LiteLLM admin API with one key per client session. Wave A (--sessions clients, openai SDK, the test speech
-looped at real-time pace) runs across the fault; wave B (half as many) starts just after it is injected. Once
-every client is done the row waits for billing to settle (every session's rows final or lost), then compares per
-session: sent by the client, decoded by the provider, billed in `realtime_usage` (bench/chaos/tally.py).
+Each row: a throwaway redis-server (append-only file; the Sentinel and Cluster rows use issue 18's fixtures,
+bench/chaos/ha.py), the fake provider (`bench.chaos.provider`; in its own network namespace for the network
+rows), `sidecar serve` (Redis mode, checkpoints every --checkpoint-s) and `sidecar consume` into PostgreSQL
+(database `sidecar_chaos`, through TCP proxies this process controls), a fake LiteLLM admin API with one key per
+client session. Wave A (--sessions clients, openai SDK, the test speech looped at real-time pace) runs across the
+fault; wave B (half as many) starts just after it is injected. Once every client is done the row waits for
+billing to settle (the sidecar's spool empty, every session's rows final or lost, nothing pending in the group),
+then compares per session: sent by the client, decoded by the provider, billed in `realtime_usage`
+(bench/chaos/tally.py).
 
 Loopback only (the netns veth pair is local), bounded (each wait has a deadline), a few minutes. Exit status 1
 when any row's invariant fails, 2 on bad arguments. The table is printed, written to --out, and (with
