@@ -160,7 +160,12 @@ def create_app(
                 else await stack.enter_async_context(_default_publisher(settings, shared))
             )
             store: ControlStore = (
-                RedisStore(shared, channel=settings.control_channel, prefix=settings.control_prefix)
+                RedisStore(
+                    shared,
+                    channel=settings.control_channel,
+                    prefix=settings.control_prefix,
+                    wait_replicas=settings.redis_target.wait_replicas if settings.redis_target is not None else 0,
+                )
                 if shared is not None
                 else MemoryStore()
             )

@@ -4,11 +4,15 @@
       every 0.25 s  poll each session: idle/length limits, checkpoints; budgets of budgeted keys and teams
       every 1 s     heartbeat: this replica's sessions (and their running costs) into the shared store
       every key_recheck_s  re-check each live key once against LiteLLM (by hash, with the master key)
-      always        control messages (revocations, terminations, model reloads) from every replica
+      always        control messages (revocations, terminations, model reloads) from every replica: pushed by
+                    pub/sub, and read back from the capped control log at every (re)subscription and every
+                    heartbeat, so a message published while this replica was not subscribed still arrives
 
 The shared state lives behind `ControlStore`: `RedisStore` (replicas share one Redis: a registry hash with
 expiry, a lease sorted set per key, running costs per budget scope, billed-spend counters per budget window,
-pub/sub on `realtime:control`, sharded pub/sub on a Redis Cluster) or `MemoryStore` (embedded mode: one process).
+pub/sub on `realtime:control`, sharded pub/sub on a Redis Cluster, and the capped control log
+`<prefix>:control:log`, a stream every control message is appended to first) or `MemoryStore` (embedded mode: one
+process, nothing to lose).
 
 A live session is anything `Watched`: a relayed WebSocket session (relay.Relay) or a WebRTC call watched
 through its sideband (calls.watch.CallWatch); the loops below treat both alike.
@@ -64,6 +68,17 @@ LEASE_TTL_S: Final = 5.0  # a dead replica's sessions disappear from the registr
 BILLED_TTL_S: Final = 40 * 86400  # billed-spend counters without a budget window expire after 40 days
 #: The endings a `terminate` control message may ask for (any other reason is read as `session_terminated`).
 TERMINATIONS: Final = frozenset({"session_terminated", "client_hangup"})
+#: The control log keeps this many messages (XADD MAXLEN): a replica cut off from Redis while more were
+#: published misses the oldest of them (docs/operations.md, "Redis high availability").
+CONTROL_LOG_MAXLEN: Final = 1000
+#: How long an admin's append waits for its replicas (SIDECAR_REDIS_WAIT_REPLICAS) before the sentinels are asked.
+CONTROL_WAIT_TIMEOUT_MS: Final = 250
+#: Control log entries read per XREAD while catching up.
+CATCH_UP_BATCH: Final = 100
+#: Ids of messages applied from pub/sub ahead of the control log cursor that a replica remembers (not read back twice).
+SEEN_AHEAD: Final = 1024
+#: What `RedisStore.messages` yields (this very object) once subscribed: the supervisor then catches up from the log.
+SUBSCRIBED: Final[dict[str, str]] = {"action": "subscribed"}
 
 
 class ControlError(SidecarError):
@@ -162,6 +177,7 @@ class ControlStore(Protocol):
     async def billed(self, scope: str, window: str) -> Decimal: ...
     async def publish(self, message: dict[str, str]) -> None: ...
     def messages(self) -> AsyncIterator[dict[str, str]]: ...
+    async def read_log(self, after: str | None) -> tuple[str, list[tuple[str, dict[str, str]]]]: ...
     async def ping(self) -> bool: ...
 
 
@@ -222,6 +238,10 @@ class MemoryStore:
         while True:
             yield await self._queue.get()
 
+    async def read_log(self, after: str | None) -> tuple[str, list[tuple[str, dict[str, str]]]]:
+        """One process: the queue loses nothing, so there is no log to read."""
+        return after or "0-0", []
+
     async def ping(self) -> bool:
         return True
 
@@ -245,10 +265,21 @@ class RedisStore:
     (sidecar/redis_keys.py). On a cluster the control channel is a sharded channel (SPUBLISH / SSUBSCRIBE): one
     shard carries it instead of every node's bus."""
 
-    def __init__(self, redis: aioredis.Redis, *, channel: str = "realtime:control", prefix: str = "realtime") -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        channel: str = "realtime:control",
+        prefix: str = "realtime",
+        wait_replicas: int = 0,
+        log_maxlen: int = CONTROL_LOG_MAXLEN,
+    ) -> None:
         self._redis = redis
         self._channel = channel
         self._prefix = prefix
+        self._log = f"{prefix}:control:log"  # one key: its own slot on a cluster
+        self._log_maxlen = log_maxlen
+        self._wait_replicas = wait_replicas
         self._cluster = is_cluster(redis)
         self._budget = budget_prefix(prefix, cluster=self._cluster)
         self._acquire = redis.register_script(_ACQUIRE)
@@ -333,12 +364,70 @@ class RedisStore:
         return Decimal(raw.decode()) if raw else Decimal(0)
 
     async def publish(self, message: dict[str, str]) -> None:
+        """Append `message` to the control log, then push it (with its log id) on the channel.
+
+        With `wait_replicas` (Sentinel) the append counts once that many replicas have it (WAIT), so a failover
+        cannot drop it; short of that, ControlError (the admin call answers 503: repeat it), after dropping the
+        pool's connections when the sentinels name another master. A master with no healthy replica at all is
+        appended to anyway (no failover can drop the entry). The push failing after the append is no failure:
+        every replica reads the log within a heartbeat."""
+        body = orjson.dumps(message)
+        if self._cluster:  # no WAIT on a cluster (it would answer for whichever node it reached)
+            log_id = await self._call(
+                self._redis.xadd(self._log, {"m": body}, maxlen=self._log_maxlen, approximate=False)
+            )
+        else:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xadd(self._log, {"m": body}, maxlen=self._log_maxlen, approximate=False)
+            if self._wait_replicas:
+                pipe.wait(self._wait_replicas, CONTROL_WAIT_TIMEOUT_MS)
+            replies = await self._call(pipe.execute())
+            log_id = replies[0]
+            if self._wait_replicas and int(replies[-1]) < self._wait_replicas:
+                await self._shortfall(int(replies[-1]))
+        pushed = orjson.dumps({**message, "log_id": _text(log_id)})
         send = self._redis.spublish if self._cluster else self._redis.publish
-        await self._call(send(self._channel, orjson.dumps(message)))
+        try:
+            await send(self._channel, pushed)
+        except REDIS_ERRORS as exc:
+            log.warning(
+                "control: pushing a logged message failed; replicas read it from the log", extra={"reason": repr(exc)}
+            )
+
+    async def _shortfall(self, acknowledged: int) -> None:
+        from sidecar.redis_conn import replication_shortfall
+
+        why = await self._call(replication_shortfall(self._redis))
+        if why == "alone":
+            return
+        if why == "demoted":
+            await self._redis.connection_pool.disconnect()  # the next attempt dials the master the sentinels name
+        raise ControlError(
+            f"control log: {acknowledged} of {self._wait_replicas} replicas acknowledged the message"
+            + (" (a demoted master)" if why == "demoted" else "")
+        )
+
+    async def read_log(self, after: str | None) -> tuple[str, list[tuple[str, dict[str, str]]]]:
+        """The control log's entries after the id `after`, up to CATCH_UP_BATCH, and the id to read after next;
+        `after` None (a replica starting): none, and the log's current end (`0-0` while empty)."""
+        if after is None:
+            last = await self._call(self._redis.xrevrange(self._log, "+", "-", count=1))
+            return (_text(last[0][0]) if last else "0-0"), []
+        reply = await self._call(self._redis.xread({self._log: after}, count=CATCH_UP_BATCH))
+        entries: list[tuple[str, dict[str, str]]] = []
+        cursor = after
+        for _, items in reply or ():
+            for entry_id, fields in items:
+                cursor = _text(entry_id)
+                with contextlib.suppress(orjson.JSONDecodeError, TypeError):
+                    message = orjson.loads(fields.get(b"m", b""))
+                    if isinstance(message, dict):
+                        entries.append((cursor, {str(k): str(v) for k, v in message.items()}))
+        return cursor, entries
 
     async def messages(self) -> AsyncIterator[dict[str, str]]:
-        """The control messages, as they arrive. Raises redis-py's errors when the subscription is lost (the
-        Supervisor subscribes again): messages published meanwhile are not replayed (docs/operations.md)."""
+        """The control messages, as they arrive, after SUBSCRIBED once subscribed. Raises redis-py's errors when
+        the subscription is lost (the Supervisor subscribes again, then reads what it missed from the log)."""
         # On a cluster the (un)subscribe confirmations are read: the server's `sunsubscribe` says the slot moved.
         pubsub = self._redis.pubsub(ignore_subscribe_messages=not self._cluster)
         try:
@@ -352,6 +441,7 @@ class RedisStore:
             else:
                 await pubsub.subscribe(self._channel)
                 items = pubsub.listen()
+            yield SUBSCRIBED  # what was published while not subscribed is in the log
             async for item in items:
                 if item.get("type") not in ("message", "smessage"):
                     continue
@@ -368,6 +458,19 @@ class RedisStore:
             return bool(await self._redis.ping())
         except REDIS_ERRORS:
             return False
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _log_order(log_id: str) -> tuple[int, int]:
+    """A stream id (`<ms>-<seq>`) as a comparable pair; a malformed one sorts first (never applied twice)."""
+    ms, _, seq = log_id.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return -1, -1
 
 
 async def _sharded(pubsub: ClusterPubSub) -> AsyncIterator[dict[str, Any]]:
@@ -435,6 +538,10 @@ class Supervisor:
         self.store_up = True  # False from a failed Redis operation until a heartbeat succeeds again
         #: Called for another replica's `reload_models` message (the app reloads its catalog in the background).
         self.on_reload: Callable[[], None] | None = None
+        #: The control log read so far (every entry up to it applied or, before this replica started, skipped);
+        #: None until the first read, which starts at the log's end.
+        self.log_cursor: str | None = None
+        self._seen_ahead: dict[str, None] = {}  # ids applied from pub/sub past the cursor (oldest first)
 
     # ---- admission ------------------------------------------------------------------------------
 
@@ -539,6 +646,49 @@ class Supervisor:
         """Publish a catalog reload to every other replica (this one has just reloaded)."""
         await self.store.publish({"action": "reload_models", "replica": self.replica})
 
+    def receive(self, message: Mapping[str, str]) -> int:
+        """Apply a message pushed by pub/sub, unless the control log has given it already (its `log_id` at or
+        before the cursor, or applied from pub/sub before); returns how many sessions were ended."""
+        log_id = message.get("log_id")
+        if log_id is None:  # a replica of an earlier version, which logs nothing
+            return self.apply(message)
+        if log_id in self._seen_ahead or (
+            self.log_cursor is not None and _log_order(log_id) <= _log_order(self.log_cursor)
+        ):
+            return 0
+        self._seen_ahead[log_id] = None
+        while len(self._seen_ahead) > SEEN_AHEAD:
+            del self._seen_ahead[next(iter(self._seen_ahead))]
+        return self.apply(message)
+
+    async def catch_up(self) -> int:
+        """Apply what the control log holds past the cursor and pub/sub did not bring (never raises: a failure
+        is counted, and the next heartbeat reads again); returns how many sessions were ended.
+
+        A replica's first read only finds the log's end: what was published before it started is not for it
+        (it had no session then; a revocation ends sessions, and keeping a key out is LiteLLM's)."""
+        ended = 0
+        try:
+            while True:
+                start = self.log_cursor
+                cursor, entries = await self.store.read_log(start)
+                if start != self.log_cursor:  # another catch-up moved the cursor meanwhile: read from there
+                    continue
+                for log_id, message in entries:
+                    if log_id in self._seen_ahead:  # pushed and applied already
+                        del self._seen_ahead[log_id]
+                        continue
+                    ended += self.apply(message)
+                self.log_cursor = cursor
+                order = _log_order(cursor)
+                for log_id in [i for i in self._seen_ahead if _log_order(i) <= order]:
+                    del self._seen_ahead[log_id]
+                if start is None or cursor == start:  # nothing past the cursor: one XREAD when nothing is new
+                    return ended
+        except ControlError as exc:
+            self._store_failed("control_log", exc)
+            return ended
+
     def apply(self, message: Mapping[str, str]) -> int:
         """Apply one control message to this replica's sessions; returns how many were ended."""
         action = message.get("action")
@@ -631,7 +781,10 @@ class Supervisor:
         while True:
             try:
                 async for message in self.store.messages():
-                    self.apply(message)
+                    if message is SUBSCRIBED:  # what was published while not subscribed
+                        await self.catch_up()
+                    else:
+                        self.receive(message)
             except ControlError as exc:
                 self._store_failed("control_channel", exc)
             except REDIS_ERRORS as exc:
@@ -663,7 +816,8 @@ class Supervisor:
             )
 
     async def beat(self) -> None:
-        """Each second: refresh the gauges, heartbeat, and find out whether Redis answers (never raises)."""
+        """Each second: refresh the gauges, heartbeat, find out whether Redis answers, and read the control log
+        past the cursor (never raises)."""
         self.metrics.refresh()
         try:
             await self.heartbeat()
@@ -676,6 +830,7 @@ class Supervisor:
             self.store_up = True
             self.metrics.redis_up.set(1)
             log.info("Redis reachable again")
+        await self.catch_up()  # one XREAD: control messages a lost subscription missed
 
     def _info(self, session_id: str, relay: Watched) -> SessionInfo:
         figures = relay.figures()
