@@ -153,6 +153,18 @@ _ENDINGS: Final[dict[str, tuple[int, str, str]]] = {
     # WebRTC calls (sidecar/calls): no client WebSocket to close, the close code is for the table only.
     "client_hangup": (1000, "invalid_request_error", "The call was hung up by its client."),
     "sideband_lost": (1011, "server_error", "The call's sideband could not be re-attached; the call was hung up."),
+    # A call's session changed over its data channel (sidecar/calls/guard.py): hung up rather than misbilled.
+    "model_mismatch": (1008, "invalid_request_error", "The call's model was changed; the call was hung up."),
+    "transcriber_refused": (
+        1008,
+        "invalid_request_error",
+        "The call's input transcription model was changed to one not available here; the call was hung up.",
+    ),
+    "session_pinned": (
+        1008,
+        "invalid_request_error",
+        "A setting fixed by the call's client secret was changed and could not be restored; the call was hung up.",
+    ),
     # GPT-Live (/v1/live/sessions): the session must open with session.start (LiteLLM's code and close code).
     "invalid_session_start": (
         1008,

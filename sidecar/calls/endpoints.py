@@ -34,6 +34,7 @@ from sidecar import protocol
 from sidecar.admin import NotFound
 from sidecar.auth import Principal, may_use
 from sidecar.calls import sideband
+from sidecar.calls.guard import SettingsGuard
 from sidecar.calls.offer import (
     CallRequest,
     client_answer,
@@ -51,6 +52,7 @@ from sidecar.catalog import Route as SessionRoute
 from sidecar.client_secrets import Grant
 from sidecar.control import ControlError
 from sidecar.errors import ModelNotTranscription, Refusal, ServiceUnavailable, UpstreamError
+from sidecar.session import Session
 from sidecar.surfaces.account import Account
 from sidecar.surfaces.live import LiveStart
 
@@ -215,10 +217,20 @@ def _watch(
         max_session_s=settings.max_session_s,
         reattach_s=settings.sideband_reattach_s,
         clock_ns=services.clock_ns,
+        guard=_guard(services, account, grant),
     )
     if call.route == REALTIME_ENDPOINT and not transcription:
         _tell_transcriber(account, call, grant, now=services.clock_ns())
     return watch
+
+
+def _guard(services: Services, account: Account, grant: Grant | None) -> SettingsGuard | None:
+    """A realtime call's settings guard (calls/guard.py): its transcriber followed, its secret's settings kept."""
+    core = account.core
+    if not isinstance(core, Session):  # GPT-Live: priced by session time, its secret binds its model alone
+        return None
+    bound = grant.session if grant is not None else None
+    return SettingsGuard(core, transcribers=services.catalog.transcribers, bound=bound)
 
 
 def _tell_transcriber(account: Account, call: CallRequest, grant: Grant | None, *, now: int) -> None:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from websockets.exceptions import ConnectionClosed
 
 from sidecar.calls.call import ProviderCall
+from sidecar.calls.guard import Hangup, Restore, SettingsGuard
 from sidecar.errors import Ending, UpstreamError, ending
 from sidecar.publisher import UsagePublisher
 from sidecar.surfaces.account import Account
@@ -94,13 +95,16 @@ class CallWatch:
         close_wait_s: float = CLOSE_WAIT_S,
         clock: Callable[[], datetime] = utcnow,
         clock_ns: Callable[[], int] = time.monotonic_ns,
+        guard: SettingsGuard | None = None,
     ) -> None:
         """Built when the provider has answered the offer (the answer is the call's start). `hangup` asks the
-        provider to end the call (calls.provider.hangup_call); `attach` opens its sideband (sideband.attach)."""
+        provider to end the call (calls.provider.hangup_call); `attach` opens its sideband (sideband.attach);
+        `guard` (a realtime call's) follows the session changes the sideband shows (calls/guard.py)."""
         #: Who the call belongs to and its usage events (the control path reads it).
         self.session = session
         self.call = call
         self._core = session.core
+        self._guard = guard
         self._hangup = hangup
         self._attach = attach
         self.publisher = publisher
@@ -243,7 +247,7 @@ class CallWatch:
 
     async def _read(self, sideband: Upstream) -> None:
         """Feed every server event to the core until the sideband closes or fails (never raises)."""
-        core, clock_ns, loop = self._core, self.clock_ns, self._loop
+        core, clock_ns, loop, guard = self._core, self.clock_ns, self._loop, self._guard
         try:
             while True:
                 frame = await sideband.recv()
@@ -251,10 +255,22 @@ class CallWatch:
                 self.events += 1
                 if isinstance(frame, str):
                     core.on_upstream_text(frame, now=clock_ns())  # the output is for nobody: discarded
+                    if guard is not None and (verdict := guard.on_text(frame)) is not None:
+                        await self._obey(verdict, sideband)
         except ConnectionClosed:
             return
         except Exception as exc:  # a failing sideband is a drop, never a crash of the watch
             self._log("sideband failed", reason=type(exc).__name__)
+
+    async def _obey(self, verdict: Restore | Hangup, sideband: Upstream) -> None:
+        """Act on the guard's verdict: restore the pinned settings on the sideband, or end the call."""
+        if isinstance(verdict, Restore):
+            self._log("pinned setting changed on the call: restoring it", reason=verdict.setting)
+            await sideband.send(verdict.frame)  # a failure is the sideband's: a drop, re-attached
+            return
+        if not self.ended:
+            self._log("call settings changed: hanging up", reason=f"{verdict.code}: {verdict.detail}")
+        self.end(verdict.code)
 
     async def _hang_up(self) -> None:
         """Ask the provider to end the call, once, within `close_wait_s`; a failure is logged, never raised."""
