@@ -139,3 +139,32 @@ async def test_a_pinned_setting_the_provider_keeps_changed_hangs_the_call_up(tmp
         row = await running.final_row()
         assert (row.close_reason, row.cost_usd) == ("session_pinned", cost(5 * per_second(running, TRANSCRIBER)))
         assert provider.hangups == 1
+
+
+async def test_a_transcriber_the_key_may_not_use_ends_the_call(tmp_path: Path) -> None:
+    """A key allowed gpt-realtime and whisper-1 only: the browser's change to gpt-realtime-whisper hangs the call up
+    as transcriber_refused, the transcription before it billed at whisper-1's price."""
+    async with fake() as provider, calls_stack(tmp_path, provider) as running:
+        limited = "sk-limited-key-test-0003"
+        running.litellm.add_key(limited, key_alias="limited", user_id="carol", team_id="", models=[RT, TRANSCRIBER])
+        _, call = await created(running, provider, limited, CONVERSATION)
+        await call.transcription_completed(usage=duration(7.5))
+        await browser_update(call, transcriber(WHISPER))
+        await asyncio.wait_for(call.hung_up.wait(), DEADLINE_S)
+        row = await running.final_row()
+        assert (row.close_reason, row.cost_usd) == (
+            "transcriber_refused",
+            cost(Decimal("7.5") * per_second(running, TRANSCRIBER)),
+        )
+
+
+async def test_the_model_changed_over_the_data_channel_ends_the_call(tmp_path: Path) -> None:
+    """The provider shows another model after the browser's update: hung up as model_mismatch, the response before
+    it billed."""
+    async with fake() as provider, calls_stack(tmp_path, provider) as running:
+        _, call = await created(running, provider, USER_KEY, {"type": "realtime", "model": RT})
+        await call.response_done()
+        await browser_update(call, {"type": "realtime", "model": "gpt-realtime-mini"})
+        await asyncio.wait_for(call.hung_up.wait(), DEADLINE_S)
+        row = await running.final_row()
+        assert row.close_reason == "model_mismatch" and row.input_tokens > 0 and provider.hangups == 1
