@@ -227,3 +227,36 @@ def test_a_browser_that_keeps_changing_a_pinned_setting_is_hung_up_after_the_res
         assert isinstance(guard.on_text(updated(changed)), Restore)
         assert guard.on_text(updated(session(transcriber="whisper-1"))) is None
     assert guard.on_text(updated(changed)) == Hangup("session_pinned", "instructions")
+
+
+def test_a_beta_bound_transcriber_is_restored_by_the_providers_name() -> None:
+    """A secret bound in the beta shape (`input_audio_transcription`): the restore names the provider's name."""
+    c = core()
+    bound = {"type": "realtime", "model": "gpt-realtime", "input_audio_transcription": {"model": "cheap-whisper"}}
+    guard = SettingsGuard(c, transcribers=TRANSCRIBERS, bound=bound)
+    assert guard.on_text(updated(session(transcriber="whisper-1"), "session.created")) is None
+    verdict = guard.on_text(updated(session(transcriber="dear-transcribe")))
+    assert isinstance(verdict, Restore)
+    assert orjson.loads(verdict.frame)["session"] == {
+        "type": "realtime",
+        "input_audio_transcription": {"model": "whisper-1"},
+    }
+
+
+def test_a_transcription_calls_restore_never_names_its_model() -> None:
+    """A transcription call's bound model is the model rule's: the restore leaves it out."""
+    c = core(transcription=True)
+    bound = {
+        "type": "transcription",
+        "audio": {"input": {"transcription": {"model": "gpt-realtime-whisper", "language": "en"}}},
+    }
+    guard = SettingsGuard(c, transcribers=TRANSCRIBERS, bound=bound)
+    shown = {"type": "transcription", "audio": {"input": {"transcription": {"model": "w", "language": "en"}}}}
+    assert guard.on_text(updated(shown, "session.created")) is None
+    shown["audio"]["input"]["transcription"]["language"] = "fr"
+    verdict = guard.on_text(updated(shown))
+    assert isinstance(verdict, Restore) and verdict.setting == "audio.input.transcription.language"
+    assert orjson.loads(verdict.frame)["session"] == {
+        "type": "transcription",
+        "audio": {"input": {"transcription": {"language": "en"}}},
+    }

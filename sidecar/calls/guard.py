@@ -41,6 +41,7 @@ TRANSCRIBER: Final[Path] = ("audio", "input", "transcription", "model")
 MAX_RESTORES: Final = 3
 # Cheap checks on the raw text before parsing (they cover transcription_session.created/updated too).
 _CREATED, _UPDATED, _ERROR = "session.created", "session.updated", '"error"'
+_BETA_TRANSCRIPTION: Final = "input_audio_transcription"
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,15 +175,15 @@ class SettingsGuard:
         """The `session.update` with the bound values, the model names as the provider knows them."""
         session = {key: value for key, value in self._bound.items() if key != "model"}
         session["type"] = "transcription" if self._core.transcription else "realtime"
-        holder = protocol.dig(session, "audio", "input", "transcription")
-        if isinstance(holder, dict) and isinstance(name := holder.get("model"), str):
-            session = protocol.loads(protocol.dumps(session))  # a copy: the bound settings stay as bound
-            target = protocol.dig(session, "audio", "input", "transcription")
+        session = protocol.loads(protocol.dumps(session))  # a copy: the bound settings stay as bound
+        for holder in (protocol.dig(session, "audio", "input", "transcription"), session.get(_BETA_TRANSCRIPTION)):
+            if not isinstance(holder, dict) or not isinstance(name := holder.get("model"), str):
+                continue
             if self._core.transcription:
-                target.pop("model")  # the model rule's: never re-sent
+                holder.pop("model")  # the model rule's: never re-sent
             else:
                 known = self._transcribers.get(name)
-                target["model"] = (known.upstream_name(self._core.deployment) if known else None) or name
+                holder["model"] = (known.upstream_name(self._core.deployment) if known else None) or name
         return protocol.dumps({"type": protocol.SESSION_UPDATE, "event_id": event_id, "session": session})
 
 
