@@ -260,3 +260,15 @@ def test_a_transcription_calls_restore_never_names_its_model() -> None:
         "type": "transcription",
         "audio": {"input": {"transcription": {"language": "en"}}},
     }
+
+
+def test_a_restore_lost_with_a_dropped_sideband_is_sent_again_on_the_new_one() -> None:
+    """After a re-attach the new sideband's session.created still showing the change gets a new restore (counted),
+    not a hangup."""
+    _, guard = pinned()
+    changed = session(transcriber="whisper-1", instructions="Say anything.")
+    first = guard.on_text(updated(changed))
+    assert isinstance(first, Restore)
+    guard.reattached()
+    again = guard.on_text(updated(changed, "session.created"))
+    assert isinstance(again, Restore) and again.event_id != first.event_id and guard.restores == 2

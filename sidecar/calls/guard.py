@@ -93,6 +93,11 @@ class SettingsGuard:
         #: Restores sent on this call.
         self.restores = 0
 
+    def reattached(self) -> None:
+        """A new sideband replaces one that dropped: a restore sent on the old one may have been lost with it, so
+        the new sideband's `session.created` starts a new restore (counted) rather than hanging up."""
+        self.restoring = None
+
     def on_text(self, text: str) -> Verdict:
         """The verdict for one sideband frame (None for almost every frame, unparsed). Never raises."""
         if not (_UPDATED in text or _CREATED in text or (self.restoring is not None and _ERROR in text)):

@@ -205,6 +205,8 @@ class CallWatch:
                 return attached
             self.sideband = attached
             self.attaches += 1
+            if self._guard is not None and self.attaches > 1:
+                self._guard.reattached()
             self._reading = reading = asyncio.create_task(self._read(attached), name="call sideband")
             await asyncio.wait((reading, self._ended), return_when=asyncio.FIRST_COMPLETED)
             if self._ended.done():
