@@ -71,6 +71,7 @@ class Surface:
     delta: str  # the provider's reply to each append (its `delta` is the append's event_id)
     opened: str  # the server event that opens the session (the setup time ends there)
     starts: bool = False  # the client speaks first (GPT-Live's session.start naming the model)
+    pushed: tuple[str, ...] = ()  # server events counted as replies; the client then sends no appends
 
 
 SURFACES: Final = {
@@ -82,6 +83,15 @@ SURFACES: Final = {
     # Realtime translation (openai types/realtime/realtime_translation_*).
     "translation": Surface(
         "translation", "session.input_audio_buffer.append", "session.output_transcript.delta", CREATED_TYPE
+    ),
+    # /v1/realtime relaying what the provider pushes by itself (bench/callprovider.py), one event per 100 ms:
+    # what a WebRTC call's sideband carries (issue 17), here relayed to a client. Nothing is sent upstream.
+    "push": Surface(
+        "push",
+        "input_audio_buffer.append",
+        DELTA_TYPE,
+        CREATED_TYPE,
+        pushed=("response.done", "conversation.item.input_audio_transcription.completed"),
     ),
 }
 
@@ -116,6 +126,7 @@ class Plan:
     deadline: float
     surface: Surface = SURFACES["realtime"]
     model: str = ""  # named by GPT-Live's session.start (the other surfaces carry it in the URL)
+    stream_at: float | None = None  # appends begin at this time (spread over one chunk), not once opened
 
 
 @dataclass
@@ -188,6 +199,11 @@ class Session(WSListener):
         kind_ = event.get("type") if isinstance(event, dict) else None
         if kind_ == self.delta_type:
             self._reply(event.get("delta", ""), now)
+        elif kind_ in self.plan.surface.pushed:
+            self.report.replies_received += 1
+            w0, w1 = self.plan.window
+            if w0 <= now <= w1:
+                self.report.replies_in_window += 1
         elif kind_ == self.opened_type:
             if not self.created.done():
                 self.created.set_result(True)
@@ -228,6 +244,9 @@ class Session(WSListener):
         transport = self.transport
         if self.streamed.done() or transport is None:
             return
+        if self.plan.surface.pushed:  # nothing to send: wait for the window's end
+            self._loop.call_later(max(0.0, self.plan.window[1] - time.monotonic()), self._end_push)
+            return
         n = len(self.sent_at)
         due = self.start + n * CHUNK_S
         w0, w1 = self.plan.window
@@ -246,6 +265,10 @@ class Session(WSListener):
         if w0 <= now <= w1:
             report.appends_in_window += 1
         self._loop.call_later(due + CHUNK_S - time.monotonic(), self._send)
+
+    def _end_push(self) -> None:
+        if not self.streamed.done():
+            self.streamed.set_result(True)
 
     def close_code(self) -> str:
         """The close code the server sent (its echo of ours when we closed first); 1006 if none came."""
@@ -310,6 +333,8 @@ async def _session(index: int, plan: Plan, report: Report, parts: tuple[bytes, b
     transport = session.transport
     assert transport is not None
     try:
+        if plan.stream_at is not None:
+            await _sleep_until(plan.stream_at + (index / plan.rate) % CHUNK_S)
         session.begin()
         if await session.streamed:
             with contextlib.suppress(TimeoutError):
@@ -361,6 +386,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--drain", type=float, default=2.0, help="seconds to wait for outstanding replies")
     parser.add_argument("--deadline", type=float, required=True, help="monotonic time to stop by, whatever happens")
     parser.add_argument("--rtt-out", required=True, help="file for the round trips (float64 seconds)")
+    parser.add_argument("--stream-at", type=float, help="monotonic time the appends begin (default: once opened)")
     return parser.parse_args(argv)
 
 
@@ -381,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
         deadline=args.deadline,
         surface=SURFACES[args.surface],
         model=args.model,
+        stream_at=args.stream_at,
     )
     import uvloop
 

@@ -49,6 +49,13 @@ SURFACE_ROUTES: Final = {
     "live": "/v1/live/sessions",
     "translation": "/v1/realtime/translations",
 }
+# The calls comparison (issue 17): what each of its surfaces is, as the table names it.
+CALLS_SHOWN: Final = {
+    "realtime": "/v1/realtime, chunk+reply",
+    "push": "/v1/realtime, pushed events relayed",
+    "calls": "WebRTC calls (sideband)",
+}
+CALLS_BASE: Final = "push"  # the like-for-like base of the verdict: the same model, the same server events
 
 
 def _percentile(ordered: Sequence[float], share: float) -> float | None:
@@ -124,6 +131,16 @@ def row(outcome: LevelOutcome, *, duration_s: float) -> dict[str, Any]:
         "cpu_busy_pct": _busy_pct(outcome, duration_s),
         "other_cpu_pct": _other_pct(outcome, duration_s),
     }
+    opening = outcome.samples.open_cpu_s()
+    if opening is not None and out["connected"]:
+        out["open_cpu_ms_per_session"] = round(1000 * opening / out["connected"], 3)
+    if outcome.provider_stats is not None:
+        out["provider_stats"] = outcome.provider_stats
+        pushed = int(outcome.provider_stats.get("events_in_window", 0))
+        cpu_s, sys_s = outcome.samples.window_cpu_s("relay"), outcome.samples.window_sys_s("relay")
+        if pushed and cpu_s is not None and sys_s is not None:
+            out["cpu_us_per_pushed_event"] = round(1e6 * cpu_s / pushed, 1)
+            out["kernel_us_per_pushed_event"] = round(1e6 * sys_s / pushed, 1)
     if outcome.usage_events is not None:
         out["usage_events_published"] = outcome.usage_events
     if outcome.command:
@@ -386,6 +403,99 @@ def surfaces(rows: Sequence[dict[str, Any]], *, level: int, rounds: int) -> dict
     return {"level": level, "rounds": rounds, "tolerance": SURFACE_TOLERANCE, "summary": summary, "runs": list(rows)}
 
 
+def per_event_us(r: dict[str, Any]) -> tuple[float | None, float | None]:
+    """A calls-comparison row's CPU µs per event and its kernel part: a call's per server event its provider
+    pushed in the window (the sidecar read and billed it); a /v1/realtime session's per reply its client got in
+    the window (a pushed event relayed, or a chunk relayed up and its reply down)."""
+    relay = r.get("relay") or {}
+    if r.get("calls_surface") == "calls":
+        return r.get("cpu_us_per_pushed_event"), r.get("kernel_us_per_pushed_event")
+    return relay.get("cpu_us_per_chunk_reply"), relay.get("kernel_us_per_chunk_reply")
+
+
+def calls(rows: Sequence[dict[str, Any]], *, rounds: int) -> dict[str, Any] | None:
+    """WebRTC calls against /v1/realtime at each level: per (level, surface) the median and spread over the
+    rounds of the opening's CPU per session, the CPU per event, KB per session and the create/setup p99, and
+    for each surface its ratios to the CALLS_BASE rounds' medians at the same level. `pass` (calls only): the
+    three ratios at most 1 + SURFACE_TOLERANCE and no errors (None when a figure is missing)."""
+    if not rows:
+        return None
+    summary: list[dict[str, Any]] = []
+    for level in sorted({int(r["sessions"]) for r in rows}):
+        at_level = [r for r in rows if r["sessions"] == level]
+        items = []
+        for surface in dict.fromkeys(r["calls_surface"] for r in at_level):
+            mine = [r for r in at_level if r["calls_surface"] == surface]
+            relays = [r.get("relay") or {} for r in mine]
+            events = [per_event_us(r) for r in mine]
+            items.append(
+                {
+                    "sessions": level,
+                    "surface": surface,
+                    "shown": CALLS_SHOWN.get(surface, surface),
+                    "runs": len(mine),
+                    "open_cpu_ms": _spread([r.get("open_cpu_ms_per_session") for r in mine]),
+                    "cpu_us_per_event": _spread([e[0] for e in events]),
+                    "kernel_us_per_event": _spread([e[1] for e in events]),
+                    "kb_per_session": _spread([x.get("kb_per_session") for x in relays]),
+                    "setup_p99_ms": _spread([r["setup_ms"]["p99"] for r in mine]),
+                    "events_in_window": _spread(
+                        [
+                            (r.get("provider_stats") or {}).get("events_in_window") or r.get("replies_in_window")
+                            for r in mine
+                        ]
+                    ),
+                    "errors": sum(int(r["errors"]) for r in mine),
+                }
+            )
+        base = next((i for i in items if i["surface"] == CALLS_BASE), None)
+        for item in items:
+            for figure in ("open_cpu_ms", "cpu_us_per_event", "kb_per_session"):
+                theirs = base[figure]["median"] if base is not None else None
+                item[f"{figure}_ratio"] = _ratio(item[figure]["median"], theirs)
+            if item["surface"] == "calls":
+                ratios = [item[f"{f}_ratio"] for f in ("open_cpu_ms", "cpu_us_per_event", "kb_per_session")]
+                limit = 1 + SURFACE_TOLERANCE
+                item["pass"] = (
+                    None if None in ratios else all(x <= limit for x in ratios if x is not None) and item["errors"] == 0
+                )
+        summary += items
+    return {
+        "rounds": rounds,
+        "tolerance": SURFACE_TOLERANCE,
+        "base": CALLS_BASE,
+        "summary": summary,
+        "runs": list(rows),
+    }
+
+
+def calls_table(document: dict[str, Any]) -> str:
+    """The calls comparison as markdown ('' when the run had none)."""
+    block = document.get("calls")
+    if not block:
+        return ""
+    marks = {True: "pass", False: "**fail**", None: "-"}
+    lines = [
+        f"WebRTC calls beside /v1/realtime: {block['rounds']} round(s) per level, the order rotated, a fresh stack "
+        f"each; median (min to max) over the rounds; ratio = the row's median / the "
+        f"`{CALLS_SHOWN[block['base']]}` median at the same level; pass = a call's opening CPU, CPU per event and "
+        f"KB within {100 * block['tolerance']:g} % of that, no errors.\n",
+        "| sessions | surface | runs | open CPU ms per session | ratio | CPU µs per event | kernel µs | ratio "
+        "| KB per session | ratio | setup p99 (ms) | events in window | errors | within 10 % |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for s in block["summary"]:
+        lines.append(
+            f"| {s['sessions']} | {s['shown']} | {s['runs']} | {_spread_cell(s['open_cpu_ms'])} "
+            f"| {_cell(s.get('open_cpu_ms_ratio'))} | {_spread_cell(s['cpu_us_per_event'])} "
+            f"| {_spread_cell(s['kernel_us_per_event'])} | {_cell(s.get('cpu_us_per_event_ratio'))} "
+            f"| {_spread_cell(s['kb_per_session'])} | {_cell(s.get('kb_per_session_ratio'))} "
+            f"| {_spread_cell(s['setup_p99_ms'])} | {_spread_cell(s['events_in_window'])} | {s['errors']} "
+            f"| {marks[s.get('pass')] if s['surface'] == 'calls' else ''} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _spread_cell(spread: dict[str, Any]) -> str:
     if spread["median"] is None:
         return "-"
@@ -479,6 +589,7 @@ def markdown(document: dict[str, Any]) -> str:
         f"fake provider on CPU {place['provider']} (sidecar-2w: nothing pinned).\n",
         table(document["results"]),
         surfaces_table(document),
+        calls_table(document),
         _goals_table(document.get("goals", [])),
     ]
     consumer = document.get("consumer")

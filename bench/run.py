@@ -96,6 +96,14 @@ SURFACE_ROUTES: Final = {
 }
 SURFACE_MODELS: Final = {"realtime": MODEL, "live": "gpt-live-1", "translation": "gpt-realtime-translate"}
 NEW_SURFACES: Final = ("live", "translation")
+# WebRTC calls (issue 17): a conversation model, created over HTTP, watched through a sideband (bench/callgen.py,
+# bench/callprovider.py); "push" is /v1/realtime relaying the same server events the sidebands carry.
+CALLS_MODEL: Final = "gpt-realtime"
+SURFACE_ROUTES["calls"] = f"/v1/realtime/calls?model={CALLS_MODEL}"
+SURFACE_ROUTES["push"] = f"/v1/realtime?model={CALLS_MODEL}"
+SURFACE_MODELS["calls"] = SURFACE_MODELS["push"] = CALLS_MODEL
+CALLS_SURFACES: Final = ("realtime", "push", "calls")  # the order of a calls round's first rotation
+PUSH_EVERY_S: Final = 0.1  # one pushed server event per 100 ms per call or session, as one reply per chunk
 PROVIDER_KEY: Final = "sk-bench-provider-key-0000"
 LAUNCH: Final = (sys.executable, "-m", "bench.launch")  # runs a module, `sidecar` from --rev's tree if any
 RELAY_TARGETS: Final = ("sidecar", "direct", "nginx", "litellm", "sidecar-2w")
@@ -136,6 +144,10 @@ class Options:
     surfaces: tuple[str, ...] = NEW_SURFACES  # compared with /v1/realtime at surface_level
     surface_level: int = 1000
     surface_rounds: int = 3
+    calls_levels: tuple[int, ...] = ()  # WebRTC calls vs /v1/realtime at each of these (issue 17)
+    calls_rounds: int = 3
+    calls_rate: float = 100.0  # creates (and WebSocket connects) per second in the calls comparison
+    calls_only: bool = False  # only the calls rounds (make bench-calls)
 
 
 @dataclass(frozen=True)
@@ -188,14 +200,16 @@ class Stack:
     key_hash: str = ""  # of the relay's master key: tags the usage events this level published
     command: str = ""  # how the relay was started (for the report)
     surface: str = "realtime"  # the protocol the load generator speaks (SURFACE_ROUTES)
+    provider_url: str = ""
+    hold: bool = False  # sessions stream only from the window's start (the open cost measured alone)
 
 
 class StackError(Exception):
     """A process of the stack did not start; the message says which and shows its log's end."""
 
 
-async def _start_provider(procs: Procs, where: Placement) -> tuple[Proc, str]:
-    command = pinned([*LAUNCH, "bench.provider", "--api-key", PROVIDER_KEY], where.provider)
+async def _start_provider(procs: Procs, where: Placement, *, module: str = "bench.provider") -> tuple[Proc, str]:
+    command = pinned([*LAUNCH, module, "--api-key", PROVIDER_KEY], where.provider)
     proc = await procs.start("provider", command, pipe_stdout=True)
     assert proc.process.stdout is not None
     try:
@@ -241,13 +255,16 @@ async def start_stack(
     target: str, procs: Procs, where: Placement, opts: Options, *, surface: str = "realtime"
 ) -> Stack:
     """Start the fake provider and the relay for `target`; return once both answer."""
-    stack = await _start_stack(target, procs, where, opts, route=SURFACE_ROUTES[surface])
+    stack = await _start_stack(target, procs, where, opts, route=SURFACE_ROUTES[surface], surface=surface)
     stack.surface = surface
     return stack
 
 
-async def _start_stack(target: str, procs: Procs, where: Placement, opts: Options, *, route: str) -> Stack:
-    provider, provider_url = await _start_provider(procs, where)
+async def _start_stack(
+    target: str, procs: Procs, where: Placement, opts: Options, *, route: str, surface: str = "realtime"
+) -> Stack:
+    module = "bench.callprovider" if surface in ("calls", "push") else "bench.provider"
+    provider, provider_url = await _start_provider(procs, where, module=module)
     provider_port = int(provider_url.rsplit(":", 1)[1])
     if target == "direct":
         return Stack(f"{provider_url}{route}", {"Authorization": f"Bearer {PROVIDER_KEY}"}, None, provider)
@@ -256,12 +273,14 @@ async def _start_stack(target: str, procs: Procs, where: Placement, opts: Option
     port = free_port()
     env = _relay_env(provider_url, master_key, port, procs.cwd, opts.redis_url)
     headers = {"Authorization": f"Bearer {master_key}"}
-    url = f"ws://127.0.0.1:{port}{route}"
+    url = f"{'http' if surface == 'calls' else 'ws'}://127.0.0.1:{port}{route}"
     if target == "sidecar":
         command = [*LAUNCH, "sidecar.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
         relay = await procs.start("sidecar", pinned(command, where.relay), env=env)
         await _wait_ready(relay, f"http://127.0.0.1:{port}/readyz", timeout_s=READY_TIMEOUT_S)
-        return Stack(url, headers, relay, provider, lambda: descendants(relay.pid), port, provider_port, key_hash)
+        stack = Stack(url, headers, relay, provider, lambda: descendants(relay.pid), port, provider_port, key_hash)
+        stack.provider_url = provider_url
+        return stack
     if target == "sidecar-2w":
         command = _two_workers(port, env={**procs.env, **env}, cwd=procs.cwd)
         relay = await procs.start("sidecar-2w", pinned(command, where.relay), env=env)
@@ -387,6 +406,7 @@ class Samples:
     role's (relay, provider, loadgen) exactly at the window's edges."""
 
     relay: list[tuple[float, Usage]] = field(default_factory=list)
+    at_connect: Usage | None = None  # the relay's, when the first session connects
     at_w0: dict[str, Usage] | None = None
     at_w1: dict[str, Usage] | None = None
     busy_w0: dict[str, float] = field(default_factory=dict)
@@ -402,6 +422,13 @@ class Samples:
             return None
         return self.at_w1[role].cpu_s - self.at_w0[role].cpu_s
 
+    def open_cpu_s(self) -> float | None:
+        """The relay's CPU seconds from the first connect to the window's start: opening every session (and
+        holding them through the settling time)."""
+        if self.at_connect is None or self.at_w0 is None:
+            return None
+        return self.at_w0["relay"].cpu_s - self.at_connect.cpu_s
+
     def window_sys_s(self, role: str) -> float | None:
         """The kernel's part of `window_cpu_s`."""
         if self.at_w0 is None or self.at_w1 is None:
@@ -414,6 +441,8 @@ async def _sample(
 ) -> None:
     """Sample until cancelled: the relay every SAMPLE_EVERY_S, every role at the window's edges."""
     edges = list(timeline.window)
+    await asyncio.sleep(max(0.0, timeline.connect_at - time.monotonic()))
+    samples.at_connect = usage(stack.relay_pids())
     while True:
         now = time.monotonic()
         if edges and now >= edges[0]:
@@ -438,13 +467,17 @@ async def _run_loadgen(
     rtt_files: list[Path] = []
     for shard in range(shards):
         rtt = work / f"rtt-{shard}.bin"
+        module = "bench.callgen" if stack.surface == "calls" else "bench.loadgen"
         command = [
-            *(sys.executable, "-m", "bench.loadgen", "--url", stack.url, "--sessions", str(sessions)),
+            *(sys.executable, "-m", module, "--url", stack.url, "--sessions", str(sessions)),
             *("--shard", str(shard), "--shards", str(shards), "--connect-at", repr(timeline.connect_at)),
             *("--rate", str(opts.rate), "--window", repr(timeline.window[0]), repr(timeline.window[1])),
-            *("--drain", str(DRAIN_S), "--deadline", repr(timeline.deadline), "--rtt-out", str(rtt)),
-            *("--surface", stack.surface, "--model", SURFACE_MODELS[stack.surface]),
+            *("--deadline", repr(timeline.deadline), "--rtt-out", str(rtt)),
         ]
+        if stack.surface != "calls":
+            command += ["--drain", str(DRAIN_S), "--surface", stack.surface, "--model", SURFACE_MODELS[stack.surface]]
+        if stack.hold and stack.surface != "calls":
+            command += ["--stream-at", repr(timeline.window[0])]
         env = {"BENCH_HEADERS": json.dumps(stack.headers)}
         started.append(await procs.start(f"loadgen-{shard}", pinned(command, where.load), env=env, pipe_stdout=True))
         rtt_files.append(rtt)
@@ -471,10 +504,16 @@ async def _collect(loadgens: Sequence[Proc], timeline: Timeline) -> list[dict[st
 
 
 async def _wait_released(stack: Stack) -> bool:
-    """Wait (bounded) until the relay holds no session's socket, client's or upstream's (see open_legs)."""
+    """Wait (bounded) until the relay holds no session's socket, client's or upstream's (see open_legs); for
+    calls, no client leg and no sideband open at the provider."""
     deadline = time.monotonic() + IDLE_WAIT_S
     while time.monotonic() < deadline:
-        if open_legs(stack.relay_port, stack.provider_port) == 0:
+        if stack.surface == "calls":
+            # The sidecar keeps its pooled HTTP connections to the provider (creates, hangups): a call is let go
+            # once its sideband is closed, which the provider sees; client legs are counted as for sessions.
+            if open_legs(stack.relay_port, 0) == 0 and (await provider_call(stack, "stats", {}))["open_sidebands"] == 0:
+                return True
+        elif open_legs(stack.relay_port, stack.provider_port) == 0:
             return True
         await asyncio.sleep(0.2)
     return False
@@ -499,6 +538,7 @@ class LevelOutcome:
     after_bursts: list[Usage] = field(default_factory=list)
     burst_errors: int = 0  # failed sessions in the extra bursts
     surface: str = "realtime"
+    provider_stats: dict[str, Any] | None = None  # bench/callprovider.py's counters (calls and push rounds)
 
 
 async def run_level(
@@ -511,6 +551,7 @@ async def run_level(
     profile_to: Path | None = None,
     bursts: int = 1,
     surface: str = "realtime",
+    hold: bool = False,
 ) -> LevelOutcome:
     """One target at one level, on a fresh stack that is torn down at the end whatever happens.
 
@@ -527,9 +568,12 @@ async def run_level(
             env[TREE_VARIABLE] = str(opts.tree)
         async with Procs(level_logs, env=env, cwd=work) as procs:
             stack = await start_stack(target, procs, where, opts, surface=surface)
+            stack.hold = hold
             await asyncio.sleep(1.0)
             idle = usage(stack.relay_pids()) if stack.relay else None
             timeline = Timeline.plan(sessions, rate=opts.rate, duration_s=opts.duration_s)
+            if surface in ("calls", "push"):
+                await provider_call(stack, "schedule", {"from": timeline.window[0], "until": timeline.window[1]})
             loadgens, rtt_files = await _run_loadgen(procs, stack, sessions, timeline, opts, where, work)
 
             roles = {
@@ -552,6 +596,7 @@ async def run_level(
                 if crash is not None and not isinstance(crash, asyncio.CancelledError):
                     raise crash
             profile = await profiler if profiler else None
+            stats = await provider_call(stack, "stats", {}) if surface in ("calls", "push") else None
             released = await _wait_released(stack) if stack.relay else True
             await asyncio.sleep(1.0)
             after = usage(stack.relay_pids()) if stack.relay else None
@@ -570,6 +615,7 @@ async def run_level(
                 profile,
                 command,
                 surface=surface,
+                provider_stats=stats,
             )
             if after is not None and bursts > 1:
                 outcome.after_bursts = [after]
@@ -598,6 +644,16 @@ async def _burst(
     released = await _wait_released(stack)
     await asyncio.sleep(1.0)
     return sum(errors.values()), released, usage(stack.relay_pids())
+
+
+async def provider_call(stack: Stack, what: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST bench/callprovider.py's /bench/<what> (schedule, stats); its JSON answer ({} when none)."""
+    base = stack.provider_url.replace("ws://", "http://", 1)
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        response = await client.post(f"{base}/bench/{what}", json=body)
+    response.raise_for_status()
+    answer: dict[str, Any] = response.json() if response.content else {}
+    return answer
 
 
 def _read_rtts(files: Sequence[Path]) -> array[float]:
@@ -784,6 +840,27 @@ async def measure(opts: Options, stamp: str, log_dir: Path, notes: list[str]) ->
     return rows + await measure_surfaces(opts, where, log_dir)
 
 
+def calls_order(rounds: int) -> list[list[str]]:
+    """A calls comparison's rounds: /v1/realtime (chunk+reply), /v1/realtime relaying pushed events, WebRTC
+    calls, the order rotated each round (surface_order's rule)."""
+    return [list(CALLS_SURFACES[n % 3 :] + CALLS_SURFACES[: n % 3]) for n in range(rounds)]
+
+
+async def measure_calls(opts: Options, where: Placement, log_dir: Path) -> list[dict[str, Any]]:
+    """The sidecar at each --calls-levels N: WebRTC calls vs /v1/realtime sessions, --calls-rounds rounds
+    interleaved, a fresh stack each; a row each, marked `calls_surface`, `round` and `sessions`. Every session
+    streams (or is pushed to) only from the window's start, so the CPU up to it is the opening's alone."""
+    rows: list[dict[str, Any]] = []
+    for sessions in opts.calls_levels:
+        for number, order in enumerate(calls_order(opts.calls_rounds), start=1):
+            for surface in order:
+                logs = log_dir / f"calls-{sessions}-round-{number}"
+                paced = dataclasses.replace(opts, rate=opts.calls_rate)
+                row = await _measured_row("sidecar", sessions, paced, where, logs, surface=surface, hold=True)
+                rows.append(row | {"calls_surface": surface, "round": number})
+    return rows
+
+
 def surface_order(surfaces: Sequence[str], rounds: int) -> list[list[str]]:
     """/v1/realtime and `surfaces`, once per round, the order rotated each round (so that no surface always
     runs first, or right after another): [[r, l, t], [l, t, r], [t, r, l], ...]."""
@@ -812,6 +889,7 @@ async def _measured_row(
     log_dir: Path,
     *,
     surface: str | None = None,
+    hold: bool = False,
 ) -> dict[str, Any]:
     """One level's row. With `surface` (a surface round), on that route and never repeated in bursts."""
     shown = f"{target} ({surface})" if surface else target
@@ -820,7 +898,7 @@ async def _measured_row(
     bursts = opts.bursts if target == "sidecar" and sessions == opts.bursts_level and surface is None else 1
     try:
         outcome = await run_level(
-            target, sessions, opts, where, log_dir=log_dir, bursts=bursts, surface=surface or "realtime"
+            target, sessions, opts, where, log_dir=log_dir, bursts=bursts, surface=surface or "realtime", hold=hold
         )
     except StackError as exc:
         return report.failed_row(target, sessions, str(exc))
@@ -871,9 +949,11 @@ async def run(opts: Options) -> dict[str, Any]:
         code = _code(opts.rev, Path(tree))
         if opts.rev is not None:
             opts = dataclasses.replace(opts, tree=Path(tree))
-        rows = await measure(opts, stamp, log_dir, notes)
+        rows = [] if opts.calls_only else await measure(opts, stamp, log_dir, notes)
+        if opts.calls_levels:
+            rows += await measure_calls(opts, placement(pin=opts.pin), log_dir)
     consumer = None
-    if "consumer" in opts.targets and opts.consumer_events > 0:
+    if "consumer" in opts.targets and opts.consumer_events > 0 and not opts.calls_only:
         print(f"bench: consumer, {opts.consumer_events} events ...", file=sys.stderr, flush=True)
         consumer = await asyncio.to_thread(
             run_consumer_bench, opts.consumer_events, opts.redis_url, log_dir / "consumer.log"
@@ -896,13 +976,19 @@ async def run(opts: Options) -> dict[str, Any]:
             "surfaces": list(opts.surfaces),
             "surface_level": opts.surface_level,
             "surface_rounds": opts.surface_rounds,
+            "calls_levels": list(opts.calls_levels),
+            "calls_rounds": opts.calls_rounds,
+            "calls_only": opts.calls_only,
         },
         "machine": machine(placement(pin=opts.pin)),
         "code": code,
-        "results": [r for r in rows if "surface" not in r],
+        "results": [r for r in rows if "surface" not in r and "calls_surface" not in r],
         "surfaces": report.surfaces(
-            [r for r in rows if "surface" in r], level=opts.surface_level, rounds=opts.surface_rounds
+            [r for r in rows if "surface" in r and "calls_surface" not in r],
+            level=opts.surface_level,
+            rounds=opts.surface_rounds,
         ),
+        "calls": report.calls([r for r in rows if "calls_surface" in r], rounds=opts.calls_rounds),
         "consumer": consumer,
         "notes": notes,
     }
@@ -918,6 +1004,10 @@ def _levels(text: str) -> tuple[int, ...]:
     if not levels or any(n < 1 for n in levels):
         raise argparse.ArgumentTypeError("levels are positive whole numbers, comma-separated")
     return levels
+
+
+def _calls_levels(text: str) -> tuple[int, ...]:
+    return () if text.strip() in ("", "none") else _levels(text)
 
 
 def _targets(text: str) -> tuple[str, ...]:
@@ -965,6 +1055,19 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )
     parser.add_argument("--surface-level", type=int, default=1000, help="sessions of each surface level (0: skip)")
     parser.add_argument("--surface-rounds", type=int, default=3, help="rounds of the surface levels (default 3)")
+    parser.add_argument(
+        "--calls-levels",
+        type=_calls_levels,
+        default=(),
+        help="WebRTC calls vs /v1/realtime at these session counts (e.g. 500,1000; default: none)",
+    )
+    parser.add_argument("--calls-rounds", type=int, default=3, help="rounds of the calls levels (default 3)")
+    parser.add_argument(
+        "--calls-rate", type=float, default=100.0, help="calls created (sessions connected) per second (default 100)"
+    )
+    parser.add_argument(
+        "--calls-only", action="store_true", help="only the calls levels (no other level, surface or consumer)"
+    )
     parser.add_argument("--consumer-events", type=int, default=20_000, help="events for the consumer benchmark")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14", help="the sidecar's Redis (a spare db)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
@@ -992,10 +1095,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         redis_url=args.redis_url,
         pin=not args.no_pin,
         rev=args.rev,
-        update_docs=args.docs == "yes" or (args.docs == "auto" and out == DEFAULT_OUT.resolve()),
+        update_docs=args.docs == "yes"
+        or (args.docs == "auto" and out == DEFAULT_OUT.resolve() and not args.calls_only),
         surfaces=args.surfaces,
         surface_level=args.surface_level,
         surface_rounds=max(1, args.surface_rounds),
+        calls_levels=args.calls_levels or ((500, 1000) if args.calls_only else ()),
+        calls_rounds=max(1, args.calls_rounds),
+        calls_rate=args.calls_rate,
+        calls_only=args.calls_only,
     )
 
 
