@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv tools test lint typecheck unit run bench bench-ledger chaos soak chart clean
+.PHONY: venv tools test lint typecheck unit run bench bench-calls bench-ledger chaos soak chart clean
 
 venv: $(STAMP)
 
@@ -43,6 +43,11 @@ run: venv
 # translation interleaved at 1,000 sessions (about 17 minutes; see docs/performance.md).
 bench: venv
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# WebRTC calls beside /v1/realtime at 500 and 1,000 (issue 17): opening CPU, CPU per event and KB per session, 3
+# interleaved rounds (about 12 minutes; docs/performance.md "WebRTC calls beside /v1/realtime").
+bench-calls: venv
+	$(BIN)/python -m bench.run --calls-only $(BENCH_ARGS)
 
 # The LiteLLM sink: events/s applied into LiteLLM's real schema (1 and 2 connections), and the lag from a session's
 # final event to its SpendLogs row under `sidecar consume --sink litellm` (about 2 minutes; docs/performance.md).

@@ -26,6 +26,13 @@ rate, window), --surface-rounds times (default 3) with the order rotated each ro
 time. The report gives each surface's median and spread, and its ratio to /v1/realtime's median in the same
 run: CPU per chunk+reply and KB per session, each passing when within 10 % (report.SURFACE_TOLERANCE).
 
+WebRTC calls (issue 17): --calls-levels N,M (or --calls-only, `make bench-calls`: 500,1000 and nothing else) runs
+the sidecar at each level on /v1/realtime (chunk+reply), /v1/realtime relaying server events the provider pushes
+(bench.callprovider) and WebRTC calls (bench.callgen creates them, bench.callprovider pushes the same events on
+their sidebands), --calls-rounds times with the order rotated, --calls-rate creates/connects a second, nothing
+streamed before the window. The report's calls table: the opening's CPU per session, CPU per event, KB per session,
+each call figure's ratio to the pushed-events sessions' (report.calls).
+
 Placement on a 2-core machine (taskset): the relay alone on the first CPU, the load generator and the
 fake provider on the second (so `direct` puts exactly the same work on the second CPU as the relayed
 targets do). `sidecar-2w` pins nothing. See docs/performance.md for why and what it skews.
