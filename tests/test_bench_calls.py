@@ -1,13 +1,18 @@
-"""The calls comparison of `make bench-calls` (issue 17): its report (pure), its rounds' order, and the calls
+"""The calls comparison of `make bench-calls` (issue 17): its report (pure), its rounds' order, the calls
 provider (bench/callprovider.py): its frames, its pushed events as the SDK types them, and on a real socket a
-call created, its sideband pushed to on schedule and closed by the hangup."""
+call created, its sideband pushed to on schedule and closed by the hangup; and the calls rounds end to end
+through a real `sidecar serve` (about 30 s; no timing asserted)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +26,7 @@ from bench.callprovider import OP_CLOSE, OP_PING, OP_TEXT, accept_key, client_fr
 from bench.run import calls_order
 
 KEY = "sk-bench-calls-test"
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ---- the report ------------------------------------------------------------------------------------
@@ -180,3 +186,36 @@ async def test_a_call_is_created_pushed_to_on_schedule_and_its_sideband_closed_b
     finally:
         process.terminate()
         await process.wait()
+
+
+# ---- `make bench-calls` in miniature ----------------------------------------------------------------------
+
+
+def test_the_calls_rounds_run_end_to_end_through_a_real_sidecar(tmp_path: Path) -> None:
+    """`bench.run --calls-only` at 5 sessions, one round: every call is created, watched, pushed to, hung up and
+    let go; every surface has its figures (no timing asserted)."""
+    command = [sys.executable, "-m", "bench.run", "--calls-only", "--calls-levels", "5", "--calls-rounds", "1"]
+    command += ["--duration", "2", "--out", str(tmp_path)]
+    with subprocess.Popen(
+        command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            stdout, _ = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)  # it stops its own subprocesses
+            stdout, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stdout[-2000:]
+    document = json.loads((tmp_path / "latest.json").read_text())
+    assert document["results"] == [] and document["options"]["calls_only"] is True
+    runs = {r["calls_surface"]: r for r in document["calls"]["runs"]}
+    assert sorted(runs) == ["calls", "push", "realtime"]
+    for surface, row in runs.items():
+        assert row["errors"] == 0, (surface, row["error_detail"])
+        assert row["connected"] == 5 and row["relay"]["released_all_sessions"] is True
+        assert row["open_cpu_ms_per_session"] is not None
+    calls, push = runs["calls"], runs["push"]
+    assert calls["provider_stats"]["created"] == calls["provider_stats"]["hangups"] == 5
+    assert calls["close_codes"] == {"hangup_200": 5}
+    assert calls["provider_stats"]["events_in_window"] > 0 and calls["cpu_us_per_pushed_event"] is not None
+    assert push["replies_in_window"] > 0 and push["relay"]["cpu_us_per_chunk_reply"] is not None
+    assert "| 5 | WebRTC calls (sideband) | 1 |" in stdout
