@@ -587,7 +587,7 @@ def markdown(document: dict[str, Any]) -> str:
         f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB memory, Linux {m['kernel']}, "
         f"Python {m['python']}. Pinned: relay on CPU {place['relay']}, load generator on CPU {place['load']}, "
         f"fake provider on CPU {place['provider']} (sidecar-2w: nothing pinned).\n",
-        table(document["results"]),
+        table(document["results"]) if document["results"] else "",
         surfaces_table(document),
         calls_table(document),
         _goals_table(document.get("goals", [])),
