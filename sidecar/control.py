@@ -478,11 +478,16 @@ async def _sharded(pubsub: ClusterPubSub) -> AsyncIterator[dict[str, Any]]:
 
     Raises ControlError when the subscription is gone: the server unsubscribes sharded subscribers when their slot
     changes master (a failover), after which redis-py would wait on nothing."""
+    task = asyncio.current_task()
     while True:
         try:
             item = await pubsub.get_sharded_message(timeout=HEARTBEAT_S)
         except RuntimeError as exc:  # a per-node pub/sub redis-py closed while moving the subscription itself
             raise ControlError("control channel lost (its shard subscription was closed)") from exc
+        if task is not None and task.cancelling():
+            # A cancellation landing as redis-py's read timeout expires is swallowed by asyncio.timeout on
+            # Python 3.11 (fixed in 3.12): without this the supervisor's listener would never stop.
+            raise asyncio.CancelledError
         if item is None:
             if not pubsub.node_pubsub_mapping:
                 raise ControlError("control channel lost (no shard subscription left)")
@@ -698,7 +703,7 @@ class Supervisor:
             return 0
         if action == "terminate":
             entry = self.live.get(message.get("session_id", ""))
-            if entry is None:
+            if entry is None or entry.relay.ended:  # a message repeated after a 503 ends nothing twice
                 return 0
             reason = message.get("reason", "session_terminated")
             reason = reason if reason in TERMINATIONS else "session_terminated"
@@ -710,7 +715,9 @@ class Supervisor:
         ended = 0
         for entry in list(self.live.values()):
             p = entry.relay.session.principal
-            if any(message.get(f) and message.get(f) == getattr(p, f) for f in ("key_hash", "team_id", "user_id")):
+            if not entry.relay.ended and any(
+                message.get(f) and message.get(f) == getattr(p, f) for f in ("key_hash", "team_id", "user_id")
+            ):
                 entry.relay.end("key_revoked")
                 ended += 1
         if message.get("key_hash"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from sidecar.auth import KeyChecker
-from sidecar.control import RedisStore, Supervisor
+from sidecar.control import ControlError, RedisStore, Supervisor
 from sidecar.metrics import Metrics
 from tests.billing_support import poll
 from tests.redis_ha import RedisNode
@@ -267,3 +267,146 @@ async def test_the_control_log_is_capped(redis_url: str, unique: str) -> None:
         assert [s.ended for s in standins] == [False] * 50 + [True] * 70
     finally:
         await client.aclose()
+
+
+async def test_sentinel_failover_messages_appended_with_a_replica_reach_a_replica_that_missed_them(
+    tmp_path: Path, unique: str
+) -> None:
+    """With Sentinel the append waits for a replica's copy (WAIT 1). The master is killed: B loses its
+    subscription; a termination and a revocation accepted by the new master (its replica back in sync) while B
+    has not subscribed again reach nobody by pub/sub, and still end B's sessions, once, from the log."""
+    from sidecar.redis_conn import RedisTarget, connect_redis
+    from tests.redis_ha import SERVICE, SentinelGroup
+
+    group = SentinelGroup(tmp_path / "sentinel")
+    await group.start()
+    target = RedisTarget(mode="sentinel", nodes=tuple(s.address for s in group.sentinels), service_name=SERVICE)
+    channel, prefix = f"test:{unique}:control", f"test:{unique}"
+    admin_client = connect_redis(target, socket_timeout=5, socket_connect_timeout=2)
+    b_client = connect_redis(target, socket_timeout=5, socket_connect_timeout=2)
+    try:
+        a = supervisor(RedisStore(admin_client, channel=channel, prefix=prefix, wait_replicas=1), "a")
+        store = GatedStore(b_client, channel=channel, prefix=prefix)
+        b = supervisor(store, "b")
+        first, target_session, revoked = (
+            StandIn("rs_1"),
+            StandIn("rs_t", key_hash="k" * 64),
+            StandIn("rs_w", key_hash="w" * 64, user_id="w"),
+        )
+        for standin in (first, target_session, revoked):
+            b.attach(standin)  # type: ignore[arg-type]
+        task = asyncio.create_task(b.run())
+        try:
+            master = await group.master()
+            probe = master.client()
+            try:
+                await poll(lambda: _subscribed(probe, channel, b), what="B subscribed on the master")
+            finally:
+                await probe.aclose()
+            await a.revoke(key_hash=KEY)  # before the failover: pushed, and in the replica's copy of the log
+            await poll(lambda: _true(first.ended), what="the first revocation by pub/sub")
+            old = await group.kill_master()
+            await poll(lambda: _gated(store), what="B's listener lost its subscription and waits to subscribe again")
+            await group.restart(master)
+            counts = push_counts(admin_client)
+            # The new master's replica may still be resynchronising: 503 (ControlError) until it has a copy, and
+            # the admin repeats the call; a repeat ends nothing twice.
+            await accepted(lambda: a.terminate("rs_t"))
+            await accepted(lambda: a.revoke(user_id="w"))
+            assert counts == [0, 0]  # B is not subscribed: only the log carries these
+
+            async def both_ended() -> bool:
+                return target_session.ended and revoked.ended
+
+            await poll(both_ended, what="B's sessions ended from the new master's log")
+            store.gate.set()
+            await poll(lambda: _subscribed_at(old, channel), what="B subscribed on the new master")
+            assert await b.catch_up() == 0
+            assert first.endings == revoked.endings == ["key_revoked"]
+            assert target_session.endings == ["session_terminated"]
+            assert (ended(b, "session_terminated"), ended(b, "key_revoked")) == (1.0, 2.0)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    finally:
+        await admin_client.aclose()
+        await b_client.aclose()
+        await group.stop()
+
+
+async def accepted(action: Callable[[], Awaitable[None]]) -> None:
+    """Call an admin action until it is accepted, as an operator repeats one answered 503."""
+
+    async def attempt() -> bool:
+        try:
+            await action()
+        except ControlError:
+            return False
+        return True
+
+    await poll(attempt, what="the control message accepted")
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _subscribed_at(node: RedisNode, channel: str) -> bool:
+    client = node.client()
+    try:
+        return await subscribers(client, channel) == 1
+    finally:
+        await client.aclose()
+
+
+async def test_cluster_failover_of_the_channels_shard_messages_reach_a_replica_from_the_log(
+    tmp_path: Path, unique: str
+) -> None:
+    """On a Redis Cluster the control channel is sharded and the log is a key of its own slot. The channel's shard
+    fails over (the server unsubscribes B); a termination published before B subscribes again reaches nobody by
+    sharded pub/sub and still ends B's session, once, from the log."""
+    from tests.redis_cluster import RedisCluster
+
+    servers = RedisCluster(tmp_path / "cluster")
+    await servers.start()
+    channel, prefix = f"test:{unique}:control", f"test:{unique}"
+    admin_client, b_client = servers.client(), servers.client()
+    try:
+        a = supervisor(RedisStore(admin_client, channel=channel, prefix=prefix), "a")  # type: ignore[arg-type]
+        store = GatedStore(b_client, channel=channel, prefix=prefix)  # type: ignore[arg-type]
+        b = supervisor(store, "b")
+        pushed, target_session = StandIn("rs_p"), StandIn("rs_t")
+        for standin in (pushed, target_session):
+            b.attach(standin)  # type: ignore[arg-type]
+        task = asyncio.create_task(b.run())
+        try:
+            await poll(lambda: _true(store.subscriptions == 1 and b.log_cursor is not None), what="B subscribed")
+            await a.terminate("rs_p")  # the subscription works: by sharded pub/sub (or the log: either way once)
+            await poll(lambda: _true(pushed.ended), what="the first termination")
+            await servers.failover(channel)
+            await poll(lambda: _gated(store), what="B's listener was unsubscribed and waits to subscribe again")
+            counts: list[int] = []
+            original = admin_client.spublish
+
+            async def spublish(name: str, data: bytes) -> int:
+                counts.append(int(await original(name, data)))
+                return counts[-1]
+
+            admin_client.spublish = spublish  # type: ignore[method-assign]
+            await a.terminate("rs_t")
+            assert counts == [0]
+            await poll(lambda: _true(target_session.ended), what="B's session ended from the log")
+            store.gate.set()
+            await poll(lambda: _true(store.subscriptions == 2), what="B subscribed again")
+            assert await b.catch_up() == 0
+            assert pushed.endings == target_session.endings == ["session_terminated"]
+            assert ended(b, "session_terminated") == 2.0
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    finally:
+        await admin_client.aclose()
+        await b_client.aclose()
+        servers.stop()

@@ -19,7 +19,7 @@ from redis.asyncio.cluster import RedisCluster as ClusterClient
 from sidecar.billing import BillingWriter, UsageConsumer, make_engine, upgrade
 from sidecar.billing.consumer import create_groups_when_reachable
 from sidecar.client_secrets import RedisClaims
-from sidecar.control import ControlError, RedisStore, SessionInfo, _sharded, billed_key
+from sidecar.control import SUBSCRIBED, ControlError, RedisStore, SessionInfo, _sharded, billed_key
 from sidecar.errors import ServiceUnavailable
 from sidecar.ledger import invalidation
 from sidecar.ledger.aftercommit import AfterCommit
@@ -326,7 +326,8 @@ async def _subscribed(store: RedisStore, cluster: RedisCluster, channel: str) ->
         while True:
             with contextlib.suppress(Exception):  # the subscription was lost: subscribe again, as the Supervisor does
                 async for message in store.messages():
-                    queue.put_nowait(message)
+                    if message is not SUBSCRIBED:  # the push carries its control log entry's id (test_control_log.py)
+                        queue.put_nowait({k: v for k, v in message.items() if k != "log_id"})
             await asyncio.sleep(0.1)  # the Supervisor waits HEARTBEAT_S before subscribing again
 
     queue.task = asyncio.create_task(listen())
