@@ -7,7 +7,8 @@
     POST   /admin/models/reload           rebuild the catalog (config.yaml and LiteLLM's DB-stored models)
                                           here, then on every other replica; open sessions keep theirs
 
-Actions go to every replica over the control channel (Redis pub/sub `realtime:control`).
+Actions go to every replica over the control channel: appended to the control log `<prefix>:control:log`, then
+pushed on `realtime:control`; a replica that missed the push reads the log within a heartbeat (sidecar/control.py).
 """
 
 from __future__ import annotations
