@@ -34,6 +34,7 @@ from sidecar import admin, captions, client_secrets
 from sidecar.auth import KeyChecker, MasterKeyCheck, Principal, authorize, credentials, hash_key, litellm_client
 from sidecar.bodies import BodyLimit
 from sidecar.calls import endpoints as call_endpoints
+from sidecar.calls.http11 import HTTP11Pool
 from sidecar.calls.offer import new_session_id
 from sidecar.calls.orphans import RedisCallRecords
 from sidecar.calls.passthrough import client_sideband
@@ -114,7 +115,7 @@ class Services:
     #: Rebuilds `catalog` (POST /admin/models/reload, every SIDECAR_MODELS_REFRESH_S with LiteLLM's database).
     models: CatalogReloader | None = None
     #: The provider HTTP client of WebRTC calls (create and hangup: sidecar/calls/provider.py).
-    http: httpx.AsyncClient | None = None
+    http: HTTP11Pool | None = None
 
 
 def create_app(
@@ -221,7 +222,7 @@ def create_app(
                 clock_ns=clock_ns,
             )
             services = app.state.services
-            services.http = await stack.enter_async_context(httpx.AsyncClient())  # closed after the calls end
+            services.http = await stack.enter_async_context(HTTP11Pool())  # closed after the calls end
             metrics.show_price_sources(source.sources)
 
             def put_in_force(fresh: Catalog) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json as jsonlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-import httpx
 import pytest
 
 from sidecar.calls.call import ProviderCall
+from sidecar.calls.http11 import HTTP11Pool, HTTPError, HTTPTimeout, Response
 from sidecar.calls.offer import OfferRefused, ProviderRequest
 from sidecar.calls.provider import create_call, create_endpoint, hangup_call, hangup_endpoint
 from sidecar.catalog import LIVE_ENDPOINT, REALTIME_ENDPOINT, Deployment, RealtimeModel
@@ -44,23 +46,46 @@ def test_urls_and_auth_per_deployment_kind() -> None:
     assert "azure-key-123" not in repr(azure)
 
 
-def transport(*answers: httpx.Response | Exception) -> tuple[httpx.AsyncClient, list[httpx.Request]]:
-    """A client whose provider gives `answers` in order (an exception is raised as the transport's failure)."""
-    seen: list[httpx.Request] = []
-    queue = list(answers)
+@dataclass(frozen=True)
+class Seen:
+    """One request the fake provider received: its URL, headers (names in lower case) and body."""
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        answer = queue.pop(0)
+    url: str
+    headers: dict[str, str]
+    content: bytes
+
+
+class Provider(HTTP11Pool):
+    """The provider as the calls' HTTP client sees it: `answers` in order (an exception is the client's failure)."""
+
+    def __init__(self, *answers: Response | Exception) -> None:
+        super().__init__()
+        self.queue = list(answers)
+        self.seen: list[Seen] = []
+
+    async def post(
+        self, url: str, *, headers: Sequence[tuple[str, str]] = (), content: bytes = b"", timeout_s: float
+    ) -> Response:
+        self.seen.append(Seen(url, {name.lower(): value for name, value in headers}, content))
+        answer = self.queue.pop(0)
         if isinstance(answer, Exception):
             raise answer
         return answer
 
-    return httpx.AsyncClient(transport=httpx.MockTransport(handler)), seen
+
+def transport(*answers: Response | Exception) -> tuple[Provider, list[Seen]]:
+    """A client whose provider gives `answers` in order."""
+    client = Provider(*answers)
+    return client, client.seen
 
 
-def created(call_id: str = "rtc_1") -> httpx.Response:
-    return httpx.Response(201, text=ANSWER, headers={"Location": f"/v1/realtime/calls/{call_id}"})
+def reply(status: int, text: str = "", headers: dict[str, str] | None = None, json: object = None) -> Response:
+    content = jsonlib.dumps(json).encode() if json is not None else text.encode()
+    return Response(status, {name.lower(): value for name, value in (headers or {}).items()}, content)
+
+
+def created(call_id: str = "rtc_1") -> Response:
+    return reply(201, text=ANSWER, headers={"Location": f"/v1/realtime/calls/{call_id}"})
 
 
 def body_for(deployment: Deployment) -> ProviderRequest:
@@ -75,17 +100,17 @@ def recorder() -> tuple[list[tuple[str, int | None]], Callable[[Deployment, Upst
 @pytest.mark.parametrize(
     "refusal",
     [
-        httpx.Response(500),
-        httpx.Response(503),
-        httpx.Response(429),
-        httpx.Response(401),
-        httpx.Response(404),
-        httpx.Response(201, text=ANSWER),  # no Location: no call the sidecar could control
-        httpx.ConnectError("refused"),
-        httpx.ReadTimeout("slow"),
+        reply(500),
+        reply(503),
+        reply(429),
+        reply(401),
+        reply(404),
+        reply(201, text=ANSWER),  # no Location: no call the sidecar could control
+        HTTPError("refused"),
+        HTTPTimeout("slow"),
     ],
 )
-async def test_a_failing_deployment_is_skipped(refusal: httpx.Response | Exception) -> None:
+async def test_a_failing_deployment_is_skipped(refusal: Response | Exception) -> None:
     """Connect errors, timeouts, 401/404/429/5xx and unusable answers fail over to the next deployment, counted."""
     client, seen = transport(refusal, created("rtc_second"))
     failures, on_failure = recorder()
@@ -94,7 +119,7 @@ async def test_a_failing_deployment_is_skipped(refusal: httpx.Response | Excepti
             client, model(AZURE, OPENAI), REALTIME_ENDPOINT, body_for, timeout_s=5, on_failure=on_failure
         )
     assert (done.call.deployment, done.call.call_id, done.sdp, done.attempts) == (OPENAI, "rtc_second", ANSWER, 2)
-    assert [str(r.url) for r in seen] == [
+    assert [r.url for r in seen] == [
         "https://res.openai.azure.com/openai/v1/realtime/calls",
         "https://api.openai.com/v1/realtime/calls",
     ]
@@ -106,7 +131,7 @@ async def test_a_failing_deployment_is_skipped(refusal: httpx.Response | Excepti
 
 async def test_every_deployment_failing_is_upstream_unavailable_without_detail() -> None:
     """All refusing: UpstreamUnavailable whose message names no host, key or deployment."""
-    client, _ = transport(httpx.Response(500, text="res.openai.azure.com azure-key-123"), httpx.ConnectError("x"))
+    client, _ = transport(reply(500, text="res.openai.azure.com azure-key-123"), HTTPError("x"))
     failures, on_failure = recorder()
     async with client:
         with pytest.raises(UpstreamUnavailable) as caught:
@@ -121,7 +146,7 @@ async def test_every_deployment_failing_is_upstream_unavailable_without_detail()
 async def test_an_offer_refused_by_the_provider_is_the_clients_error_scrubbed() -> None:
     """A 400 about the offer stops there (no failover) with the provider's message, its secrets scrubbed."""
     message = "Bad SDP for my-azure-rt at res.openai.azure.com with key azure-key-123"
-    client, seen = transport(httpx.Response(400, json={"error": {"message": message}}), created())
+    client, seen = transport(reply(400, json={"error": {"message": message}}), created())
     async with client:
         with pytest.raises(OfferRefused) as caught:
             await create_call(client, model(AZURE, OPENAI), REALTIME_ENDPOINT, body_for, timeout_s=5)
@@ -133,19 +158,19 @@ async def test_an_offer_refused_by_the_provider_is_the_clients_error_scrubbed() 
 
 async def test_live_create_reads_the_json_answer() -> None:
     """GPT-Live: the call id is the JSON session.id."""
-    live = httpx.Response(200, json={"session": {"id": "sess_9"}, "transport": {"type": "webrtc", "sdp": ANSWER}})
+    live = reply(200, json={"session": {"id": "sess_9"}, "transport": {"type": "webrtc", "sdp": ANSWER}})
     client, seen = transport(live)
     async with client:
         done = await create_call(client, model(GATEWAY), LIVE_ENDPOINT, body_for, timeout_s=5)
     assert done.call == ProviderCall(route=LIVE_ENDPOINT, deployment=GATEWAY, call_id="sess_9")
-    assert str(seen[0].url) == "http://gw.internal:8080/v1/live/sessions"
+    assert seen[0].url == "http://gw.internal:8080/v1/live/sessions"
 
 
 async def test_hangup() -> None:
     """POST <create path>/{id}/hangup with the credential; 404 (already over) is fine; other failures raise
     UpstreamError with the status only."""
     call = ProviderCall(route=REALTIME_ENDPOINT, deployment=OPENAI, call_id="rtc_7")
-    client, seen = transport(httpx.Response(200), httpx.Response(404), httpx.Response(500), httpx.ConnectError("x"))
+    client, seen = transport(reply(200), reply(404), reply(500), HTTPError("x"))
     async with client:
         await hangup_call(client, call)
         await hangup_call(client, call)
@@ -154,5 +179,5 @@ async def test_hangup() -> None:
         assert refused.value.status == 500
         with pytest.raises(UpstreamError, match="connect"):
             await hangup_call(client, call)
-    assert str(seen[0].url) == "https://api.openai.com/v1/realtime/calls/rtc_7/hangup"
+    assert seen[0].url == "https://api.openai.com/v1/realtime/calls/rtc_7/hangup"
     assert seen[0].headers["authorization"] == "Bearer sk-openai-key"

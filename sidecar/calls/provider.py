@@ -19,19 +19,19 @@ Failover: a deployment that cannot be reached within the timeout, or answers 401
 or a 2xx the sidecar cannot use (no call id, no SDP), is counted (`on_failure`) and the next one is tried; any
 other answer is about the offer itself: OfferRefused with the provider's message, scrubbed. No error text ever
 names the provider's key, host, deployment or call id.
+
+HTTP: calls.http11 (h11 on asyncio streams, keep-alive pool, TLS verified, one timeout per request).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-import httpx
-
 from sidecar.calls.call import ProviderCall
+from sidecar.calls.http11 import HTTP11Pool, HTTPError, HTTPTimeout
 from sidecar.calls.offer import OfferRefused, ProviderRequest, parse_answer, provider_error_message
 from sidecar.catalog import LIVE_ENDPOINT, Deployment, RealtimeModel
 from sidecar.catalog import Route as SessionRoute
@@ -89,7 +89,7 @@ class Created:
 
 
 async def create_call(
-    client: httpx.AsyncClient,
+    client: HTTP11Pool,
     model: RealtimeModel,
     route: SessionRoute,
     body_for: Callable[[Deployment], ProviderRequest],
@@ -118,7 +118,7 @@ async def create_call(
 
 
 async def _create_one(
-    client: httpx.AsyncClient,
+    client: HTTP11Pool,
     deployment: Deployment,
     route: SessionRoute,
     request: ProviderRequest,
@@ -130,13 +130,12 @@ async def _create_one(
     endpoint = create_endpoint(deployment, route)
     headers = [*endpoint.headers, ("Content-Type", request.content_type)]
     try:
-        async with asyncio.timeout(timeout_s):
-            response = await client.post(endpoint.url, content=request.content, headers=headers, timeout=timeout_s)
-    except (TimeoutError, httpx.TimeoutException) as exc:
+        response = await client.post(endpoint.url, content=request.content, headers=headers, timeout_s=timeout_s)
+    except HTTPTimeout as exc:
         raise UpstreamError("call create timed out") from exc
-    except httpx.HTTPError as exc:
+    except HTTPError as exc:
         raise UpstreamError(f"call create failed to connect ({type(exc).__name__})") from exc
-    status = response.status_code
+    status = response.status
     if 200 <= status < 300:
         answer = parse_answer(route, location=response.headers.get("location"), body=response.content)
         return answer.call_id, answer.sdp
@@ -147,16 +146,15 @@ async def _create_one(
     raise OfferRefused(f"The provider refused the offer: {message}")
 
 
-async def hangup_call(client: httpx.AsyncClient, call: ProviderCall, *, timeout_s: float = 10.0) -> None:
+async def hangup_call(client: HTTP11Pool, call: ProviderCall, *, timeout_s: float = 10.0) -> None:
     """Ask the provider to end `call`. Raises UpstreamError (the status or the failure kind, no secret); a call
     the provider no longer knows (404) is over already: not an error."""
     endpoint = hangup_endpoint(call)
     try:
-        async with asyncio.timeout(timeout_s):
-            response = await client.post(endpoint.url, headers=list(endpoint.headers), timeout=timeout_s)
-    except (TimeoutError, httpx.TimeoutException) as exc:
+        response = await client.post(endpoint.url, headers=endpoint.headers, timeout_s=timeout_s)
+    except HTTPTimeout as exc:
         raise UpstreamError("call hangup timed out") from exc
-    except httpx.HTTPError as exc:
+    except HTTPError as exc:
         raise UpstreamError(f"call hangup failed to connect ({type(exc).__name__})") from exc
-    if not (200 <= response.status_code < 300 or response.status_code == 404):
-        raise UpstreamError(f"call hangup refused (HTTP {response.status_code})", status=response.status_code)
+    if not (200 <= response.status < 300 or response.status == 404):
+        raise UpstreamError(f"call hangup refused (HTTP {response.status})", status=response.status)
