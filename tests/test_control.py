@@ -384,3 +384,102 @@ async def test_heartbeat_in_slices_registers_every_session() -> None:
     costs = await store.live_costs(f"key:{'h' * 64}", now=1000.0)
     assert sorted(costs) == ["rs_0", "rs_1", "rs_2", "rs_4"]
     assert all(cost > 0 for cost in costs.values())
+
+
+async def test_steady_churn_collects_with_sessions_live(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under steady churn no burst ever ends: a full collection runs once CHURN_RELEASE_SESSIONS sessions have
+    ended (with sessions still live), and not again before CHURN_RELEASE_S has passed; the burst rule still
+    collects after the last session ends."""
+    from types import SimpleNamespace
+
+    from sidecar import control
+    from sidecar.auth import KeyChecker
+    from sidecar.control import MemoryStore, Supervisor
+    from sidecar.metrics import Metrics
+    from tests.test_session import make
+
+    collected: list[int] = []
+    monkeypatch.setattr(control.tuning, "release_memory", lambda: collected.append(len(supervisor.live)))
+    monkeypatch.setattr(control, "CHURN_RELEASE_SESSIONS", 5)
+    supervisor = Supervisor(
+        store=MemoryStore(),
+        checker=KeyChecker(master_key=MASTER_KEY, client=None),
+        metrics=Metrics(),
+        replica="r1",
+        key_recheck_s=60.0,
+        max_sessions=100,
+        max_sessions_per_key=100,
+        wall=lambda: 1000.0,
+    )
+
+    def relay(n: int) -> Any:
+        session = make()
+        session.session_id = f"rs_{n}"
+        stand_in = SimpleNamespace(
+            session=session,
+            figures=session.figures,
+            cost=session.meter.cost,
+            frames_in=0,
+            frames_out=0,
+            bytes_in=0,
+            bytes_out=0,
+            close_reason="client_close",
+            meters_audio=True,
+        )
+        supervisor.attach(stand_in)  # type: ignore[arg-type]
+        return stand_in
+
+    keeper = relay(0)  # one session stays live throughout: no burst ends
+    for n in range(1, 11):
+        await supervisor.detach(relay(n))
+    assert collected == [1]  # the 5th ended session: a collection with a session live; not again within 30 s
+    supervisor._released_at -= control.CHURN_RELEASE_S  # half a minute later
+    for n in range(11, 16):
+        await supervisor.detach(relay(n))
+    assert collected == [1, 1]
+    await supervisor.detach(keeper)  # the last session: the burst rule schedules its release
+    assert collected == [1, 1] and supervisor._release is not None
+    supervisor._release.cancel()
+    supervisor._release_memory()  # what the timer runs
+    assert collected == [1, 1, 0]
+
+
+async def test_a_cancellation_a_redis_read_swallowed_still_stops_the_supervisor_loops() -> None:
+    """On Python 3.11 a cancellation landing as redis-py's read timeout expires comes back as a timeout, which
+    the loops' Redis-failure handlers take for an outage: the loop must still stop (CI once hung on it at
+    shutdown)."""
+    from sidecar.auth import KeyChecker
+    from sidecar.control import ControlError, MemoryStore, Supervisor
+    from sidecar.metrics import Metrics
+
+    supervisor = Supervisor(
+        store=MemoryStore(),
+        checker=KeyChecker(master_key=MASTER_KEY, client=None),
+        metrics=Metrics(),
+        replica="r1",
+        key_recheck_s=60.0,
+        max_sessions=100,
+        max_sessions_per_key=100,
+        wall=lambda: 1000.0,
+    )
+    in_step = asyncio.Event()
+    steps = 0
+
+    async def step() -> None:  # what a swallowed cancellation looks like to the loop: a Redis failure
+        nonlocal steps
+        steps += 1
+        in_step.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise ControlError("Timeout reading from Redis") from None
+
+    loop_task = asyncio.create_task(supervisor._periodic(0, step, "heartbeat"))
+    await in_step.wait()
+    loop_task.cancel()
+    await asyncio.wait({loop_task}, timeout=30)  # a guard against a hang, not a speed threshold
+    stopped = loop_task.done()
+    if not stopped:  # without the fix: stop the stand-in step's loop so the test ends (and fails)
+        loop_task.get_coro().close()
+    assert stopped and loop_task.cancelled()
+    assert steps == 1
