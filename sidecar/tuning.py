@@ -13,7 +13,8 @@
   lives, so a burst of sessions left ~27 MB of 42 MB behind; with malloc and `malloc_trim`, ~9 MB, at the
   same CPU per frame. An explicit PYTHONMALLOC (e.g. `pymalloc`) is left alone. Shortly after the last
   session of a burst ends, a full collection frees what cycles the high threshold left behind, and
-  `malloc_trim` hands freed heap pages back to the OS.
+  `malloc_trim` hands freed heap pages back to the OS; under steady churn, where no burst ends, the same runs
+  every 1,000 ended sessions, at most once per 30 s (control.CHURN_RELEASE_SESSIONS, `make soak`).
 - Open files: every client connection is a file descriptor, and a relayed session holds a second one (its
   upstream). The usual soft limit of 1024 let ~1,100 idle connections exhaust it, and with it the sockets
   Redis, the billing DB and the spool need. `sidecar serve` raises its soft limit to the hard limit (workers
