@@ -29,8 +29,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from starlette.types import Receive, Send
 from starlette.websockets import WebSocket, WebSocketState
@@ -38,15 +37,12 @@ from websockets.exceptions import ConnectionClosed
 
 from sidecar.errors import Ending, ending
 from sidecar.publisher import UsagePublisher
+from sidecar.supervised import Supervised
 from sidecar.surfaces.account import Account
 from sidecar.surfaces.core import WalkoutOutcome
 from sidecar.upstream import Upstream
 from sidecar.upstream_conn import UpstreamConnection
-from sidecar.usage import UsageEvent
 from sidecar.wsserver import DIRECT, RelayWebSocketProtocol
-
-if TYPE_CHECKING:
-    from sidecar.metering import Figures
 
 log = logging.getLogger("sidecar.relay")
 
@@ -75,7 +71,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class Relay:
+class Relay(Supervised):
     """Relays one accepted client WebSocket to one open upstream connection (a control.Watched)."""
 
     #: The client's audio passes through here: metered audio is reconciled against the provider's report.
@@ -118,54 +114,13 @@ class Relay:
         self._walking_out = False
         self.clock = clock
         self.close_reason = ""
-        self._ended: asyncio.Future[Ending] = asyncio.get_running_loop().create_future()
-        #: Resolves with the close reason once the session is over and billed.
-        self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._loop = asyncio.get_running_loop()
-        self._last_client = self._loop.time()
-        self._started = self._loop.time()
-        self._next_checkpoint = self._started + checkpoint_s
+        self._start_supervision(self._loop)  # ending, billing, limits and checkpoints (supervised.Supervised)
         # Per-session counters, folded into the Prometheus counters by the supervisor (not per frame).
         self.frames_in = self.frames_out = self.bytes_in = self.bytes_out = 0
         # A pump holds a frame it has not finished sending: the direct path waits (frame order).
         self._client_busy = self._upstream_busy = False
         self._direct: tuple[RelayWebSocketProtocol, UpstreamConnection] | None = None
-
-    # ---- control --------------------------------------------------------------------------------
-
-    def end(self, code: str) -> None:
-        """Ask the session to end with the contract's ending for `code` (idempotent, any task)."""
-        if not self._ended.done():
-            self._ended.set_result(ending(code))
-
-    @property
-    def ended(self) -> bool:
-        """True once an ending was asked for or the session closed."""
-        return self._ended.done() or bool(self.close_reason)
-
-    def poll(self, now: float) -> UsageEvent | None:
-        """Called by the supervisor a few times a second (loop time `now`): limits and checkpoints.
-
-        Returns the checkpoint usage event it submitted, if one was due (the supervisor folds its figures
-        into the metrics)."""
-        if now - self._last_client >= self.idle_timeout_s:
-            self.end("idle_timeout")
-        elif now - self._started >= self.max_session_s:
-            self.end("max_duration")
-        if now >= self._next_checkpoint and not self.close_reason:
-            self._next_checkpoint = now + self.checkpoint_s
-            event = self.session.usage_event("checkpoint", now=self.clock(), mono=self.clock_ns())
-            self.publisher.submit(event)
-            return event
-        return None
-
-    def figures(self) -> Figures:
-        """The session's cumulative figures now."""
-        return self.session.figures(now=self.clock_ns())
-
-    def cost(self) -> Decimal:
-        """The session's running cost now (budgets in flight)."""
-        return self.session.cost(now=self.clock_ns())
 
     # ---- the session ------------------------------------------------------------------------------
 
@@ -203,14 +158,6 @@ class Relay:
         if not self.done.done():
             await self._close_quietly()
             self._bill(reason)
-
-    def _bill(self, reason: str) -> None:
-        """The one final usage event of this session."""
-        self.close_reason = reason
-        mono = self.clock_ns()
-        self._core.on_end(now=mono)
-        self.publisher.submit(self.session.usage_event("final", now=self.clock(), mono=mono, close_reason=reason))
-        self.done.set_result(reason)
 
     # ---- the direct path ----------------------------------------------------------------------------
 
@@ -260,7 +207,7 @@ class Relay:
 
     def _client_frame(self, message: str | bytes) -> tuple[str | None, str | bytes | None]:
         """Count one client data frame and decide it: (text for the client, message for the upstream)."""
-        self._last_client = self._loop.time()
+        self._last_activity = self._loop.time()
         self.frames_in += 1
         self.bytes_in += len(message)
         if isinstance(message, str):

@@ -31,22 +31,20 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from websockets.exceptions import ConnectionClosed
 
 from sidecar.calls.call import ProviderCall
 from sidecar.calls.guard import Hangup, Restore, SettingsGuard
-from sidecar.errors import Ending, UpstreamError, ending
+from sidecar.errors import UpstreamError
 from sidecar.publisher import UsagePublisher
+from sidecar.supervised import Supervised
 from sidecar.surfaces.account import Account
 from sidecar.surfaces.live import LiveSession
 from sidecar.upstream import Upstream
-from sidecar.usage import UsageEvent
 
 if TYPE_CHECKING:
-    from sidecar.metering import Figures
     from sidecar.surfaces.core import SurfaceCore
 
 log = logging.getLogger("sidecar.calls")
@@ -73,7 +71,7 @@ def start_clock(core: SurfaceCore, now: int) -> None:
         core.answered(now)
 
 
-class CallWatch:
+class CallWatch(Supervised):
     """Watches one WebRTC call: holds its sideband, bills it through its Account, ends it by hangup."""
 
     #: The call's audio never passes through the sidecar: the provider's reported seconds are all there is
@@ -117,11 +115,7 @@ class CallWatch:
         self.clock_ns = clock_ns
         self.close_reason = ""
         self._loop = asyncio.get_running_loop()
-        self._ended: asyncio.Future[Ending] = self._loop.create_future()
-        #: Resolves with the close reason once the call is over and billed.
-        self.done: asyncio.Future[str] = self._loop.create_future()
-        self._started = self._last_event = self._loop.time()
-        self._next_checkpoint = self._started + checkpoint_s
+        self._start_supervision(self._loop)  # ending, billing, limits and checkpoints (supervised.Supervised)
         start_clock(self._core, clock_ns())
         # The Supervisor folds these into the relay counters: nothing is relayed for a call, so they stay 0.
         self.frames_in = self.frames_out = self.bytes_in = self.bytes_out = 0
@@ -132,40 +126,6 @@ class CallWatch:
         self.hung_up = False
         self.sideband: Upstream | None = None
         self._reading: asyncio.Task[None] | None = None
-
-    # ---- control (control.Watched) ------------------------------------------------------------------
-
-    def end(self, code: str) -> None:
-        """Ask the call to end with the contract's ending for `code` (idempotent, any task)."""
-        if not self._ended.done():
-            self._ended.set_result(ending(code))
-
-    @property
-    def ended(self) -> bool:
-        """True once an ending was asked for or the call is over."""
-        return self._ended.done() or bool(self.close_reason)
-
-    def poll(self, now: float) -> UsageEvent | None:
-        """Called by the supervisor a few times a second (loop time `now`): limits and checkpoints. Returns the
-        checkpoint usage event it submitted, if one was due."""
-        if now - self._last_event >= self.idle_timeout_s:
-            self.end("idle_timeout")
-        elif now - self._started >= self.max_session_s:
-            self.end("max_duration")
-        if now >= self._next_checkpoint and not self.close_reason:
-            self._next_checkpoint = now + self.checkpoint_s
-            event = self.session.usage_event("checkpoint", now=self.clock(), mono=self.clock_ns())
-            self.publisher.submit(event)
-            return event
-        return None
-
-    def figures(self) -> Figures:
-        """The call's cumulative figures now."""
-        return self.session.figures(now=self.clock_ns())
-
-    def cost(self) -> Decimal:
-        """The call's running cost now (budgets in flight)."""
-        return self.session.cost(now=self.clock_ns())
 
     # ---- the call --------------------------------------------------------------------------------
 
@@ -253,7 +213,7 @@ class CallWatch:
         try:
             while True:
                 frame = await sideband.recv()
-                self._last_event = loop.time()
+                self._last_activity = loop.time()
                 self.events += 1
                 if isinstance(frame, str):
                     core.on_upstream_text(frame, now=clock_ns())  # the output is for nobody: discarded
@@ -302,16 +262,6 @@ class CallWatch:
         if sideband is not None:
             with contextlib.suppress(Exception):
                 await sideband.close()
-
-    def _bill(self, reason: str) -> None:
-        """The one final usage event of this call."""
-        if self.done.done():
-            return
-        self.close_reason = reason
-        mono = self.clock_ns()
-        self._core.on_end(now=mono)
-        self.publisher.submit(self.session.usage_event("final", now=self.clock(), mono=mono, close_reason=reason))
-        self.done.set_result(reason)
 
     def _log(self, message: str, *, reason: str = "") -> None:
         session = self.session
