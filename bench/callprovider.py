@@ -29,12 +29,10 @@ Prints its `ws://host:port` URL on stdout once listening; runs until SIGTERM/SIG
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import hashlib
 import itertools
-import signal
 import struct
 import time
 from dataclasses import dataclass, field
@@ -43,7 +41,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
-from bench.procs import quiet_gc, raise_fd_limit
+from bench.procs import provider_main, serve_until_signal
 from sidecar.testing.fake_provider import DEFAULT_API_KEY, ga_session, response_usage
 
 WS_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -303,30 +301,21 @@ class Connection(asyncio.Protocol):
 
 async def serve(*, host: str, port: int, api_key: str) -> None:
     """Listen until a stop signal, printing the URL first."""
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     provider = Provider(api_key)
     server = await loop.create_server(lambda: Connection(provider), host, port, backlog=4096)
-    bound_port = server.sockets[0].getsockname()[1]
-    print(f"ws://{host}:{bound_port}", flush=True)
-    async with server:
-        await stop.wait()
+    await serve_until_signal(server, host)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the calls provider (on uvloop, like the other bench processes)."""
-    parser = argparse.ArgumentParser(prog="python -m bench.callprovider", description=__doc__.split("\n")[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--api-key", default=DEFAULT_API_KEY)
-    args = parser.parse_args(argv)
-    raise_fd_limit()
-    quiet_gc()
-    import uvloop
-
-    uvloop.run(serve(host=args.host, port=args.port, api_key=args.api_key))
+    """Run the provider (on uvloop, like the relays under test)."""
+    provider_main(
+        argv,
+        prog="python -m bench.callprovider",
+        description=__doc__.split("\n")[0],
+        serve=serve,
+        default_api_key=DEFAULT_API_KEY,
+    )
 
 
 if __name__ == "__main__":

@@ -10,17 +10,18 @@ process and its descendants (a worker supervisor's children count).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
 import shutil
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import Any, Final, Protocol, Self
 
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 STOP_GRACE_S: Final = 5.0
@@ -272,3 +273,47 @@ def raise_fd_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
+
+
+class Listening(Protocol):
+    """A listening server (asyncio's, picows'): its sockets, and an `async with` that closes it."""
+
+    @property
+    def sockets(self) -> Sequence[socket.socket]: ...
+
+    async def __aenter__(self) -> object: ...
+
+    async def __aexit__(self, *exc: object) -> object: ...
+
+
+async def serve_until_signal(server: Listening, host: str) -> None:
+    """Print the server's `ws://host:port` (what the bench reads to find it), then serve until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    print(f"ws://{host}:{server.sockets[0].getsockname()[1]}", flush=True)
+    async with server:
+        await stop.wait()
+
+
+def provider_main(
+    argv: list[str] | None,
+    *,
+    prog: str,
+    description: str,
+    serve: Callable[..., Coroutine[Any, Any, None]],
+    default_api_key: str,
+) -> None:
+    """A bench provider's command line: `--host`, `--port`, `--api-key`; then `serve` on uvloop, like the relays
+    under test."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--api-key", default=default_api_key)
+    args = parser.parse_args(argv)
+    raise_fd_limit()
+    quiet_gc()
+    import uvloop
+
+    uvloop.run(serve(host=args.host, port=args.port, api_key=args.api_key))

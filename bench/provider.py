@@ -32,10 +32,7 @@ this process and the load generator, and it is the floor every relay is read aga
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import itertools
-import signal
 import time
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
@@ -43,7 +40,7 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
 
-from bench.procs import quiet_gc, raise_fd_limit
+from bench.procs import provider_main, serve_until_signal
 from sidecar.testing.fake_provider import DEFAULT_API_KEY, ga_session
 from sidecar.testing.fake_translation import translation_session
 
@@ -209,29 +206,19 @@ def listener_for(api_key: str) -> Any:
 
 async def serve(*, host: str, port: int, api_key: str) -> None:
     """Listen until a stop signal, printing the URL first."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     server = await ws_create_server(listener_for(api_key), host, port, backlog=4096, max_frame_size=2**24)
-    bound_port = server.sockets[0].getsockname()[1]
-    print(f"ws://{host}:{bound_port}", flush=True)
-    async with server:
-        await stop.wait()
+    await serve_until_signal(server, host)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the benchmark provider (on uvloop, like the relays under test)."""
-    parser = argparse.ArgumentParser(prog="python -m bench.provider", description=__doc__.split("\n")[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--api-key", default=DEFAULT_API_KEY)
-    args = parser.parse_args(argv)
-    raise_fd_limit()
-    quiet_gc()
-    import uvloop
-
-    uvloop.run(serve(host=args.host, port=args.port, api_key=args.api_key))
+    """Run the provider (on uvloop, like the relays under test)."""
+    provider_main(
+        argv,
+        prog="python -m bench.provider",
+        description=__doc__.split("\n")[0],
+        serve=serve,
+        default_api_key=DEFAULT_API_KEY,
+    )
 
 
 if __name__ == "__main__":
