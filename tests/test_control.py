@@ -386,22 +386,13 @@ async def test_heartbeat_in_slices_registers_every_session() -> None:
     assert all(cost > 0 for cost in costs.values())
 
 
-async def test_steady_churn_collects_with_sessions_live(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under steady churn no burst ever ends: a full collection runs once CHURN_RELEASE_SESSIONS sessions have
-    ended (with sessions still live), and not again before CHURN_RELEASE_S has passed; the burst rule still
-    collects after the last session ends."""
-    from types import SimpleNamespace
-
-    from sidecar import control
+def memory_supervisor() -> Any:
+    """A Supervisor on a MemoryStore, one replica, no LiteLLM: for tests of its own rules."""
     from sidecar.auth import KeyChecker
     from sidecar.control import MemoryStore, Supervisor
     from sidecar.metrics import Metrics
-    from tests.test_session import make
 
-    collected: list[int] = []
-    monkeypatch.setattr(control.tuning, "release_memory", lambda: collected.append(len(supervisor.live)))
-    monkeypatch.setattr(control, "CHURN_RELEASE_SESSIONS", 5)
-    supervisor = Supervisor(
+    return Supervisor(
         store=MemoryStore(),
         checker=KeyChecker(master_key=MASTER_KEY, client=None),
         metrics=Metrics(),
@@ -411,6 +402,21 @@ async def test_steady_churn_collects_with_sessions_live(monkeypatch: pytest.Monk
         max_sessions_per_key=100,
         wall=lambda: 1000.0,
     )
+
+
+async def test_steady_churn_collects_with_sessions_live(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under steady churn no burst ever ends: a full collection runs once CHURN_RELEASE_SESSIONS sessions have
+    ended (with sessions still live), and not again before CHURN_RELEASE_S has passed; the burst rule still
+    collects after the last session ends."""
+    from types import SimpleNamespace
+
+    from sidecar import control
+    from tests.test_session import make
+
+    collected: list[int] = []
+    monkeypatch.setattr(control.tuning, "release_memory", lambda: collected.append(len(supervisor.live)))
+    monkeypatch.setattr(control, "CHURN_RELEASE_SESSIONS", 5)
+    supervisor = memory_supervisor()
 
     def relay(n: int) -> Any:
         session = make()
@@ -448,20 +454,9 @@ async def test_a_cancellation_a_redis_read_swallowed_still_stops_the_supervisor_
     """On Python 3.11 a cancellation landing as redis-py's read timeout expires comes back as a timeout, which
     the loops' Redis-failure handlers take for an outage: the loop must still stop (CI once hung on it at
     shutdown)."""
-    from sidecar.auth import KeyChecker
-    from sidecar.control import ControlError, MemoryStore, Supervisor
-    from sidecar.metrics import Metrics
+    from sidecar.control import ControlError
 
-    supervisor = Supervisor(
-        store=MemoryStore(),
-        checker=KeyChecker(master_key=MASTER_KEY, client=None),
-        metrics=Metrics(),
-        replica="r1",
-        key_recheck_s=60.0,
-        max_sessions=100,
-        max_sessions_per_key=100,
-        wall=lambda: 1000.0,
-    )
+    supervisor = memory_supervisor()
     in_step = asyncio.Event()
     steps = 0
 
